@@ -1,0 +1,160 @@
+//! The `#[repr(C)]` types that cross the kernel/userspace boundary: the
+//! ring-buffer event record and the load-time configuration global.
+//!
+//! Both sides compile this crate: the eBPF program for `bpfel-unknown-none`
+//! and the daemon with the `user` feature, which implements `aya::Pod`.
+#![no_std]
+
+/// `MODULE_NAME_LEN` in the kernel is `64 - sizeof(unsigned long)`, 56 on
+/// 64-bit. Names from `module_request` are free-form (`fs-ext4`,
+/// `net-pf-10-proto-6`), so the buffer is a little larger and always
+/// NUL-terminated by the kernel's string helpers.
+pub const NAME_LEN: usize = 64;
+
+/// `TASK_COMM_LEN` in the kernel.
+pub const COMM_LEN: usize = 16;
+
+/// Default ring buffer size in bytes (must be a power of two and a multiple
+/// of the page size). 256 KiB holds about 1,900 events.
+pub const DEFAULT_RING_BYTES: u32 = 256 * 1024;
+
+/// Kind of a [`ModuleEvent`]. Fixed numeric ids: the decoder relies on them,
+/// so never renumber, only append.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// `module:module_load`: the module is linked and its init is about to
+    /// run. It does not mean the load succeeded.
+    Load = 1,
+    /// `module:module_free`: the module's memory is freed, after an unload
+    /// or after a failed init.
+    Free = 2,
+    /// `module:module_request`: the kernel asked modprobe for a module.
+    Request = 3,
+    /// Exit of `init_module`/`finit_module` in a task that fired
+    /// `module_load`; `ret` is the syscall result (0 = init succeeded).
+    LoadResult = 4,
+    /// Entry of `delete_module`: an unload was asked for; the name is the
+    /// user's argument.
+    UnloadBegin = 5,
+    /// Exit of `delete_module`; `ret` is the syscall result.
+    UnloadResult = 6,
+}
+
+impl EventKind {
+    /// Decodes the raw kind field; `None` for ids this build does not know.
+    #[must_use]
+    pub const fn from_raw(raw: u32) -> Option<Self> {
+        Some(match raw {
+            1 => Self::Load,
+            2 => Self::Free,
+            3 => Self::Request,
+            4 => Self::LoadResult,
+            5 => Self::UnloadBegin,
+            6 => Self::UnloadResult,
+            _ => return None,
+        })
+    }
+}
+
+/// One record in the `EVENTS` ring buffer.
+///
+/// Field order keeps every member naturally aligned without padding, so the
+/// layout is identical on both sides (checked by a test in the daemon).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ModuleEvent {
+    /// [`EventKind`] as `u32`.
+    pub kind: u32,
+    /// CPU the event fired on (`bpf_get_smp_processor_id`).
+    pub cpu: u32,
+    /// `bpf_ktime_get_boot_ns`: CLOCK_BOOTTIME, comparable with userspace.
+    pub boot_ns: u64,
+    /// `bpf_get_current_cgroup_id` (cgroup v2 id; 0 where unavailable).
+    pub cgroup_id: u64,
+    /// Thread id (the kernel's `pid`).
+    pub pid: u32,
+    /// Process id (the kernel's `tgid`).
+    pub tgid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// `module_load`'s taint flags; 0 for other kinds.
+    pub taints: u32,
+    /// `module_request`'s `wait`; 0 for other kinds.
+    pub wait: u32,
+    /// Syscall return value for `LoadResult`/`UnloadResult`; 0 otherwise.
+    pub ret: i64,
+    pub comm: [u8; COMM_LEN],
+    /// NUL-terminated module name.
+    pub name: [u8; NAME_LEN],
+}
+
+impl ModuleEvent {
+    /// An all-zero event, for initialising buffers.
+    pub const ZERO: Self = Self {
+        kind: 0,
+        cpu: 0,
+        boot_ns: 0,
+        cgroup_id: 0,
+        pid: 0,
+        tgid: 0,
+        uid: 0,
+        gid: 0,
+        taints: 0,
+        wait: 0,
+        ret: 0,
+        comm: [0; COMM_LEN],
+        name: [0; NAME_LEN],
+    };
+}
+
+/// Where a field lives inside a tracepoint record. For `__data_loc` fields
+/// `offset` is the offset of the 32-bit location word (low 16 bits: offset
+/// of the data from the record start; high 16 bits: its length).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FieldOffset {
+    pub offset: u32,
+    /// 1 when the field exists on this kernel.
+    pub present: u32,
+}
+
+/// Tracepoint layouts, read from tracefs `events/*/*/format` at load time and
+/// handed to the program as the read-only global `LAYOUT`. Nothing in the
+/// program assumes one kernel's layout.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TracepointLayout {
+    /// `module:module_load` `__data_loc char[] name`.
+    pub load_name: FieldOffset,
+    /// `module:module_load` `unsigned int taints`.
+    pub load_taints: FieldOffset,
+    /// `module:module_free` `__data_loc char[] name`.
+    pub free_name: FieldOffset,
+    /// `module:module_request` `__data_loc char[] name`.
+    pub request_name: FieldOffset,
+    /// `module:module_request` `bool wait`.
+    pub request_wait: FieldOffset,
+    /// `syscalls:sys_exit_{init,finit}_module` `long ret` (same layout for
+    /// both; checked when the layout is read).
+    pub init_exit_ret: FieldOffset,
+    /// `syscalls:sys_enter_delete_module` `const char * name_user`.
+    pub delete_enter_name: FieldOffset,
+    /// `syscalls:sys_exit_delete_module` `long ret`.
+    pub delete_exit_ret: FieldOffset,
+}
+
+/// Index of the in-kernel loss counter in the `LOST` per-CPU array.
+pub const LOST_RESERVE_FAILED: u32 = 0;
+
+#[cfg(feature = "user")]
+mod user {
+    use super::{ModuleEvent, TracepointLayout};
+
+    // SAFETY: both are #[repr(C)], made only of integers and byte arrays,
+    // have no padding (asserted in the daemon's tests) and every bit pattern
+    // is valid.
+    unsafe impl aya::Pod for ModuleEvent {}
+    // SAFETY: as above; TracepointLayout is u32 pairs only.
+    unsafe impl aya::Pod for TracepointLayout {}
+}

@@ -1,0 +1,28 @@
+//! kmod-monitor: watches the kernel modules Longhorn nodes need, from eBPF
+//! module tracepoints (or uevents, or polling), and reports per requirement
+//! group whether the node is fit.
+//!
+//! Layout, one concern per module:
+//! - [`names`]: module-name validation and normalisation (`-` == `_`).
+//! - [`host`]: everything read from the host (or `--host-root`): /proc/modules,
+//!   modules.builtin, modules.dep, kernel config, initstate; the start-up
+//!   snapshot.
+//! - [`config`]: the TOML config file, validated into requirement groups.
+//! - [`state`]: the per-module state vocabulary.
+//! - [`event`]: the decoded module event every source produces.
+//! - [`tracker`]: pure state machine: snapshot + events -> module states and
+//!   group results.
+//! - [`source`]: event sources (eBPF, uevent, poll) and the fallback between them.
+//! - [`daemon`]: `run`: attach, snapshot, apply, reconcile, signals, reload.
+//! - [`http`]: /status and /healthz.
+//! - [`check`]: the one-shot preflight and its remedies.
+pub mod check;
+pub mod config;
+pub mod daemon;
+pub mod event;
+pub mod host;
+pub mod http;
+pub mod names;
+pub mod source;
+pub mod state;
+pub mod tracker;
