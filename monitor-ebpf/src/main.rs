@@ -27,14 +27,38 @@ use monitor_common::{
 /// Field offsets for this kernel, set by the loader.
 #[unsafe(no_mangle)]
 static LAYOUT: Global<TracepointLayout> = Global::new(TracepointLayout {
-    load_name: FieldOffset { offset: 0, present: 0 },
-    load_taints: FieldOffset { offset: 0, present: 0 },
-    free_name: FieldOffset { offset: 0, present: 0 },
-    request_name: FieldOffset { offset: 0, present: 0 },
-    request_wait: FieldOffset { offset: 0, present: 0 },
-    init_exit_ret: FieldOffset { offset: 0, present: 0 },
-    delete_enter_name: FieldOffset { offset: 0, present: 0 },
-    delete_exit_ret: FieldOffset { offset: 0, present: 0 },
+    load_name: FieldOffset {
+        offset: 0,
+        present: 0,
+    },
+    load_taints: FieldOffset {
+        offset: 0,
+        present: 0,
+    },
+    free_name: FieldOffset {
+        offset: 0,
+        present: 0,
+    },
+    request_name: FieldOffset {
+        offset: 0,
+        present: 0,
+    },
+    request_wait: FieldOffset {
+        offset: 0,
+        present: 0,
+    },
+    init_exit_ret: FieldOffset {
+        offset: 0,
+        present: 0,
+    },
+    delete_enter_name: FieldOffset {
+        offset: 0,
+        present: 0,
+    },
+    delete_exit_ret: FieldOffset {
+        offset: 0,
+        present: 0,
+    },
 });
 
 /// Module events for userspace. The size is overridden at load time

@@ -1,1 +1,266 @@
-//! TODO
+//! `kmod-monitor check`: the one-shot preflight. Reads the host once,
+//! judges every group on its own, and for each unmet module says exactly
+//! how to fix it now and across reboots.
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::{
+    config::GroupMode,
+    host::{ConfigValue, Snapshot, config_symbol_for},
+    names::ModuleName,
+    state::ModuleState,
+    tracker::{GroupReport, Tracker},
+};
+
+/// Where `check` suggests persisting module loads.
+pub const MODULES_LOAD_FILE: &str = "/etc/modules-load.d/kmod-monitor.conf";
+
+/// How to fix one module.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Remedy {
+    /// Command that fixes it now, where one exists.
+    pub command: Option<String>,
+    /// Line for `persist_file` that makes the fix survive a reboot.
+    pub persist_line: Option<String>,
+    pub persist_file: Option<&'static str>,
+    /// The kernel option a missing module needs.
+    pub kernel_config: Option<String>,
+    /// One sentence a person can act on.
+    pub explanation: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ModuleCheck {
+    pub name: ModuleName,
+    pub state: ModuleState,
+    pub remedy: Option<Remedy>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct GroupCheck {
+    pub name: String,
+    pub mode: GroupMode,
+    pub met: bool,
+    pub modules: Vec<ModuleCheck>,
+}
+
+/// The whole report, as `--output json` prints it.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub kernel_release: String,
+    pub modules_supported: bool,
+    pub met: bool,
+    pub groups: Vec<GroupCheck>,
+    pub warnings: Vec<String>,
+}
+
+impl Report {
+    /// Exit code: 0 when every group is met, 1 otherwise.
+    #[must_use]
+    pub fn exit_code(&self) -> u8 {
+        u8::from(!self.met)
+    }
+}
+
+/// Judges `groups` (already resolved) against a snapshot.
+#[must_use]
+pub fn evaluate(snapshot: &Snapshot, tracker: &Tracker) -> Report {
+    let groups: Vec<GroupCheck> = tracker
+        .report()
+        .into_iter()
+        .map(|g: GroupReport| GroupCheck {
+            modules: g
+                .modules
+                .into_iter()
+                .map(|m| ModuleCheck {
+                    remedy: (!g.met && !m.state.satisfies())
+                        .then(|| remedy(snapshot, &m.name, m.state)),
+                    name: m.name,
+                    state: m.state,
+                })
+                .collect(),
+            name: g.name,
+            mode: g.mode,
+            met: g.met,
+        })
+        .collect();
+    Report {
+        kernel_release: snapshot.kernel_release.clone(),
+        modules_supported: snapshot.modules_supported,
+        met: groups.iter().all(|g| g.met),
+        groups,
+        warnings: snapshot.warnings.clone(),
+    }
+}
+
+/// The fix for one module in `state`.
+#[must_use]
+pub fn remedy(snapshot: &Snapshot, name: &ModuleName, state: ModuleState) -> Remedy {
+    let persist = |r: Remedy| Remedy {
+        persist_line: Some(name.to_string()),
+        persist_file: Some(MODULES_LOAD_FILE),
+        ..r
+    };
+    match state {
+        ModuleState::Available => persist(Remedy {
+            command: Some(format!("modprobe {name}")),
+            persist_line: None,
+            persist_file: None,
+            kernel_config: None,
+            explanation: format!(
+                "{name} is available for kernel {} but not loaded",
+                snapshot.kernel_release
+            ),
+        }),
+        ModuleState::Loading | ModuleState::Unloading => Remedy {
+            command: None,
+            persist_line: None,
+            persist_file: None,
+            kernel_config: None,
+            explanation: format!("{name} is {state} right now; run the check again in a moment"),
+        },
+        ModuleState::Missing => missing(snapshot, name),
+        ModuleState::Loaded | ModuleState::Builtin => Remedy {
+            command: None,
+            persist_line: None,
+            persist_file: None,
+            kernel_config: None,
+            explanation: format!("{name} is {state}"),
+        },
+    }
+}
+
+fn missing(snapshot: &Snapshot, name: &ModuleName) -> Remedy {
+    let symbol = config_symbol_for(name);
+    let rel = &snapshot.kernel_release;
+    let setting = snapshot.kernel_config.as_ref().and_then(|c| c.get(&symbol));
+    let explanation = match (&setting, snapshot.modules_supported) {
+        (_, false) => format!(
+            "kernel {rel} cannot load modules (CONFIG_MODULES is off) and {name} is not built in; boot a kernel with {symbol}=y"
+        ),
+        (Some(ConfigValue::NotSet), true) => format!(
+            "{name} is not part of kernel {rel}: {symbol} is not set; use a kernel built with {symbol}=m"
+        ),
+        (Some(ConfigValue::Module), true) => format!(
+            "kernel {rel} was built with {symbol}=m but no {name} module file is installed under /lib/modules/{rel}; install the kernel's modules package (on Ubuntu: linux-modules-extra-{rel})"
+        ),
+        (Some(ConfigValue::Builtin), true) => format!(
+            "kernel {rel} has {symbol}=y but {name} is not listed in modules.builtin; check /lib/modules/{rel}"
+        ),
+        (Some(ConfigValue::Value(v)), true) => format!(
+            "{name} is not part of kernel {rel} ({symbol}={v}); use a kernel built with {symbol}=m"
+        ),
+        (None, true) => format!(
+            "{name} is not in kernel {rel} (no module file, not built in; the kernel config is unreadable or lacks {symbol}); install the kernel's modules package or use a kernel with {symbol}=m"
+        ),
+    };
+    Remedy {
+        command: None,
+        persist_line: None,
+        persist_file: None,
+        kernel_config: Some(symbol),
+        explanation,
+    }
+}
+
+/// The human-readable table.
+#[must_use]
+pub fn render_text(r: &Report) -> String {
+    let mut out = String::new();
+    let modules = if r.modules_supported {
+        "yes"
+    } else {
+        "NO (CONFIG_MODULES off: only built-in modules count)"
+    };
+    let _ = writeln!(
+        out,
+        "kernel {}   loadable modules: {modules}",
+        r.kernel_release
+    );
+    for w in &r.warnings {
+        let _ = writeln!(out, "warning: {w}");
+    }
+    let gw = r
+        .groups
+        .iter()
+        .map(|g| g.name.len())
+        .max()
+        .unwrap_or(5)
+        .max(5);
+    let mw = r
+        .groups
+        .iter()
+        .flat_map(|g| g.modules.iter().map(|m| m.name.as_str().len()))
+        .max()
+        .unwrap_or(6)
+        .max(6);
+    let _ = writeln!(
+        out,
+        "\n{:gw$}  {:4}  {:mw$}  STATE",
+        "GROUP", "MET", "MODULE"
+    );
+    for g in &r.groups {
+        for (i, m) in g.modules.iter().enumerate() {
+            let (name, met) = if i == 0 {
+                let mode = match g.mode {
+                    GroupMode::AllOf => "",
+                    GroupMode::AnyOf => " (any of)",
+                };
+                (
+                    format!("{}{mode}", g.name),
+                    if g.met { "yes" } else { "NO" },
+                )
+            } else {
+                (String::new(), "")
+            };
+            let _ = writeln!(
+                out,
+                "{name:gw$}  {met:4}  {:mw$}  {}",
+                m.name.as_str(),
+                m.state
+            );
+        }
+    }
+    let fixes: Vec<&ModuleCheck> = r
+        .groups
+        .iter()
+        .flat_map(|g| g.modules.iter())
+        .filter(|m| m.remedy.is_some())
+        .collect();
+    if !fixes.is_empty() {
+        let _ = writeln!(out, "\nTo fix:");
+        let mut seen = std::collections::BTreeSet::new();
+        for m in fixes {
+            if !seen.insert(&m.name) {
+                continue;
+            }
+            let Some(fix) = &m.remedy else { continue };
+            let _ = writeln!(out, "  {} ({}): {}", m.name, m.state, fix.explanation);
+            if let Some(cmd) = &fix.command {
+                let _ = writeln!(out, "      now:         {cmd}");
+            }
+            if let (Some(line), Some(file)) = (&fix.persist_line, fix.persist_file) {
+                let _ = writeln!(out, "      after boot:  echo {line} >> {file}");
+            }
+        }
+    }
+    let unmet: Vec<&str> = r
+        .groups
+        .iter()
+        .filter(|g| !g.met)
+        .map(|g| g.name.as_str())
+        .collect();
+    if unmet.is_empty() {
+        let _ = writeln!(out, "\nAll {} requirement groups met.", r.groups.len());
+    } else {
+        let _ = writeln!(
+            out,
+            "\n{} of {} requirement groups NOT met: {}",
+            unmet.len(),
+            r.groups.len(),
+            unmet.join(", ")
+        );
+    }
+    out
+}

@@ -1,1 +1,220 @@
-fn main() {}
+//! The `kmod-monitor` binary: parses flags, validates them with the config
+//! file into settings, and runs `run` or `check`. Errors become exit code 2
+//! with a message that names the bad input.
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use kmod_monitor::{
+    check,
+    config::{self, FileConfig, SourceKind},
+    daemon::{self, RunSettings},
+    host::{self, HostRoot},
+    tracker::Tracker,
+};
+use monitor_common::DEFAULT_RING_BYTES;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "kmod-monitor",
+    version,
+    about = "Watches the kernel modules Longhorn needs"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the monitor daemon.
+    Run(RunArgs),
+    /// Check the node once (preflight); exit 0 if every group is met, 1 if not, 2 on error.
+    Check(CheckArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct Common {
+    /// TOML config file (groups, settings).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Require the V2 data engine's modules (vfio_pci, uio_pci_generic, nvme_tcp).
+    #[arg(long)]
+    v2_data_engine: bool,
+    /// Read every host path under DIR (container with the host's / mounted there).
+    #[arg(long, value_name = "DIR")]
+    host_root: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Address for /status, /healthz [default: 0.0.0.0:9469].
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// Event source [default: auto = ebpf, else uevent, else poll].
+    #[arg(long, value_enum)]
+    source: Option<SourceKind>,
+    /// Seconds between reconciles against /proc/modules [default: 60].
+    #[arg(long, value_name = "SECS")]
+    reconcile_interval: Option<u64>,
+    /// Seconds between /proc/modules reads for the poll source [default: 1].
+    #[arg(long, value_name = "SECS")]
+    poll_interval: Option<u64>,
+    /// eBPF ring buffer size in bytes (power of two, >= 4096) [default: 262144].
+    #[arg(long, value_name = "BYTES")]
+    ring_buffer_size: Option<u32>,
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(clap::Args, Debug)]
+struct CheckArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    output: Output,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+const DEFAULT_LISTEN: &str = "0.0.0.0:9469";
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+        Command::Check(args) => check(&args),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("kmod-monitor: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn load_file(common: &Common) -> anyhow::Result<Option<FileConfig>> {
+    common
+        .config
+        .as_deref()
+        .map(config::load_config)
+        .transpose()
+        .map_err(anyhow::Error::from)
+}
+
+fn host_root(common: &Common, file: Option<&FileConfig>) -> HostRoot {
+    let dir = common
+        .host_root
+        .clone()
+        .or_else(|| file.and_then(|f| f.host_root.clone()))
+        .unwrap_or_else(|| PathBuf::from("/"));
+    HostRoot::new(dir)
+}
+
+fn secs(flag: &str, v: u64) -> anyhow::Result<Duration> {
+    anyhow::ensure!(v > 0, "{flag} must be at least 1 second, got 0");
+    Ok(Duration::from_secs(v))
+}
+
+/// Flags over the config file over defaults.
+fn settings(args: RunArgs) -> anyhow::Result<RunSettings> {
+    let RunArgs {
+        common,
+        listen,
+        source,
+        reconcile_interval,
+        poll_interval,
+        ring_buffer_size,
+        log_format: _,
+    } = args;
+    let file = load_file(&common)?;
+    let f = file.as_ref();
+    let ring = ring_buffer_size
+        .or_else(|| f.and_then(|f| f.ring_buffer_size))
+        .unwrap_or(DEFAULT_RING_BYTES);
+    anyhow::ensure!(
+        ring >= 4096 && ring.is_power_of_two(),
+        "--ring-buffer-size {ring}: must be a power of two of at least 4096 bytes"
+    );
+    Ok(RunSettings {
+        groups: config::resolve_groups(f, common.v2_data_engine),
+        listen: match listen.or_else(|| f.and_then(|f| f.listen)) {
+            Some(a) => a,
+            None => DEFAULT_LISTEN.parse().context("default listen address")?,
+        },
+        source: source
+            .or_else(|| f.and_then(|f| f.source))
+            .unwrap_or(SourceKind::Auto),
+        host: host_root(&common, f),
+        reconcile_interval: match reconcile_interval {
+            Some(v) => secs("--reconcile-interval", v)?,
+            None => f
+                .and_then(|f| f.reconcile_interval)
+                .unwrap_or(Duration::from_secs(60)),
+        },
+        poll_interval: match poll_interval {
+            Some(v) => secs("--poll-interval", v)?,
+            None => f
+                .and_then(|f| f.poll_interval)
+                .unwrap_or(Duration::from_secs(1)),
+        },
+        ring_buffer_bytes: ring,
+        config_path: common.config,
+        v2_flag: common.v2_data_engine,
+    })
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KMOD_MONITOR_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn run(args: RunArgs) -> anyhow::Result<u8> {
+    init_logging(args.log_format);
+    let settings = settings(args)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(daemon::run(settings))?;
+    Ok(0)
+}
+
+fn check(args: &CheckArgs) -> anyhow::Result<u8> {
+    let file = load_file(&args.common)?;
+    let host = host_root(&args.common, file.as_ref());
+    let groups = config::resolve_groups(file.as_ref(), args.common.v2_data_engine);
+    let snapshot = host::take_snapshot(&host).context("reading the host")?;
+    let tracker = Tracker::new(&snapshot, groups);
+    let report = check::evaluate(&snapshot, &tracker);
+    match args.output {
+        Output::Text => print!("{}", check::render_text(&report)),
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&report).context("encoding the report")?
+        ),
+    }
+    Ok(report.exit_code())
+}

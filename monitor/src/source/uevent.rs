@@ -1,0 +1,140 @@
+//! The uevent source: netlink kobject uevents for `/module/<name>`. Still
+//! event-driven, needs no BPF, but knows no actor and no failed loads.
+//! Since Linux 5.3 the kernel sends a module's `add` only after its init
+//! succeeded, and `remove` when it is freed.
+use std::sync::{
+    Arc,
+    atomic::{AtomicU64, Ordering},
+};
+
+use netlink_sys::{
+    AsyncSocket as _, AsyncSocketExt as _, SocketAddr, TokioSocket,
+    protocols::NETLINK_KOBJECT_UEVENT,
+};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::{SourceMsg, StartError, Started};
+use crate::{
+    event::{Raw, SourceEvent, boot_ns_now},
+    names::ModuleName,
+};
+
+/// Kernel uevents go to multicast group 1.
+const KERNEL_GROUP: u32 = 1;
+
+/// Receive buffer for bursts (a module storm sends two uevents per cycle).
+const RCVBUF_BYTES: usize = 4 * 1024 * 1024;
+
+/// A parsed module uevent.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ModuleUevent {
+    pub raw: Raw,
+    pub module: ModuleName,
+}
+
+/// Parses one netlink message; `None` for anything that is not a module
+/// add/remove (devices, udev's own re-broadcasts, other actions).
+#[must_use]
+pub fn parse(msg: &[u8]) -> Option<ModuleUevent> {
+    let mut fields = msg.split(|&b| b == 0).filter(|f| !f.is_empty());
+    let header = std::str::from_utf8(fields.next()?).ok()?;
+    // "add@/module/dm_crypt"; udev's messages start with "libudev".
+    let (action, devpath) = header.split_once('@')?;
+    let mut subsystem = None;
+    for f in fields {
+        if let Some(v) = f.strip_prefix(b"SUBSYSTEM=") {
+            subsystem = Some(v);
+        }
+    }
+    if subsystem != Some(b"module".as_slice()) {
+        return None;
+    }
+    let name = devpath.strip_prefix("/module/")?;
+    let module = ModuleName::from_kernel(name)?;
+    let raw = match action {
+        "add" => Raw::Present,
+        "remove" => Raw::Absent,
+        _ => return None,
+    };
+    Some(ModuleUevent { raw, module })
+}
+
+pub(crate) fn start(
+    tx: mpsc::Sender<SourceMsg>,
+    lost: Arc<AtomicU64>,
+    cancel: CancellationToken,
+) -> Result<Started, StartError> {
+    let mut socket = TokioSocket::new(NETLINK_KOBJECT_UEVENT)
+        .map_err(|e| StartError::new(format!("netlink kobject-uevent socket: {e}")))?;
+    let mut details = Vec::new();
+    if let Err(e) = socket.socket_mut().set_rx_buf_sz(RCVBUF_BYTES) {
+        details.push(format!("could not enlarge the uevent receive buffer: {e}"));
+    }
+    socket
+        .socket_mut()
+        .bind(&SocketAddr::new(0, KERNEL_GROUP))
+        .map_err(|e| StartError::new(format!("binding to kernel uevents: {e}")))?;
+    details.push("listening for kernel module uevents".into());
+    tokio::spawn(async move {
+        loop {
+            let received = tokio::select! {
+                () = cancel.cancelled() => return,
+                r = socket.recv_from_full() => r,
+            };
+            let msg = match received {
+                Ok((buf, _addr)) => match parse(&buf) {
+                    Some(ModuleUevent { raw, module }) => {
+                        SourceMsg::Event(SourceEvent::observed(raw, module, boot_ns_now()))
+                    }
+                    None => continue,
+                },
+                // ENOBUFS: the socket overflowed and uevents were dropped.
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                    let total = lost.fetch_add(1, Ordering::Relaxed) + 1;
+                    SourceMsg::Lost { total }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "uevent socket failed; uevent source stopped");
+                    return;
+                }
+            };
+            if tx.send(msg).await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok(Started {
+        details,
+        guard: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_module_add_and_remove() {
+        let add = b"add@/module/nvme_tcp\0ACTION=add\0DEVPATH=/module/nvme_tcp\0SUBSYSTEM=module\0SEQNUM=2113\0";
+        assert_eq!(
+            parse(add),
+            Some(ModuleUevent {
+                raw: Raw::Present,
+                module: ModuleName::from_kernel("nvme_tcp").unwrap()
+            })
+        );
+        let rm = b"remove@/module/dm_crypt\0ACTION=remove\0DEVPATH=/module/dm_crypt\0SUBSYSTEM=module\0SEQNUM=2114\0";
+        assert_eq!(parse(rm).map(|u| u.raw), Some(Raw::Absent));
+    }
+
+    #[test]
+    fn ignores_devices_and_other_actions() {
+        let dev = b"add@/devices/virtual/misc/vfio\0ACTION=add\0DEVPATH=/devices/virtual/misc/vfio\0SUBSYSTEM=misc\0";
+        assert_eq!(parse(dev), None);
+        let bind = b"bind@/module/x\0ACTION=bind\0SUBSYSTEM=module\0";
+        assert_eq!(parse(bind), None);
+        assert_eq!(parse(b"libudev\0\xfe\xed"), None);
+        assert_eq!(parse(b""), None);
+    }
+}
