@@ -1,1 +1,1187 @@
-//! TODO
+//! The TOML config file: parsed, then validated once into [`FileConfig`], and
+//! resolved with the command line into the enabled requirement groups.
+//!
+//! # Format
+//! Every key is optional; command-line flags override the daemon settings.
+//! ```toml
+//! listen = "0.0.0.0:9469"
+//! source = "auto"            # auto|ebpf|uevent|poll
+//! reconcile_interval = 60    # seconds, > 0
+//! poll_interval = 1          # seconds, > 0 (poll source)
+//! ring_buffer_size = 262144  # bytes, power of two >= 4096
+//! host_root = "/host"        # absolute path
+//! v2_data_engine = true      # switches the built-in v2-data-engine group on
+//!
+//! [groups.base]              # built-in; may be switched off
+//! enabled = false
+//!
+//! [groups.spdk-driver]       # user group: exactly one of all_of / any_of
+//! any_of = ["vfio_pci", "uio_pci_generic"]
+//! severity = "warning"       # default "critical"; free-form label for alerts
+//! ```
+//!
+//! # Groups
+//! - Built in: `base` = all_of [dm_crypt], enabled unless switched off;
+//!   `v2-data-engine` = all_of [vfio_pci, uio_pci_generic, nvme_tcp], enabled
+//!   by `v2_data_engine = true`, by `[groups.v2-data-engine] enabled = true`,
+//!   or by the command-line flag (which wins over `enabled = false`).
+//! - A built-in group's table accepts only `enabled` and `severity`. Giving
+//!   it `all_of` or `any_of` is an error, not an override: a built-in group's
+//!   name means the same modules on every node, so alerts and dashboards keyed
+//!   on it stay comparable. To require other modules, disable it and define a
+//!   group of your own.
+//! - A user group needs exactly one of `all_of` (every module must be loaded or
+//!   built in) and `any_of` (at least one), with at least one module and none
+//!   twice (`nvme-tcp` and `nvme_tcp` are the same module). `enabled`
+//!   defaults to true. Group names use `[a-z0-9-]`.
+//! - `v2_data_engine = true` together with `[groups.v2-data-engine]
+//!   enabled = false` is an error: the file contradicts itself.
+//!
+//! # Errors
+//! Every [`ConfigError`] reads `config file PATH, line N: problem` (with a
+//! column for TOML syntax and type errors), and the CLI exits 2 on it.
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::io;
+use std::net::{AddrParseError, SocketAddr};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+
+use crate::names::{ModuleName, NameError};
+
+/// Name of the built-in group every Longhorn node needs.
+pub const BASE_GROUP: &str = "base";
+/// Name of the built-in group the v2 (SPDK) data engine needs.
+pub const V2_GROUP: &str = "v2-data-engine";
+/// Severity of a group that sets none.
+pub const DEFAULT_SEVERITY: &str = "critical";
+/// The smallest ring buffer accepted: one page.
+pub const MIN_RING_BUFFER_SIZE: u32 = 4096;
+
+/// Which event source the daemon uses.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, clap::ValueEnum, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    /// eBPF if it attaches, else uevent, else poll.
+    #[default]
+    Auto,
+    /// eBPF programs on the module tracepoints.
+    Ebpf,
+    /// Kernel uevents over netlink.
+    Uevent,
+    /// Re-reading /proc/modules every `poll_interval`.
+    Poll,
+}
+
+impl SourceKind {
+    /// The lower-case name used in the config file, on the command line and
+    /// in output.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Ebpf => "ebpf",
+            Self::Uevent => "uevent",
+            Self::Poll => "poll",
+        }
+    }
+}
+
+impl fmt::Display for SourceKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How a group's modules combine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GroupMode {
+    /// Every module must be loaded or built in.
+    AllOf,
+    /// At least one module must be loaded or built in.
+    AnyOf,
+}
+
+/// One requirement group, ready for the tracker.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct GroupSpec {
+    /// `[a-z0-9-]+`.
+    pub name: String,
+    /// all_of or any_of.
+    pub mode: GroupMode,
+    /// At least one, no duplicates, in file order.
+    pub modules: Vec<ModuleName>,
+    /// Free-form label for alerts, default [`DEFAULT_SEVERITY`].
+    pub severity: String,
+    /// Whether this is one of the built-in groups.
+    pub builtin: bool,
+}
+
+/// What the file says about a built-in group.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BuiltinGroupSettings {
+    /// `enabled = ...`, if given.
+    pub enabled: Option<bool>,
+    /// `severity = ...`, if given.
+    pub severity: Option<String>,
+}
+
+/// A group defined in the file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UserGroup {
+    /// The validated group.
+    pub spec: GroupSpec,
+    /// `enabled = ...`, default true.
+    pub enabled: bool,
+}
+
+/// A validated config file. `None` fields were not given.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FileConfig {
+    /// The file this came from.
+    pub origin: PathBuf,
+    /// `listen`: address of the HTTP server.
+    pub listen: Option<SocketAddr>,
+    /// `source`: which event source to use.
+    pub source: Option<SourceKind>,
+    /// `reconcile_interval`: how often /proc/modules is re-read; > 0.
+    pub reconcile_interval: Option<Duration>,
+    /// `poll_interval`: the poll source's period; > 0.
+    pub poll_interval: Option<Duration>,
+    /// `ring_buffer_size`: eBPF ring buffer bytes; a power of two >= 4096.
+    pub ring_buffer_size: Option<u32>,
+    /// `host_root`: where the host's `/` is mounted; absolute.
+    pub host_root: Option<PathBuf>,
+    /// `v2_data_engine`: switches the v2-data-engine group on.
+    pub v2_data_engine: Option<bool>,
+    /// `[groups.base]`.
+    pub base_group: BuiltinGroupSettings,
+    /// `[groups.v2-data-engine]`.
+    pub v2_group: BuiltinGroupSettings,
+    /// User groups, sorted by name (enabled or not).
+    pub groups: Vec<UserGroup>,
+}
+
+/// What is wrong with a config file, without the file and line (see
+/// [`ConfigError`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigProblem {
+    /// The file could not be read.
+    #[error("cannot read it: {error}")]
+    Read {
+        /// The OS error.
+        error: io::Error,
+    },
+    /// TOML syntax error, unknown key, duplicate key or wrong value type.
+    #[error("{message}")]
+    Toml {
+        /// The TOML parser's description.
+        message: String,
+    },
+    /// A module name in a group is not a valid module name.
+    #[error("module name {:?} in group {group:?} {}", .error.input, .error.problem)]
+    ModuleName {
+        /// The group.
+        group: String,
+        /// What is wrong with the name.
+        error: NameError,
+    },
+    /// `all_of = []` or `any_of = []`.
+    #[error("group {group:?}: {key} is empty (list at least one module)")]
+    EmptyGroup {
+        /// The group.
+        group: String,
+        /// `all_of` or `any_of`.
+        key: &'static str,
+    },
+    /// A user group gives both `all_of` and `any_of`.
+    #[error("group {group:?} sets both all_of and any_of (set exactly one)")]
+    BothModes {
+        /// The group.
+        group: String,
+    },
+    /// A user group gives neither `all_of` nor `any_of`.
+    #[error("group {group:?} sets neither all_of nor any_of (set exactly one)")]
+    NoMode {
+        /// The group.
+        group: String,
+    },
+    /// A group name outside `[a-z0-9-]+`.
+    #[error("group name {group:?} {problem} (allowed: lower-case letters, digits and '-')")]
+    GroupName {
+        /// The name as written.
+        group: String,
+        /// `is empty` or `contains 'X'`.
+        problem: String,
+    },
+    /// A module listed twice in one group (after `-`/`_` normalisation).
+    #[error(
+        "group {group:?} lists module {module} twice (first on line {first_line}; '-' and '_' \
+         are the same)"
+    )]
+    DuplicateModule {
+        /// The group.
+        group: String,
+        /// The normalised module name.
+        module: ModuleName,
+        /// Line of the first mention.
+        first_line: usize,
+    },
+    /// A built-in group's table redefines its modules.
+    #[error(
+        "group {group:?} is built in: it accepts only enabled and severity, not {key} (to \
+         require other modules, disable it and define a group of your own)"
+    )]
+    BuiltinModules {
+        /// The built-in group.
+        group: String,
+        /// `all_of` or `any_of`.
+        key: &'static str,
+    },
+    /// An empty severity, or one with control characters.
+    #[error("severity {severity:?} of group {group:?} must be non-empty text on one line")]
+    Severity {
+        /// The group.
+        group: String,
+        /// The value as written.
+        severity: String,
+    },
+    /// `ring_buffer_size` is not a power of two of at least a page.
+    #[error("ring_buffer_size = {value} is not a power of two >= {MIN_RING_BUFFER_SIZE}")]
+    RingBufferSize {
+        /// The value as written.
+        value: u32,
+    },
+    /// An interval of zero seconds.
+    #[error("{key} = 0: must be at least 1 second")]
+    ZeroInterval {
+        /// `reconcile_interval` or `poll_interval`.
+        key: &'static str,
+    },
+    /// `listen` is not `IP:port`.
+    #[error("listen = {value:?} is not an IP address and port ({error})")]
+    Listen {
+        /// The value as written.
+        value: String,
+        /// Why it does not parse.
+        error: AddrParseError,
+    },
+    /// `host_root` is relative or empty.
+    #[error("host_root = {value:?} is not an absolute path")]
+    HostRoot {
+        /// The value as written.
+        value: String,
+    },
+    /// `v2_data_engine = true` and `[groups.v2-data-engine] enabled = false`.
+    #[error("[groups.{V2_GROUP}] enabled = false contradicts v2_data_engine = true")]
+    V2Conflict,
+}
+
+/// A config file that cannot be used: the file, where in it, and why.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    /// The config file.
+    pub path: PathBuf,
+    /// 1-based line, where the problem has one.
+    pub line: Option<usize>,
+    /// 1-based column (in characters), for TOML syntax and type errors.
+    pub column: Option<usize>,
+    /// What is wrong.
+    pub problem: ConfigProblem,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Self {
+            path,
+            line,
+            column,
+            problem,
+        } = self;
+        write!(f, "config file {}", path.display())?;
+        if let Some(line) = line {
+            write!(f, ", line {line}")?;
+            if let Some(column) = column {
+                write!(f, ", column {column}")?;
+            }
+        }
+        write!(f, ": {problem}")
+    }
+}
+
+/// Reads and validates the config file at `path`.
+///
+/// # Errors
+/// [`ConfigError`] naming `path` if it cannot be read or is invalid.
+pub fn load_config(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|error| ConfigError {
+        path: path.to_path_buf(),
+        line: None,
+        column: None,
+        problem: ConfigProblem::Read { error },
+    })?;
+    parse_config(&text, path)
+}
+
+/// Validates config text read from `origin` (named in errors).
+///
+/// # Errors
+/// [`ConfigError`] naming `origin`, the line and the problem.
+pub fn parse_config(text: &str, origin: &Path) -> Result<FileConfig, ConfigError> {
+    let located = Locator { text, origin };
+    let raw: RawFile = toml::from_str(text).map_err(|e| {
+        let span = e.span();
+        let (line, column) = span
+            .as_ref()
+            .map(|span| located.line_column(span.start))
+            .unzip();
+        let mut message = e.message().trim_end().to_owned();
+        // toml says only "duplicate key"; its span is the key.
+        if message == "duplicate key"
+            && let Some(key) = span.and_then(|s| text.get(s))
+        {
+            message = format!("duplicate key `{key}`");
+        }
+        ConfigError {
+            path: origin.to_path_buf(),
+            line,
+            column,
+            problem: ConfigProblem::Toml { message },
+        }
+    })?;
+    located.validate(raw)
+}
+
+/// The enabled groups, in a stable order: `base`, `v2-data-engine`, then user
+/// groups by name. `v2_flag` is the command-line switch for the v2 group; it
+/// wins over the file's `enabled = false`.
+#[must_use]
+pub fn resolve_groups(file: Option<&FileConfig>, v2_flag: bool) -> Vec<GroupSpec> {
+    let default = FileConfig::default();
+    let FileConfig {
+        v2_data_engine,
+        base_group,
+        v2_group,
+        groups,
+        origin: _,
+        listen: _,
+        source: _,
+        reconcile_interval: _,
+        poll_interval: _,
+        ring_buffer_size: _,
+        host_root: _,
+    } = file.unwrap_or(&default);
+
+    let mut enabled = Vec::new();
+    let [base, v2] = builtin_groups();
+    if base_group.enabled.unwrap_or(true) {
+        enabled.push(with_severity(base, base_group.severity.as_deref()));
+    }
+    let v2_on = v2_flag || *v2_data_engine == Some(true) || v2_group.enabled == Some(true);
+    if v2_on {
+        enabled.push(with_severity(v2, v2_group.severity.as_deref()));
+    }
+    let mut user: Vec<&UserGroup> = groups.iter().filter(|g| g.enabled).collect();
+    user.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
+    enabled.extend(user.into_iter().map(|g| g.spec.clone()));
+    enabled
+}
+
+fn with_severity(mut spec: GroupSpec, severity: Option<&str>) -> GroupSpec {
+    if let Some(severity) = severity {
+        severity.clone_into(&mut spec.severity);
+    }
+    spec
+}
+
+/// The built-in groups with their default severity: `[base, v2-data-engine]`.
+#[must_use]
+pub fn builtin_groups() -> [GroupSpec; 2] {
+    let names = |names: &[&str]| -> Vec<ModuleName> {
+        names
+            .iter()
+            .filter_map(|n| ModuleName::from_kernel(n))
+            .collect()
+    };
+    [
+        GroupSpec {
+            name: BASE_GROUP.to_owned(),
+            mode: GroupMode::AllOf,
+            modules: names(&["dm_crypt"]),
+            severity: DEFAULT_SEVERITY.to_owned(),
+            builtin: true,
+        },
+        GroupSpec {
+            name: V2_GROUP.to_owned(),
+            mode: GroupMode::AllOf,
+            modules: names(&["vfio_pci", "uio_pci_generic", "nvme_tcp"]),
+            severity: DEFAULT_SEVERITY.to_owned(),
+            builtin: true,
+        },
+    ]
+}
+
+/// The file as TOML gives it, with spans for line numbers.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    listen: Option<Spanned<String>>,
+    source: Option<SourceKind>,
+    reconcile_interval: Option<Spanned<u64>>,
+    poll_interval: Option<Spanned<u64>>,
+    ring_buffer_size: Option<Spanned<u32>>,
+    host_root: Option<Spanned<String>>,
+    v2_data_engine: Option<bool>,
+    #[serde(default)]
+    groups: BTreeMap<Spanned<String>, RawGroup>,
+}
+
+/// One `[groups.NAME]` table as TOML gives it.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGroup {
+    enabled: Option<Spanned<bool>>,
+    all_of: Option<Spanned<Vec<Spanned<String>>>>,
+    any_of: Option<Spanned<Vec<Spanned<String>>>>,
+    severity: Option<Spanned<String>>,
+}
+
+/// Turns byte spans of one file into line numbers and errors.
+struct Locator<'a> {
+    text: &'a str,
+    origin: &'a Path,
+}
+
+impl Locator<'_> {
+    /// 1-based line and column (in characters) of byte `offset`.
+    fn line_column(&self, offset: usize) -> (usize, usize) {
+        let before = self.text.get(..offset).unwrap_or(self.text);
+        let line = before.matches('\n').count() + 1;
+        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+        let column = before.get(line_start..).map_or(0, |s| s.chars().count()) + 1;
+        (line, column)
+    }
+
+    fn line(&self, span: &Range<usize>) -> usize {
+        self.line_column(span.start).0
+    }
+
+    fn error(&self, span: &Range<usize>, problem: ConfigProblem) -> ConfigError {
+        ConfigError {
+            path: self.origin.to_path_buf(),
+            line: Some(self.line(span)),
+            column: None,
+            problem,
+        }
+    }
+
+    fn validate(&self, raw: RawFile) -> Result<FileConfig, ConfigError> {
+        let RawFile {
+            listen,
+            source,
+            reconcile_interval,
+            poll_interval,
+            ring_buffer_size,
+            host_root,
+            v2_data_engine,
+            groups: raw_groups,
+        } = raw;
+
+        let listen = listen
+            .map(|value| {
+                value.get_ref().parse::<SocketAddr>().map_err(|error| {
+                    self.error(
+                        &value.span(),
+                        ConfigProblem::Listen {
+                            value: value.get_ref().clone(),
+                            error,
+                        },
+                    )
+                })
+            })
+            .transpose()?;
+        let reconcile_interval = self.interval(reconcile_interval, "reconcile_interval")?;
+        let poll_interval = self.interval(poll_interval, "poll_interval")?;
+        let ring_buffer_size = ring_buffer_size
+            .map(|size| {
+                let value = *size.get_ref();
+                if value >= MIN_RING_BUFFER_SIZE && value.is_power_of_two() {
+                    Ok(value)
+                } else {
+                    Err(self.error(&size.span(), ConfigProblem::RingBufferSize { value }))
+                }
+            })
+            .transpose()?;
+        let host_root = host_root
+            .map(|root| {
+                let path = PathBuf::from(root.get_ref());
+                if path.is_absolute() {
+                    Ok(path)
+                } else {
+                    Err(self.error(
+                        &root.span(),
+                        ConfigProblem::HostRoot {
+                            value: root.get_ref().clone(),
+                        },
+                    ))
+                }
+            })
+            .transpose()?;
+
+        let mut base_group = BuiltinGroupSettings::default();
+        let mut v2_group = BuiltinGroupSettings::default();
+        let mut groups = Vec::new();
+        for (name, group) in raw_groups {
+            self.check_group_name(&name)?;
+            let settings = match name.get_ref().as_str() {
+                BASE_GROUP => Some(&mut base_group),
+                V2_GROUP => Some(&mut v2_group),
+                _ => None,
+            };
+            match settings {
+                Some(settings) => *settings = self.builtin_settings(name.get_ref(), group)?,
+                None => groups.push(self.user_group(&name, group)?),
+            }
+        }
+        if v2_data_engine == Some(true) && v2_group.enabled == Some(false) {
+            // The only way to reach here is an explicit `enabled = false`
+            // in [groups.v2-data-engine]; point at the table.
+            return Err(ConfigError {
+                path: self.origin.to_path_buf(),
+                line: self.find_table_line(V2_GROUP),
+                column: None,
+                problem: ConfigProblem::V2Conflict,
+            });
+        }
+
+        Ok(FileConfig {
+            origin: self.origin.to_path_buf(),
+            listen,
+            source,
+            reconcile_interval,
+            poll_interval,
+            ring_buffer_size,
+            host_root,
+            v2_data_engine,
+            base_group,
+            v2_group,
+            groups,
+        })
+    }
+
+    /// Line of `[groups.NAME]`, if written as a table header.
+    fn find_table_line(&self, name: &str) -> Option<usize> {
+        let header = format!("[groups.{name}]");
+        self.text
+            .lines()
+            .position(|l| l.trim_start().starts_with(&header))
+            .map(|i| i + 1)
+    }
+
+    fn interval(
+        &self,
+        seconds: Option<Spanned<u64>>,
+        key: &'static str,
+    ) -> Result<Option<Duration>, ConfigError> {
+        seconds
+            .map(|s| match *s.get_ref() {
+                0 => Err(self.error(&s.span(), ConfigProblem::ZeroInterval { key })),
+                n => Ok(Duration::from_secs(n)),
+            })
+            .transpose()
+    }
+
+    fn check_group_name(&self, name: &Spanned<String>) -> Result<(), ConfigError> {
+        let group = name.get_ref();
+        let problem = if group.is_empty() {
+            "is empty".to_owned()
+        } else if let Some(ch) = group
+            .chars()
+            .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
+        {
+            format!("contains {ch:?}")
+        } else {
+            return Ok(());
+        };
+        Err(self.error(
+            &name.span(),
+            ConfigProblem::GroupName {
+                group: group.clone(),
+                problem,
+            },
+        ))
+    }
+
+    fn severity(
+        &self,
+        group: &str,
+        severity: Option<Spanned<String>>,
+    ) -> Result<Option<String>, ConfigError> {
+        let Some(severity) = severity else {
+            return Ok(None);
+        };
+        let text = severity.get_ref();
+        if text.trim().is_empty() || text.chars().any(char::is_control) {
+            return Err(self.error(
+                &severity.span(),
+                ConfigProblem::Severity {
+                    group: group.to_owned(),
+                    severity: text.clone(),
+                },
+            ));
+        }
+        Ok(Some(severity.into_inner()))
+    }
+
+    fn builtin_settings(
+        &self,
+        group: &str,
+        raw: RawGroup,
+    ) -> Result<BuiltinGroupSettings, ConfigError> {
+        let RawGroup {
+            enabled,
+            all_of,
+            any_of,
+            severity,
+        } = raw;
+        for (key, list) in [("all_of", all_of), ("any_of", any_of)] {
+            if let Some(list) = list {
+                return Err(self.error(
+                    &list.span(),
+                    ConfigProblem::BuiltinModules {
+                        group: group.to_owned(),
+                        key,
+                    },
+                ));
+            }
+        }
+        Ok(BuiltinGroupSettings {
+            enabled: enabled.map(Spanned::into_inner),
+            severity: self.severity(group, severity)?,
+        })
+    }
+
+    fn user_group(&self, name: &Spanned<String>, raw: RawGroup) -> Result<UserGroup, ConfigError> {
+        let group = name.get_ref();
+        let RawGroup {
+            enabled,
+            all_of,
+            any_of,
+            severity,
+        } = raw;
+        let (mode, key, list) = match (all_of, any_of) {
+            (Some(list), None) => (GroupMode::AllOf, "all_of", list),
+            (None, Some(list)) => (GroupMode::AnyOf, "any_of", list),
+            (Some(_), Some(second)) => {
+                return Err(self.error(
+                    &second.span(),
+                    ConfigProblem::BothModes {
+                        group: group.clone(),
+                    },
+                ));
+            }
+            (None, None) => {
+                return Err(self.error(
+                    &name.span(),
+                    ConfigProblem::NoMode {
+                        group: group.clone(),
+                    },
+                ));
+            }
+        };
+        let list_span = list.span();
+        let entries = list.into_inner();
+        if entries.is_empty() {
+            return Err(self.error(
+                &list_span,
+                ConfigProblem::EmptyGroup {
+                    group: group.clone(),
+                    key,
+                },
+            ));
+        }
+        let mut first_lines: HashMap<ModuleName, usize> = HashMap::new();
+        let mut modules = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let span = entry.span();
+            let module = ModuleName::parse(entry.get_ref()).map_err(|error| {
+                self.error(
+                    &span,
+                    ConfigProblem::ModuleName {
+                        group: group.clone(),
+                        error,
+                    },
+                )
+            })?;
+            if let Some(&first_line) = first_lines.get(&module) {
+                return Err(self.error(
+                    &span,
+                    ConfigProblem::DuplicateModule {
+                        group: group.clone(),
+                        module,
+                        first_line,
+                    },
+                ));
+            }
+            first_lines.insert(module.clone(), self.line(&span));
+            modules.push(module);
+        }
+        let severity = self
+            .severity(group, severity)?
+            .unwrap_or_else(|| DEFAULT_SEVERITY.to_owned());
+        Ok(UserGroup {
+            spec: GroupSpec {
+                name: group.clone(),
+                mode,
+                modules,
+                severity,
+                builtin: false,
+            },
+            enabled: enabled.is_none_or(Spanned::into_inner),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ORIGIN: &str = "/etc/kmod-monitor/config.toml";
+
+    fn parse(text: &str) -> Result<FileConfig, ConfigError> {
+        parse_config(text, Path::new(ORIGIN))
+    }
+
+    /// Parses `text`, expecting an error; checks it names the file and line.
+    fn error_at(text: &str, line: usize) -> ConfigError {
+        let err = parse(text).expect_err("config should be rejected");
+        assert_eq!(err.line, Some(line), "wrong line in: {err}");
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with(&format!("config file {ORIGIN}, line {line}")),
+            "{msg}"
+        );
+        err
+    }
+
+    fn name(s: &str) -> ModuleName {
+        ModuleName::parse(s).unwrap()
+    }
+
+    fn group_names(groups: &[GroupSpec]) -> Vec<&str> {
+        groups.iter().map(|g| g.name.as_str()).collect()
+    }
+
+    const FULL: &str = r#"# optional daemon settings (CLI flags override them)
+listen = "0.0.0.0:9469"
+source = "auto"            # auto|ebpf|uevent|poll
+reconcile_interval = 60    # seconds, > 0
+poll_interval = 1          # seconds, > 0 (poll source)
+ring_buffer_size = 262144  # bytes, power of two >= 4096
+host_root = "/host"
+v2_data_engine = true      # switches the built-in v2-data-engine group on
+
+[groups.base]              # built-in; may be switched off
+enabled = false
+
+[groups.spdk-driver]       # user group: exactly one of all_of / any_of
+any_of = ["vfio_pci", "uio_pci_generic"]
+severity = "warning"       # default "critical"; free-form label for alerts
+"#;
+
+    #[test]
+    fn documented_example_parses() {
+        let c = parse(FULL).unwrap();
+        let FileConfig {
+            origin,
+            listen,
+            source,
+            reconcile_interval,
+            poll_interval,
+            ring_buffer_size,
+            host_root,
+            v2_data_engine,
+            base_group,
+            v2_group,
+            groups,
+        } = c.clone();
+        assert_eq!(origin, Path::new(ORIGIN));
+        assert_eq!(listen, Some("0.0.0.0:9469".parse().unwrap()));
+        assert_eq!(source, Some(SourceKind::Auto));
+        assert_eq!(reconcile_interval, Some(Duration::from_secs(60)));
+        assert_eq!(poll_interval, Some(Duration::from_secs(1)));
+        assert_eq!(ring_buffer_size, Some(262_144));
+        assert_eq!(host_root, Some(PathBuf::from("/host")));
+        assert_eq!(v2_data_engine, Some(true));
+        assert_eq!(
+            base_group,
+            BuiltinGroupSettings {
+                enabled: Some(false),
+                severity: None
+            }
+        );
+        assert_eq!(v2_group, BuiltinGroupSettings::default());
+        assert_eq!(
+            groups,
+            [UserGroup {
+                spec: GroupSpec {
+                    name: "spdk-driver".to_owned(),
+                    mode: GroupMode::AnyOf,
+                    modules: vec![name("vfio_pci"), name("uio_pci_generic")],
+                    severity: "warning".to_owned(),
+                    builtin: false,
+                },
+                enabled: true,
+            }]
+        );
+        // base off, v2 on by the file, then the any_of group.
+        let resolved = resolve_groups(Some(&c), false);
+        assert_eq!(group_names(&resolved), ["v2-data-engine", "spdk-driver"]);
+    }
+
+    #[test]
+    fn empty_file_is_all_defaults() {
+        assert_eq!(
+            parse("").unwrap(),
+            FileConfig {
+                origin: PathBuf::from(ORIGIN),
+                ..FileConfig::default()
+            }
+        );
+    }
+
+    #[test]
+    fn every_source_kind() {
+        for (text, kind) in [
+            ("auto", SourceKind::Auto),
+            ("ebpf", SourceKind::Ebpf),
+            ("uevent", SourceKind::Uevent),
+            ("poll", SourceKind::Poll),
+        ] {
+            let c = parse(&format!("source = \"{text}\"")).unwrap();
+            assert_eq!(c.source, Some(kind));
+            assert_eq!(kind.to_string(), text);
+            assert_eq!(
+                <SourceKind as clap::ValueEnum>::from_str(text, false),
+                Ok(kind)
+            );
+        }
+        let err = error_at("\n\nsource = \"bpf\"\n", 3);
+        assert!(err.to_string().contains("unknown variant `bpf`"), "{err}");
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let err = error_at("listen = \"127.0.0.1:1\"\nlisten_addr = \"x\"\n", 2);
+        let msg = err.to_string();
+        assert!(msg.contains("unknown field `listen_addr`"), "{msg}");
+        assert_eq!(err.column, Some(1));
+
+        let err = error_at("[groups.x]\nall_of = [\"a\"]\nseverty = \"low\"\n", 3);
+        assert!(err.to_string().contains("unknown field `severty`"), "{err}");
+    }
+
+    #[test]
+    fn syntax_and_type_errors_have_line_and_column() {
+        let err = error_at("listen = \"127.0.0.1:1\"\nsource = \n", 2);
+        assert!(err.column.is_some(), "{err}");
+        assert!(matches!(err.problem, ConfigProblem::Toml { .. }), "{err}");
+
+        let err = error_at("reconcile_interval = \"60s\"\n", 1);
+        assert_eq!(err.column, Some(22), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with(&format!("config file {ORIGIN}, line 1, column 22: ")),
+            "{err}"
+        );
+
+        let err = error_at("poll_interval = -1\n", 1);
+        assert!(matches!(err.problem, ConfigProblem::Toml { .. }), "{err}");
+
+        let err = error_at("listen = \"127.0.0.1:1\"\nlisten = \"127.0.0.1:2\"\n", 2);
+        assert!(err.to_string().ends_with("duplicate key `listen`"), "{err}");
+    }
+
+    #[test]
+    fn invalid_module_name_message() {
+        let text = "# spdk group\n\n\n\n[groups.spdk]\nany_of = [\n  \"nvme tcp\",\n]\n";
+        let err = error_at(text, 7);
+        assert_eq!(
+            err.to_string(),
+            "config file /etc/kmod-monitor/config.toml, line 7: module name \"nvme tcp\" in \
+             group \"spdk\" contains ' ' (allowed: letters, digits, '_' and '-')"
+        );
+        let err = error_at("[groups.g]\nall_of = [\"\"]\n", 2);
+        assert!(
+            err.to_string()
+                .ends_with("module name \"\" in group \"g\" is empty"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn empty_group() {
+        let err = error_at("[groups.g]\n\nall_of = []\n", 3);
+        assert!(
+            err.to_string()
+                .ends_with("group \"g\": all_of is empty (list at least one module)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn both_or_neither_mode() {
+        let err = error_at(
+            "[groups.g]\nall_of = [\"dm_crypt\"]\nany_of = [\"nvme_tcp\"]\n",
+            3,
+        );
+        assert!(
+            err.to_string()
+                .contains("group \"g\" sets both all_of and any_of"),
+            "{err}"
+        );
+        let err = error_at("\n[groups.g]\nseverity = \"low\"\n", 2);
+        assert!(
+            err.to_string()
+                .contains("group \"g\" sets neither all_of nor any_of"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_group_names() {
+        let err = error_at("[groups.Spdk]\nall_of = [\"a\"]\n", 1);
+        assert!(
+            err.to_string().ends_with(
+                "group name \"Spdk\" contains 'S' (allowed: lower-case letters, digits and '-')"
+            ),
+            "{err}"
+        );
+        let err = error_at("\n[groups.spdk_drv]\nall_of = [\"a\"]\n", 2);
+        assert!(err.to_string().contains("contains '_'"), "{err}");
+        let err = error_at("[groups.\"\"]\nall_of = [\"a\"]\n", 1);
+        assert!(
+            err.to_string().contains("group name \"\" is empty"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn duplicate_module_after_normalisation() {
+        let err = error_at(
+            "[groups.nvme]\nall_of = [\n  \"nvme-tcp\",\n  \"nvme_core\",\n  \"nvme_tcp\",\n]\n",
+            5,
+        );
+        assert!(
+            err.to_string()
+                .contains("group \"nvme\" lists module nvme_tcp twice (first on line 3"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn builtin_group_cannot_be_redefined() {
+        let err = error_at("[groups.base]\nenabled = true\nall_of = [\"dm_mod\"]\n", 3);
+        assert!(
+            err.to_string().contains(
+                "group \"base\" is built in: it accepts only enabled and severity, not all_of"
+            ),
+            "{err}"
+        );
+        let err = error_at("[groups.v2-data-engine]\nany_of = [\"vfio_pci\"]\n", 2);
+        assert!(err.to_string().contains("not any_of"), "{err}");
+    }
+
+    #[test]
+    fn ring_buffer_size_must_be_page_power_of_two() {
+        for bad in [0_u32, 1000, 2048, 262_145] {
+            let err = error_at(&format!("\nring_buffer_size = {bad}\n"), 2);
+            assert!(
+                err.to_string().ends_with(&format!(
+                    "ring_buffer_size = {bad} is not a power of two >= 4096"
+                )),
+                "{err}"
+            );
+        }
+        for good in [4096_u32, 1 << 20, 1 << 31] {
+            let c = parse(&format!("ring_buffer_size = {good}")).unwrap();
+            assert_eq!(c.ring_buffer_size, Some(good));
+        }
+        // Beyond u32: a TOML type error, still with its line.
+        error_at("\n\nring_buffer_size = 8589934592\n", 3);
+    }
+
+    #[test]
+    fn zero_intervals() {
+        let err = error_at("reconcile_interval = 0\n", 1);
+        assert!(
+            err.to_string()
+                .ends_with("reconcile_interval = 0: must be at least 1 second"),
+            "{err}"
+        );
+        let err = error_at("reconcile_interval = 5\npoll_interval = 0\n", 2);
+        assert!(err.to_string().contains("poll_interval = 0"), "{err}");
+    }
+
+    #[test]
+    fn listen_host_root_and_severity() {
+        let err = error_at("listen = \"localhost:9469\"\n", 1);
+        assert!(
+            err.to_string()
+                .contains("listen = \"localhost:9469\" is not an IP address and port"),
+            "{err}"
+        );
+        let ok = parse("listen = \"[::1]:9469\"\n").unwrap();
+        assert_eq!(ok.listen, Some("[::1]:9469".parse().unwrap()));
+
+        let err = error_at("\nhost_root = \"host\"\n", 2);
+        assert!(
+            err.to_string()
+                .ends_with("host_root = \"host\" is not an absolute path"),
+            "{err}"
+        );
+
+        let err = error_at("[groups.g]\nall_of = [\"a\"]\nseverity = \" \"\n", 3);
+        assert!(
+            err.to_string()
+                .contains("severity \" \" of group \"g\" must be non-empty text"),
+            "{err}"
+        );
+        let err = error_at("[groups.base]\nseverity = \"a\\nb\"\n", 2);
+        assert!(
+            matches!(err.problem, ConfigProblem::Severity { .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn v2_switch_contradiction() {
+        let err = error_at(
+            "v2_data_engine = true\n\n[groups.v2-data-engine]\nenabled = false\n",
+            3,
+        );
+        assert!(
+            err.to_string().ends_with(
+                "[groups.v2-data-engine] enabled = false contradicts v2_data_engine = true"
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn unreadable_file_names_path_and_os_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("missing.toml");
+        let err = load_config(&path).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with(&format!("config file {}: cannot read it: ", path.display())),
+            "{msg}"
+        );
+        assert!(msg.contains("No such file or directory"), "{msg}");
+        assert_eq!(err.line, None);
+
+        // A directory is not a readable file either.
+        let err = load_config(dir.path()).unwrap_err();
+        assert!(matches!(err.problem, ConfigProblem::Read { .. }), "{err}");
+
+        std::fs::write(&path, "poll_interval = 0\n").unwrap();
+        let err = load_config(&path).unwrap_err();
+        assert_eq!(err.path, path);
+        assert_eq!(err.line, Some(1));
+    }
+
+    #[test]
+    fn resolve_without_file_is_base_then_flag() {
+        let groups = resolve_groups(None, false);
+        assert_eq!(group_names(&groups), ["base"]);
+        assert_eq!(groups[0].modules, [name("dm_crypt")]);
+        assert_eq!(groups[0].mode, GroupMode::AllOf);
+        assert!(groups[0].builtin);
+        assert_eq!(groups[0].severity, "critical");
+
+        let groups = resolve_groups(None, true);
+        assert_eq!(group_names(&groups), ["base", "v2-data-engine"]);
+        assert_eq!(
+            groups[1].modules,
+            [name("vfio_pci"), name("uio_pci_generic"), name("nvme_tcp")]
+        );
+    }
+
+    #[test]
+    fn resolve_v2_switches() {
+        let by_key = parse("v2_data_engine = true").unwrap();
+        assert_eq!(
+            group_names(&resolve_groups(Some(&by_key), false)),
+            ["base", "v2-data-engine"]
+        );
+        let by_table =
+            parse("[groups.v2-data-engine]\nenabled = true\nseverity = \"page\"\n").unwrap();
+        let groups = resolve_groups(Some(&by_table), false);
+        assert_eq!(group_names(&groups), ["base", "v2-data-engine"]);
+        assert_eq!(groups[1].severity, "page");
+        // The flag wins over the file's enabled = false.
+        let off = parse("[groups.v2-data-engine]\nenabled = false\n").unwrap();
+        assert_eq!(group_names(&resolve_groups(Some(&off), false)), ["base"]);
+        assert_eq!(
+            group_names(&resolve_groups(Some(&off), true)),
+            ["base", "v2-data-engine"]
+        );
+        // v2_data_engine = false does not hide the flag either.
+        let no = parse("v2_data_engine = false").unwrap();
+        assert_eq!(
+            group_names(&resolve_groups(Some(&no), true)),
+            ["base", "v2-data-engine"]
+        );
+    }
+
+    #[test]
+    fn resolve_user_groups_sorted_and_filtered() {
+        let c = parse(
+            "[groups.zeta]\nall_of = [\"nfs\"]\n\n\
+             [groups.base]\nenabled = false\n\n\
+             [groups.alpha]\nany_of = [\"vfio-pci\", \"uio_pci_generic\"]\n\n\
+             [groups.off]\nall_of = [\"nbd\"]\nenabled = false\n",
+        )
+        .unwrap();
+        let groups = resolve_groups(Some(&c), false);
+        assert_eq!(group_names(&groups), ["alpha", "zeta"]);
+        assert_eq!(groups[0].mode, GroupMode::AnyOf);
+        assert_eq!(
+            groups[0].modules,
+            [name("vfio_pci"), name("uio_pci_generic")]
+        );
+        assert_eq!(groups[0].severity, "critical");
+        assert!(!groups[0].builtin);
+        assert_eq!(groups[1].mode, GroupMode::AllOf);
+        let groups = resolve_groups(Some(&c), true);
+        assert_eq!(group_names(&groups), ["v2-data-engine", "alpha", "zeta"]);
+    }
+
+    #[test]
+    fn builtin_severity_override() {
+        let c = parse("[groups.base]\nseverity = \"warning\"\n").unwrap();
+        let groups = resolve_groups(Some(&c), false);
+        assert_eq!(groups[0].severity, "warning");
+        assert!(groups[0].builtin);
+    }
+
+    #[test]
+    fn line_column_counts_characters() {
+        let l = Locator {
+            text: "a\nüü = 1\n",
+            origin: Path::new("x"),
+        };
+        assert_eq!(l.line_column(0), (1, 1));
+        assert_eq!(l.line_column(2), (2, 1));
+        // "üü" is 4 bytes; the '=' after "üü " is character 4.
+        assert_eq!(l.line_column(7), (2, 4));
+    }
+}
