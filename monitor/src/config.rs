@@ -537,28 +537,23 @@ impl Locator<'_> {
 
         let mut base_group = BuiltinGroupSettings::default();
         let mut v2_group = BuiltinGroupSettings::default();
+        let mut v2_enabled_span = None;
         let mut groups = Vec::new();
         for (name, group) in raw_groups {
             self.check_group_name(&name)?;
-            let settings = match name.get_ref().as_str() {
-                BASE_GROUP => Some(&mut base_group),
-                V2_GROUP => Some(&mut v2_group),
-                _ => None,
-            };
-            match settings {
-                Some(settings) => *settings = self.builtin_settings(name.get_ref(), group)?,
-                None => groups.push(self.user_group(&name, group)?),
+            match name.get_ref().as_str() {
+                BASE_GROUP => base_group = self.builtin_settings(BASE_GROUP, group)?,
+                V2_GROUP => {
+                    v2_enabled_span = group.enabled.as_ref().map(Spanned::span);
+                    v2_group = self.builtin_settings(V2_GROUP, group)?;
+                }
+                _ => groups.push(self.user_group(&name, group)?),
             }
         }
-        if v2_data_engine == Some(true) && v2_group.enabled == Some(false) {
-            // The only way to reach here is an explicit `enabled = false`
-            // in [groups.v2-data-engine]; point at the table.
-            return Err(ConfigError {
-                path: self.origin.to_path_buf(),
-                line: self.find_table_line(V2_GROUP),
-                column: None,
-                problem: ConfigProblem::V2Conflict,
-            });
+        if let (Some(true), Some(false), Some(span)) =
+            (v2_data_engine, v2_group.enabled, v2_enabled_span)
+        {
+            return Err(self.error(&span, ConfigProblem::V2Conflict));
         }
 
         Ok(FileConfig {
@@ -574,15 +569,6 @@ impl Locator<'_> {
             v2_group,
             groups,
         })
-    }
-
-    /// Line of `[groups.NAME]`, if written as a table header.
-    fn find_table_line(&self, name: &str) -> Option<usize> {
-        let header = format!("[groups.{name}]");
-        self.text
-            .lines()
-            .position(|l| l.trim_start().starts_with(&header))
-            .map(|i| i + 1)
     }
 
     fn interval(
@@ -1065,7 +1051,7 @@ severity = "warning"       # default "critical"; free-form label for alerts
     fn v2_switch_contradiction() {
         let err = error_at(
             "v2_data_engine = true\n\n[groups.v2-data-engine]\nenabled = false\n",
-            3,
+            4,
         );
         assert!(
             err.to_string().ends_with(
