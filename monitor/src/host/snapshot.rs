@@ -83,14 +83,10 @@ impl Warnings {
         self.0.push(warning.into());
     }
 
-    fn lines(&mut self, bad_lines: Vec<BadLine>) {
-        self.0.extend(bad_lines.iter().map(BadLine::to_string));
-    }
-
     /// The value of a parse, its skipped lines recorded.
     fn take<T>(&mut self, parsed: Parsed<T>) -> T {
         let Parsed { value, bad_lines } = parsed;
-        self.lines(bad_lines);
+        self.0.extend(bad_lines.iter().map(BadLine::to_string));
         value
     }
 }
