@@ -26,9 +26,11 @@ pub mod paths;
 pub mod proc_modules;
 pub mod snapshot;
 
+use std::collections::BTreeSet;
 use std::fmt;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
 
 pub use depmod::{ModuleFile, parse_modules_builtin, parse_modules_dep};
 pub use initstate::{InitState, read_initstate};
@@ -108,13 +110,30 @@ pub struct Parsed<T> {
 
 impl<T> Parsed<T> {
     /// Logs each skipped line as a `tracing` warning and returns the value.
-    /// For callers that have nowhere to record warnings (periodic re-reads).
+    /// For callers that have nowhere to record warnings (periodic re-reads):
+    /// a line that stays bad is logged once per process, not once per poll.
     pub fn log_and_take(self) -> T {
         for bad in &self.bad_lines {
-            tracing::warn!("{bad}");
+            if first_report(bad) {
+                tracing::warn!("{bad}");
+            }
         }
         self.value
     }
+}
+
+/// How many distinct skipped lines [`first_report`] remembers; past that it
+/// reports everything again rather than grow.
+const REPORTED_LIMIT: usize = 1024;
+
+/// Whether `bad` has not been logged by this process before.
+fn first_report(bad: &BadLine) -> bool {
+    static REPORTED: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+    let mut reported = REPORTED.lock().unwrap_or_else(PoisonError::into_inner);
+    if reported.len() >= REPORTED_LIMIT {
+        reported.clear();
+    }
+    reported.insert(bad.to_string())
 }
 
 /// Collects [`BadLine`]s for one file while a parser walks it.
@@ -278,6 +297,23 @@ mod tests {
         let text = read_optional_text(&dir.path().join("f")).unwrap().unwrap();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines, ["good", "b\u{fffd}d", "also good"]);
+    }
+
+    #[test]
+    fn a_persistent_bad_line_is_logged_once() {
+        let bad = BadLine {
+            path: PathBuf::from("/test/first_report"),
+            line: 3,
+            problem: "odd".to_owned(),
+        };
+        assert!(first_report(&bad));
+        assert!(!first_report(&bad));
+        let other = BadLine {
+            line: 4,
+            ..bad.clone()
+        };
+        assert!(first_report(&other));
+        assert!(!first_report(&bad));
     }
 
     #[test]
