@@ -134,6 +134,10 @@ pub fn remedy(snapshot: &Snapshot, name: &ModuleName, state: ModuleState) -> Rem
 fn missing(snapshot: &Snapshot, name: &ModuleName) -> Remedy {
     let symbol = config_symbol_for(name);
     let rel = &snapshot.kernel_release;
+    let modules_dir = snapshot.modules_dir.as_ref().map_or_else(
+        || format!("/lib/modules/{rel} (absent)"),
+        |d| d.display().to_string(),
+    );
     let setting = snapshot.kernel_config.as_ref().and_then(|c| c.get(&symbol));
     let explanation = match (&setting, snapshot.modules_supported) {
         (_, false) => format!(
@@ -143,10 +147,10 @@ fn missing(snapshot: &Snapshot, name: &ModuleName) -> Remedy {
             "{name} is not part of kernel {rel}: {symbol} is not set; use a kernel built with {symbol}=m"
         ),
         (Some(ConfigValue::Module), true) => format!(
-            "kernel {rel} was built with {symbol}=m but no {name} module file is installed under /lib/modules/{rel}; install the kernel's modules package (on Ubuntu: linux-modules-extra-{rel})"
+            "kernel {rel} was built with {symbol}=m but no {name} module file is installed under {modules_dir}; install the kernel's modules package (on Ubuntu: linux-modules-extra-{rel})"
         ),
         (Some(ConfigValue::Builtin), true) => format!(
-            "kernel {rel} has {symbol}=y but {name} is not listed in modules.builtin; check /lib/modules/{rel}"
+            "kernel {rel} has {symbol}=y but {name} is not listed in {modules_dir}/modules.builtin"
         ),
         (Some(ConfigValue::Value(v)), true) => format!(
             "{name} is not part of kernel {rel} ({symbol}={v}); use a kernel built with {symbol}=m"

@@ -34,9 +34,15 @@ impl ModuleState {
     ];
 
     /// Whether this state satisfies a requirement for the module.
+    ///
+    /// `Unloading` still does: the module works until it is freed, and most
+    /// unloads that begin are refused (`rmmod` of a module in use returns
+    /// EBUSY at once). Counting them as lost would page someone for an
+    /// unload that never happened; a real unload is reported when the
+    /// module is freed, microseconds later.
     #[must_use]
     pub const fn satisfies(self) -> bool {
-        matches!(self, Self::Loaded | Self::Builtin)
+        matches!(self, Self::Loaded | Self::Builtin | Self::Unloading)
     }
 
     /// The lower-case name used in JSON, text output and metric labels.

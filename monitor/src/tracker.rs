@@ -664,21 +664,38 @@ mod tests {
     }
 
     #[test]
-    fn busy_unload_returns_to_loaded() {
-        let mut t = Tracker::new(&snapshot_6_1(), longhorn_groups());
-        let steps = run(
-            &mut t,
-            &[
-                ev(Raw::UnloadBegin, "nvme_tcp", 1),
-                ev(Raw::UnloadResult { ret: -16 }, "nvme_tcp", 2),
-            ],
-        );
+    fn busy_unload_returns_to_loaded_without_flapping_the_group() {
+        let mut groups = longhorn_groups();
+        groups.push(group("nvmf", GroupMode::AllOf, &["nvme_tcp"]));
+        let mut t = Tracker::new(&snapshot_6_1(), groups);
+        let begin = t.apply(&ev(Raw::UnloadBegin, "nvme_tcp", 1));
+        let fail = t.apply(&ev(Raw::UnloadResult { ret: -16 }, "nvme_tcp", 2));
         assert_eq!(
-            steps,
-            vec![
+            [(begin.kind, begin.to), (fail.kind, fail.to)],
+            [
                 (Some(Kind::UnloadBegin), ModuleState::Unloading),
                 (Some(Kind::UnloadFailed), ModuleState::Loaded),
             ]
+        );
+        assert!(begin.group_changes.is_empty() && fail.group_changes.is_empty());
+        assert!(met(&t, "nvmf"));
+    }
+
+    #[test]
+    fn group_is_lost_when_the_module_is_freed() {
+        let mut t = Tracker::new(&snapshot_6_1(), longhorn_groups());
+        assert!(
+            t.apply(&ev(Raw::UnloadBegin, "dm_crypt", 1))
+                .group_changes
+                .is_empty()
+        );
+        let free = t.apply(&ev(Raw::Free, "dm_crypt", 2));
+        assert_eq!(
+            free.group_changes,
+            vec![GroupChange {
+                group: "base".into(),
+                met: false
+            }]
         );
     }
 

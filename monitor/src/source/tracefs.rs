@@ -107,8 +107,7 @@ pub fn parse_format(text: &str, path: &Path) -> Result<BTreeMap<String, Field>, 
 #[must_use]
 pub fn candidate_dirs(host_tracing: &[PathBuf]) -> Vec<PathBuf> {
     let mut dirs = host_tracing.to_vec();
-    for d in ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"] {
-        let d = PathBuf::from(d);
+    for d in crate::host::HostRoot::default().tracefs_candidates() {
         if !dirs.contains(&d) {
             dirs.push(d);
         }
