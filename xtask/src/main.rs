@@ -1,1 +1,94 @@
-fn main() {}
+//! `cargo xtask`: the project's automation entry point. Each subcommand is a
+//! thin layer over one module: `setup` installs the toolchain, `build` makes
+//! the release and static binaries, `vm-test` runs the kernel tests in
+//! QEMU, `test` runs everything, `run` starts the daemon on this machine.
+mod binaries;
+mod cmd;
+mod cpio;
+mod dirs;
+mod elf;
+mod initramfs;
+mod kernel;
+mod setup;
+mod suite;
+mod vm;
+mod vm_test;
+
+use std::{ffi::OsString, os::unix::process::CommandExt as _, process::ExitCode};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "kmod-monitor project automation")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building and testing need (idempotent, fast when done).
+    Setup,
+    /// Release build for the host plus the static musl daemon.
+    Build,
+    /// Boot Debian kernels in QEMU and run the guest test driver in each.
+    VmTest(vm_test::Options),
+    /// Run every test: setup, fmt, clippy, cargo test, vm-test on all kernels.
+    Test,
+    /// Set up, build, and run `kmod-monitor run ARGS...` on this machine.
+    Run {
+        /// Arguments for `kmod-monitor run`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+}
+
+fn main() -> ExitCode {
+    let Cli { command } = Cli::parse();
+    match dispatch(command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(command: Cmd) -> Result<()> {
+    match command {
+        Cmd::Setup => setup::setup(),
+        Cmd::Build => {
+            let binaries::DaemonBinaries { host, musl } = binaries::build_daemon()?;
+            println!("build: host binary {}", host.display());
+            println!("build: static binary {}", musl.display());
+            Ok(())
+        }
+        Cmd::VmTest(options) => {
+            let outcomes = vm_test::vm_test(&options)?;
+            let failed: Vec<_> = outcomes
+                .iter()
+                .filter(|o| !o.ok())
+                .map(|o| o.series.name())
+                .collect();
+            let passed: usize = outcomes.iter().map(|o| o.passed).sum();
+            let failures: usize = outcomes.iter().map(|o| o.failed.len()).sum();
+            println!("vm-test: {passed} scenarios passed, {failures} failed");
+            if failed.is_empty() {
+                Ok(())
+            } else {
+                bail!("vm-test failed on {}", failed.join(", "))
+            }
+        }
+        Cmd::Test => suite::test(),
+        Cmd::Run { args } => {
+            setup::setup()?;
+            let host = binaries::build_host_daemon()?;
+            let mut daemon = std::process::Command::new(&host);
+            daemon.arg("run").args(&args);
+            println!("+ {}", cmd::describe(&daemon));
+            let err = daemon.exec();
+            Err(err).with_context(|| format!("executing {}", host.display()))
+        }
+    }
+}

@@ -1,0 +1,102 @@
+//! Every fixed path xtask uses, in one place: the workspace, cargo's target
+//! directory, the per-user cache of test kernels and the stable home of the
+//! LLVM prefix bpf-linker links against.
+use std::{
+    env,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+/// The workspace root (xtask lives one level below it).
+pub fn workspace_root() -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().unwrap_or(manifest).to_path_buf()
+}
+
+/// cargo's target directory: `CARGO_TARGET_DIR` if set, else `<root>/target`.
+pub fn target_dir() -> PathBuf {
+    match env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) if !dir.is_empty() => {
+            let dir = PathBuf::from(dir);
+            if dir.is_absolute() {
+                dir
+            } else {
+                workspace_root().join(dir)
+            }
+        }
+        _ => workspace_root().join("target"),
+    }
+}
+
+/// The musl target every binary that goes into a test VM is built for.
+pub const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
+
+/// Release binary `name` built for the host.
+pub fn host_release_bin(name: &str) -> PathBuf {
+    target_dir().join("release").join(name)
+}
+
+/// Release binary `name` built for [`MUSL_TARGET`].
+pub fn musl_release_bin(name: &str) -> PathBuf {
+    target_dir().join(MUSL_TARGET).join("release").join(name)
+}
+
+/// Where one kernel's VM test leaves its initramfs and console log.
+pub fn vm_test_dir(series: &str) -> PathBuf {
+    target_dir().join("vm-test").join(series)
+}
+
+fn home() -> Result<PathBuf> {
+    match env::var_os("HOME") {
+        Some(home) if !home.is_empty() => Ok(PathBuf::from(home)),
+        _ => bail!("HOME is not set; cannot place the kernel cache or the LLVM prefix"),
+    }
+}
+
+/// `${XDG_CACHE_HOME:-~/.cache}/kmod-monitor`: outside the repository, so
+/// clean clones on the same machine reuse downloaded kernels.
+pub fn cache_dir() -> Result<PathBuf> {
+    let base = match env::var_os("XDG_CACHE_HOME") {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
+        _ => home()
+            .context("finding the cache directory")?
+            .join(".cache"),
+    };
+    Ok(base.join("kmod-monitor"))
+}
+
+/// Downloaded and unpacked test kernels, one folder per package.
+pub fn kernels_dir() -> Result<PathBuf> {
+    Ok(cache_dir()?.join("kernels"))
+}
+
+/// The private apt configuration (sources, lists, archives) for fetching
+/// kernels from suites the system's apt does not know.
+pub fn apt_dir() -> Result<PathBuf> {
+    Ok(cache_dir()?.join("apt"))
+}
+
+/// `${XDG_DATA_HOME:-~/.local/share}/kmod-monitor`: stable, because the
+/// installed bpf-linker's RUNPATH points into it.
+fn data_dir() -> Result<PathBuf> {
+    let base = match env::var_os("XDG_DATA_HOME") {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
+        _ => home()
+            .context("finding the data directory")?
+            .join(".local")
+            .join("share"),
+    };
+    Ok(base.join("kmod-monitor"))
+}
+
+/// The LLVM prefix bpf-linker was built against (libLLVM symlinks into the
+/// nightly toolchain).
+pub fn llvm_prefix() -> Result<PathBuf> {
+    Ok(data_dir()?.join("llvm"))
+}
+
+/// Records the LLVM major the installed bpf-linker was built for.
+pub fn llvm_stamp() -> Result<PathBuf> {
+    Ok(data_dir()?.join("bpf-linker.llvm-major"))
+}

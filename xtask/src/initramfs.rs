@@ -1,0 +1,235 @@
+//! The initramfs each test kernel boots: busybox with its applet links, the
+//! kernel's own module tree metadata (modules.dep, modules.builtin, ...) with
+//! the real module files of the modules under test and their dependencies,
+//! the kernel config, the static daemon and guest driver, and an `/init`
+//! that prepares the guest, runs the driver and powers off.
+use std::{
+    collections::BTreeSet,
+    fs::{self, File},
+    io::BufWriter,
+    path::Path,
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+use flate2::{Compression, write::GzEncoder};
+
+use crate::{cmd, cpio, kernel::Kernel};
+
+/// The modules the guest driver loads: Longhorn's base and V2-data-engine
+/// requirements, plus `kvm_intel`, whose init fails in every TCG guest.
+///
+/// Why `kvm_intel` fails: QEMU's TCG `-cpu max` model is an AMD CPU that
+/// emulates SVM but not VMX, so `vmx_init` finds no VMX support and
+/// returns -EOPNOTSUPP ("kvm: no hardware support" on 5.10/6.1, "kvm_intel:
+/// VMX not supported by CPU 0" on 6.12/6.17) after the module_load
+/// tracepoint has fired: module_load, then module_free, never live. Its
+/// dependency kvm loads fine. (`acpi_cpufreq` also fails, with -ENODEV, as
+/// QEMU's ACPI tables carry no P-states; it is kept as a spare.)
+pub const GUEST_MODULES: &[&str] = &[
+    "dm_crypt",
+    "vfio_pci",
+    "uio_pci_generic",
+    "nvme_tcp",
+    "kvm_intel",
+    "acpi_cpufreq",
+];
+
+/// Where the daemon and the driver live in the guest.
+pub const GUEST_DAEMON: &str = "usr/bin/kmod-monitor";
+const GUEST_DRIVER: &str = "usr/bin/vm_guest";
+const BUSYBOX: &str = "/bin/busybox";
+
+/// The guest's `/init`. Console loglevel 1 keeps kernel messages from
+/// tearing the driver's result lines; the dmesg tail is printed when the
+/// driver fails.
+const INIT: &str = r#"#!/bin/sh
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mount -t tmpfs tmpfs /tmp
+mount -t tmpfs tmpfs /run
+mount -t tracefs tracefs /sys/kernel/tracing || echo "VMTEST NOTE no tracefs at /sys/kernel/tracing"
+mount -t debugfs debugfs /sys/kernel/debug || echo "VMTEST NOTE no debugfs"
+mount -t bpf bpf /sys/fs/bpf 2>/dev/null
+ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up
+dmesg -n 1
+echo "VMTEST BOOTED $(uname -r)"
+KMOD_MONITOR_VM_GUEST=1 /usr/bin/vm_guest
+rc=$?
+if [ "$rc" -ne 0 ]; then
+    echo "VMTEST NOTE driver exited $rc; last kernel messages:"
+    dmesg | tail -n 40 | sed 's/^/VMTEST DMESG /'
+fi
+echo "VMTEST EXIT $rc"
+poweroff -f
+"#;
+
+/// Builds the gzip-compressed initramfs for `kernel` at `out`.
+pub fn build(kernel: &Kernel, daemon: &Path, driver: &Path, out: &Path) -> Result<()> {
+    let module_files = module_closure(kernel)?;
+    let modules_dir = kernel.modules_dir();
+    let release = &kernel.release;
+
+    let file = File::create(out).with_context(|| format!("creating {}", out.display()))?;
+    let gz = GzEncoder::new(BufWriter::new(file), Compression::fast());
+    let mut w = cpio::Writer::new(gz);
+    let io = |e| anyhow::Error::from(e).context(format!("writing {}", out.display()));
+
+    let mut dirs = BTreeSet::new();
+    for d in [
+        "bin",
+        "sbin",
+        "usr",
+        "usr/bin",
+        "usr/sbin",
+        "dev",
+        "proc",
+        "sys",
+        "tmp",
+        "run",
+        "etc",
+        "root",
+        "boot",
+        "lib",
+        "lib/modules",
+    ] {
+        dirs.insert(d.to_owned());
+    }
+    let mod_root = format!("lib/modules/{release}");
+    dirs.insert(mod_root.clone());
+    for rel in &module_files {
+        let mut parent = Path::new(rel).parent();
+        while let Some(p) = parent.filter(|p| !p.as_os_str().is_empty()) {
+            dirs.insert(format!("{mod_root}/{}", p.display()));
+            parent = p.parent();
+        }
+    }
+    // BTreeSet order puts every parent before its children.
+    for d in &dirs {
+        w.dir(d, 0o755).map_err(io)?;
+    }
+    w.char_dev("dev/console", 0o600, 5, 1).map_err(io)?;
+
+    // busybox and every applet it has, at the path busybox itself names.
+    let busybox =
+        fs::read(BUSYBOX).with_context(|| format!("reading {BUSYBOX} (package busybox-static)"))?;
+    w.file("bin/busybox", 0o755, &busybox).map_err(io)?;
+    let applets = cmd::stdout(&mut cmd::new(BUSYBOX, ["--list-full"]))?;
+    for applet in applets.lines().map(str::trim).filter(|a| !a.is_empty()) {
+        if applet == "bin/busybox" {
+            continue;
+        }
+        let parent = Path::new(applet)
+            .parent()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        if !parent.is_empty() && !dirs.contains(&parent) {
+            bail!("busybox applet {applet} lives in {parent}, which the initramfs lacks");
+        }
+        w.symlink(applet, BUSYBOX).map_err(io)?;
+    }
+
+    // The module metadata the daemon and busybox modprobe read, exactly as
+    // the package and depmod left it.
+    let mut meta = Vec::new();
+    for entry in
+        fs::read_dir(&modules_dir).with_context(|| format!("listing {}", modules_dir.display()))?
+    {
+        let entry = entry.with_context(|| format!("listing {}", modules_dir.display()))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("modules.") && entry.path().is_file() {
+            meta.push(name);
+        }
+    }
+    meta.sort();
+    for required in ["modules.dep", "modules.builtin", "modules.order"] {
+        if !meta.iter().any(|m| m == required) {
+            bail!("{} has no {required}", modules_dir.display());
+        }
+    }
+    for name in &meta {
+        add_file(
+            &mut w,
+            &format!("{mod_root}/{name}"),
+            0o644,
+            &modules_dir.join(name),
+        )?;
+    }
+    for rel in &module_files {
+        add_file(
+            &mut w,
+            &format!("{mod_root}/{rel}"),
+            0o644,
+            &modules_dir.join(rel),
+        )?;
+    }
+
+    add_file(
+        &mut w,
+        &format!("boot/config-{release}"),
+        0o644,
+        &kernel.config,
+    )?;
+    add_file(&mut w, GUEST_DAEMON, 0o755, daemon)?;
+    add_file(&mut w, GUEST_DRIVER, 0o755, driver)?;
+    w.file("init", 0o755, INIT.as_bytes()).map_err(io)?;
+
+    let gz = w.finish().map_err(io)?;
+    gz.finish()
+        .and_then(|mut buf| std::io::Write::flush(&mut buf))
+        .map_err(io)?;
+    Ok(())
+}
+
+fn add_file<W: std::io::Write>(
+    w: &mut cpio::Writer<W>,
+    name: &str,
+    perm: u32,
+    src: &Path,
+) -> Result<()> {
+    let data = fs::read(src).with_context(|| format!("reading {}", src.display()))?;
+    w.file(name, perm, &data)
+        .with_context(|| format!("adding {} to the initramfs", src.display()))
+}
+
+/// Module files (relative to `lib/modules/RELEASE`) for [`GUEST_MODULES`]
+/// and everything they pull in, as kmod's own resolver sees it: modules.dep
+/// dependencies and softdeps.
+fn module_closure(kernel: &Kernel) -> Result<BTreeSet<String>> {
+    let modules_dir = kernel.modules_dir();
+    let mut files = BTreeSet::new();
+    for module in GUEST_MODULES {
+        let plan = cmd::stdout(
+            Command::new("modprobe")
+                .arg("-d")
+                .arg(&kernel.module_base)
+                .args(["-S", &kernel.release, "--show-depends", module]),
+        )
+        .with_context(|| format!("resolving {module} in {}", kernel.package))?;
+        let mut found = false;
+        for line in plan.lines() {
+            let Some(path) = line.strip_prefix("insmod ") else {
+                continue;
+            };
+            let path = Path::new(path.trim());
+            let Ok(rel) = path.strip_prefix(&modules_dir) else {
+                bail!(
+                    "modprobe resolved {module} to {}, outside {}",
+                    path.display(),
+                    modules_dir.display()
+                );
+            };
+            files.insert(rel.display().to_string());
+            found = true;
+        }
+        if !found {
+            bail!(
+                "{module} is not a loadable module in {} (built in?): {plan}",
+                kernel.package
+            );
+        }
+    }
+    Ok(files)
+}

@@ -1,0 +1,273 @@
+//! `cargo xtask setup`: makes a fresh Debian 12 machine able to build and
+//! test kmod-monitor, and does next to nothing when it already can.
+//!
+//! Installs the Debian packages the VM harness and the monitoring stack use,
+//! the nightly toolchain parts the eBPF build needs (rust-src), the musl
+//! target for the static binaries, clippy and rustfmt, and bpf-linker built
+//! against the LLVM of the nightly rustc (see `install_bpf_linker`).
+use std::{fs, path::Path};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{cmd, dirs};
+
+/// Debian packages the harness needs: QEMU and busybox for the guests, kmod
+/// for depmod/modprobe on the host, cpio/xz/zstd for kernel and module
+/// archives, Prometheus and Alertmanager for the alerting-rule tests, curl
+/// for smoke checks, and the archive keyring the private apt setup trusts.
+pub const APT_PACKAGES: &[&str] = &[
+    "qemu-system-x86",
+    "busybox-static",
+    "kmod",
+    "cpio",
+    "xz-utils",
+    "zstd",
+    "prometheus",
+    "prometheus-alertmanager",
+    "curl",
+    "debian-archive-keyring",
+];
+
+/// Runs every setup step in order.
+pub fn setup() -> Result<()> {
+    println!("setup: checking Debian packages, Rust toolchains and bpf-linker");
+    apt_packages().context("installing Debian packages")?;
+    nightly().context("installing the nightly toolchain")?;
+    rustup_components().context("installing rustup components and targets")?;
+    install_bpf_linker().context("installing bpf-linker")?;
+    println!("setup: done");
+    Ok(())
+}
+
+fn apt_packages() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|pkg| !dpkg_installed(pkg))
+        .collect();
+    if missing.is_empty() {
+        println!("setup: Debian packages present: {}", APT_PACKAGES.join(" "));
+        return Ok(());
+    }
+    println!("setup: missing Debian packages: {}", missing.join(" "));
+    cmd::run(cmd::new("apt-get", ["update"]).env("DEBIAN_FRONTEND", "noninteractive"))?;
+    cmd::run(
+        cmd::new("apt-get", ["install", "-y", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    let still: Vec<&str> = missing
+        .iter()
+        .copied()
+        .filter(|pkg| !dpkg_installed(pkg))
+        .collect();
+    if !still.is_empty() {
+        bail!(
+            "apt-get install succeeded but dpkg still lacks {}",
+            still.join(" ")
+        );
+    }
+    Ok(())
+}
+
+fn dpkg_installed(pkg: &str) -> bool {
+    cmd::stdout(&mut cmd::new(
+        "dpkg-query",
+        ["-W", "-f=${db:Status-Status}", pkg],
+    ))
+    .is_ok_and(|status| status.trim() == "installed")
+}
+
+/// Keeps the machine's nightly if it works; only a machine without one
+/// downloads it.
+fn nightly() -> Result<()> {
+    if cmd::succeeds(&mut cmd::new("rustc", ["+nightly", "-vV"])) {
+        println!("setup: nightly toolchain present");
+        return Ok(());
+    }
+    cmd::run(&mut cmd::new(
+        "rustup",
+        ["toolchain", "install", "nightly", "--profile", "minimal"],
+    ))
+}
+
+fn rustup_components() -> Result<()> {
+    let nightly_components = cmd::stdout(&mut cmd::new(
+        "rustup",
+        ["component", "list", "--installed", "--toolchain", "nightly"],
+    ))?;
+    if has_line_starting(&nightly_components, "rust-src") {
+        println!("setup: nightly rust-src present");
+    } else {
+        cmd::run(&mut cmd::new(
+            "rustup",
+            ["component", "add", "rust-src", "--toolchain", "nightly"],
+        ))?;
+    }
+
+    // The default toolchain builds the userspace crates, including the
+    // static musl binaries that go into the test VMs.
+    let targets = cmd::stdout(&mut cmd::new("rustup", ["target", "list", "--installed"]))?;
+    if has_line_starting(&targets, dirs::MUSL_TARGET) {
+        println!("setup: {} target present", dirs::MUSL_TARGET);
+    } else {
+        cmd::run(&mut cmd::new(
+            "rustup",
+            ["target", "add", dirs::MUSL_TARGET],
+        ))?;
+    }
+
+    let components = cmd::stdout(&mut cmd::new(
+        "rustup",
+        ["component", "list", "--installed"],
+    ))?;
+    let missing: Vec<&str> = ["clippy", "rustfmt"]
+        .into_iter()
+        .filter(|c| !has_line_starting(&components, c))
+        .collect();
+    if missing.is_empty() {
+        println!("setup: clippy and rustfmt present");
+    } else {
+        cmd::run(cmd::new("rustup", ["component", "add"]).args(&missing))?;
+    }
+    Ok(())
+}
+
+fn has_line_starting(list: &str, prefix: &str) -> bool {
+    list.lines().any(|line| line.trim().starts_with(prefix))
+}
+
+/// The LLVM major version from `rustc -vV` output (`LLVM version: 22.1.4`).
+pub fn llvm_major(rustc_vv: &str) -> Result<u32> {
+    let version = rustc_vv
+        .lines()
+        .find_map(|line| line.strip_prefix("LLVM version:"))
+        .context("rustc -vV printed no `LLVM version:` line")?
+        .trim();
+    let major = version.split('.').next().unwrap_or(version);
+    major
+        .parse()
+        .with_context(|| format!("rustc's LLVM version {version:?} has no numeric major"))
+}
+
+/// bpf-linker must link the same LLVM major as the nightly rustc that emits
+/// the eBPF bitcode. Debian 12 has no matching LLVM, so it links rustc's own
+/// libLLVM through symlinks in a stable prefix; the binary's RUNPATH points
+/// there. The major it was built for is kept in a stamp file beside the
+/// prefix, so a nightly with a new LLVM triggers a rebuild.
+fn install_bpf_linker() -> Result<()> {
+    let rustc_vv = cmd::stdout(&mut cmd::new("rustc", ["+nightly", "-vV"]))?;
+    let major = llvm_major(&rustc_vv)?;
+    let prefix = dirs::llvm_prefix()?;
+    let stamp = dirs::llvm_stamp()?;
+    let stamped = fs::read_to_string(&stamp)
+        .ok()
+        .and_then(|text| text.trim().parse::<u32>().ok());
+    let runs = cmd::succeeds(&mut cmd::new("bpf-linker", ["--version"]));
+    if runs && stamped == Some(major) {
+        println!("setup: bpf-linker present, built for LLVM {major}");
+        return Ok(());
+    }
+    match (runs, stamped) {
+        (false, _) => {
+            println!("setup: bpf-linker missing or cannot start; building it for LLVM {major}")
+        }
+        (true, None) => println!(
+            "setup: bpf-linker has no LLVM stamp at {}; rebuilding it for LLVM {major}",
+            stamp.display()
+        ),
+        (true, Some(old)) => println!(
+            "setup: bpf-linker was built for LLVM {old}, nightly has LLVM {major}; rebuilding"
+        ),
+    }
+
+    link_rustc_llvm(&prefix)?;
+    cmd::run(
+        cmd::new(
+            "cargo",
+            [
+                "install",
+                "bpf-linker",
+                "--locked",
+                "--force",
+                "--no-default-features",
+                "--features",
+            ],
+        )
+        .arg(format!("llvm-{major}"))
+        .env("LLVM_PREFIX", &prefix),
+    )?;
+    if !cmd::succeeds(&mut cmd::new("bpf-linker", ["--version"])) {
+        bail!(
+            "bpf-linker was installed but `bpf-linker --version` fails; is cargo's bin directory on PATH?"
+        );
+    }
+    if let Some(parent) = stamp.parent() {
+        fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    }
+    fs::write(&stamp, format!("{major}\n"))
+        .with_context(|| format!("writing {}", stamp.display()))?;
+    Ok(())
+}
+
+/// Points `PREFIX/lib/libLLVM.so` (and the versioned name) at the shared
+/// object in the nightly sysroot. Beside it, `libLLVM-NN-*.so` is a linker
+/// script, not the library, so the versioned `libLLVM.so.*` is the one.
+fn link_rustc_llvm(prefix: &Path) -> Result<()> {
+    let sysroot = cmd::stdout(&mut cmd::new("rustc", ["+nightly", "--print", "sysroot"]))?;
+    let sysroot_lib = Path::new(sysroot.trim()).join("lib");
+    let mut shared_objects: Vec<_> = fs::read_dir(&sysroot_lib)
+        .with_context(|| format!("listing {}", sysroot_lib.display()))?
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .filter(|path| {
+            path.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libLLVM.so."))
+        })
+        .collect();
+    shared_objects.sort();
+    let Some(so) = shared_objects.pop() else {
+        bail!(
+            "no libLLVM.so.* in the nightly sysroot {}",
+            sysroot_lib.display()
+        );
+    };
+    let lib = prefix.join("lib");
+    fs::create_dir_all(&lib).with_context(|| format!("creating {}", lib.display()))?;
+    let file_name = so
+        .file_name()
+        .with_context(|| format!("{} has no file name", so.display()))?;
+    for link in [lib.join("libLLVM.so"), lib.join(file_name)] {
+        if fs::symlink_metadata(&link).is_ok() {
+            fs::remove_file(&link).with_context(|| format!("removing old {}", link.display()))?;
+        }
+        std::os::unix::fs::symlink(&so, &link)
+            .with_context(|| format!("linking {} to {}", link.display(), so.display()))?;
+    }
+    println!(
+        "setup: {} -> {}",
+        lib.join("libLLVM.so").display(),
+        so.display()
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::llvm_major;
+
+    #[test]
+    fn llvm_major_from_real_rustc_output() {
+        let text = "rustc 1.97.0-nightly (e50aa6fba 2026-05-19)\nbinary: rustc\n\
+                    commit-hash: e50aa6fba4e63ab34c72bf9acfd2c307c1155d1a\n\
+                    host: x86_64-unknown-linux-gnu\nrelease: 1.97.0-nightly\n\
+                    LLVM version: 22.1.4\n";
+        assert_eq!(llvm_major(text).ok(), Some(22));
+    }
+
+    #[test]
+    fn llvm_major_missing_line_is_an_error() {
+        assert!(llvm_major("rustc 1.0.0\n").is_err());
+    }
+}
