@@ -1,0 +1,683 @@
+//! The scenarios, in the order they run in one guest. Each one sets up what
+//! it needs (daemon running or not, modules loaded or not) instead of
+//! trusting the previous one, so a failure early on still lets the later
+//! scenarios say something meaningful.
+use std::{
+    fs,
+    panic::{self, AssertUnwindSafe},
+    path::PathBuf,
+    thread,
+    time::{Duration, Instant},
+};
+
+use super::{
+    Outcome,
+    api::{Api, POLL_EVERY},
+    daemon::{self, Daemon},
+    kmod,
+    report::Report,
+    status::{Actor, Status},
+};
+use crate::ensure;
+
+/// Longhorn's base requirement.
+const BASE: &str = "base";
+/// The V2 data engine's requirement group and its modules, in load order.
+const V2: &str = "v2-data-engine";
+const V2_MODULES: [&str; 3] = ["vfio_pci", "uio_pci_generic", "nvme_tcp"];
+/// The config-file group holding the module that cannot load here.
+const FAILING_GROUP: &str = "failing-probe";
+/// Fails its init in every TCG guest: QEMU's `-cpu max` under TCG is an AMD
+/// model with SVM but no VMX, so vmx_init returns -EOPNOTSUPP after the
+/// module_load tracepoint. The host harness puts it (and its dependency
+/// kvm) into the initramfs.
+const FAILING_MODULE: &str = "kvm_intel";
+/// The config file every daemon in the guest runs with.
+const CONFIG: &str = "/tmp/kmod-monitor-vm-test.toml";
+const TRACEFS: &str = "/sys/kernel/tracing";
+
+/// Everything the scenarios share.
+pub struct Guest {
+    api: Api,
+    daemon: Option<Daemon>,
+    /// The `--source` of the running daemon.
+    source: &'static str,
+    /// Logs of daemons started during the current scenario.
+    logs: Vec<PathBuf>,
+    starts: usize,
+    release: String,
+}
+
+type Scenario = fn(&mut Guest) -> Outcome;
+
+/// Every scenario with its name, in running order.
+const SCENARIOS: &[(&str, Scenario)] = &[
+    ("guest-env", guest_env),
+    ("env-failing-module", env_failing_module),
+    ("baseline", baseline),
+    ("v2-load-in-turn", v2_load_in_turn),
+    ("rmmod-actor", rmmod_actor),
+    ("failing-load", failing_load),
+    ("restart-sees-offline-change", restart_sees_offline_change),
+    ("check-exit-codes", check_exit_codes),
+    ("uevent-v2-load-unload", uevent_v2_load_unload),
+];
+
+/// Runs every scenario; returns whether all passed.
+pub fn run_all() -> bool {
+    let release = kmod::kernel_release().unwrap_or_else(|e| {
+        Report::note(&e);
+        String::from("unknown")
+    });
+    let mut guest = Guest {
+        api: Api::new(),
+        daemon: None,
+        source: "ebpf",
+        logs: Vec::new(),
+        starts: 0,
+        release,
+    };
+    let mut report = Report::default();
+    Report::plan(SCENARIOS.len());
+    if let Err(e) = fs::write(
+        CONFIG,
+        format!("[groups.{FAILING_GROUP}]\nall_of = [\"{FAILING_MODULE}\"]\n"),
+    ) {
+        Report::note(&format!("cannot write {CONFIG}: {e}"));
+    }
+    for (name, scenario) in SCENARIOS {
+        guest.logs.clear();
+        let start = Instant::now();
+        let result = panic::catch_unwind(AssertUnwindSafe(|| scenario(&mut guest)));
+        let took = start.elapsed();
+        let outcome = match result {
+            Ok(outcome) => outcome,
+            Err(panic) => Err(format!(
+                "panicked: {}",
+                panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                    .unwrap_or("(no message)")
+            )),
+        };
+        match outcome {
+            Ok(()) => report.pass(name, took),
+            Err(why) => {
+                report.fail(name, &why, took);
+                guest.dump_logs(name);
+            }
+        }
+    }
+    guest.stop_daemon();
+    report.done()
+}
+
+impl Guest {
+    /// Daemon arguments for `source`: the V2 group and the failing-probe
+    /// config group are always on.
+    fn daemon_args(source: &str) -> [&str; 5] {
+        ["--source", source, "--v2-data-engine", "--config", CONFIG]
+    }
+
+    /// Starts a daemon with `source` (stopping any running one first) and
+    /// returns its first `/status`.
+    fn start_daemon(&mut self, source: &'static str) -> Result<Status, String> {
+        self.stop_daemon();
+        self.starts += 1;
+        let log = PathBuf::from(format!("/tmp/kmod-monitor.{}.log", self.starts));
+        self.logs.push(log.clone());
+        let daemon = Daemon::start(&Self::daemon_args(source), log, &self.api)?;
+        self.daemon = Some(daemon);
+        self.source = source;
+        self.api.status()
+    }
+
+    /// Makes sure a daemon with `source` runs; returns a fresh `/status`.
+    fn ensure_daemon(&mut self, source: &'static str) -> Result<Status, String> {
+        let alive = match self.daemon.as_mut() {
+            Some(d) => d.exited().is_none(),
+            None => false,
+        };
+        if alive && self.source == source {
+            if let Some(d) = &self.daemon {
+                self.logs.push(d.log.clone());
+            }
+            self.api.status()
+        } else {
+            self.start_daemon(source)
+        }
+    }
+
+    fn stop_daemon(&mut self) {
+        if let Some(mut d) = self.daemon.take() {
+            let _ = d.kill();
+        }
+    }
+
+    /// Prints the output of every daemon this scenario used, and the
+    /// kernel's module list, after a failure.
+    fn dump_logs(&mut self, scenario: &str) {
+        if let Some(d) = self.daemon.as_mut()
+            && let Some(status) = d.exited()
+        {
+            Report::note(&format!(
+                "{scenario}: kmod-monitor (pid {}) has exited: {status}",
+                d.pid()
+            ));
+        }
+        for log in &self.logs {
+            Report::note(&format!(
+                "{scenario}: output of kmod-monitor, {}:",
+                log.display()
+            ));
+            for line in daemon::log_tail(log, 40) {
+                Report::log("kmod-monitor", &line);
+            }
+        }
+        match kmod::proc_modules() {
+            Ok(text) => {
+                for line in text.lines() {
+                    Report::log("/proc/modules", line);
+                }
+            }
+            Err(e) => Report::note(&e),
+        }
+    }
+}
+
+/// The active source must be the one asked for: a silent fallback fails.
+fn expect_source(status: &Status, wanted: &str) -> Outcome {
+    let reasons: Vec<String> = status
+        .source
+        .unavailable
+        .iter()
+        .map(|u| format!("{}: {}", u.source, u.reason))
+        .collect();
+    ensure!(
+        status.source.active == wanted,
+        "source.active is {:?}, expected {wanted:?} (unavailable: {})",
+        status.source.active,
+        reasons.join("; ")
+    );
+    Ok(())
+}
+
+fn expect_actor(actor: Option<&Actor>, comm: &str, pid: u32, what: &str) -> Outcome {
+    let Some(actor) = actor else {
+        return Err(format!(
+            "{what}: last_event.actor is null, expected {comm} pid {pid}"
+        ));
+    };
+    ensure!(
+        actor.comm == comm
+            && actor.pid == pid
+            && actor.tgid == pid
+            && actor.uid == 0
+            && actor.gid == 0,
+        "{what}: actor is comm={:?} pid={} tgid={} uid={} gid={} cgroup_id={}, \
+         expected comm={comm:?} pid={pid} tgid={pid} uid=0 gid=0",
+        actor.comm,
+        actor.pid,
+        actor.tgid,
+        actor.uid,
+        actor.gid,
+        actor.cgroup_id
+    );
+    Ok(())
+}
+
+/// Waits until `module` (listed in `group`) is in `state`.
+fn wait_state(api: &Api, group: &str, module: &str, state: &str) -> Result<Status, String> {
+    api.wait_for(&format!("{module} {state}"), |s| {
+        Ok(s.state(group, module)? == state)
+    })
+}
+
+/// Unloads the V2 modules and waits for the daemon to see them available.
+fn unload_v2(api: &Api) -> Outcome {
+    for module in V2_MODULES.iter().rev() {
+        kmod::ensure_unloaded(module)?;
+    }
+    api.wait_for("all V2 modules available", |s| {
+        for module in V2_MODULES {
+            if s.state(V2, module)? != "available" {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    })?;
+    Ok(())
+}
+
+/// Loads the V2 modules one by one (b): the group is met only once the
+/// last one is loaded. With `actors`, each load's actor must be the
+/// modprobe that did it.
+fn load_v2_in_turn(api: &Api, actors: bool) -> Outcome {
+    for (i, module) in V2_MODULES.iter().enumerate() {
+        let ran = kmod::modprobe(module)?;
+        let status = wait_state(api, V2, module, "loaded")?;
+        let last = i == V2_MODULES.len() - 1;
+        let met = status.met(V2)?;
+        ensure!(
+            met == last,
+            "after modprobe {module}, {V2} met={met}, expected {last}: {}",
+            status.summary()
+        );
+        ensure!(
+            status.met(BASE)?,
+            "base unmet after modprobe {module}: {}",
+            status.summary()
+        );
+        if actors {
+            let m = status.module(V2, module)?;
+            let Some(event) = &m.last_event else {
+                return Err(format!("{module} is loaded but its last_event is null"));
+            };
+            ensure!(
+                event.kind == "load" || event.kind == "loaded",
+                "{module}'s last_event.kind is {:?} after a successful modprobe",
+                event.kind
+            );
+            expect_actor(
+                event.actor.as_ref(),
+                "modprobe",
+                ran.pid,
+                &format!("modprobe {module}"),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Unloads nvme_tcp with a child rmmod (c); returns its pid and the status
+/// once the daemon shows the module available. With `kernel_time`, the
+/// event's boot_ns must fall within the rmmod's run (a kernel timestamp,
+/// as the eBPF source takes; uevents are stamped on receipt).
+fn rmmod_nvme_tcp(api: &Api, kernel_time: bool) -> Result<(u32, Status), String> {
+    let before_ns = kmod::boottime_ns()?;
+    let ran = kmod::rmmod("nvme_tcp")?;
+    let after_ns = kmod::boottime_ns()?;
+    let status = wait_state(api, V2, "nvme_tcp", "available")?;
+    ensure!(
+        !status.met(V2)?,
+        "{V2} still met after rmmod nvme_tcp: {}",
+        status.summary()
+    );
+    ensure!(
+        status.met(BASE)?,
+        "base unmet after rmmod nvme_tcp: {}",
+        status.summary()
+    );
+    let m = status.module(V2, "nvme_tcp")?;
+    let Some(event) = &m.last_event else {
+        return Err("nvme_tcp's last_event is null after rmmod".to_owned());
+    };
+    ensure!(
+        event.kind == "unload",
+        "nvme_tcp's last_event.kind is {:?} after rmmod, expected \"unload\"",
+        event.kind
+    );
+    // /proc/uptime counts CLOCK_BOOTTIME in 10 ms steps.
+    let slack = 20_000_000;
+    ensure!(
+        !kernel_time || (event.boot_ns + slack >= before_ns && event.boot_ns <= after_ns + slack),
+        "nvme_tcp's unload has boot_ns {}, outside the rmmod's run {before_ns}..{after_ns} (CLOCK_BOOTTIME)",
+        event.boot_ns
+    );
+    Ok((ran.pid, status))
+}
+
+// ---- scenarios ----
+
+/// The guest has what the daemon relies on: module tracepoints, module
+/// metadata, the kernel config and loopback networking.
+fn guest_env(g: &mut Guest) -> Outcome {
+    for event in [
+        "module_load",
+        "module_free",
+        "module_request",
+        "module_get",
+        "module_put",
+    ] {
+        let path = format!("{TRACEFS}/events/module/{event}/format");
+        ensure!(
+            fs::metadata(&path).is_ok(),
+            "{path} is missing: no module tracepoint {event}"
+        );
+    }
+    kmod::proc_modules()?;
+    for file in [
+        format!("/lib/modules/{}/modules.builtin", g.release),
+        format!("/lib/modules/{}/modules.dep", g.release),
+        format!("/boot/config-{}", g.release),
+    ] {
+        ensure!(
+            fs::metadata(&file).is_ok(),
+            "{file} is missing from the initramfs"
+        );
+    }
+    std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("loopback is not up: {e}"))?;
+    Ok(())
+}
+
+/// The chosen failing module really fails: module_load then module_free
+/// in tracefs, a failed modprobe, and nothing left in /proc/modules.
+fn env_failing_module(_: &mut Guest) -> Outcome {
+    let write = |path: &str, value: &str| {
+        fs::write(format!("{TRACEFS}/{path}"), value)
+            .map_err(|e| format!("writing {value:?} to {TRACEFS}/{path}: {e}"))
+    };
+    write("trace", "")?;
+    write("events/module/module_load/enable", "1")?;
+    write("events/module/module_free/enable", "1")?;
+    let ran = kmod::run("modprobe", &[FAILING_MODULE]);
+    write("events/module/module_load/enable", "0")?;
+    write("events/module/module_free/enable", "0")?;
+    let ran = ran?;
+    let trace = fs::read_to_string(format!("{TRACEFS}/trace"))
+        .map_err(|e| format!("reading the trace: {e}"))?;
+    write("trace", "")?;
+    ensure!(
+        !ran.success,
+        "modprobe {FAILING_MODULE} succeeded; it must fail in a TCG guest"
+    );
+    let loads = trace
+        .lines()
+        .filter(|l| l.contains(&format!("module_load: {FAILING_MODULE}")))
+        .count();
+    let frees = trace
+        .lines()
+        .filter(|l| l.contains(&format!("module_free: {FAILING_MODULE}")))
+        .count();
+    ensure!(
+        loads >= 1 && loads == frees,
+        "expected module_load and module_free of {FAILING_MODULE} in pairs, saw {loads} loads and {frees} frees: {trace}"
+    );
+    ensure!(
+        !kmod::listed(FAILING_MODULE)?,
+        "{FAILING_MODULE} is in /proc/modules after a failed load"
+    );
+    Report::note(&format!(
+        "{FAILING_MODULE} fails as expected: {} ({loads} load/free pairs)",
+        ran.stderr
+    ));
+    Ok(())
+}
+
+/// (a) A module loaded before the daemon starts is reported loaded.
+fn baseline(g: &mut Guest) -> Outcome {
+    g.stop_daemon();
+    kmod::modprobe("dm_crypt")?;
+    ensure!(
+        kmod::listed("dm_crypt")?,
+        "dm_crypt is not in /proc/modules after modprobe"
+    );
+    for module in V2_MODULES {
+        kmod::ensure_unloaded(module)?;
+    }
+    let status = g.start_daemon("ebpf")?;
+    expect_source(&status, "ebpf")?;
+    ensure!(
+        status.version == env!("CARGO_PKG_VERSION"),
+        "version is {:?}, expected {:?}",
+        status.version,
+        env!("CARGO_PKG_VERSION")
+    );
+    ensure!(
+        status.kernel_release == g.release,
+        "kernel_release is {:?}, uname -r says {:?}",
+        status.kernel_release,
+        g.release
+    );
+    ensure!(
+        status.modules_supported,
+        "modules_supported is false on a modular kernel"
+    );
+    let base = status.group(BASE)?;
+    ensure!(
+        base.mode == "all_of",
+        "base mode is {:?}, expected all_of",
+        base.mode
+    );
+    ensure!(
+        status.state(BASE, "dm_crypt")? == "loaded",
+        "dm_crypt is not loaded: {}",
+        status.summary()
+    );
+    ensure!(
+        base.met,
+        "base is unmet with dm_crypt loaded: {}",
+        status.summary()
+    );
+    ensure!(
+        !status.met(V2)?,
+        "{V2} is met with no V2 module loaded: {}",
+        status.summary()
+    );
+    for module in V2_MODULES {
+        let state = status.state(V2, module)?;
+        ensure!(
+            state == "available",
+            "{module} is {state:?}, expected available: {}",
+            status.summary()
+        );
+    }
+    let state = status.state(FAILING_GROUP, FAILING_MODULE)?;
+    ensure!(
+        state == "available",
+        "{FAILING_MODULE} is {state:?}, expected available"
+    );
+    ensure!(
+        !status.met(FAILING_GROUP)?,
+        "{FAILING_GROUP} is met: {}",
+        status.summary()
+    );
+    Ok(())
+}
+
+/// (b) Loading the V2 modules one by one meets the group only at the last.
+fn v2_load_in_turn(g: &mut Guest) -> Outcome {
+    g.ensure_daemon("ebpf")?;
+    unload_v2(&g.api)?;
+    let before = g.api.status()?;
+    expect_source(&before, "ebpf")?;
+    load_v2_in_turn(&g.api, true)?;
+    let after = g.api.status()?;
+    ensure!(
+        after.events.received > before.events.received,
+        "events.received did not grow across three loads ({} -> {})",
+        before.events.received,
+        after.events.received
+    );
+    ensure!(
+        after.events.lost == 0,
+        "events.lost is {}",
+        after.events.lost
+    );
+    Ok(())
+}
+
+/// (c) rmmod nvme_tcp: the group drops, and the event names the rmmod.
+fn rmmod_actor(g: &mut Guest) -> Outcome {
+    g.ensure_daemon("ebpf")?;
+    for module in V2_MODULES {
+        kmod::modprobe(module)?;
+    }
+    g.api.wait_for("V2 met", |s| s.met(V2))?;
+    let (pid, status) = rmmod_nvme_tcp(&g.api, true)?;
+    let event = status.module(V2, "nvme_tcp")?.last_event.clone();
+    expect_actor(
+        event.and_then(|e| e.actor).as_ref(),
+        "rmmod",
+        pid,
+        "rmmod nvme_tcp",
+    )?;
+    Ok(())
+}
+
+/// (d) A module whose init fails is never reported loaded and ends
+/// available with a load_failed event.
+fn failing_load(g: &mut Guest) -> Outcome {
+    let status = g.ensure_daemon("ebpf")?;
+    expect_source(&status, "ebpf")?;
+    let state = status.state(FAILING_GROUP, FAILING_MODULE)?;
+    ensure!(
+        state == "available",
+        "{FAILING_MODULE} is {state:?} before the attempt"
+    );
+
+    let mut child = kmod::spawn("modprobe", &[FAILING_MODULE])?;
+    let pid = child.id();
+    let mut seen: Vec<String> = Vec::new();
+    let mut observe = |s: &Status| -> Result<(), String> {
+        let state = s.state(FAILING_GROUP, FAILING_MODULE)?.to_owned();
+        if seen.last() != Some(&state) {
+            seen.push(state);
+        }
+        Ok(())
+    };
+    // Poll as fast as the API answers while modprobe runs.
+    let exited = loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            break status;
+        }
+        if let Ok(s) = g.api.status() {
+            observe(&s)?;
+        }
+    };
+    let ran = kmod::finish(child, "modprobe")?;
+    ensure!(
+        !exited.success(),
+        "modprobe {FAILING_MODULE} succeeded ({exited})"
+    );
+    let last = g
+        .api
+        .wait_for(&format!("{FAILING_MODULE} load_failed"), |s| {
+            let m = s.module(FAILING_GROUP, FAILING_MODULE)?;
+            Ok(m.last_event
+                .as_ref()
+                .is_some_and(|e| e.kind == "load_failed"))
+        });
+    // And keep watching a little: a late "loaded" is as wrong as an early one.
+    let settle = Instant::now();
+    while settle.elapsed() < Duration::from_millis(500) {
+        if let Ok(s) = g.api.status() {
+            observe(&s)?;
+        }
+        thread::sleep(POLL_EVERY);
+    }
+    Report::note(&format!(
+        "{FAILING_MODULE} states seen while loading: {}",
+        seen.join(" -> ")
+    ));
+    ensure!(
+        !seen.iter().any(|s| s == "loaded"),
+        "{FAILING_MODULE} was reported loaded at some point: {}",
+        seen.join(" -> ")
+    );
+    let last = last?;
+    let state = last.state(FAILING_GROUP, FAILING_MODULE)?;
+    ensure!(
+        state == "available",
+        "{FAILING_MODULE} ends {state:?}, expected available"
+    );
+    ensure!(
+        !last.met(FAILING_GROUP)?,
+        "{FAILING_GROUP} is met: {}",
+        last.summary()
+    );
+    let event = last
+        .module(FAILING_GROUP, FAILING_MODULE)?
+        .last_event
+        .clone();
+    expect_actor(
+        event.and_then(|e| e.actor).as_ref(),
+        "modprobe",
+        ran.pid.max(pid),
+        "failed modprobe",
+    )?;
+    ensure!(
+        !kmod::listed(FAILING_MODULE)?,
+        "{FAILING_MODULE} is in /proc/modules"
+    );
+    Ok(())
+}
+
+/// (e) A change made while the daemon is down shows in the very first
+/// /status after a restart.
+fn restart_sees_offline_change(g: &mut Guest) -> Outcome {
+    g.ensure_daemon("ebpf")?;
+    kmod::modprobe("uio_pci_generic")?;
+    wait_state(&g.api, V2, "uio_pci_generic", "loaded")?;
+    if let Some(mut d) = g.daemon.take() {
+        d.kill()?;
+    }
+    kmod::rmmod("uio_pci_generic")?;
+    let first = g.start_daemon("ebpf")?;
+    expect_source(&first, "ebpf")?;
+    let state = first.state(V2, "uio_pci_generic")?;
+    ensure!(
+        state == "available",
+        "first /status after restart says uio_pci_generic is {state:?}, expected available: {}",
+        first.summary()
+    );
+    ensure!(
+        !first.met(V2)?,
+        "{V2} met right after restart without uio_pci_generic"
+    );
+    Ok(())
+}
+
+/// (f) `check` exits 0 when all groups are met, 1 when one is not, and 2
+/// on a config error.
+fn check_exit_codes(_: &mut Guest) -> Outcome {
+    for module in ["dm_crypt"].into_iter().chain(V2_MODULES) {
+        kmod::modprobe(module)?;
+    }
+    let expect = |args: &[&str], code: i32| -> Result<String, String> {
+        let (got, out, err) = daemon::oneshot(args)?;
+        ensure!(
+            got == code,
+            "`kmod-monitor {}` exited {got}, expected {code}; stdout: {} stderr: {}",
+            args.join(" "),
+            out.trim(),
+            err.trim()
+        );
+        Ok(out)
+    };
+    expect(&["check", "--v2-data-engine"], 0)?;
+    let json = expect(&["check", "--v2-data-engine", "--output", "json"], 0)?;
+    serde_json::from_str::<serde_json::Value>(&json).map_err(|e| {
+        format!(
+            "`check --output json` printed invalid JSON ({e}): {}",
+            json.trim()
+        )
+    })?;
+    kmod::rmmod("uio_pci_generic")?;
+    expect(&["check", "--v2-data-engine"], 1)?;
+    expect(&["check"], 0)?;
+    let bad_top = "/tmp/bad-top.toml";
+    let bad_group = "/tmp/bad-group.toml";
+    fs::write(bad_top, "colour = \"blue\"\n").map_err(|e| format!("writing {bad_top}: {e}"))?;
+    fs::write(
+        bad_group,
+        "[groups.x]\nall_of = [\"dm_crypt\"]\nany_off = [\"nvme_tcp\"]\n",
+    )
+    .map_err(|e| format!("writing {bad_group}: {e}"))?;
+    expect(&["check", "--v2-data-engine", "--config", bad_top], 2)?;
+    expect(&["check", "--config", bad_group], 2)?;
+    kmod::modprobe("uio_pci_generic")?;
+    Ok(())
+}
+
+/// (g) b and c with the uevent source.
+fn uevent_v2_load_unload(g: &mut Guest) -> Outcome {
+    let status = g.start_daemon("uevent")?;
+    expect_source(&status, "uevent")?;
+    unload_v2(&g.api)?;
+    load_v2_in_turn(&g.api, false)?;
+    rmmod_nvme_tcp(&g.api, false)?;
+    g.stop_daemon();
+    Ok(())
+}
