@@ -123,4 +123,56 @@ mod tests {
         assert!(text.contains("TRAILER!!!\0"));
         Ok(())
     }
+
+    #[test]
+    fn gnu_cpio_reads_the_archive() -> std::io::Result<()> {
+        use std::{
+            io::Write as _,
+            process::{Command, Stdio},
+        };
+        let mut w = Writer::new(Vec::new());
+        w.dir("lib", 0o755)?;
+        w.dir("lib/modules", 0o755)?;
+        w.file("lib/modules/modules.dep", 0o644, b"kernel/a.ko:\n")?;
+        w.symlink("sh", "/bin/busybox")?;
+        w.char_dev("console", 0o600, 5, 1)?;
+        let archive = w.finish()?;
+
+        // cpio is one of the packages `cargo xtask setup` installs.
+        let mut child = Command::new("cpio")
+            .args(["-t", "-v", "--quiet"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| {
+                std::io::Error::other(format!("cannot run cpio (run `cargo xtask setup`): {e}"))
+            })?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(&archive)?;
+        }
+        let out = child.wait_with_output()?;
+        let listing = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "cpio -t failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let lines: Vec<&str> = listing.lines().collect();
+        assert_eq!(lines.len(), 5, "{listing}");
+        assert!(
+            lines[0].starts_with("drwxr-xr-x") && lines[0].ends_with(" lib"),
+            "{listing}"
+        );
+        assert!(
+            lines[2].starts_with("-rw-r--r--") && lines[2].ends_with(" lib/modules/modules.dep"),
+            "{listing}"
+        );
+        assert!(
+            lines[3].starts_with("lrwxrwxrwx") && lines[3].ends_with(" sh -> /bin/busybox"),
+            "{listing}"
+        );
+        assert!(lines[4].starts_with("crw-------"), "{listing}");
+        Ok(())
+    }
 }
