@@ -1,0 +1,13 @@
+//! Integration tests of the real `kmod-monitor` binary against fake host
+//! roots built from real fixture files, all in one test binary (like
+//! ripgrep's). Shared setup lives in `kmod_monitor_tests` (src/lib.rs):
+//! building the binary, laying out roots, running commands and daemons.
+//!
+//! - `check`: the one-shot preflight's verdicts, remedies and output.
+//! - `bad_input`: every rejected input exits 2 with a message naming it.
+//! - `daemon`: `run` following a host's /proc/modules, signals, reconcile.
+//! - `source`: choosing the event source where eBPF cannot work.
+mod bad_input;
+mod check;
+mod daemon;
+mod source;
