@@ -11,6 +11,10 @@
 //! ring_buffer_size = 262144  # bytes, power of two >= 4096
 //! host_root = "/host"        # absolute path
 //! v2_data_engine = true      # switches the built-in v2-data-engine group on
+//! alertmanager = ["http://alertmanager.monitoring:9093"]  # v2 API push targets
+//! alert_resend_interval = 60 # seconds between re-sends of firing alerts, > 0
+//! node_name = "node-1"       # the alerts' `instance` label (default: $NODE_NAME, else hostname)
+//! runbook_url = "https://wiki.example/kmod-monitor"  # annotation on every alert
 //!
 //! [groups.base]              # built-in; may be switched off
 //! enabled = false
@@ -161,6 +165,14 @@ pub struct FileConfig {
     pub host_root: Option<PathBuf>,
     /// `v2_data_engine`: switches the v2-data-engine group on.
     pub v2_data_engine: Option<bool>,
+    /// `alertmanager`: base URLs of Alertmanagers to push to (http only).
+    pub alertmanager: Vec<reqwest::Url>,
+    /// `alert_resend_interval`: re-send period of firing alerts; > 0.
+    pub alert_resend_interval: Option<Duration>,
+    /// `node_name`: the alerts' `instance` label.
+    pub node_name: Option<String>,
+    /// `runbook_url`: the alerts' `runbook_url` annotation.
+    pub runbook_url: Option<String>,
     /// `[groups.base]`.
     pub base_group: BuiltinGroupSettings,
     /// `[groups.v2-data-engine]`.
@@ -262,7 +274,7 @@ pub enum ConfigProblem {
     /// An interval of zero seconds.
     #[error("{key} = 0: must be at least 1 second")]
     ZeroInterval {
-        /// `reconcile_interval` or `poll_interval`.
+        /// `reconcile_interval`, `poll_interval` or `alert_resend_interval`.
         key: &'static str,
     },
     /// `listen` is not `IP:port`.
@@ -276,6 +288,22 @@ pub enum ConfigProblem {
     /// `host_root` is relative or empty.
     #[error("host_root = {value:?} is not an absolute path")]
     HostRoot {
+        /// The value as written.
+        value: String,
+    },
+    /// An `alertmanager` entry that is not an http URL.
+    #[error("alertmanager = {value:?}: {problem}")]
+    AlertmanagerUrl {
+        /// The value as written.
+        value: String,
+        /// Why it cannot be used.
+        problem: String,
+    },
+    /// `node_name` or `runbook_url` is empty or has control characters.
+    #[error("{key} = {value:?} must be non-empty text on one line")]
+    Text {
+        /// The key.
+        key: &'static str,
         /// The value as written.
         value: String,
     },
@@ -377,6 +405,10 @@ pub fn resolve_groups(file: Option<&FileConfig>, v2_flag: bool) -> Vec<GroupSpec
         poll_interval: _,
         ring_buffer_size: _,
         host_root: _,
+        alertmanager: _,
+        alert_resend_interval: _,
+        node_name: _,
+        runbook_url: _,
     } = file.unwrap_or(&default);
 
     let mut enabled = Vec::new();
@@ -440,6 +472,11 @@ struct RawFile {
     host_root: Option<Spanned<String>>,
     v2_data_engine: Option<bool>,
     #[serde(default)]
+    alertmanager: Vec<Spanned<String>>,
+    alert_resend_interval: Option<Spanned<u64>>,
+    node_name: Option<Spanned<String>>,
+    runbook_url: Option<Spanned<String>>,
+    #[serde(default)]
     groups: BTreeMap<Spanned<String>, RawGroup>,
 }
 
@@ -451,6 +488,32 @@ struct RawGroup {
     all_of: Option<Spanned<Vec<Spanned<String>>>>,
     any_of: Option<Spanned<Vec<Spanned<String>>>>,
     severity: Option<Spanned<String>>,
+}
+
+/// Parses an Alertmanager base URL (`http://host:9093`, optionally with a
+/// path prefix). Shared with the `--alertmanager` flag.
+///
+/// # Errors
+/// A message saying what is wrong with the URL.
+pub fn parse_alertmanager_url(text: &str) -> Result<reqwest::Url, String> {
+    let url = reqwest::Url::parse(text).map_err(|e| format!("not a URL ({e})"))?;
+    match url.scheme() {
+        "http" => {}
+        "https" => {
+            return Err(
+                "https is not supported by this build; use http (e.g. to a TLS-terminating sidecar or the in-cluster service)"
+                    .to_owned(),
+            );
+        }
+        other => return Err(format!("scheme {other:?} is not http")),
+    }
+    if url.host_str().is_none() {
+        return Err("has no host".to_owned());
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err("must not have a query or fragment".to_owned());
+    }
+    Ok(url)
 }
 
 /// Turns byte spans of one file into line numbers and errors.
@@ -491,8 +554,30 @@ impl Locator<'_> {
             ring_buffer_size,
             host_root,
             v2_data_engine,
+            alertmanager,
+            alert_resend_interval,
+            node_name,
+            runbook_url,
             groups: raw_groups,
         } = raw;
+        let alertmanager = alertmanager
+            .into_iter()
+            .map(|value| {
+                parse_alertmanager_url(value.get_ref()).map_err(|problem| {
+                    self.error(
+                        &value.span(),
+                        ConfigProblem::AlertmanagerUrl {
+                            value: value.get_ref().clone(),
+                            problem,
+                        },
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let alert_resend_interval =
+            self.interval(alert_resend_interval, "alert_resend_interval")?;
+        let node_name = self.text(node_name, "node_name")?;
+        let runbook_url = self.text(runbook_url, "runbook_url")?;
 
         let listen = listen
             .map(|value| {
@@ -565,10 +650,33 @@ impl Locator<'_> {
             ring_buffer_size,
             host_root,
             v2_data_engine,
+            alertmanager,
+            alert_resend_interval,
+            node_name,
+            runbook_url,
             base_group,
             v2_group,
             groups,
         })
+    }
+
+    fn text(
+        &self,
+        value: Option<Spanned<String>>,
+        key: &'static str,
+    ) -> Result<Option<String>, ConfigError> {
+        let Some(value) = value else { return Ok(None) };
+        let text = value.get_ref();
+        if text.trim().is_empty() || text.chars().any(char::is_control) {
+            return Err(self.error(
+                &value.span(),
+                ConfigProblem::Text {
+                    key,
+                    value: text.clone(),
+                },
+            ));
+        }
+        Ok(Some(value.into_inner()))
     }
 
     fn interval(
@@ -773,6 +881,10 @@ poll_interval = 1          # seconds, > 0 (poll source)
 ring_buffer_size = 262144  # bytes, power of two >= 4096
 host_root = "/host"
 v2_data_engine = true      # switches the built-in v2-data-engine group on
+alertmanager = ["http://alertmanager.monitoring:9093"]
+alert_resend_interval = 60
+node_name = "node-1"
+runbook_url = "https://wiki.example/kmod-monitor"
 
 [groups.base]              # built-in; may be switched off
 enabled = false
@@ -781,6 +893,25 @@ enabled = false
 any_of = ["vfio_pci", "uio_pci_generic"]
 severity = "warning"       # default "critical"; free-form label for alerts
 "#;
+
+    #[test]
+    fn alertmanager_urls_are_checked() {
+        for (value, problem) in [
+            ("https://am:9093", "https is not supported"),
+            ("ftp://am", "scheme \"ftp\" is not http"),
+            ("am:9093", "scheme \"am\" is not http"),
+            ("http://am:9093/?x=1", "must not have a query"),
+            ("not a url", "not a URL"),
+        ] {
+            let err = error_at(
+                &format!("\n\nalertmanager = [\"http://ok:9093\", {value:?}]\n"),
+                3,
+            );
+            assert!(err.to_string().contains(problem), "{value}: {err}");
+        }
+        let err = error_at("node_name = \"  \"\n", 1);
+        assert!(err.to_string().contains("node_name"), "{err}");
+    }
 
     #[test]
     fn documented_example_parses() {
@@ -794,10 +925,24 @@ severity = "warning"       # default "critical"; free-form label for alerts
             ring_buffer_size,
             host_root,
             v2_data_engine,
+            alertmanager,
+            alert_resend_interval,
+            node_name,
+            runbook_url,
             base_group,
             v2_group,
             groups,
         } = c.clone();
+        assert_eq!(
+            alertmanager,
+            vec![reqwest::Url::parse("http://alertmanager.monitoring:9093").unwrap()]
+        );
+        assert_eq!(alert_resend_interval, Some(Duration::from_secs(60)));
+        assert_eq!(node_name.as_deref(), Some("node-1"));
+        assert_eq!(
+            runbook_url.as_deref(),
+            Some("https://wiki.example/kmod-monitor")
+        );
         assert_eq!(origin, Path::new(ORIGIN));
         assert_eq!(listen, Some("0.0.0.0:9469".parse().unwrap()));
         assert_eq!(source, Some(SourceKind::Auto));

@@ -13,10 +13,12 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    alerting::{self, AlertInputs, AlertSettings, LOST_ALERT_FOR, WantedSet},
     config::{self, FileConfig, GroupSpec, SourceKind},
     event::{Kind, Raw, SourceEvent, boot_ns_now},
-    host::{self, HostRoot, InitState},
+    host::{self, HostRoot, InitState, Snapshot},
     http,
+    metrics::Metrics,
     source::{self, ActiveKind, RunningSource, SourceMsg, SourceOptions, Unavailable},
     tracker::{GroupReport, Outcome, Tracker},
 };
@@ -35,6 +37,12 @@ pub struct RunSettings {
     pub reconcile_interval: Duration,
     pub poll_interval: Duration,
     pub ring_buffer_bytes: u32,
+    /// Alertmanager base URLs; empty = no push.
+    pub alertmanager: Vec<reqwest::Url>,
+    pub alert_resend_interval: Duration,
+    /// The alerts' `instance` label.
+    pub node_name: String,
+    pub runbook_url: String,
 }
 
 /// How long a module may stay `loading` before /sys/module/<m>/initstate
@@ -97,7 +105,8 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
     tracing::info!(source = %running.kind, details = ?running.details, "event source active");
     // 2. Snapshot, bracketed by boot-clock readings.
     let snap_start = boot_ns_now();
-    let snapshot = host::take_snapshot(&settings.host).context("taking the start-up snapshot")?;
+    let snapshot: Snapshot =
+        host::take_snapshot(&settings.host).context("taking the start-up snapshot")?;
     let snap_end = boot_ns_now();
     for w in &snapshot.warnings {
         tracing::warn!(warning = %w, "snapshot");
@@ -109,14 +118,22 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
         );
     }
     let mut tracker = Tracker::new(&snapshot, settings.groups.clone());
+    let metrics = Arc::new(Metrics::new(&snapshot.kernel_release));
+    let (wanted_tx, wanted_rx) = watch::channel(Arc::new(WantedSet::default()));
     let mut d = Daemon {
         counts: EventCounts::default(),
         drift_total: 0,
         reconciles: 0,
         kernel_release: snapshot.kernel_release.clone(),
         warnings: snapshot.warnings.clone(),
+        snapshot,
         settings,
         confirm: None,
+        metrics: Arc::clone(&metrics),
+        wanted_tx,
+        lost_at: None,
+        trigger_boot_ns: None,
+        boot_epoch: std::time::SystemTime::now() - Duration::from_nanos(boot_ns_now()),
     };
     // 3. Apply what the source buffered meanwhile.
     let mut in_window = false;
@@ -138,9 +155,27 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
         log_group(&g);
     }
     let (status_tx, status_rx) = watch::channel(Arc::new(d.status(&tracker, &running)));
-    let server = http::serve(d.settings.listen, status_rx, cancel.clone())
-        .await
-        .with_context(|| format!("listening on {}", d.settings.listen))?;
+    d.publish(&tracker, &running, &status_tx);
+    let pusher = (!d.settings.alertmanager.is_empty()).then(|| {
+        tracing::info!(alertmanager = ?d.settings.alertmanager.iter().map(reqwest::Url::as_str).collect::<Vec<_>>(), "pushing alerts");
+        alerting::spawn(
+            AlertSettings {
+                urls: d.settings.alertmanager.clone(),
+                resend_interval: d.settings.alert_resend_interval,
+            },
+            wanted_rx,
+            Arc::clone(&metrics),
+            cancel.clone(),
+        )
+    });
+    let server = http::serve(
+        d.settings.listen,
+        status_rx,
+        Arc::clone(&metrics),
+        cancel.clone(),
+    )
+    .await
+    .with_context(|| format!("listening on {}", d.settings.listen))?;
     tracing::info!(listen = %d.settings.listen, "serving /status and /healthz");
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -154,7 +189,9 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
     loop {
         d.schedule_confirm(&tracker);
         let confirm_at = d.confirm.map(|(at, _)| at);
+        let lost_alert_ends = d.lost_at.map(|at| at + LOST_ALERT_FOR);
         tokio::select! {
+            () = sleep_until(lost_alert_ends) => d.lost_at = None,
             _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break; }
             _ = sigint.recv() => { tracing::info!("SIGINT: stopping"); break; }
             _ = sighup.recv() => d.reload(&mut tracker),
@@ -174,9 +211,14 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
                 }
             },
         }
-        status_tx.send_replace(Arc::new(d.status(&tracker, &running)));
+        d.publish(&tracker, &running, &status_tx);
     }
     cancel.cancel();
+    if let Some(p) = pusher
+        && let Err(e) = p.await
+    {
+        tracing::warn!(error = %e, "alert pusher ended abnormally");
+    }
     drop(running);
     if let Err(e) = server.await {
         tracing::warn!(error = %e, "HTTP server task ended abnormally");
@@ -224,6 +266,16 @@ struct Daemon {
     warnings: Vec<String>,
     /// Next initstate check and the back-off that led to it.
     confirm: Option<(Instant, Duration)>,
+    /// The start-up snapshot: kernel config and module files for remedies.
+    snapshot: Snapshot,
+    metrics: Arc<Metrics>,
+    wanted_tx: watch::Sender<Arc<WantedSet>>,
+    /// When events were last lost (drives the events-lost alert).
+    lost_at: Option<Instant>,
+    /// Timestamp of the latest event, for alert latency.
+    trigger_boot_ns: Option<u64>,
+    /// Wall-clock time of CLOCK_BOOTTIME zero.
+    boot_epoch: std::time::SystemTime,
 }
 
 impl Daemon {
@@ -238,15 +290,26 @@ impl Daemon {
         match msg {
             SourceMsg::Event(ev) => {
                 let outcome = tracker.apply(&ev);
+                let latency_ns = boot_ns_now().saturating_sub(ev.boot_ns);
+                #[expect(
+                    clippy::cast_precision_loss,
+                    reason = "a latency in seconds for a histogram"
+                )]
+                let latency = latency_ns as f64 / 1e9;
+                self.metrics.on_event(&outcome, Some(latency));
                 self.count(outcome.kind);
+                self.trigger_boot_ns = Some(ev.boot_ns);
                 log_outcome(&outcome, &ev);
             }
             SourceMsg::AliasRequest { alias } => {
                 self.count(Some(Kind::Request));
+                self.metrics.on_alias_request();
                 tracing::debug!(%alias, "module_request for an alias");
             }
             SourceMsg::Lost { total } => {
                 self.counts.lost = total;
+                self.metrics.set_lost_total(total);
+                self.lost_at = Some(Instant::now());
                 tracing::error!(
                     lost_total = total,
                     "module events were lost; reconciling now"
@@ -255,6 +318,8 @@ impl Daemon {
             }
             SourceMsg::Undecodable { reason } => {
                 self.counts.undecodable += 1;
+                self.metrics.add_lost(1);
+                self.lost_at = Some(Instant::now());
                 tracing::error!(%reason, "undecodable event from the kernel; reconciling now");
                 self.reconcile(tracker, true);
             }
@@ -276,6 +341,7 @@ impl Daemon {
         for o in tracker.reconcile(&loaded, started, boot_ns_now(), count_as_drift) {
             if count_as_drift {
                 self.drift_total += 1;
+                self.metrics.inc_drift();
                 tracing::warn!(module = %o.module, tracked = %o.from, actual = %o.to, "drift: tracked state corrected from /proc/modules");
             }
             log_group_changes(&o);
@@ -375,6 +441,45 @@ impl Daemon {
             },
         );
         Ok(next)
+    }
+
+    /// Publishes the new state to /status, the metrics and the alert pusher.
+    fn publish(
+        &mut self,
+        tracker: &Tracker,
+        running: &RunningSource,
+        status_tx: &watch::Sender<Arc<Status>>,
+    ) {
+        let status = self.status(tracker, running);
+        let now_unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        self.metrics.set_groups(&status.groups, now_unix);
+        self.metrics.set_source(running.kind);
+        self.metrics.set_lost_total(running.lost());
+        let alerts = alerting::wanted_alerts(&AlertInputs {
+            instance: &self.settings.node_name,
+            runbook_url: &self.settings.runbook_url,
+            groups: &status.groups,
+            snapshot: &self.snapshot,
+            source: &status.source,
+            modules_supported: status.modules_supported,
+            lost_recently: self.lost_at.is_some(),
+            lost_total: status.events.lost,
+            boot_epoch: self.boot_epoch,
+        });
+        let trigger = self.trigger_boot_ns;
+        self.wanted_tx.send_if_modified(|w| {
+            if w.alerts == alerts {
+                return false;
+            }
+            *w = Arc::new(WantedSet {
+                alerts,
+                trigger_boot_ns: trigger,
+            });
+            true
+        });
+        status_tx.send_replace(Arc::new(status));
     }
 
     fn status(&self, tracker: &Tracker, running: &RunningSource) -> Status {

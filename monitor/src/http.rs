@@ -1,5 +1,6 @@
-//! The HTTP listener: `GET /status` (JSON) and `GET /healthz`. Read-only;
-//! it never touches the event path, only the latest published status.
+//! The HTTP listener: `GET /status` (JSON), `GET /healthz` and
+//! `GET /metrics` (OpenMetrics). Read-only; it never touches the event
+//! path, only the latest published status and the metric atomics.
 use std::{net::SocketAddr, sync::Arc};
 
 use axum::{
@@ -12,9 +13,13 @@ use axum::{
 use tokio::{sync::watch, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
-use crate::daemon::Status;
+use crate::{daemon::Status, metrics::Metrics};
 
-type Shared = watch::Receiver<Arc<Status>>;
+#[derive(Clone)]
+struct Shared {
+    status: watch::Receiver<Arc<Status>>,
+    metrics: Arc<Metrics>,
+}
 
 /// Binds `addr` and serves until `cancel` fires.
 ///
@@ -22,11 +27,12 @@ type Shared = watch::Receiver<Arc<Status>>;
 /// When the address cannot be bound.
 pub async fn serve(
     addr: SocketAddr,
-    status: Shared,
+    status: watch::Receiver<Arc<Status>>,
+    metrics: Arc<Metrics>,
     cancel: CancellationToken,
 ) -> std::io::Result<JoinHandle<std::io::Result<()>>> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    let app = router(status);
+    let app = router(Shared { status, metrics });
     Ok(tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(async move { cancel.cancelled().await })
@@ -38,12 +44,31 @@ fn router(status: Shared) -> Router {
     Router::new()
         .route("/status", get(get_status))
         .route("/healthz", get(healthz))
+        .route("/metrics", get(get_metrics))
         .fallback(not_found)
         .with_state(status)
 }
 
-async fn get_status(State(status): State<Shared>) -> Json<Arc<Status>> {
-    Json(Arc::clone(&status.borrow()))
+async fn get_status(State(shared): State<Shared>) -> Json<Arc<Status>> {
+    Json(Arc::clone(&shared.status.borrow()))
+}
+
+async fn get_metrics(State(shared): State<Shared>) -> Response {
+    match shared.metrics.encode() {
+        Ok(text) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                crate::metrics::CONTENT_TYPE,
+            )],
+            text,
+        )
+            .into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encoding metrics: {e}\n"),
+        )
+            .into_response(),
+    }
 }
 
 async fn healthz() -> &'static str {
@@ -54,7 +79,7 @@ async fn not_found(uri: axum::http::Uri) -> Response {
     (
         StatusCode::NOT_FOUND,
         Json(serde_json::json!({
-            "error": format!("no such endpoint {}; try /status, /healthz", uri.path())
+            "error": format!("no such endpoint {}; try /status, /healthz, /metrics", uri.path())
         })),
     )
         .into_response()

@@ -14,14 +14,18 @@
 //!   group results.
 //! - [`source`]: event sources (eBPF, uevent, poll) and the fallback between them.
 //! - [`daemon`]: `run`: attach, snapshot, apply, reconcile, signals, reload.
-//! - [`http`]: /status and /healthz.
+//! - [`http`]: /status, /healthz and /metrics.
+//! - [`metrics`]: the Prometheus metrics contract.
 //! - [`check`]: the one-shot preflight and its remedies.
+//! - [`alerting`]: the Alertmanager push and the alerts it sends.
+pub mod alerting;
 pub mod check;
 pub mod config;
 pub mod daemon;
 pub mod event;
 pub mod host;
 pub mod http;
+pub mod metrics;
 pub mod names;
 pub mod source;
 pub mod state;

@@ -65,6 +65,18 @@ struct RunArgs {
     /// eBPF ring buffer size in bytes (power of two, >= 4096) [default: 262144].
     #[arg(long, value_name = "BYTES")]
     ring_buffer_size: Option<u32>,
+    /// Alertmanager base URL to push alerts to (v2 API); repeatable.
+    #[arg(long = "alertmanager", value_name = "URL", value_parser = parse_am_url)]
+    alertmanager: Vec<reqwest::Url>,
+    /// Seconds between re-sends of firing alerts [default: 60].
+    #[arg(long, value_name = "SECS")]
+    alert_resend_interval: Option<u64>,
+    /// This node's name for the alerts' `instance` label [default: hostname].
+    #[arg(long, env = "NODE_NAME", value_name = "NAME")]
+    node_name: Option<String>,
+    /// Runbook link put on every alert.
+    #[arg(long, value_name = "URL")]
+    runbook_url: Option<String>,
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -92,6 +104,25 @@ enum Output {
 }
 
 const DEFAULT_LISTEN: &str = "0.0.0.0:9469";
+const DEFAULT_RUNBOOK: &str = "https://github.com/kmod-monitor/kmod-monitor/blob/main/README.md";
+
+fn parse_am_url(s: &str) -> Result<reqwest::Url, String> {
+    config::parse_alertmanager_url(s)
+}
+
+/// The node's name: flag or $NODE_NAME, then the config, then the host's
+/// hostname (under --host-root), then the kernel's.
+fn node_name(flag: Option<String>, file: Option<&FileConfig>, host: &HostRoot) -> String {
+    flag.filter(|n| !n.trim().is_empty())
+        .or_else(|| file.and_then(|f| f.node_name.clone()))
+        .or_else(|| {
+            std::fs::read_to_string(host.root().join("proc/sys/kernel/hostname"))
+                .ok()
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+        })
+        .unwrap_or_else(|| "unknown".to_owned())
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -140,6 +171,10 @@ fn settings(args: RunArgs) -> anyhow::Result<RunSettings> {
         reconcile_interval,
         poll_interval,
         ring_buffer_size,
+        alertmanager,
+        alert_resend_interval,
+        node_name: node_flag,
+        runbook_url,
         log_format: _,
     } = args;
     let file = load_file(&common)?;
@@ -151,7 +186,23 @@ fn settings(args: RunArgs) -> anyhow::Result<RunSettings> {
         ring >= 4096 && ring.is_power_of_two(),
         "--ring-buffer-size {ring}: must be a power of two of at least 4096 bytes"
     );
+    let host = host_root(&common, f);
     Ok(RunSettings {
+        alertmanager: if alertmanager.is_empty() {
+            f.map(|f| f.alertmanager.clone()).unwrap_or_default()
+        } else {
+            alertmanager
+        },
+        alert_resend_interval: match alert_resend_interval {
+            Some(v) => secs("--alert-resend-interval", v)?,
+            None => f
+                .and_then(|f| f.alert_resend_interval)
+                .unwrap_or(Duration::from_secs(60)),
+        },
+        node_name: node_name(node_flag, f, &host),
+        runbook_url: runbook_url
+            .or_else(|| f.and_then(|f| f.runbook_url.clone()))
+            .unwrap_or_else(|| DEFAULT_RUNBOOK.to_owned()),
         groups: config::resolve_groups(f, common.v2_data_engine),
         listen: match listen.or_else(|| f.and_then(|f| f.listen)) {
             Some(a) => a,
@@ -160,7 +211,7 @@ fn settings(args: RunArgs) -> anyhow::Result<RunSettings> {
         source: source
             .or_else(|| f.and_then(|f| f.source))
             .unwrap_or(SourceKind::Auto),
-        host: host_root(&common, f),
+        host,
         reconcile_interval: match reconcile_interval {
             Some(v) => secs("--reconcile-interval", v)?,
             None => f
@@ -184,6 +235,7 @@ fn init_logging(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

@@ -1,0 +1,662 @@
+//! Alertmanager push (v2 API, `POST /api/v2/alerts`), following its client
+//! contract: firing alerts are re-sent every `resend_interval` with
+//! `endsAt = now + 4 × interval`; a resolved alert is sent at once with
+//! `endsAt = now` and re-sent for 5 minutes. Delivery runs in its own task:
+//! the event path only publishes the wanted alert set and never waits.
+use std::{
+    collections::BTreeMap,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use serde::Serialize;
+use tokio::{sync::watch, time::Instant};
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::{Delivery, Metrics};
+
+/// How long a resolved alert keeps being re-sent.
+pub const RESOLVED_RESEND_FOR: Duration = Duration::from_secs(5 * 60);
+/// Attempts per push before waiting for the next change or re-send.
+const ATTEMPTS: u32 = 4;
+/// First back-off between attempts; doubles each time.
+const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+/// Per-request timeout.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub const ALERT_UNMET: &str = "KernelModuleRequirementUnmet";
+pub const ALERT_EVENTS_LOST: &str = "KernelModuleMonitorEventsLost";
+pub const ALERT_SOURCE_DEGRADED: &str = "KernelModuleMonitorSourceDegraded";
+pub const ALERT_NO_MODULE_SUPPORT: &str = "KernelModuleMonitorNoModuleSupport";
+
+/// Label or annotation set.
+pub type Labels = BTreeMap<String, String>;
+
+/// One alert the daemon wants firing now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Wanted {
+    pub labels: Labels,
+    pub annotations: Labels,
+}
+
+/// The whole wanted set, published by the daemon after every change.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WantedSet {
+    pub alerts: Vec<Wanted>,
+    /// CLOCK_BOOTTIME of the event that last changed the set, to measure
+    /// event-to-delivery latency.
+    pub trigger_boot_ns: Option<u64>,
+}
+
+/// Delivery settings.
+#[derive(Clone, Debug)]
+pub struct AlertSettings {
+    /// Alertmanager base URLs.
+    pub urls: Vec<reqwest::Url>,
+    pub resend_interval: Duration,
+}
+
+/// One alert as the v2 API takes it.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PostableAlert {
+    pub labels: Labels,
+    pub annotations: Labels,
+    pub starts_at: String,
+    pub ends_at: String,
+}
+
+/// An alert the pusher knows about.
+#[derive(Clone, Debug)]
+struct Tracked {
+    annotations: Labels,
+    starts_at: SystemTime,
+    /// When it was resolved; `None` while firing.
+    resolved_at: Option<SystemTime>,
+}
+
+/// Firing and recently resolved alerts, and what to send for them.
+#[derive(Debug, Default)]
+pub struct Book {
+    alerts: BTreeMap<Labels, Tracked>,
+}
+
+impl Book {
+    /// Applies a new wanted set at `now`. Returns whether something started
+    /// firing or resolved (which must be sent at once).
+    pub fn update(&mut self, wanted: &[Wanted], now: SystemTime) -> bool {
+        let mut changed = false;
+        for w in wanted {
+            match self.alerts.get_mut(&w.labels) {
+                Some(t) if t.resolved_at.is_none() => t.annotations.clone_from(&w.annotations),
+                _ => {
+                    // New, or firing again after a resolution: a new episode.
+                    self.alerts.insert(
+                        w.labels.clone(),
+                        Tracked {
+                            annotations: w.annotations.clone(),
+                            starts_at: now,
+                            resolved_at: None,
+                        },
+                    );
+                    changed = true;
+                }
+            }
+        }
+        for (labels, t) in &mut self.alerts {
+            if t.resolved_at.is_none() && !wanted.iter().any(|w| &w.labels == labels) {
+                t.resolved_at = Some(now);
+                changed = true;
+            }
+        }
+        changed
+    }
+
+    /// Forgets resolutions older than [`RESOLVED_RESEND_FOR`].
+    pub fn expire(&mut self, now: SystemTime) {
+        self.alerts.retain(|_, t| {
+            t.resolved_at
+                .is_none_or(|r| now.duration_since(r).unwrap_or_default() < RESOLVED_RESEND_FOR)
+        });
+    }
+
+    /// The POST body at `now`.
+    #[must_use]
+    pub fn postable(&self, now: SystemTime, resend_interval: Duration) -> Vec<PostableAlert> {
+        self.alerts
+            .iter()
+            .map(|(labels, t)| PostableAlert {
+                labels: labels.clone(),
+                annotations: t.annotations.clone(),
+                starts_at: rfc3339(t.starts_at),
+                ends_at: rfc3339(t.resolved_at.unwrap_or(now + 4 * resend_interval)),
+            })
+            .collect()
+    }
+
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.alerts.is_empty()
+    }
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// Starts the pusher. It runs until `cancel`.
+pub fn spawn(
+    settings: AlertSettings,
+    mut wanted: watch::Receiver<Arc<WantedSet>>,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let client = match reqwest::Client::builder().timeout(REQUEST_TIMEOUT).build() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot build the HTTP client; alerts will not be pushed");
+                return;
+            }
+        };
+        let mut book = Book::default();
+        let mut resend = tokio::time::interval_at(
+            Instant::now() + settings.resend_interval,
+            settings.resend_interval,
+        );
+        resend.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut trigger = None;
+        let mut send_now = {
+            let set = wanted.borrow_and_update().clone();
+            trigger = set.trigger_boot_ns.or(trigger);
+            book.update(&set.alerts, SystemTime::now())
+        };
+        loop {
+            if send_now {
+                push(&client, &settings, &book, &metrics, trigger.take(), &cancel).await;
+            }
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                changed = wanted.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let set = wanted.borrow_and_update().clone();
+                    trigger = set.trigger_boot_ns;
+                    send_now = book.update(&set.alerts, SystemTime::now());
+                }
+                _ = resend.tick() => {
+                    book.expire(SystemTime::now());
+                    send_now = !book.is_empty();
+                }
+            }
+        }
+    })
+}
+
+/// POSTs the current book to every Alertmanager, with bounded retries.
+/// A failed push keeps everything in the book: the next change or re-send
+/// carries it again.
+async fn push(
+    client: &reqwest::Client,
+    settings: &AlertSettings,
+    book: &Book,
+    metrics: &Metrics,
+    trigger_boot_ns: Option<u64>,
+    cancel: &CancellationToken,
+) {
+    let body = book.postable(SystemTime::now(), settings.resend_interval);
+    for base in &settings.urls {
+        let url = match base.join("api/v2/alerts") {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::error!(alertmanager = %base, error = %e, "bad Alertmanager URL");
+                continue;
+            }
+        };
+        let mut backoff = FIRST_BACKOFF;
+        for attempt in 1..=ATTEMPTS {
+            let result = client.post(url.clone()).json(&body).send().await;
+            let error = match result {
+                Ok(resp) if resp.status().is_success() => {
+                    metrics.alert_delivery(Delivery::Success);
+                    let since_event_ms = trigger_boot_ns
+                        .map(|t| crate::event::boot_ns_now().saturating_sub(t) as f64 / 1e6);
+                    tracing::info!(alertmanager = %base, alerts = body.len(), since_event_ms, "alerts delivered");
+                    break;
+                }
+                Ok(resp) => format!("HTTP {}", resp.status()),
+                Err(e) => e.to_string(),
+            };
+            metrics.alert_delivery(Delivery::Failure);
+            tracing::warn!(alertmanager = %base, attempt, attempts = ATTEMPTS, %error, "alert delivery failed");
+            if attempt == ATTEMPTS {
+                tracing::error!(alertmanager = %base, "giving up until the next change or re-send; alerts are kept");
+                break;
+            }
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(backoff) => {}
+            }
+            backoff *= 2;
+        }
+    }
+}
+
+/// What the wanted alert set is computed from.
+pub struct AlertInputs<'a> {
+    /// The `instance` label: the node's name.
+    pub instance: &'a str,
+    pub runbook_url: &'a str,
+    pub groups: &'a [crate::tracker::GroupReport],
+    /// For remedies (kernel config of missing modules).
+    pub snapshot: &'a crate::host::Snapshot,
+    pub source: &'a crate::daemon::SourceStatus,
+    pub modules_supported: bool,
+    /// Events were lost within the last [`LOST_ALERT_FOR`].
+    pub lost_recently: bool,
+    pub lost_total: u64,
+    /// Unix time of CLOCK_BOOTTIME zero, to date events.
+    pub boot_epoch: SystemTime,
+}
+
+/// How long the events-lost alert fires after the last loss.
+pub const LOST_ALERT_FOR: Duration = Duration::from_secs(15 * 60);
+
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+fn module_line(inputs: &AlertInputs<'_>, m: &crate::tracker::ModuleReport) -> String {
+    let mut line = format!("{} is {}", m.name, m.state);
+    if let Some(e) = &m.last_event {
+        let when = rfc3339(inputs.boot_epoch + Duration::from_nanos(e.boot_ns));
+        match &e.actor {
+            Some(a) => line.push_str(&format!(
+                "; last event: {} by {} (pid {}, uid {}, cgroup {}) at {when}",
+                e.kind, a.comm, a.tgid, a.uid, a.cgroup_id
+            )),
+            None => line.push_str(&format!(
+                "; last event: {} at {when} (actor unknown: {} source)",
+                e.kind, inputs.source.active
+            )),
+        }
+    }
+    let fix = crate::check::remedy(inputs.snapshot, &m.name, m.state);
+    line.push_str(&format!(". Fix: {}", fix.explanation));
+    if let Some(cmd) = &fix.command {
+        line.push_str(&format!("; now: `{cmd}`"));
+    }
+    if let (Some(l), Some(f)) = (&fix.persist_line, fix.persist_file) {
+        line.push_str(&format!("; after reboot: `echo {l} >> {f}`"));
+    }
+    line
+}
+
+/// The alerts that should be firing now.
+#[must_use]
+pub fn wanted_alerts(inputs: &AlertInputs<'_>) -> Vec<Wanted> {
+    let mut out = Vec::new();
+    let runbook = |name: &str| format!("{}#{}", inputs.runbook_url, name.to_ascii_lowercase());
+    for g in inputs.groups.iter().filter(|g| !g.met) {
+        let unmet: Vec<_> = g.modules.iter().filter(|m| !m.state.satisfies()).collect();
+        let per_module: Vec<(String, Vec<&crate::tracker::ModuleReport>)> = match g.mode {
+            crate::config::GroupMode::AllOf => unmet
+                .iter()
+                .map(|m| (m.name.to_string(), vec![*m]))
+                .collect(),
+            crate::config::GroupMode::AnyOf => vec![(
+                g.modules
+                    .iter()
+                    .map(|m| m.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join("|"),
+                unmet.clone(),
+            )],
+        };
+        for (module, mods) in per_module {
+            let summary = match g.mode {
+                crate::config::GroupMode::AllOf => format!(
+                    "Kernel module {module} required by {} is not loaded on {}",
+                    g.name, inputs.instance
+                ),
+                crate::config::GroupMode::AnyOf => format!(
+                    "None of the kernel modules {module} required by {} is loaded on {}",
+                    g.name, inputs.instance
+                ),
+            };
+            let description = mods
+                .iter()
+                .map(|m| module_line(inputs, m))
+                .collect::<Vec<_>>()
+                .join("\n");
+            out.push(Wanted {
+                labels: labels(&[
+                    ("alertname", ALERT_UNMET),
+                    ("requirement", &g.name),
+                    ("module", &module),
+                    ("instance", inputs.instance),
+                    ("severity", &g.severity),
+                ]),
+                annotations: labels(&[
+                    ("summary", &summary),
+                    ("description", &description),
+                    ("runbook_url", &runbook(ALERT_UNMET)),
+                ]),
+            });
+        }
+    }
+    let health = |name: &str, summary: String, description: String| Wanted {
+        labels: labels(&[
+            ("alertname", name),
+            ("instance", inputs.instance),
+            ("severity", "warning"),
+        ]),
+        annotations: labels(&[
+            ("summary", &summary),
+            ("description", &description),
+            ("runbook_url", &runbook(name)),
+        ]),
+    };
+    if inputs.lost_recently {
+        out.push(health(
+            ALERT_EVENTS_LOST,
+            format!("kmod-monitor on {} lost module events", inputs.instance),
+            format!(
+                "{} events lost in total (ring buffer full or uevent overflow); the state was reconciled from /proc/modules, but who changed what in that window is unknown. Consider a larger ring_buffer_size.",
+                inputs.lost_total
+            ),
+        ));
+    }
+    if !inputs.modules_supported {
+        out.push(health(
+            ALERT_NO_MODULE_SUPPORT,
+            format!("Kernel on {} cannot load modules", inputs.instance),
+            "CONFIG_MODULES is off: only built-in modules can satisfy a requirement, and nothing can be loaded to fix one.".to_owned(),
+        ));
+    } else if inputs.source.active != crate::source::ActiveKind::Ebpf
+        && inputs
+            .source
+            .unavailable
+            .iter()
+            .any(|u| u.source == crate::source::ActiveKind::Ebpf)
+    {
+        // Only a fallback counts: a source chosen on purpose is no fault.
+        let why = inputs
+            .source
+            .unavailable
+            .iter()
+            .map(|u| format!("{}: {}", u.source, u.reason))
+            .collect::<Vec<_>>()
+            .join("; ");
+        out.push(health(
+            ALERT_SOURCE_DEGRADED,
+            format!(
+                "kmod-monitor on {} fell back from eBPF to the {} source",
+                inputs.instance, inputs.source.active
+            ),
+            format!("Module events are still tracked, but without the actor and with more latency. Why: {why}"),
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wanted(module: &str) -> Wanted {
+        Wanted {
+            labels: [("alertname", ALERT_UNMET), ("module", module)]
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+            annotations: Labels::new(),
+        }
+    }
+
+    fn at(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000 + secs)
+    }
+
+    #[test]
+    fn firing_alerts_end_four_intervals_ahead() {
+        let mut book = Book::default();
+        assert!(book.update(&[wanted("nvme_tcp")], at(0)));
+        assert!(
+            !book.update(&[wanted("nvme_tcp")], at(10)),
+            "still firing: no immediate send"
+        );
+        let p = book.postable(at(10), Duration::from_secs(60));
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].starts_at, "2023-11-14T22:13:20.000Z");
+        assert_eq!(p[0].ends_at, "2023-11-14T22:17:30.000Z", "now + 4 × 60 s");
+    }
+
+    #[test]
+    fn resolution_is_sent_at_once_and_kept_for_five_minutes() {
+        let mut book = Book::default();
+        book.update(&[wanted("nvme_tcp")], at(0));
+        assert!(
+            book.update(&[], at(30)),
+            "a resolution must be sent at once"
+        );
+        let p = book.postable(at(31), Duration::from_secs(60));
+        assert_eq!(
+            p[0].ends_at, "2023-11-14T22:13:50.000Z",
+            "endsAt = resolution time"
+        );
+        book.expire(at(30 + 299));
+        assert!(!book.is_empty(), "still re-sent within 5 minutes");
+        book.expire(at(30 + 300));
+        assert!(book.is_empty());
+    }
+
+    #[test]
+    fn firing_again_starts_a_new_episode() {
+        let mut book = Book::default();
+        book.update(&[wanted("dm_crypt")], at(0));
+        book.update(&[], at(5));
+        assert!(book.update(&[wanted("dm_crypt")], at(9)));
+        let p = book.postable(at(9), Duration::from_secs(60));
+        assert_eq!(p[0].starts_at, "2023-11-14T22:13:29.000Z");
+        assert_eq!(p.len(), 1);
+    }
+}
+
+#[cfg(test)]
+mod wanted_tests {
+    use super::*;
+    use crate::{
+        config::GroupMode,
+        daemon::SourceStatus,
+        event::{Actor, Kind},
+        host::Snapshot,
+        names::ModuleName,
+        source::{ActiveKind, Unavailable},
+        state::ModuleState,
+        tracker::{GroupReport, LastEvent, ModuleReport},
+    };
+
+    fn module(name: &str, state: ModuleState) -> ModuleReport {
+        ModuleReport {
+            name: ModuleName::parse(name).unwrap(),
+            state,
+            last_event: None,
+        }
+    }
+
+    fn group(name: &str, mode: GroupMode, met: bool, modules: Vec<ModuleReport>) -> GroupReport {
+        GroupReport {
+            name: name.into(),
+            mode,
+            met,
+            severity: "critical".into(),
+            modules,
+        }
+    }
+
+    fn snapshot() -> Snapshot {
+        Snapshot {
+            kernel_release: "6.1.0-56-amd64".into(),
+            modules_supported: true,
+            loaded: BTreeMap::new(),
+            builtin: std::collections::BTreeSet::new(),
+            available: BTreeMap::new(),
+            kernel_config: None,
+            modules_dir: None,
+            warnings: Vec::new(),
+        }
+    }
+
+    fn source(active: ActiveKind, fell_back: bool) -> SourceStatus {
+        SourceStatus {
+            active,
+            unavailable: if fell_back {
+                vec![Unavailable {
+                    source: ActiveKind::Ebpf,
+                    reason: "no BTF".into(),
+                }]
+            } else {
+                Vec::new()
+            },
+            details: Vec::new(),
+        }
+    }
+
+    fn names(alerts: &[Wanted]) -> Vec<(String, String)> {
+        alerts
+            .iter()
+            .map(|a| {
+                (
+                    a.labels["alertname"].clone(),
+                    a.labels.get("module").cloned().unwrap_or_default(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn one_alert_per_unmet_module_and_one_per_any_of_group() {
+        let mut nvme = module("nvme_tcp", ModuleState::Available);
+        nvme.last_event = Some(LastEvent {
+            kind: Kind::Unload,
+            boot_ns: 5_000_000_000,
+            actor: Some(Actor {
+                pid: 105,
+                tgid: 105,
+                uid: 0,
+                gid: 0,
+                comm: "rmmod".into(),
+                cgroup_id: 1,
+            }),
+        });
+        let groups = vec![
+            group(
+                "base",
+                GroupMode::AllOf,
+                true,
+                vec![module("dm_crypt", ModuleState::Loaded)],
+            ),
+            group(
+                "v2-data-engine",
+                GroupMode::AllOf,
+                false,
+                vec![
+                    module("vfio_pci", ModuleState::Loaded),
+                    module("uio_pci_generic", ModuleState::Missing),
+                    nvme,
+                ],
+            ),
+            group(
+                "spdk-driver",
+                GroupMode::AnyOf,
+                false,
+                vec![
+                    module("vfio_pci", ModuleState::Available),
+                    module("uio_pci_generic", ModuleState::Missing),
+                ],
+            ),
+        ];
+        let snap = snapshot();
+        let src = source(ActiveKind::Ebpf, false);
+        let alerts = wanted_alerts(&AlertInputs {
+            instance: "node-a",
+            runbook_url: "https://r",
+            groups: &groups,
+            snapshot: &snap,
+            source: &src,
+            modules_supported: true,
+            lost_recently: false,
+            lost_total: 0,
+            boot_epoch: SystemTime::UNIX_EPOCH,
+        });
+        assert_eq!(
+            names(&alerts),
+            [
+                (ALERT_UNMET.to_owned(), "uio_pci_generic".to_owned()),
+                (ALERT_UNMET.to_owned(), "nvme_tcp".to_owned()),
+                (
+                    ALERT_UNMET.to_owned(),
+                    "vfio_pci|uio_pci_generic".to_owned()
+                ),
+            ]
+        );
+        let nvme = &alerts[1];
+        assert_eq!(nvme.labels["requirement"], "v2-data-engine");
+        assert_eq!(nvme.labels["instance"], "node-a");
+        assert_eq!(nvme.labels["severity"], "critical");
+        let d = &nvme.annotations["description"];
+        assert!(d.contains("unload by rmmod (pid 105, uid 0"), "{d}");
+        assert!(d.contains("1970-01-01T00:00:05.000Z"), "{d}");
+        assert!(
+            d.contains("`modprobe nvme_tcp`") || d.contains("not in kernel"),
+            "{d}"
+        );
+        assert_eq!(
+            nvme.annotations["runbook_url"],
+            "https://r#kernelmodulerequirementunmet"
+        );
+        assert!(alerts[2].annotations["description"].contains("vfio_pci is available"));
+    }
+
+    #[test]
+    fn health_alerts() {
+        let snap = snapshot();
+        let run = |src: &SourceStatus, supported: bool, lost: bool| {
+            names(&wanted_alerts(&AlertInputs {
+                instance: "n",
+                runbook_url: "r",
+                groups: &[],
+                snapshot: &snap,
+                source: src,
+                modules_supported: supported,
+                lost_recently: lost,
+                lost_total: 3,
+                boot_epoch: SystemTime::UNIX_EPOCH,
+            }))
+            .into_iter()
+            .map(|(a, _)| a)
+            .collect::<Vec<_>>()
+        };
+        assert!(
+            run(&source(ActiveKind::Poll, false), true, false).is_empty(),
+            "poll chosen on purpose"
+        );
+        assert_eq!(
+            run(&source(ActiveKind::Uevent, true), true, false),
+            [ALERT_SOURCE_DEGRADED]
+        );
+        assert_eq!(
+            run(&source(ActiveKind::Ebpf, false), true, true),
+            [ALERT_EVENTS_LOST]
+        );
+        assert_eq!(
+            run(&source(ActiveKind::Uevent, true), false, false),
+            [ALERT_NO_MODULE_SUPPORT]
+        );
+    }
+}

@@ -1,0 +1,507 @@
+//! Prometheus metrics (OpenMetrics text via prometheus-client). The names
+//! and labels are a contract users build dashboards and rules on; every
+//! series that can exist is exported from the start with value 0.
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::{Registry, Unit},
+};
+
+use crate::{
+    event::Kind,
+    source::ActiveKind,
+    state::ModuleState,
+    tracker::{GroupReport, Outcome},
+};
+
+/// Content type of `GET /metrics`.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The event kinds the event counters carry (the contract's `event` label).
+pub const EVENT_LABELS: [Kind; 5] = [
+    Kind::Load,
+    Kind::Loaded,
+    Kind::LoadFailed,
+    Kind::Unload,
+    Kind::Request,
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequirementLabels {
+    requirement: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModuleRequirementLabels {
+    module: String,
+    requirement: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModuleStateLabels {
+    module: String,
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModuleEventLabels {
+    module: String,
+    event: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabels {
+    event: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceLabels {
+    source: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: String,
+    kernel_release: String,
+}
+
+/// Result label values of `kmod_monitor_alert_deliveries_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// Alertmanager accepted the POST (2xx).
+    Success,
+    /// The POST failed (connection, timeout, non-2xx).
+    Failure,
+}
+
+impl Delivery {
+    const fn as_str(self) -> &'static str {
+        match self {
+            Self::Success => "success",
+            Self::Failure => "failure",
+        }
+    }
+}
+
+/// The label sets of per-group series created so far.
+#[derive(Default)]
+struct Known {
+    requirements: Vec<RequirementLabels>,
+    module_requirements: Vec<ModuleRequirementLabels>,
+    modules: std::collections::BTreeSet<String>,
+}
+
+/// Every metric of the daemon.
+pub struct Metrics {
+    registry: Registry,
+    requirement_met: Family<RequirementLabels, Gauge>,
+    module_loaded: Family<ModuleRequirementLabels, Gauge>,
+    module_state: Family<ModuleStateLabels, Gauge>,
+    module_events: Family<ModuleEventLabels, Counter>,
+    events: Family<EventLabels, Counter>,
+    events_lost: Counter,
+    /// What `events_lost` was last raised to (sources report running totals).
+    lost_seen: AtomicU64,
+    drift: Counter,
+    source_info: Family<SourceLabels, Gauge>,
+    latency: Histogram,
+    last_transition: Family<RequirementLabels, Gauge<f64, AtomicU64>>,
+    alert_deliveries: Family<ResultLabels, Counter>,
+    build_info: Family<BuildLabels, Gauge>,
+    known: std::sync::Mutex<Known>,
+}
+
+impl Metrics {
+    /// Registers every metric under the `kmod_monitor_` prefix.
+    #[must_use]
+    pub fn new(kernel_release: &str) -> Self {
+        let mut registry = Registry::with_prefix("kmod_monitor");
+        let m = Self {
+            requirement_met: Family::default(),
+            module_loaded: Family::default(),
+            module_state: Family::default(),
+            module_events: Family::default(),
+            events: Family::default(),
+            events_lost: Counter::default(),
+            lost_seen: AtomicU64::new(0),
+            drift: Counter::default(),
+            source_info: Family::default(),
+            // 10 µs .. ~42 s: eBPF deliveries sit at the low end, polls at
+            // the high end.
+            latency: Histogram::new(exponential_buckets(0.000_01, 4.0, 12)),
+            last_transition: Family::default(),
+            alert_deliveries: Family::default(),
+            build_info: Family::default(),
+            known: std::sync::Mutex::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "requirement_met",
+            "1 when the requirement group is met on this node",
+            m.requirement_met.clone(),
+        );
+        registry.register(
+            "module_loaded",
+            "1 when the required module is loaded or built in",
+            m.module_loaded.clone(),
+        );
+        registry.register(
+            "module_state",
+            "State of each required module: exactly one state series is 1",
+            m.module_state.clone(),
+        );
+        registry.register(
+            "module_events",
+            "Events about required modules",
+            m.module_events.clone(),
+        );
+        registry.register("events", "Module events of all modules", m.events.clone());
+        registry.register(
+            "events_lost",
+            "Module events lost (in-kernel ring buffer full, or netlink overflow)",
+            m.events_lost.clone(),
+        );
+        registry.register(
+            "reconcile_drift",
+            "Differences between the tracked state and /proc/modules found by the reconcile",
+            m.drift.clone(),
+        );
+        registry.register(
+            "event_source_info",
+            "1 for the event source in use (ebpf, uevent, poll)",
+            m.source_info.clone(),
+        );
+        registry.register_with_unit(
+            "event_delivery_latency",
+            "From the event's timestamp (in-kernel for eBPF) to the state update",
+            Unit::Seconds,
+            m.latency.clone(),
+        );
+        registry.register_with_unit(
+            "requirement_last_transition_timestamp",
+            "Unix time of the requirement group's last change of verdict",
+            Unit::Seconds,
+            m.last_transition.clone(),
+        );
+        registry.register(
+            "alert_deliveries",
+            "Alertmanager POSTs by result",
+            m.alert_deliveries.clone(),
+        );
+        registry.register(
+            "build_info",
+            "Version of kmod-monitor and the kernel it watches",
+            m.build_info.clone(),
+        );
+        for result in [Delivery::Success, Delivery::Failure] {
+            let _ = m.alert_deliveries.get_or_create(&ResultLabels {
+                result: result.as_str().into(),
+            });
+        }
+        for kind in EVENT_LABELS {
+            let _ = m.events.get_or_create(&EventLabels {
+                event: kind.as_str().into(),
+            });
+        }
+        m.build_info
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION").into(),
+                kernel_release: kernel_release.into(),
+            })
+            .set(1);
+        Self { registry, ..m }
+    }
+
+    /// Sets the source series: 1 for `active`, 0 for the others.
+    pub fn set_source(&self, active: ActiveKind) {
+        for kind in ActiveKind::ALL {
+            self.source_info
+                .get_or_create(&SourceLabels {
+                    source: kind.as_str().into(),
+                })
+                .set(i64::from(kind == active));
+        }
+    }
+
+    /// Makes the per-group and per-module series match `groups`: creates
+    /// every series of the enabled groups and removes those of groups and
+    /// modules that are gone (config reload).
+    pub fn set_groups(&self, groups: &[GroupReport], now_unix: f64) {
+        let mut keep_req = Vec::new();
+        let mut keep_mod_req = Vec::new();
+        let mut keep_mod = std::collections::BTreeSet::new();
+        for g in groups {
+            let req = RequirementLabels {
+                requirement: g.name.clone(),
+            };
+            let met = i64::from(g.met);
+            let gauge = self.requirement_met.get_or_create(&req);
+            let before = gauge.set(met);
+            drop(gauge);
+            let transition = self.last_transition.get_or_create(&req);
+            if before != met || transition.get() == 0.0 {
+                transition.set(now_unix);
+            }
+            drop(transition);
+            keep_req.push(req);
+            for m in &g.modules {
+                let labels = ModuleRequirementLabels {
+                    module: m.name.to_string(),
+                    requirement: g.name.clone(),
+                };
+                self.module_loaded
+                    .get_or_create(&labels)
+                    .set(i64::from(m.state.satisfies()));
+                keep_mod_req.push(labels);
+                if keep_mod.insert(m.name.to_string()) {
+                    for state in ModuleState::ALL {
+                        self.module_state
+                            .get_or_create(&ModuleStateLabels {
+                                module: m.name.to_string(),
+                                state: state.as_str().into(),
+                            })
+                            .set(i64::from(state == m.state));
+                    }
+                    for kind in EVENT_LABELS {
+                        let _ = self.module_events.get_or_create(&ModuleEventLabels {
+                            module: m.name.to_string(),
+                            event: kind.as_str().into(),
+                        });
+                    }
+                }
+            }
+        }
+        // Family cannot be iterated, so remove what the previous call
+        // created and this one did not.
+        let mut known = self
+            .known
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for req in known.requirements.iter().filter(|r| !keep_req.contains(r)) {
+            self.requirement_met.remove(req);
+            self.last_transition.remove(req);
+        }
+        for l in known
+            .module_requirements
+            .iter()
+            .filter(|l| !keep_mod_req.contains(l))
+        {
+            self.module_loaded.remove(l);
+        }
+        for module in known.modules.iter().filter(|m| !keep_mod.contains(*m)) {
+            for state in ModuleState::ALL {
+                self.module_state.remove(&ModuleStateLabels {
+                    module: module.clone(),
+                    state: state.as_str().into(),
+                });
+            }
+            for kind in EVENT_LABELS {
+                self.module_events.remove(&ModuleEventLabels {
+                    module: module.clone(),
+                    event: kind.as_str().into(),
+                });
+            }
+        }
+        *known = Known {
+            requirements: keep_req,
+            module_requirements: keep_mod_req,
+            modules: keep_mod,
+        };
+    }
+
+    /// Counts an applied event and its delivery latency.
+    pub fn on_event(&self, outcome: &Outcome, latency_secs: Option<f64>) {
+        if let Some(secs) = latency_secs {
+            self.latency.observe(secs);
+        }
+        let Some(kind) = outcome.kind else { return };
+        if !EVENT_LABELS.contains(&kind) {
+            return;
+        }
+        self.events
+            .get_or_create(&EventLabels {
+                event: kind.as_str().into(),
+            })
+            .inc();
+        if outcome.required {
+            self.module_events
+                .get_or_create(&ModuleEventLabels {
+                    module: outcome.module.to_string(),
+                    event: kind.as_str().into(),
+                })
+                .inc();
+        }
+    }
+
+    /// Counts a `module_request` for an alias (no module to attribute).
+    pub fn on_alias_request(&self) {
+        self.events
+            .get_or_create(&EventLabels {
+                event: Kind::Request.as_str().into(),
+            })
+            .inc();
+    }
+
+    /// Raises the loss counter to a source's running total.
+    pub fn set_lost_total(&self, total: u64) {
+        let seen = self.lost_seen.fetch_max(total, Ordering::Relaxed);
+        if total > seen {
+            self.events_lost.inc_by(total - seen);
+        }
+    }
+
+    /// Counts events lost outside the sources' totals (undecodable records).
+    pub fn add_lost(&self, n: u64) {
+        self.events_lost.inc_by(n);
+    }
+
+    pub fn inc_drift(&self) {
+        self.drift.inc();
+    }
+
+    pub fn alert_delivery(&self, result: Delivery) {
+        self.alert_deliveries
+            .get_or_create(&ResultLabels {
+                result: result.as_str().into(),
+            })
+            .inc();
+    }
+
+    /// The OpenMetrics text.
+    ///
+    /// # Errors
+    /// Only if formatting into a String fails, which it does not.
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut out = String::with_capacity(8192);
+        encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{config::GroupMode, names::ModuleName, tracker::ModuleReport};
+
+    fn report(name: &str, met: bool, modules: &[(&str, ModuleState)]) -> GroupReport {
+        GroupReport {
+            name: name.into(),
+            mode: GroupMode::AllOf,
+            met,
+            severity: "critical".into(),
+            modules: modules
+                .iter()
+                .map(|(m, s)| ModuleReport {
+                    name: ModuleName::parse(m).unwrap(),
+                    state: *s,
+                    last_event: None,
+                })
+                .collect(),
+        }
+    }
+
+    fn lines_with<'a>(text: &'a str, prefix: &str) -> Vec<&'a str> {
+        text.lines().filter(|l| l.starts_with(prefix)).collect()
+    }
+
+    #[test]
+    fn every_series_exists_from_the_start() {
+        let m = Metrics::new("6.1.0-56-amd64");
+        m.set_source(ActiveKind::Ebpf);
+        m.set_groups(
+            &[
+                report("base", true, &[("dm_crypt", ModuleState::Loaded)]),
+                report(
+                    "v2-data-engine",
+                    false,
+                    &[("nvme_tcp", ModuleState::Available)],
+                ),
+            ],
+            1000.0,
+        );
+        let text = m.encode().unwrap();
+        assert!(text.contains("kmod_monitor_requirement_met{requirement=\"base\"} 1"));
+        assert!(text.contains("kmod_monitor_requirement_met{requirement=\"v2-data-engine\"} 0"));
+        assert!(text.contains(
+            "kmod_monitor_module_loaded{module=\"nvme_tcp\",requirement=\"v2-data-engine\"} 0"
+        ));
+        // One series per state per module, exactly one of them 1.
+        let states = lines_with(&text, "kmod_monitor_module_state{module=\"nvme_tcp\"");
+        assert_eq!(states.len(), 6, "{states:?}");
+        assert_eq!(states.iter().filter(|l| l.ends_with(" 1")).count(), 1);
+        assert!(
+            text.contains("kmod_monitor_module_state{module=\"nvme_tcp\",state=\"available\"} 1")
+        );
+        assert_eq!(
+            lines_with(&text, "kmod_monitor_module_events_total{").len(),
+            10
+        );
+        assert_eq!(lines_with(&text, "kmod_monitor_events_total{").len(), 5);
+        assert!(text.contains("kmod_monitor_events_lost_total 0"));
+        assert!(text.contains("kmod_monitor_reconcile_drift_total 0"));
+        assert!(text.contains("kmod_monitor_event_source_info{source=\"ebpf\"} 1"));
+        assert!(text.contains("kmod_monitor_event_source_info{source=\"poll\"} 0"));
+        assert!(text.contains("kmod_monitor_event_delivery_latency_seconds_count 0"));
+        assert!(text.contains("kmod_monitor_requirement_last_transition_timestamp_seconds{requirement=\"base\"} 1000.0"));
+        assert!(text.contains("kmod_monitor_alert_deliveries_total{result=\"failure\"} 0"));
+        assert!(text.contains("kmod_monitor_build_info{version=\""));
+        assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn transitions_stamp_time_and_reload_drops_old_series() {
+        let m = Metrics::new("6.1");
+        let base = |met, s| report("base", met, &[("dm_crypt", s)]);
+        m.set_groups(&[base(true, ModuleState::Loaded)], 10.0);
+        m.set_groups(&[base(true, ModuleState::Loaded)], 20.0);
+        let text = m.encode().unwrap();
+        assert!(
+            text.contains("last_transition_timestamp_seconds{requirement=\"base\"} 10.0"),
+            "no change, no new stamp"
+        );
+        m.set_groups(&[base(false, ModuleState::Available)], 30.0);
+        let text = m.encode().unwrap();
+        assert!(text.contains("last_transition_timestamp_seconds{requirement=\"base\"} 30.0"));
+        m.set_groups(
+            &[report("other", true, &[("nvme_tcp", ModuleState::Builtin)])],
+            40.0,
+        );
+        let text = m.encode().unwrap();
+        assert!(
+            !text.contains("dm_crypt"),
+            "series of a dropped group's modules are removed"
+        );
+        assert!(!text.contains("requirement=\"base\""));
+        assert!(
+            text.contains(
+                "kmod_monitor_module_loaded{module=\"nvme_tcp\",requirement=\"other\"} 1"
+            )
+        );
+    }
+
+    #[test]
+    fn lost_counter_follows_running_totals() {
+        let m = Metrics::new("6.1");
+        m.set_lost_total(5);
+        m.set_lost_total(3);
+        m.set_lost_total(7);
+        m.add_lost(1);
+        assert!(
+            m.encode()
+                .unwrap()
+                .contains("kmod_monitor_events_lost_total 8")
+        );
+    }
+}
