@@ -181,11 +181,7 @@ fn run_steps(steps: &mut Vec<Step>, passed: &mut usize, failed: &mut usize) -> R
     let mut all_ok = true;
     for o in &outcomes {
         *passed += o.passed;
-        *failed += o.failed.len()
-            + o.problems
-                .iter()
-                .filter(|p| !p.starts_with("console log:"))
-                .count();
+        *failed += o.failed.len() + o.problems.len();
         all_ok &= o.ok();
         let mut detail = format!(
             "{} passed, {} failed [{}]",

@@ -5,6 +5,7 @@
 //! not hide the others.
 use std::{
     fs,
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -48,6 +49,8 @@ pub struct Outcome {
     pub duration: Duration,
     /// Time QEMU ran.
     pub boot_duration: Option<Duration>,
+    /// The console log, once QEMU ran.
+    pub console: Option<PathBuf>,
 }
 
 impl Outcome {
@@ -87,6 +90,7 @@ pub fn vm_test(options: &Options) -> Result<Vec<Outcome>> {
             problems: Vec::new(),
             duration: Duration::ZERO,
             boot_duration: None,
+            console: None,
         };
         if let Err(err) = run_one(
             series,
@@ -126,6 +130,7 @@ fn run_one(
     let console = dir.join("console.log");
     let run = vm::boot(&kernel, &initrd, &console, timeout, series.name())?;
     outcome.boot_duration = Some(run.duration);
+    outcome.console = Some(run.console.clone());
     let text = fs::read(&console).with_context(|| format!("reading {}", console.display()))?;
     let report = vm::Report::parse(&String::from_utf8_lossy(&text));
     if run.timed_out {
@@ -166,5 +171,8 @@ fn print_outcome(o: &Outcome) {
     }
     for problem in &o.problems {
         println!("vm-test {}:   PROBLEM {problem}", o.series);
+    }
+    if let Some(console) = &o.console {
+        println!("vm-test {}:   console log: {}", o.series, console.display());
     }
 }

@@ -417,6 +417,7 @@ fn baseline(g: &mut Guest) -> Outcome {
         kmod::ensure_unloaded(module)?;
     }
     let status = g.start_daemon("ebpf")?;
+    Report::note(&format!("baseline: first /status: {}", status.summary()));
     expect_source(&status, "ebpf")?;
     ensure!(
         status.version == env!("CARGO_PKG_VERSION"),
