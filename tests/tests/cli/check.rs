@@ -3,7 +3,7 @@
 //! files.
 use kmod_monitor_tests::{
     DEBIAN_6_1, DEBIAN_6_12, DEV_6_18, FakeHost, MODULES_LOAD_FILE, args, check, fixture_text,
-    group, group_names, keys, module, pretty,
+    group, group_names, keys, kmod_monitor, module, pretty,
 };
 use serde_json::{Value, json};
 
@@ -444,5 +444,28 @@ fn a_live_module_whose_init_is_still_coming_is_loading() {
     assert!(
         explanation.contains("again"),
         "a module in transition should be checked again: {explanation:?}"
+    );
+}
+
+#[test]
+fn host_root_may_come_from_the_config_file() {
+    let host = FakeHost::debian_6_1();
+    let config = host.config(&format!(
+        "host_root = {:?}\n",
+        host.path().display().to_string()
+    ));
+    let out = kmod_monitor(&args!["check", "--output", "json", "--config", &config]);
+    let report = out.expect_code(0).json();
+    assert_eq!(
+        report["kernel_release"], DEBIAN_6_1,
+        "read from the config's host_root"
+    );
+
+    // The flag wins over the file.
+    let other = FakeHost::dev_6_18_no_modules();
+    let report = check_json(&other, &args!["--config", &config], 1);
+    assert_eq!(
+        report["kernel_release"], DEV_6_18,
+        "--host-root wins over host_root"
     );
 }

@@ -293,3 +293,33 @@ fn kernel_without_module_support_leaves_base_unmet() {
     assert_eq!(met(&status, "base"), Some(false), "{}", pretty(&status));
     assert_eq!(state_of(&status, "base", "dm_crypt"), "missing");
 }
+
+#[test]
+fn json_logs_are_one_object_per_line_and_report_a_lost_group() {
+    let host = FakeHost::debian_6_1();
+    let mut daemon = polling(&host, &args!["--log-format", "json"]);
+    host.unload("dm_crypt");
+    daemon.wait_for("base to become unmet", FOLLOW, |s| {
+        met(s, "base") == Some(false)
+    });
+    let stderr = daemon.wait_for_stderr("NO LONGER met", FOLLOW);
+    let lines: Vec<Value> = stderr
+        .lines()
+        .map(|l| {
+            serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("log line is not JSON ({e}): {l}\n{daemon}"))
+        })
+        .collect();
+    for line in &lines {
+        assert!(
+            line["level"].is_string() && line["message"].is_string(),
+            "every line has a level and a message: {line}"
+        );
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["level"] == "ERROR" && l["group"] == "base"),
+        "losing base should be logged as an error naming the group\n{daemon}"
+    );
+}
