@@ -6,6 +6,8 @@
 //! Every helper panics with a message naming what it was doing (and, for a
 //! command or daemon, its arguments and output) rather than returning an
 //! error: a test fails by panicking, and the message is the diagnosis.
+
+pub mod servers;
 use std::{
     ffi::OsString,
     fmt, fs,

@@ -7,7 +7,10 @@
 //! - `bad_input`: every rejected input exits 2 with a message naming it.
 //! - `daemon`: `run` following a host's /proc/modules, signals, reconcile.
 //! - `source`: choosing the event source where eBPF cannot work.
+//! - `prometheus`: /metrics, the shipped rules and alert delivery against
+//!   the real Prometheus and Alertmanager.
 mod bad_input;
 mod check;
 mod daemon;
+mod prometheus;
 mod source;
