@@ -189,9 +189,9 @@ pub fn read_kernel_config(
 
 fn gunzip(decoder: impl Read, path: &Path) -> Result<Vec<u8>, HostError> {
     read_limited(decoder, path).map_err(|e| match e {
-        HostError::Read { path, source } => HostError::Invalid {
+        HostError::Read { path, error } => HostError::Invalid {
             path,
-            problem: format!("not valid gzip: {source}"),
+            problem: format!("not valid gzip: {error}"),
         },
         other => other,
     })

@@ -48,12 +48,13 @@ pub const MAX_FILE_SIZE: u64 = 64 * 1024 * 1024;
 pub enum HostError {
     /// Opening or reading the file failed (a missing file is only an error
     /// where the file is required).
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {error}", path.display())]
     Read {
         /// The file, under the host root.
         path: PathBuf,
-        /// The OS error.
-        source: io::Error,
+        /// The OS error (in the message, not a separate cause, so the CLI's
+        /// error chain names it once).
+        error: io::Error,
     },
     /// The file is larger than [`MAX_FILE_SIZE`].
     #[error("{}: larger than {limit} bytes", path.display())]
@@ -172,10 +173,10 @@ pub(crate) fn read_optional_bytes(path: &Path) -> Result<Option<Vec<u8>>, HostEr
     let file = match std::fs::File::open(path) {
         Ok(file) => file,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => {
+        Err(error) => {
             return Err(HostError::Read {
                 path: path.to_path_buf(),
-                source,
+                error,
             });
         }
     };
@@ -189,9 +190,9 @@ pub(crate) fn read_limited(reader: impl Read, path: &Path) -> Result<Vec<u8>, Ho
     reader
         .take(MAX_FILE_SIZE + 1)
         .read_to_end(&mut buf)
-        .map_err(|source| HostError::Read {
+        .map_err(|error| HostError::Read {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
     if buf.len() as u64 > MAX_FILE_SIZE {
         return Err(HostError::TooLarge {
@@ -220,10 +221,18 @@ pub(crate) fn read_optional_text(path: &Path) -> Result<Option<String>, HostErro
 /// without a release no module tree can be found.
 pub fn read_kernel_release(root: &HostRoot) -> Result<String, HostError> {
     let path = root.osrelease();
-    let text = read_optional_text(&path)?.ok_or_else(|| HostError::Read {
-        path: path.clone(),
-        source: io::Error::from(io::ErrorKind::NotFound),
-    })?;
+    let Some(text) = read_optional_text(&path)? else {
+        let root_dir = root.root();
+        let problem = if root_dir.is_dir() {
+            "does not exist (is the host's /proc mounted under the host root?)".to_owned()
+        } else {
+            format!(
+                "does not exist: the host root {} is not a directory",
+                root_dir.display()
+            )
+        };
+        return Err(HostError::Invalid { path, problem });
+    };
     let release = text.trim();
     if release.is_empty() {
         return Err(HostError::Invalid {

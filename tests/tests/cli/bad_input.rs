@@ -97,9 +97,8 @@ fn nonexistent_host_root_is_named() {
     let host = FakeHost::debian_6_1();
     let root = host.join("not-mounted");
     let shown = root.display().to_string();
-    // Today's wording: "reading the host: ROOT/proc/sys/kernel/osrelease:
-    // entity not found". It names the root (as part of the first path
-    // read under it) and that it was not found.
+    // "reading the host: ROOT/proc/sys/kernel/osrelease: does not exist:
+    // the host root ROOT is not a directory".
     let check_out = kmod_monitor(&args!["check", "--host-root", &root]);
     let run_out = kmod_monitor(&args![
         "run",
@@ -111,17 +110,17 @@ fn nonexistent_host_root_is_named() {
         &root
     ]);
     for out in [check_out, run_out] {
-        out.expect_code(2)
-            .stderr_has(&[&format!("{shown}/proc/sys/kernel/osrelease"), "not found"]);
+        out.expect_code(2).stderr_has(&[
+            &format!("{shown}/proc/sys/kernel/osrelease"),
+            &format!("the host root {shown} is not a directory"),
+        ]);
     }
 }
 
 #[test]
-#[ignore = "bug: HostError::Read prints its io::Error in Display and as source(), so `{e:#}` in main.rs repeats it"]
 fn unreadable_host_file_states_its_cause_once() {
     // /proc/modules that cannot be read (a directory, readable by nobody
-    // as a file) fails the snapshot. Today the message ends
-    // "proc/modules: Is a directory (os error 21): Is a directory (os error 21)".
+    // as a file) fails the snapshot, naming the file and the cause once.
     let host = FakeHost::debian_6_1();
     let proc_modules = host.join("proc/modules");
     std::fs::remove_file(&proc_modules).unwrap_or_else(|e| panic!("{e}"));
@@ -142,12 +141,15 @@ fn unreadable_host_file_states_its_cause_once() {
         );
     }
 
-    // The same for a host root that does not exist at all.
+    // A host root that does not exist at all is named as the problem.
     let root = host.join("not-mounted");
     let out = kmod_monitor(&args!["check", "--host-root", &root]);
-    out.expect_code(2);
+    out.expect_code(2).stderr_has(&[&format!(
+        "the host root {} is not a directory",
+        root.display()
+    )]);
     assert_eq!(
-        out.stderr.matches("not found").count(),
+        out.stderr.matches("does not exist").count(),
         1,
         "the cause should be stated once: {out}"
     );
