@@ -96,13 +96,18 @@ fn rustup_components() -> Result<()> {
         "rustup",
         ["component", "list", "--installed", "--toolchain", "nightly"],
     ))?;
-    if has_line_starting(&nightly_components, "rust-src") {
-        println!("setup: nightly rust-src present");
+    // rust-src for build-std of the eBPF crate; clippy to lint it for its
+    // own target (a minimal-profile nightly lacks both).
+    let missing: Vec<&str> = ["rust-src", "clippy"]
+        .into_iter()
+        .filter(|c| !has_line_starting(&nightly_components, c))
+        .collect();
+    if missing.is_empty() {
+        println!("setup: nightly rust-src and clippy present");
     } else {
-        cmd::run(&mut cmd::new(
-            "rustup",
-            ["component", "add", "rust-src", "--toolchain", "nightly"],
-        ))?;
+        cmd::run(
+            cmd::new("rustup", ["component", "add", "--toolchain", "nightly"]).args(&missing),
+        )?;
     }
 
     // The default toolchain builds the userspace crates, including the
