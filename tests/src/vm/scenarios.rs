@@ -32,6 +32,10 @@ const FAILING_GROUP: &str = "failing-probe";
 /// module_load tracepoint. The host harness puts it (and its dependency
 /// kvm) into the initramfs.
 const FAILING_MODULE: &str = "kvm_intel";
+/// The config-file group holding a module that is always in use while
+/// dm_crypt is loaded, so rmmod of it fails.
+const IN_USE_GROUP: &str = "in-use";
+const IN_USE_MODULE: &str = "dm_mod";
 /// The config file every daemon in the guest runs with.
 const CONFIG: &str = "/tmp/kmod-monitor-vm-test.toml";
 const TRACEFS: &str = "/sys/kernel/tracing";
@@ -58,6 +62,7 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("v2-load-in-turn", v2_load_in_turn),
     ("rmmod-actor", rmmod_actor),
     ("failing-load", failing_load),
+    ("unload-in-use", unload_in_use),
     ("restart-sees-offline-change", restart_sees_offline_change),
     ("check-exit-codes", check_exit_codes),
     ("uevent-v2-load-unload", uevent_v2_load_unload),
@@ -79,10 +84,11 @@ pub fn run_all() -> bool {
     };
     let mut report = Report::default();
     Report::plan(SCENARIOS.len());
-    if let Err(e) = fs::write(
-        CONFIG,
-        format!("[groups.{FAILING_GROUP}]\nall_of = [\"{FAILING_MODULE}\"]\n"),
-    ) {
+    let config = format!(
+        "[groups.{FAILING_GROUP}]\nall_of = [\"{FAILING_MODULE}\"]\n\n\
+         [groups.{IN_USE_GROUP}]\nall_of = [\"{IN_USE_MODULE}\"]\n"
+    );
+    if let Err(e) = fs::write(CONFIG, config) {
         Report::note(&format!("cannot write {CONFIG}: {e}"));
     }
     for (name, scenario) in SCENARIOS {
@@ -199,6 +205,18 @@ fn expect_source(status: &Status, wanted: &str) -> Outcome {
         "source.active is {:?}, expected {wanted:?} (unavailable: {})",
         status.source.active,
         reasons.join("; ")
+    );
+    Ok(())
+}
+
+/// With the eBPF source every change arrives as an event, so reconciling
+/// against /proc/modules must never find the tracked state wrong.
+fn expect_no_drift(status: &Status) -> Outcome {
+    ensure!(
+        status.drift_total == 0,
+        "drift_total is {}: the eBPF events missed or misread a change ({})",
+        status.drift_total,
+        status.summary()
     );
     Ok(())
 }
@@ -496,6 +514,7 @@ fn v2_load_in_turn(g: &mut Guest) -> Outcome {
         "events.lost is {}",
         after.events.lost
     );
+    expect_no_drift(&after)?;
     Ok(())
 }
 
@@ -514,6 +533,7 @@ fn rmmod_actor(g: &mut Guest) -> Outcome {
         pid,
         "rmmod nvme_tcp",
     )?;
+    expect_no_drift(&status)?;
     Ok(())
 }
 
@@ -539,18 +559,19 @@ fn failing_load(g: &mut Guest) -> Outcome {
         Ok(())
     };
     // Poll as fast as the API answers while modprobe runs.
-    let exited = loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            break status;
+    loop {
+        if let Ok(Some(_)) = child.try_wait() {
+            break;
         }
         if let Ok(s) = g.api.status() {
             observe(&s)?;
         }
-    };
+    }
     let ran = kmod::finish(child, "modprobe")?;
     ensure!(
-        !exited.success(),
-        "modprobe {FAILING_MODULE} succeeded ({exited})"
+        !ran.success,
+        "modprobe {FAILING_MODULE} succeeded ({})",
+        ran.status
     );
     let last = g
         .api
@@ -595,13 +616,65 @@ fn failing_load(g: &mut Guest) -> Outcome {
     expect_actor(
         event.and_then(|e| e.actor).as_ref(),
         "modprobe",
-        ran.pid.max(pid),
+        pid,
         "failed modprobe",
     )?;
     ensure!(
         !kmod::listed(FAILING_MODULE)?,
         "{FAILING_MODULE} is in /proc/modules"
     );
+    expect_no_drift(&last)?;
+    Ok(())
+}
+
+/// An unload refused because the module is in use (dm_mod under
+/// dm_crypt) leaves it loaded, with an unload_failed event from the rmmod.
+fn unload_in_use(g: &mut Guest) -> Outcome {
+    g.ensure_daemon("ebpf")?;
+    kmod::modprobe("dm_crypt")?;
+    let status = wait_state(&g.api, IN_USE_GROUP, IN_USE_MODULE, "loaded")?;
+    ensure!(
+        status.met(IN_USE_GROUP)?,
+        "{IN_USE_GROUP} unmet: {}",
+        status.summary()
+    );
+    let ran = kmod::run("rmmod", &[IN_USE_MODULE])?;
+    ensure!(
+        !ran.success,
+        "rmmod {IN_USE_MODULE} succeeded although dm_crypt uses it"
+    );
+    let status = g
+        .api
+        .wait_for(&format!("{IN_USE_MODULE} unload_failed"), |s| {
+            let m = s.module(IN_USE_GROUP, IN_USE_MODULE)?;
+            Ok(m.last_event
+                .as_ref()
+                .is_some_and(|e| e.kind == "unload_failed"))
+        })?;
+    let state = status.state(IN_USE_GROUP, IN_USE_MODULE)?;
+    ensure!(
+        state == "loaded",
+        "{IN_USE_MODULE} is {state:?} after a refused rmmod, expected loaded"
+    );
+    ensure!(
+        status.met(IN_USE_GROUP)?,
+        "{IN_USE_GROUP} unmet after a refused rmmod"
+    );
+    let event = status
+        .module(IN_USE_GROUP, IN_USE_MODULE)?
+        .last_event
+        .clone();
+    expect_actor(
+        event.and_then(|e| e.actor).as_ref(),
+        "rmmod",
+        ran.pid,
+        "refused rmmod",
+    )?;
+    ensure!(
+        kmod::listed(IN_USE_MODULE)?,
+        "{IN_USE_MODULE} left /proc/modules"
+    );
+    expect_no_drift(&status)?;
     Ok(())
 }
 
