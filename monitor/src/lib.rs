@@ -18,11 +18,13 @@
 //! - [`metrics`]: the Prometheus metrics contract.
 //! - [`check`]: the one-shot preflight and its remedies.
 //! - [`alerting`]: the Alertmanager push and the alerts it sends.
+//! - [`forensic`]: the tamper-evident event log, `log verify` and `log show`.
 pub mod alerting;
 pub mod check;
 pub mod config;
 pub mod daemon;
 pub mod event;
+pub mod forensic;
 pub mod host;
 pub mod http;
 pub mod metrics;

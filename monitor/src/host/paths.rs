@@ -124,6 +124,13 @@ impl HostRoot {
         self.join("sys/kernel/btf/vmlinux")
     }
 
+    /// `/proc/sys/kernel/random/boot_id`: a UUID that changes every boot,
+    /// stamped on each event-log record.
+    #[must_use]
+    pub fn boot_id(&self) -> PathBuf {
+        self.join("proc/sys/kernel/random/boot_id")
+    }
+
     /// `/proc/<pid>`: a process's directory, for `comm`, `cmdline`, `status`…
     #[must_use]
     pub fn proc_pid(&self, pid: u32) -> PathBuf {
@@ -172,6 +179,7 @@ mod tests {
             root.btf_vmlinux(),
             root.proc_pid(7),
             root.proc_pid_file(7, "cmdline"),
+            root.boot_id(),
         ];
         all.extend(root.kernel_config_candidates("r"));
         all.extend(root.modules_dir_candidates("r"));

@@ -1,0 +1,416 @@
+//! The event-log record schema (version [`SCHEMA_VERSION`]): one JSON object
+//! per line, the same struct for writing and for reading back.
+//!
+//! Every record has `v`, `seq`, `time`, `boot_id`, `boot_ns`, `host`,
+//! `kind`, `prev_hash` and `hash`; the other members appear only on the
+//! kinds they belong to (see the README, "Forensic event log").
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::event::Kind;
+
+/// The `v` of every record this build writes.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// What a record is about.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordKind {
+    /// `module_load`: the module was linked in; its init is about to run.
+    ModuleLoad,
+    /// The module's init succeeded.
+    ModuleLoaded,
+    /// The module's init failed.
+    ModuleLoadFailed,
+    /// `delete_module` was entered.
+    ModuleUnloadBegin,
+    /// The module is gone.
+    ModuleUnload,
+    /// `delete_module` failed; the module stays.
+    ModuleUnloadFailed,
+    /// The kernel asked for the module.
+    ModuleRequest,
+    /// The state of every required module and every group at start-up.
+    Snapshot,
+    /// The reconcile found a tracked state wrong and corrected it.
+    Drift,
+    /// The event source lost events (or could not decode one).
+    EventsLost,
+    /// The daemon started (version, kernel, config digest).
+    #[default]
+    MonitorStart,
+    /// The daemon stopped cleanly.
+    MonitorStop,
+    /// SIGHUP: the config was reloaded, or the new one rejected.
+    ConfigReload,
+    /// A requirement group went from met to unmet, or back.
+    RequirementChange,
+    /// Start-up (or a failed write) found torn lines; the chain continues
+    /// from the last good record.
+    LogRecovered,
+    /// Records the log could not hold while the disk was failing.
+    LogDropped,
+}
+
+impl RecordKind {
+    /// Every kind, in the order the README lists them.
+    pub const ALL: [Self; 16] = [
+        Self::ModuleLoad,
+        Self::ModuleLoaded,
+        Self::ModuleLoadFailed,
+        Self::ModuleUnloadBegin,
+        Self::ModuleUnload,
+        Self::ModuleUnloadFailed,
+        Self::ModuleRequest,
+        Self::Snapshot,
+        Self::Drift,
+        Self::EventsLost,
+        Self::MonitorStart,
+        Self::MonitorStop,
+        Self::ConfigReload,
+        Self::RequirementChange,
+        Self::LogRecovered,
+        Self::LogDropped,
+    ];
+
+    /// The name in the `kind` member.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::ModuleLoad => "module_load",
+            Self::ModuleLoaded => "module_loaded",
+            Self::ModuleLoadFailed => "module_load_failed",
+            Self::ModuleUnloadBegin => "module_unload_begin",
+            Self::ModuleUnload => "module_unload",
+            Self::ModuleUnloadFailed => "module_unload_failed",
+            Self::ModuleRequest => "module_request",
+            Self::Snapshot => "snapshot",
+            Self::Drift => "drift",
+            Self::EventsLost => "events_lost",
+            Self::MonitorStart => "monitor_start",
+            Self::MonitorStop => "monitor_stop",
+            Self::ConfigReload => "config_reload",
+            Self::RequirementChange => "requirement_change",
+            Self::LogRecovered => "log_recovered",
+            Self::LogDropped => "log_dropped",
+        }
+    }
+
+    /// The kind named `name`, if there is one.
+    #[must_use]
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == name)
+    }
+
+    /// The record kind of a tracker event kind.
+    #[must_use]
+    pub const fn of_event(kind: Kind) -> Self {
+        match kind {
+            Kind::Load => Self::ModuleLoad,
+            Kind::Loaded => Self::ModuleLoaded,
+            Kind::LoadFailed => Self::ModuleLoadFailed,
+            Kind::UnloadBegin => Self::ModuleUnloadBegin,
+            Kind::Unload => Self::ModuleUnload,
+            Kind::UnloadFailed => Self::ModuleUnloadFailed,
+            Kind::Request => Self::ModuleRequest,
+            Kind::Drift => Self::Drift,
+        }
+    }
+}
+
+impl fmt::Display for RecordKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The module an event is about.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModuleInfo {
+    /// Normalised name (`nvme_tcp`).
+    pub name: String,
+    /// Taint letters as /proc/modules prints them (`"OE"`, `""` for none);
+    /// null where the source does not know (everything but eBPF's
+    /// `module_load`).
+    pub taints: Option<String>,
+}
+
+/// The task that caused an event.
+///
+/// `pid`, `tgid`, `uid`, `gid`, `comm` and `cgroup_id` are the kernel's, taken
+/// in the event itself. `ppid`, `exe`, `cmdline`, `cgroup`, `container_id`
+/// and `pod_uid` are read from `/proc/<tgid>` right after the event arrived
+/// (`read_late` is always true to say so): null when the process was already
+/// gone, or when `/proc/<tgid>` no longer showed the event's `comm` (the pid
+/// was reused).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActorInfo {
+    /// Thread id.
+    pub pid: u32,
+    /// Process id.
+    pub tgid: u32,
+    /// Parent process id (read late).
+    pub ppid: Option<u32>,
+    pub uid: u32,
+    pub gid: u32,
+    /// The thread's name, at most 15 bytes.
+    pub comm: String,
+    /// `/proc/<tgid>/exe` (read late).
+    pub exe: Option<String>,
+    /// `/proc/<tgid>/cmdline`, one string per argument, at most
+    /// [`CMDLINE_MAX`](super::actor::CMDLINE_MAX) bytes in all (read late).
+    pub cmdline: Option<Vec<String>>,
+    /// The kernel's cgroup v2 id of the task.
+    pub cgroup_id: u64,
+    /// The cgroup path from `/proc/<tgid>/cgroup` (read late).
+    pub cgroup: Option<String>,
+    /// 64-hex container id found in the cgroup path (read late).
+    pub container_id: Option<String>,
+    /// Kubernetes pod UID found in the cgroup path (read late).
+    pub pod_uid: Option<String>,
+    /// Always true: the fields marked "read late" come from /proc after the
+    /// event, not from the kernel at the event.
+    pub read_late: bool,
+}
+
+/// A module's state before and after a record's event.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateChange {
+    pub from: String,
+    pub to: String,
+}
+
+/// One requirement group an event touches, after the event.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequirementEffect {
+    /// The group.
+    pub name: String,
+    /// Whether it is met after the event.
+    pub met: bool,
+    /// Whether this event flipped it (it was `!met` before).
+    pub changed: bool,
+}
+
+/// A group that went from met to unmet or back.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequirementFlip {
+    pub name: String,
+    /// Before.
+    pub was: bool,
+    /// After.
+    pub met: bool,
+}
+
+/// A required module in a `snapshot` record.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModuleStateInfo {
+    pub name: String,
+    pub state: String,
+    /// Taint letters from /proc/modules; null when not loaded.
+    pub taints: Option<String>,
+}
+
+/// What `monitor_start` says about the daemon.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MonitorInfo {
+    /// kmod-monitor's version.
+    pub version: String,
+    /// `uname -r` of the host.
+    pub kernel_release: String,
+    /// The active event source (`ebpf`, `uevent`, `poll`).
+    pub source: String,
+    /// The daemon's pid.
+    pub pid: u32,
+    /// The enabled groups.
+    pub groups: Vec<String>,
+    /// The config file, if any.
+    pub config_file: Option<String>,
+    /// Hex SHA-256 of the config file's bytes, or (no file) of the resolved
+    /// groups as JSON.
+    pub config_digest: String,
+    /// `file` or `groups`: what `config_digest` is a digest of.
+    pub config_digest_of: String,
+}
+
+/// What `config_reload` says.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigInfo {
+    /// The config file.
+    pub file: String,
+    /// Hex SHA-256 of the bytes read (null when unreadable).
+    pub digest: Option<String>,
+    /// Whether the new config was taken (false: rejected, old one kept).
+    pub accepted: bool,
+    /// Why it was rejected.
+    pub error: Option<String>,
+    /// The enabled groups after the reload.
+    pub groups: Vec<String>,
+}
+
+/// A torn or unparsable line named by `log_recovered`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TornLine {
+    /// 1-based line number in the same file as the `log_recovered` record.
+    pub line: u64,
+    /// Its length in bytes, without the newline.
+    pub bytes: u64,
+    /// Whether it lacked its newline (a write cut short); start-up added one.
+    pub unterminated: bool,
+}
+
+/// One line of the event log.
+///
+/// Optional members are left out when they do not apply (`None`, empty,
+/// false), so a record carries only what its kind needs.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    /// Schema version, [`SCHEMA_VERSION`].
+    pub v: u32,
+    /// 1 for the first record ever; +1 per record, across restarts and
+    /// rotated files.
+    pub seq: u64,
+    /// RFC 3339 UTC with nanoseconds: the wall clock when the daemon made the
+    /// record (a record held back by a failing disk keeps its time).
+    pub time: String,
+    /// `/proc/sys/kernel/random/boot_id` of the host (`""` if unreadable).
+    pub boot_id: String,
+    /// CLOCK_BOOTTIME ns of the event (in-kernel for eBPF, receipt for
+    /// uevent/poll), or of the record for records that are not events.
+    pub boot_ns: u64,
+    /// The node name.
+    pub host: String,
+    pub kind: RecordKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module: Option<ModuleInfo>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor: Option<ActorInfo>,
+    /// The event source that saw it (`ebpf`, `uevent`, `poll`,
+    /// `initstate`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// The event happened before the start-up snapshot: history only, it
+    /// changed no state.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub historical: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<StateChange>,
+    /// Module events: each group holding the module. Snapshot and reload:
+    /// every group.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub requirements: Vec<RequirementEffect>,
+    /// `requirement_change`: the group that flipped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requirement: Option<RequirementFlip>,
+    /// `requirement_change`: the kind of record that caused it (the record
+    /// just before it), e.g. `module_unload`, `drift`, `config_reload`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cause: Option<RecordKind>,
+    /// `snapshot`: every required module's state.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub modules: Vec<ModuleStateInfo>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub monitor: Option<MonitorInfo>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<ConfigInfo>,
+    /// `events_lost`: the source's running total of lost events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost_total: Option<u64>,
+    /// `events_lost` (undecodable record), `monitor_stop` (signal): why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// `log_recovered`: the lines after the last good record.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub torn: Vec<TornLine>,
+    /// `log_recovered`: seq of the last good record it continues from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after_seq: Option<u64>,
+    /// `log_dropped`: how many records were not written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dropped: Option<u64>,
+    /// Hex SHA-256 of the previous record (64 zeros before the first).
+    pub prev_hash: String,
+    /// Hex SHA-256 of this record's canonical form without `hash`.
+    pub hash: String,
+}
+
+#[expect(
+    clippy::trivially_copy_pass_by_ref,
+    reason = "serde's skip_serializing_if passes a reference"
+)]
+const fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+impl Record {
+    /// A record of `kind` about something at `boot_ns`; the log fills in
+    /// `v`, `time`, `boot_id`, `host`, `seq` and the hashes.
+    #[must_use]
+    pub fn new(kind: RecordKind, boot_ns: u64) -> Self {
+        Self {
+            v: SCHEMA_VERSION,
+            kind,
+            boot_ns,
+            ..Self::default()
+        }
+    }
+
+    /// The module this record is about, if any.
+    #[must_use]
+    pub fn module_name(&self) -> Option<&str> {
+        self.module.as_ref().map(|m| m.name.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kind_names_round_trip() {
+        for kind in RecordKind::ALL {
+            assert_eq!(RecordKind::parse(kind.as_str()), Some(kind));
+            let json = serde_json::to_string(&kind).unwrap();
+            assert_eq!(json, format!("\"{kind}\""));
+        }
+        assert_eq!(RecordKind::parse("module_unloaded"), None);
+        for kind in Kind::ALL {
+            let name = RecordKind::of_event(kind).as_str();
+            assert!(
+                name == "drift" || name == format!("module_{kind}"),
+                "{kind} -> {name}"
+            );
+        }
+    }
+
+    #[test]
+    fn optional_members_are_left_out() {
+        let r = Record::new(RecordKind::MonitorStop, 5);
+        let json = serde_json::to_value(&r).unwrap();
+        let mut keys: Vec<&str> = json
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            [
+                "boot_id",
+                "boot_ns",
+                "hash",
+                "host",
+                "kind",
+                "prev_hash",
+                "seq",
+                "time",
+                "v"
+            ]
+        );
+        let back: Record = serde_json::from_value(json).unwrap();
+        assert_eq!(back, r);
+    }
+}

@@ -1,0 +1,855 @@
+//! The log file on disk and the thread that writes it: opening with torn-line
+//! recovery, one `write(2)` per record, size rotation, the fsync policy, and
+//! holding records in memory (and retrying) while the disk fails. Nothing
+//! here runs on the daemon's event path.
+use std::{
+    collections::VecDeque,
+    fs::{self, File, OpenOptions},
+    io::{self, BufRead as _, BufReader, Write as _},
+    os::{
+        fd::AsRawFd as _,
+        unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _},
+    },
+    path::{Path, PathBuf},
+    sync::mpsc::{Receiver, RecvTimeoutError, Sender},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use tokio::sync::watch;
+
+use super::{
+    EventLogSettings, EventLogStatus, FsyncPolicy,
+    chain::{self, Head},
+    record::{Record, RecordKind, TornLine},
+    rotated_path,
+};
+use crate::event::boot_ns_now;
+
+/// How often the log is fsynced under `--fsync interval` while it is being
+/// written (never while idle).
+pub const FSYNC_INTERVAL: Duration = Duration::from_secs(1);
+/// First retry after a failed write; doubled up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_millis(500);
+/// Longest wait between retries while the log is degraded.
+const RETRY_MAX: Duration = Duration::from_secs(5);
+/// The most records held in memory while the disk fails; beyond this they
+/// are counted (`dropped`) and a `log_dropped` record says so later.
+pub const MAX_PENDING: usize = 100_000;
+
+/// Why the event log cannot be used at all (start-up only; write failures
+/// later make it degraded instead).
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The log's directory could not be created.
+    #[error("event log {}: cannot create its directory {}: {error}", path.display(), dir.display())]
+    CreateDir {
+        /// The log file.
+        path: PathBuf,
+        /// The directory.
+        dir: PathBuf,
+        /// The OS error.
+        error: io::Error,
+    },
+    /// The log file (or a rotated one) could not be opened or read.
+    #[error("event log {}: {action}: {error}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What was being done, e.g. `cannot open it`.
+        action: &'static str,
+        /// The OS error.
+        error: io::Error,
+    },
+    /// Another process holds the log's lock.
+    #[error(
+        "event log {}: in use by another process (flock); give each kmod-monitor its own --event-log",
+        path.display()
+    )]
+    Locked {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The writer thread could not be started.
+    #[error("event log {}: cannot start its writer thread: {error}", path.display())]
+    Thread {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        error: io::Error,
+    },
+}
+
+/// What a pass over one log file found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Scan {
+    /// Bytes in the file.
+    pub size: u64,
+    /// Lines, the unterminated last one included.
+    pub lines: u64,
+    /// The last line that parses as a record, and its line number.
+    pub last_good: Option<(u64, Head)>,
+    /// Lines after `last_good` that do not parse as records.
+    pub trailing_bad: Vec<TornLine>,
+    /// Whether the file ends without a newline.
+    pub unterminated: bool,
+}
+
+/// The seq and hash of a line, if it is a JSON object with both.
+fn head_of(line: &[u8]) -> Option<Head> {
+    let Value::Object(map) = serde_json::from_slice::<Value>(line).ok()? else {
+        return None;
+    };
+    Some(Head {
+        seq: map.get("seq")?.as_u64()?,
+        hash: map.get("hash")?.as_str()?.to_owned(),
+    })
+}
+
+/// Reads `path` line by line. A missing file is an empty scan.
+///
+/// # Errors
+/// When the file exists but cannot be read.
+pub fn scan_file(path: &Path) -> io::Result<Scan> {
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Scan::default()),
+        Err(e) => return Err(e),
+    };
+    let mut reader = BufReader::new(file);
+    let mut scan = Scan::default();
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n = reader.read_until(b'\n', &mut line)?;
+        if n == 0 {
+            break;
+        }
+        scan.size += n as u64;
+        scan.lines += 1;
+        let terminated = line.last() == Some(&b'\n');
+        let body = line.strip_suffix(b"\n").unwrap_or(&line);
+        scan.unterminated = !terminated;
+        if let Some(head) = head_of(body) {
+            scan.last_good = Some((scan.lines, head));
+            scan.trailing_bad.clear();
+        } else {
+            scan.trailing_bad.push(TornLine {
+                line: scan.lines,
+                bytes: body.len() as u64,
+                unterminated: !terminated,
+            });
+        }
+    }
+    Ok(scan)
+}
+
+/// The log file being appended to, its chain head, and the writer state.
+pub struct Writer {
+    settings: EventLogSettings,
+    boot_id: String,
+    host: String,
+    file: Option<File>,
+    /// Bytes in the current file (what this process knows of).
+    size: u64,
+    head: Head,
+    /// The current file ends without a newline: the next write starts with
+    /// one.
+    needs_newline: bool,
+    /// A cut-short write could not be undone: scan the file again before
+    /// the next write (it then gets a `log_recovered` record).
+    needs_rescan: bool,
+    pending: VecDeque<Pending>,
+    /// Records dropped since the last `log_dropped` record.
+    dropped_unreported: u64,
+    dirty: bool,
+    last_sync: Instant,
+    /// While degraded: when to try again, and the back-off that led there.
+    retry: Option<(Instant, Duration)>,
+    status: watch::Sender<EventLogStatus>,
+}
+
+/// A record waiting to be written.
+struct Pending {
+    record: Record,
+    /// Must land in the current file, before any rotation (a
+    /// `log_recovered` names lines of the file it is in).
+    pinned: bool,
+}
+
+/// What the daemon sends the writer thread.
+pub enum Msg {
+    /// Append this record.
+    Record(Box<Record>),
+    /// Write what is pending (one try), fsync, acknowledge and stop.
+    Close(Sender<()>),
+}
+
+impl Writer {
+    /// Opens (creating) the log, takes its lock, finds the chain head (in
+    /// the newest rotated file if the current one has no record) and queues
+    /// a `log_recovered` record if the file ends in torn lines.
+    ///
+    /// # Errors
+    /// When the directory or file cannot be created, opened, locked or read.
+    pub fn open(
+        settings: EventLogSettings,
+        boot_id: String,
+        host: String,
+        status: watch::Sender<EventLogStatus>,
+    ) -> Result<Self, OpenError> {
+        let path = settings.path.clone();
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+            && !dir.exists()
+        {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|error| OpenError::CreateDir {
+                    path: path.clone(),
+                    dir: dir.to_path_buf(),
+                    error,
+                })?;
+        }
+        let file = open_locked(&path)?;
+        let scan = scan_file(&path).map_err(|error| OpenError::Io {
+            path: path.clone(),
+            action: "cannot read it",
+            error,
+        })?;
+        let head = match &scan.last_good {
+            Some((_, head)) => head.clone(),
+            None => rotated_head(&settings)?,
+        };
+        let mut writer = Self {
+            boot_id,
+            host,
+            file: Some(file),
+            size: scan.size,
+            head,
+            needs_newline: scan.unterminated,
+            needs_rescan: false,
+            pending: VecDeque::new(),
+            dropped_unreported: 0,
+            dirty: false,
+            last_sync: Instant::now(),
+            retry: None,
+            status,
+            settings,
+        };
+        writer.queue_recovery(&scan);
+        let head = writer.head.clone();
+        writer.status.send_modify(|s| {
+            s.last_seq = head.seq;
+            s.last_hash = head.hash;
+        });
+        writer.publish();
+        Ok(writer)
+    }
+
+    /// The chain head the log continues from.
+    #[must_use]
+    pub const fn head(&self) -> &Head {
+        &self.head
+    }
+
+    /// Queues a `log_recovered` record (first in line) if `scan` found torn
+    /// lines after the last good record, and says so in the daemon's log.
+    fn queue_recovery(&mut self, scan: &Scan) {
+        if scan.trailing_bad.is_empty() {
+            return;
+        }
+        let path = self.settings.path.display().to_string();
+        for torn in &scan.trailing_bad {
+            tracing::warn!(
+                file = %path,
+                line = torn.line,
+                bytes = torn.bytes,
+                unterminated = torn.unterminated,
+                after_seq = self.head.seq,
+                "event log: torn line (an interrupted write); the chain continues from the last good record"
+            );
+        }
+        let mut record = Record::new(RecordKind::LogRecovered, boot_ns_now());
+        record.torn.clone_from(&scan.trailing_bad);
+        record.after_seq = Some(self.head.seq);
+        self.stamp(&mut record);
+        self.pending.push_front(Pending {
+            record,
+            pinned: true,
+        });
+    }
+
+    /// Fills in what the writer itself knows for records it makes.
+    fn stamp(&self, record: &mut Record) {
+        super::stamp(record, &self.boot_id, &self.host);
+    }
+
+    /// Runs the writer until it is told to close or the daemon goes away.
+    pub fn run(mut self, rx: &Receiver<Msg>) {
+        // Whatever open() queued (a recovery record) goes out first.
+        self.flush();
+        self.publish();
+        loop {
+            let msg = match self.deadline() {
+                Some(at) => rx.recv_timeout(at.saturating_duration_since(Instant::now())),
+                None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            };
+            let mut close = None;
+            match msg {
+                Ok(Msg::Record(r)) => self.accept(*r),
+                Ok(Msg::Close(ack)) => close = Some(ack),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.close();
+                    return;
+                }
+            }
+            // Take everything already queued before touching the disk.
+            while close.is_none()
+                && let Ok(msg) = rx.try_recv()
+            {
+                match msg {
+                    Msg::Record(r) => self.accept(*r),
+                    Msg::Close(ack) => close = Some(ack),
+                }
+            }
+            if let Some(ack) = close {
+                self.close();
+                // The daemon may have stopped waiting.
+                let _ = ack.send(());
+                return;
+            }
+            if self.retry.is_none_or(|(at, _)| Instant::now() >= at) {
+                self.flush();
+            }
+            if self.dirty && Instant::now() >= self.last_sync + FSYNC_INTERVAL {
+                self.sync();
+            }
+            self.publish();
+        }
+    }
+
+    /// The next time the thread must wake without a message: a retry while
+    /// degraded, an fsync while dirty. `None` when idle.
+    fn deadline(&self) -> Option<Instant> {
+        let retry = self.retry.map(|(at, _)| at);
+        let sync = self.dirty.then_some(self.last_sync + FSYNC_INTERVAL);
+        match (retry, sync) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Queues a record from the daemon (or counts it dropped when too many
+    /// are already held back).
+    pub fn accept(&mut self, record: Record) {
+        if self.pending.len() >= MAX_PENDING {
+            self.dropped_unreported += 1;
+            self.status.send_modify(|s| s.dropped += 1);
+            return;
+        }
+        self.pending.push_back(Pending {
+            record,
+            pinned: false,
+        });
+    }
+
+    /// Writes what is pending, in order, until done or a write fails.
+    pub fn flush(&mut self) {
+        loop {
+            if self.needs_rescan
+                && let Err(error) = self.rescan()
+            {
+                self.degrade(&error);
+                return;
+            }
+            while let Some(p) = self.pending.pop_front() {
+                if let Err(error) = self.write_one(&p) {
+                    self.pending.push_front(p);
+                    self.degrade(&error);
+                    return;
+                }
+            }
+            if self.dropped_unreported == 0 {
+                break;
+            }
+            let mut record = Record::new(RecordKind::LogDropped, boot_ns_now());
+            record.dropped = Some(self.dropped_unreported);
+            self.stamp(&mut record);
+            tracing::error!(
+                dropped = self.dropped_unreported,
+                "event log: records were dropped while the disk failed"
+            );
+            self.dropped_unreported = 0;
+            self.pending.push_back(Pending {
+                record,
+                pinned: false,
+            });
+        }
+        if self.retry.take().is_some() {
+            tracing::info!(
+                path = %self.settings.path.display(),
+                seq = self.head.seq,
+                "event log writable again; held records written"
+            );
+            self.status.send_modify(|s| s.degraded = false);
+        }
+        if self.dirty && self.settings.fsync == FsyncPolicy::Always {
+            self.sync();
+        }
+    }
+
+    /// Seals and writes one record with a single `write(2)`.
+    fn write_one(&mut self, p: &Pending) -> Result<(), String> {
+        let path = self.settings.path.clone();
+        let sealed = chain::seal(&p.record, &self.head)
+            .map_err(|e| format!("encoding a {} record: {e}", p.record.kind))?;
+        let mut bytes = Vec::with_capacity(sealed.line.len() + 1);
+        if self.needs_newline {
+            bytes.push(b'\n');
+        }
+        bytes.extend_from_slice(sealed.line.as_bytes());
+        let len = bytes.len() as u64;
+        if !p.pinned && self.size > 0 && self.size + len > self.settings.max_bytes {
+            self.rotate()
+                .map_err(|e| format!("rotating {}: {e}", path.display()))?;
+            // A fresh file needs no newline before its first line.
+            bytes = sealed.line.clone().into_bytes();
+        }
+        if self.file.is_none() {
+            self.open_current().map_err(|e| e.to_string())?;
+        }
+        let Some(file) = self.file.as_mut() else {
+            return Err(format!("{} is not open", path.display()));
+        };
+        let before = self.size;
+        match file.write(&bytes) {
+            Ok(n) if n == bytes.len() => {
+                self.size += n as u64;
+                self.needs_newline = false;
+                self.head = sealed.head;
+                self.dirty = true;
+                self.status.send_modify(|s| {
+                    s.records += 1;
+                    s.last_seq = self.head.seq;
+                    s.last_hash.clone_from(&self.head.hash);
+                });
+                if self.settings.fsync == FsyncPolicy::Always {
+                    self.sync();
+                }
+                Ok(())
+            }
+            Ok(n) => {
+                // Undo the partial line so the file stays whole; if that
+                // fails too, the next try finds it and records it torn.
+                if file.set_len(before).is_err() {
+                    self.needs_rescan = true;
+                }
+                Err(format!(
+                    "writing {}: only {n} of {} bytes written (disk full?)",
+                    path.display(),
+                    bytes.len()
+                ))
+            }
+            Err(e) => Err(format!("writing {}: {e}", path.display())),
+        }
+    }
+
+    /// A cut-short write could not be undone: find the torn line it left
+    /// and queue a `log_recovered` record in front of what is pending.
+    fn rescan(&mut self) -> Result<(), String> {
+        let path = &self.settings.path;
+        let scan = scan_file(path).map_err(|e| format!("re-reading {}: {e}", path.display()))?;
+        self.size = scan.size;
+        self.needs_newline = scan.unterminated;
+        self.needs_rescan = false;
+        self.queue_recovery(&scan);
+        Ok(())
+    }
+
+    /// The write failed: keep the records, retry later with back-off.
+    fn degrade(&mut self, error: &str) {
+        let back_off = self
+            .retry
+            .map_or(RETRY_FIRST, |(_, d)| (d * 2).min(RETRY_MAX));
+        if self.retry.is_none() {
+            tracing::error!(
+                path = %self.settings.path.display(),
+                %error,
+                pending = self.pending.len(),
+                "event log write failed; holding records in memory and retrying"
+            );
+        }
+        self.retry = Some((Instant::now() + back_off, back_off));
+        self.status.send_modify(|s| {
+            s.degraded = true;
+            s.write_errors += 1;
+            s.last_error = Some(error.to_owned());
+        });
+    }
+
+    /// `events.jsonl` -> `.1` -> ... -> `.keep`, then a fresh file.
+    fn rotate(&mut self) -> io::Result<()> {
+        if let Some(file) = &self.file {
+            file.sync_data()?;
+        }
+        self.file = None;
+        self.dirty = false;
+        let path = self.settings.path.clone();
+        let path = &path;
+        for i in (1..self.settings.keep).rev() {
+            rename_if_exists(&rotated_path(path, i), &rotated_path(path, i + 1))?;
+        }
+        rename_if_exists(path, &rotated_path(path, 1))?;
+        self.size = 0;
+        self.needs_newline = false;
+        self.open_current()
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        sync_dir(path);
+        tracing::info!(path = %path.display(), keep = self.settings.keep, seq = self.head.seq, "event log rotated");
+        Ok(())
+    }
+
+    fn open_current(&mut self) -> Result<(), OpenError> {
+        let file = open_locked(&self.settings.path)?;
+        self.size = file.metadata().map(|m| m.len()).unwrap_or(self.size);
+        self.file = Some(file);
+        Ok(())
+    }
+
+    fn sync(&mut self) {
+        let Some(file) = &self.file else { return };
+        match file.sync_data() {
+            Ok(()) => self.dirty = false,
+            Err(e) => {
+                tracing::error!(path = %self.settings.path.display(), error = %e, "event log fsync failed");
+                self.status.send_modify(|s| {
+                    s.write_errors += 1;
+                    s.last_error = Some(format!("fsync {}: {e}", self.settings.path.display()));
+                });
+                // Try again at the next interval, not in a tight loop.
+            }
+        }
+        self.last_sync = Instant::now();
+    }
+
+    /// One last try at what is pending, then fsync.
+    fn close(&mut self) {
+        self.flush();
+        self.sync();
+        if !self.pending.is_empty() {
+            tracing::error!(
+                path = %self.settings.path.display(),
+                unwritten = self.pending.len(),
+                "event log: records could not be written before stopping"
+            );
+        }
+        tracing::info!(path = %self.settings.path.display(), seq = self.head.seq, hash = %self.head.hash, "event log closed");
+        self.publish();
+    }
+
+    fn publish(&self) {
+        let pending = self.pending.len() as u64;
+        self.status.send_if_modified(|s| {
+            let changed = s.pending != pending;
+            s.pending = pending;
+            changed
+        });
+    }
+}
+
+/// Opens `path` for appending (0600, created if missing) and takes an
+/// exclusive `flock` on it.
+fn open_locked(path: &Path) -> Result<File, OpenError> {
+    let file = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|error| OpenError::Io {
+            path: path.to_path_buf(),
+            action: "cannot open it for appending",
+            error,
+        })?;
+    let meta = file.metadata().map_err(|error| OpenError::Io {
+        path: path.to_path_buf(),
+        action: "cannot stat it",
+        error,
+    })?;
+    if meta.permissions().mode() & 0o777 != 0o600 {
+        tracing::warn!(path = %path.display(), mode = format!("{:o}", meta.permissions().mode() & 0o777), "event log was not mode 0600; fixing");
+        file.set_permissions(fs::Permissions::from_mode(0o600))
+            .map_err(|error| OpenError::Io {
+                path: path.to_path_buf(),
+                action: "cannot make it mode 0600",
+                error,
+            })?;
+    }
+    // SAFETY: flock only reads the descriptor number, which `file` keeps
+    // open for the whole call.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let err = io::Error::last_os_error();
+        return Err(if err.kind() == io::ErrorKind::WouldBlock {
+            OpenError::Locked {
+                path: path.to_path_buf(),
+            }
+        } else {
+            OpenError::Io {
+                path: path.to_path_buf(),
+                action: "cannot lock it",
+                error: err,
+            }
+        });
+    }
+    sync_dir(path);
+    Ok(file)
+}
+
+/// The head of the newest rotated file that has a record, else genesis.
+fn rotated_head(settings: &EventLogSettings) -> Result<Head, OpenError> {
+    for i in 1..=settings.keep {
+        let path = rotated_path(&settings.path, i);
+        let scan = scan_file(&path).map_err(|error| OpenError::Io {
+            path: path.clone(),
+            action: "cannot read it",
+            error,
+        })?;
+        if let Some((_, head)) = scan.last_good {
+            return Ok(head);
+        }
+    }
+    Ok(Head::genesis())
+}
+
+fn rename_if_exists(from: &Path, to: &Path) -> io::Result<()> {
+    match fs::rename(from, to) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
+/// Makes a new or renamed directory entry durable; failure only costs
+/// durability of the name, so it is ignored.
+fn sync_dir(path: &Path) {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && let Ok(d) = File::open(dir)
+    {
+        let _ = d.sync_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::forensic::verify;
+
+    fn settings(dir: &Path, max_bytes: u64, keep: u32) -> EventLogSettings {
+        EventLogSettings {
+            path: dir.join("log/events.jsonl"),
+            fsync: FsyncPolicy::Interval,
+            max_bytes,
+            keep,
+        }
+    }
+
+    fn writer(s: &EventLogSettings) -> Writer {
+        let (tx, _rx) = watch::channel(EventLogStatus::default());
+        Writer::open(s.clone(), "boot".into(), "node".into(), tx).unwrap()
+    }
+
+    fn record(kind: RecordKind) -> Record {
+        let mut r = Record::new(kind, 1);
+        super::super::stamp(&mut r, "boot", "node");
+        r
+    }
+
+    fn write(w: &mut Writer, n: usize) {
+        for _ in 0..n {
+            w.accept(record(RecordKind::ConfigReload));
+        }
+        w.flush();
+        assert!(w.pending.is_empty(), "{:?}", w.status.borrow());
+    }
+
+    fn all_files(s: &EventLogSettings) -> Vec<PathBuf> {
+        let mut files = vec![s.path.clone()];
+        files.extend(
+            (1..=s.keep)
+                .map(|i| rotated_path(&s.path, i))
+                .filter(|p| p.exists()),
+        );
+        files
+    }
+
+    #[test]
+    fn creates_dir_0700_and_file_0600_and_continues_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = settings(dir.path(), 1 << 20, 2);
+        let mut w = writer(&s);
+        write(&mut w, 3);
+        drop(w);
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&s.path), 0o600);
+        assert_eq!(mode(s.path.parent().unwrap()), 0o700);
+        let mut w = writer(&s);
+        assert_eq!(w.head().seq, 3, "the chain continues after a restart");
+        write(&mut w, 2);
+        let report = verify::verify(std::slice::from_ref(&s.path)).unwrap();
+        assert!(report.problem.is_none(), "{report}");
+        assert_eq!(report.records, 5);
+    }
+
+    #[test]
+    fn a_second_writer_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = settings(dir.path(), 1 << 20, 2);
+        let _first = writer(&s);
+        let (tx, _rx) = watch::channel(EventLogStatus::default());
+        let err = Writer::open(s.clone(), String::new(), String::new(), tx)
+            .err()
+            .unwrap();
+        assert!(matches!(err, OpenError::Locked { .. }), "{err}");
+        assert!(err.to_string().contains("events.jsonl"), "{err}");
+    }
+
+    #[test]
+    fn rotation_keeps_n_files_and_the_chain_verifiable() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = settings(dir.path(), 1500, 3);
+        let mut w = writer(&s);
+        write(&mut w, 40);
+        drop(w);
+        let files = all_files(&s);
+        assert_eq!(files.len(), 4, "current + 3 rotated: {files:?}");
+        assert!(!rotated_path(&s.path, 4).exists());
+        for f in &files {
+            assert!(fs::metadata(f).unwrap().len() <= 1500, "{}", f.display());
+        }
+        // In any order on the command line.
+        let mut shuffled = files.clone();
+        shuffled.reverse();
+        let report = verify::verify(&shuffled).unwrap();
+        assert!(report.problem.is_none(), "{report}");
+        assert_eq!(report.last.as_ref().unwrap().seq, 40);
+        // The oldest were rotated away: the chain is anchored, not complete.
+        assert!(report.first_seq > 1);
+        // A restart after rotation continues from the current file.
+        let mut w = writer(&s);
+        assert_eq!(w.head().seq, 40);
+        write(&mut w, 1);
+        // Without the current file's record, the newest rotated one is the head.
+        drop(w);
+        fs::remove_file(&s.path).unwrap();
+        let w = writer(&s);
+        assert!(w.head().seq < 41 && w.head().seq > 30, "{:?}", w.head());
+    }
+
+    #[test]
+    fn a_torn_last_line_is_recovered_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = settings(dir.path(), 1 << 20, 2);
+        let mut w = writer(&s);
+        write(&mut w, 3);
+        drop(w);
+        // A crash mid-write: half of a fourth line, no newline.
+        let text = fs::read_to_string(&s.path).unwrap();
+        let half = &text.lines().last().unwrap()[..60];
+        fs::OpenOptions::new()
+            .append(true)
+            .open(&s.path)
+            .unwrap()
+            .write_all(half.as_bytes())
+            .unwrap();
+        let before = verify::verify(std::slice::from_ref(&s.path)).unwrap();
+        let problem = before.problem.as_ref().unwrap();
+        assert_eq!(problem.line, 4, "{before}");
+        assert!(problem.to_string().contains("torn"), "{before}");
+
+        let mut w = writer(&s);
+        assert_eq!(w.head().seq, 3);
+        w.flush();
+        write(&mut w, 1);
+        drop(w);
+        let text = fs::read_to_string(&s.path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[3], half, "the torn bytes are kept, now terminated");
+        let recovered: Record = serde_json::from_str(lines[4]).unwrap();
+        assert_eq!(recovered.kind, RecordKind::LogRecovered);
+        assert_eq!(recovered.seq, 4);
+        assert_eq!(recovered.after_seq, Some(3));
+        assert_eq!(
+            recovered.torn,
+            [TornLine {
+                line: 4,
+                bytes: 60,
+                unterminated: true
+            }]
+        );
+        let report = verify::verify(std::slice::from_ref(&s.path)).unwrap();
+        assert!(report.problem.is_none(), "{report}");
+        assert_eq!(report.records, 5);
+        assert!(
+            report.notes.iter().any(|n| n.contains(":4: torn line")),
+            "{report}"
+        );
+    }
+
+    #[test]
+    fn a_failing_disk_holds_records_and_resumes() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = settings(dir.path(), 1 << 20, 2);
+        let mut w = writer(&s);
+        write(&mut w, 2);
+        // Make writes fail: swap the file for a read-only descriptor.
+        w.file = Some(File::open(&s.path).unwrap());
+        w.accept(record(RecordKind::Drift));
+        w.accept(record(RecordKind::Drift));
+        w.flush();
+        {
+            let st = w.status.borrow();
+            assert!(st.degraded);
+            assert_eq!(st.write_errors, 1);
+            assert!(
+                st.last_error.as_deref().unwrap().contains("events.jsonl"),
+                "{st:?}"
+            );
+        }
+        assert_eq!(w.pending.len(), 2);
+        assert!(
+            w.retry.is_some(),
+            "a retry is scheduled only while degraded"
+        );
+        w.file = None; // the next try reopens it for appending
+        w.flush();
+        assert!(w.pending.is_empty());
+        assert!(!w.status.borrow().degraded);
+        assert!(w.retry.is_none());
+        drop(w);
+        let report = verify::verify(std::slice::from_ref(&s.path)).unwrap();
+        assert!(report.problem.is_none(), "{report}");
+        assert_eq!(report.records, 4);
+    }
+
+    #[test]
+    fn too_many_held_records_are_counted_and_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = settings(dir.path(), 1 << 20, 2);
+        let mut w = writer(&s);
+        w.pending.extend((0..MAX_PENDING).map(|_| Pending {
+            record: record(RecordKind::Drift),
+            pinned: false,
+        }));
+        w.accept(record(RecordKind::Drift));
+        w.accept(record(RecordKind::Drift));
+        assert_eq!(w.status.borrow().dropped, 2);
+        w.pending.truncate(1);
+        w.flush();
+        drop(w);
+        let text = fs::read_to_string(&s.path).unwrap();
+        let last: Record = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+        assert_eq!((last.kind, last.dropped), (RecordKind::LogDropped, Some(2)));
+    }
+}
