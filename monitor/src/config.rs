@@ -15,6 +15,10 @@
 //! alert_resend_interval = 60 # seconds between re-sends of firing alerts, > 0
 //! node_name = "node-1"       # the alerts' `instance` label (default: $NODE_NAME, else hostname)
 //! runbook_url = "https://wiki.example/kmod-monitor"  # annotation on every alert
+//! event_log = "/var/lib/kmod-monitor/events.jsonl"   # absolute; "" = no event log
+//! fsync = "interval"         # always|interval (at most once a second)
+//! event_log_max_bytes = 67108864  # rotate at this size, >= 4096
+//! event_log_keep = 5         # rotated files kept, >= 1
 //!
 //! [groups.base]              # built-in; may be switched off
 //! enabled = false
@@ -55,6 +59,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
+use crate::forensic::{FsyncPolicy, MIN_MAX_BYTES};
 use crate::names::{ModuleName, NameError};
 
 /// Name of the built-in group every Longhorn node needs.
@@ -146,6 +151,15 @@ pub struct UserGroup {
     pub enabled: bool,
 }
 
+/// The `event_log` key: a file, or `""` for none.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EventLogPath {
+    /// `event_log = ""`: no event log, even as root.
+    Off,
+    /// `event_log = "/abs/path"`.
+    At(PathBuf),
+}
+
 /// A validated config file. `None` fields were not given.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FileConfig {
@@ -173,6 +187,14 @@ pub struct FileConfig {
     pub node_name: Option<String>,
     /// `runbook_url`: the alerts' `runbook_url` annotation.
     pub runbook_url: Option<String>,
+    /// `event_log`: the forensic event log's file, or off.
+    pub event_log: Option<EventLogPath>,
+    /// `fsync`: when the event log is fsynced.
+    pub fsync: Option<FsyncPolicy>,
+    /// `event_log_max_bytes`: rotate at this size; >= 4096.
+    pub event_log_max_bytes: Option<u64>,
+    /// `event_log_keep`: rotated files kept; >= 1.
+    pub event_log_keep: Option<u32>,
     /// `[groups.base]`.
     pub base_group: BuiltinGroupSettings,
     /// `[groups.v2-data-engine]`.
@@ -307,6 +329,21 @@ pub enum ConfigProblem {
         /// The value as written.
         value: String,
     },
+    /// `event_log` is neither an absolute path nor `""`.
+    #[error("event_log = {value:?} is not an absolute path (or \"\" for no event log)")]
+    EventLogPath {
+        /// The value as written.
+        value: String,
+    },
+    /// `event_log_max_bytes` below the minimum.
+    #[error("event_log_max_bytes = {value} is less than {MIN_MAX_BYTES}")]
+    EventLogMaxBytes {
+        /// The value as written.
+        value: u64,
+    },
+    /// `event_log_keep = 0`.
+    #[error("event_log_keep = 0: keep at least 1 rotated file")]
+    EventLogKeep,
     /// `v2_data_engine = true` and `[groups.v2-data-engine] enabled = false`.
     #[error("[groups.{V2_GROUP}] enabled = false contradicts v2_data_engine = true")]
     V2Conflict,
@@ -409,6 +446,10 @@ pub fn resolve_groups(file: Option<&FileConfig>, v2_flag: bool) -> Vec<GroupSpec
         alert_resend_interval: _,
         node_name: _,
         runbook_url: _,
+        event_log: _,
+        fsync: _,
+        event_log_max_bytes: _,
+        event_log_keep: _,
     } = file.unwrap_or(&default);
 
     let mut enabled = Vec::new();
@@ -476,6 +517,10 @@ struct RawFile {
     alert_resend_interval: Option<Spanned<u64>>,
     node_name: Option<Spanned<String>>,
     runbook_url: Option<Spanned<String>>,
+    event_log: Option<Spanned<String>>,
+    fsync: Option<FsyncPolicy>,
+    event_log_max_bytes: Option<Spanned<u64>>,
+    event_log_keep: Option<Spanned<u32>>,
     #[serde(default)]
     groups: BTreeMap<Spanned<String>, RawGroup>,
 }
@@ -558,8 +603,43 @@ impl Locator<'_> {
             alert_resend_interval,
             node_name,
             runbook_url,
+            event_log,
+            fsync,
+            event_log_max_bytes,
+            event_log_keep,
             groups: raw_groups,
         } = raw;
+        let event_log = event_log
+            .map(|value| {
+                let text = value.get_ref();
+                if text.is_empty() {
+                    Ok(EventLogPath::Off)
+                } else if Path::new(text).is_absolute() && !text.chars().any(char::is_control) {
+                    Ok(EventLogPath::At(PathBuf::from(text)))
+                } else {
+                    Err(self.error(
+                        &value.span(),
+                        ConfigProblem::EventLogPath {
+                            value: text.clone(),
+                        },
+                    ))
+                }
+            })
+            .transpose()?;
+        let event_log_max_bytes = event_log_max_bytes
+            .map(|v| match *v.get_ref() {
+                value if value < MIN_MAX_BYTES => {
+                    Err(self.error(&v.span(), ConfigProblem::EventLogMaxBytes { value }))
+                }
+                value => Ok(value),
+            })
+            .transpose()?;
+        let event_log_keep = event_log_keep
+            .map(|v| match *v.get_ref() {
+                0 => Err(self.error(&v.span(), ConfigProblem::EventLogKeep)),
+                keep => Ok(keep),
+            })
+            .transpose()?;
         let alertmanager = alertmanager
             .into_iter()
             .map(|value| {
@@ -654,6 +734,10 @@ impl Locator<'_> {
             alert_resend_interval,
             node_name,
             runbook_url,
+            event_log,
+            fsync,
+            event_log_max_bytes,
+            event_log_keep,
             base_group,
             v2_group,
             groups,
@@ -885,6 +969,10 @@ alertmanager = ["http://alertmanager.monitoring:9093"]
 alert_resend_interval = 60
 node_name = "node-1"
 runbook_url = "https://wiki.example/kmod-monitor"
+event_log = "/var/lib/kmod-monitor/events.jsonl"
+fsync = "interval"
+event_log_max_bytes = 67108864
+event_log_keep = 5
 
 [groups.base]              # built-in; may be switched off
 enabled = false
@@ -929,10 +1017,23 @@ severity = "warning"       # default "critical"; free-form label for alerts
             alert_resend_interval,
             node_name,
             runbook_url,
+            event_log,
+            fsync,
+            event_log_max_bytes,
+            event_log_keep,
             base_group,
             v2_group,
             groups,
         } = c.clone();
+        assert_eq!(
+            event_log,
+            Some(EventLogPath::At(PathBuf::from(
+                "/var/lib/kmod-monitor/events.jsonl"
+            )))
+        );
+        assert_eq!(fsync, Some(FsyncPolicy::Interval));
+        assert_eq!(event_log_max_bytes, Some(64 * 1024 * 1024));
+        assert_eq!(event_log_keep, Some(5));
         assert_eq!(
             alertmanager,
             vec![reqwest::Url::parse("http://alertmanager.monitoring:9093").unwrap()]
@@ -1188,6 +1289,36 @@ severity = "warning"       # default "critical"; free-form label for alerts
         let err = error_at("[groups.base]\nseverity = \"a\\nb\"\n", 2);
         assert!(
             matches!(err.problem, ConfigProblem::Severity { .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn event_log_keys() {
+        let off = parse("event_log = \"\"\nfsync = \"always\"\n").unwrap();
+        assert_eq!(off.event_log, Some(EventLogPath::Off));
+        assert_eq!(off.fsync, Some(FsyncPolicy::Always));
+        let err = error_at("\nevent_log = \"events.jsonl\"\n", 2);
+        assert!(
+            err.to_string().ends_with(
+                "event_log = \"events.jsonl\" is not an absolute path (or \"\" for no event log)"
+            ),
+            "{err}"
+        );
+        let err = error_at("fsync = \"sometimes\"\n", 1);
+        assert!(
+            err.to_string().contains("unknown variant `sometimes`"),
+            "{err}"
+        );
+        let err = error_at("event_log_max_bytes = 100\n", 1);
+        assert!(
+            err.to_string()
+                .ends_with("event_log_max_bytes = 100 is less than 4096"),
+            "{err}"
+        );
+        let err = error_at("\n\nevent_log_keep = 0\n", 3);
+        assert!(
+            err.to_string().ends_with("keep at least 1 rotated file"),
             "{err}"
         );
     }
