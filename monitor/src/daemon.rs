@@ -1,6 +1,8 @@
 //! `kmod-monitor run`: attach the source, take the snapshot, apply what
 //! arrived in between, then follow events; reconcile periodically and on
-//! loss; reload the config on SIGHUP; stop cleanly on SIGTERM/SIGINT.
+//! loss; reload the config on SIGHUP; stop cleanly on SIGTERM/SIGINT. Every
+//! step that changes what is known about the node's modules also goes to the
+//! forensic event log ([`crate::forensic`]).
 use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
@@ -15,12 +17,21 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     alerting::{self, AlertInputs, AlertSettings, LOST_ALERT_FOR, WantedSet},
     config::{self, FileConfig, GroupSpec, SourceKind},
-    event::{Kind, Raw, SourceEvent, boot_ns_now},
+    event::{Kind, Raw, SourceEvent, boot_ns_now, taint_letters},
+    forensic::{
+        self, EventLog, EventLogSettings, EventLogStatus, Record, RecordKind, actor,
+        chain::{canonical, sha256_hex},
+        record::{
+            ConfigInfo, ModuleInfo, ModuleStateInfo, MonitorInfo, RequirementEffect,
+            RequirementFlip, StateChange,
+        },
+    },
     host::{self, HostRoot, InitState, Snapshot},
     http,
     metrics::Metrics,
+    names::ModuleName,
     source::{self, ActiveKind, RunningSource, SourceMsg, SourceOptions, Unavailable},
-    tracker::{GroupReport, Outcome, Tracker},
+    tracker::{GroupChange, GroupReport, Outcome, Tracker},
 };
 
 /// Everything `run` needs, validated: CLI flags over the config file over
@@ -40,9 +51,11 @@ pub struct RunSettings {
     /// Alertmanager base URLs; empty = no push.
     pub alertmanager: Vec<reqwest::Url>,
     pub alert_resend_interval: Duration,
-    /// The alerts' `instance` label.
+    /// The alerts' `instance` label, and the event log's `host`.
     pub node_name: String,
     pub runbook_url: String,
+    /// The forensic event log; `None` = no log.
+    pub event_log: Option<EventLogSettings>,
 }
 
 /// How long a module may stay `loading` before /sys/module/<m>/initstate
@@ -81,6 +94,8 @@ pub struct Status {
     pub reconciles: u64,
     pub warnings: Vec<String>,
     pub groups: Vec<GroupReport>,
+    /// The forensic event log; null when there is none.
+    pub event_log: Option<EventLogStatus>,
 }
 
 /// Runs until SIGTERM/SIGINT.
@@ -134,13 +149,37 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
         lost_at: None,
         trigger_boot_ns: None,
         boot_epoch: std::time::SystemTime::now() - Duration::from_nanos(boot_ns_now()),
+        log: None,
+        active: running.kind,
     };
+    // The event log starts with who we are and what the snapshot saw,
+    // before any event is applied.
+    if d.settings.event_log.is_none() {
+        tracing::info!(
+            "no forensic event log (--no-event-log, event_log = \"\", or not root and no --event-log)"
+        );
+    }
+    if let Some(log_settings) = d.settings.event_log.clone() {
+        let path = log_settings.path.clone();
+        let log = EventLog::open(
+            log_settings,
+            forensic::read_boot_id(&d.settings.host),
+            d.settings.node_name.clone(),
+        )?;
+        tracing::info!(path = %path.display(), "forensic event log open");
+        d.log = Some(log);
+        d.log_start(&tracker, snap_end);
+    }
     // 3. Apply what the source buffered meanwhile.
     let mut in_window = false;
     while let Ok(msg) = running.rx.try_recv() {
         if let SourceMsg::Event(ev) = &msg {
             if ev.boot_ns < snap_start {
-                d.count(tracker.record_historical(ev));
+                let kind = tracker.record_historical(ev);
+                d.count(kind);
+                if let Some(kind) = kind {
+                    d.log_event(&tracker, ev, kind, None);
+                }
                 continue;
             }
             in_window |= ev.boot_ns <= snap_end;
@@ -186,15 +225,18 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
         d.settings.reconcile_interval,
     );
     reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
+    let mut log_status = d.log.as_ref().map(EventLog::subscribe);
+    let stop_reason = loop {
         d.schedule_confirm(&tracker);
         let confirm_at = d.confirm.map(|(at, _)| at);
         let lost_alert_ends = d.lost_at.map(|at| at + LOST_ALERT_FOR);
         tokio::select! {
             () = sleep_until(lost_alert_ends) => d.lost_at = None,
-            _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break; }
-            _ = sigint.recv() => { tracing::info!("SIGINT: stopping"); break; }
+            _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break "SIGTERM"; }
+            _ = sigint.recv() => { tracing::info!("SIGINT: stopping"); break "SIGINT"; }
             _ = sighup.recv() => d.reload(&mut tracker),
+            // The writer's state changed (degraded, written): republish.
+            () = status_changed(&mut log_status) => {}
             () = sleep_until(confirm_at) => d.confirm_loading(&mut tracker),
             _ = reconcile.tick() => d.reconcile(&mut tracker, true),
             msg = running.rx.recv() => match msg {
@@ -207,11 +249,24 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
                 }
                 None => {
                     running = d.fall_back(&running, &opts).await?;
+                    d.active = running.kind;
                     d.reconcile(&mut tracker, true);
                 }
             },
         }
         d.publish(&tracker, &running, &status_tx);
+    };
+    if let Some(mut log) = d.log.take() {
+        let mut r = Record::new(RecordKind::MonitorStop, boot_ns_now());
+        r.reason = Some(stop_reason.to_owned());
+        log.append(r);
+        let status = log.close(forensic::CLOSE_TIMEOUT);
+        if status.pending > 0 {
+            tracing::error!(
+                unwritten = status.pending,
+                "event log: records left unwritten at stop"
+            );
+        }
     }
     cancel.cancel();
     if let Some(p) = pusher
@@ -225,6 +280,19 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Resolves when the event log's status changes; never without a log.
+async fn status_changed(rx: &mut Option<watch::Receiver<EventLogStatus>>) {
+    match rx {
+        Some(rx) => {
+            if rx.changed().await.is_err() {
+                // The writer is gone; nothing more will change.
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
+    }
 }
 
 async fn sleep_until(at: Option<Instant>) {
@@ -276,6 +344,10 @@ struct Daemon {
     trigger_boot_ns: Option<u64>,
     /// Wall-clock time of CLOCK_BOOTTIME zero.
     boot_epoch: std::time::SystemTime,
+    /// The forensic event log, if any.
+    log: Option<EventLog>,
+    /// The source in use (named in event records).
+    active: ActiveKind,
 }
 
 impl Daemon {
@@ -300,6 +372,7 @@ impl Daemon {
                 self.count(outcome.kind);
                 self.trigger_boot_ns = Some(ev.boot_ns);
                 log_outcome(&outcome, &ev);
+                self.log_outcome(tracker, &ev, &outcome, self.active.as_str());
             }
             SourceMsg::AliasRequest { alias } => {
                 self.count(Some(Kind::Request));
@@ -307,6 +380,10 @@ impl Daemon {
                 tracing::debug!(%alias, "module_request for an alias");
             }
             SourceMsg::Lost { total } => {
+                let mut r = Record::new(RecordKind::EventsLost, boot_ns_now());
+                r.lost_total = Some(total);
+                r.source = Some(self.active.as_str().to_owned());
+                self.append(r);
                 self.counts.lost = total;
                 self.metrics.set_lost_total(total);
                 self.lost_at = Some(Instant::now());
@@ -317,6 +394,10 @@ impl Daemon {
                 self.reconcile(tracker, true);
             }
             SourceMsg::Undecodable { reason } => {
+                let mut r = Record::new(RecordKind::EventsLost, boot_ns_now());
+                r.reason = Some(format!("undecodable event: {reason}"));
+                r.source = Some(self.active.as_str().to_owned());
+                self.append(r);
                 self.counts.undecodable += 1;
                 self.metrics.add_lost(1);
                 self.lost_at = Some(Instant::now());
@@ -343,8 +424,23 @@ impl Daemon {
                 self.drift_total += 1;
                 self.metrics.inc_drift();
                 tracing::warn!(module = %o.module, tracked = %o.from, actual = %o.to, "drift: tracked state corrected from /proc/modules");
+                let mut r = Record::new(RecordKind::Drift, boot_ns_now());
+                r.module = Some(module_info(&o.module, None));
+                r.source = Some("reconcile".to_owned());
+                r.state = Some(StateChange {
+                    from: o.from.to_string(),
+                    to: o.to.to_string(),
+                });
+                r.requirements = effects(tracker, &o.module, &o.group_changes);
+                self.append(r);
             }
             log_group_changes(&o);
+            self.log_group_changes(
+                Some(&o.module),
+                &o.group_changes,
+                RecordKind::Drift,
+                boot_ns_now(),
+            );
         }
     }
 
@@ -379,6 +475,7 @@ impl Daemon {
             let outcome = tracker.apply(&ev);
             self.count(outcome.kind);
             log_outcome(&outcome, &ev);
+            self.log_outcome(tracker, &ev, &outcome, "initstate");
         }
         self.confirm = still.then(|| {
             let back_off = self
@@ -394,10 +491,20 @@ impl Daemon {
             tracing::info!("SIGHUP: no --config file; nothing to reload");
             return;
         };
+        let digest = std::fs::read(&path).ok().map(|b| sha256_hex(&b));
+        let mut record = Record::new(RecordKind::ConfigReload, boot_ns_now());
         let file: FileConfig = match config::load_config(&path) {
             Ok(f) => f,
             Err(e) => {
                 tracing::error!(error = %e, "SIGHUP: new config rejected; keeping the current one");
+                record.config = Some(ConfigInfo {
+                    file: path.display().to_string(),
+                    digest,
+                    accepted: false,
+                    error: Some(e.to_string()),
+                    groups: group_names(tracker),
+                });
+                self.append(record);
                 return;
             }
         };
@@ -405,9 +512,27 @@ impl Daemon {
         let changes = tracker.set_groups(groups.clone());
         self.settings.groups = groups;
         tracing::info!(path = %path.display(), groups = ?tracker.groups().iter().map(|g| &g.name).collect::<Vec<_>>(), "SIGHUP: config reloaded");
-        for c in changes {
+        for c in &changes {
             tracing::info!(group = %c.group, met = c.met, "requirement after reload");
         }
+        record.config = Some(ConfigInfo {
+            file: path.display().to_string(),
+            digest,
+            accepted: true,
+            error: None,
+            groups: group_names(tracker),
+        });
+        record.requirements = tracker
+            .report()
+            .into_iter()
+            .map(|g| RequirementEffect {
+                changed: changes.iter().any(|c| c.group == g.name),
+                name: g.name,
+                met: g.met,
+            })
+            .collect();
+        self.append(record);
+        self.log_group_changes(None, &changes, RecordKind::ConfigReload, boot_ns_now());
         for g in tracker.report() {
             log_group(&g);
         }
@@ -500,8 +625,185 @@ impl Daemon {
             reconciles: self.reconciles,
             warnings: self.warnings.clone(),
             groups: tracker.report(),
+            event_log: self.log.as_ref().map(EventLog::status),
         }
     }
+
+    /// Hands a record to the event log, if there is one (never blocks).
+    fn append(&mut self, record: Record) {
+        if let Some(log) = &mut self.log {
+            log.append(record);
+        }
+    }
+
+    /// `monitor_start` then `snapshot`: who we are and what start-up saw.
+    fn log_start(&mut self, tracker: &Tracker, snap_ns: u64) {
+        let (config_file, config_digest, config_digest_of) = config_digest(&self.settings);
+        let mut start = Record::new(RecordKind::MonitorStart, boot_ns_now());
+        start.monitor = Some(MonitorInfo {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            kernel_release: self.kernel_release.clone(),
+            source: self.active.as_str().to_owned(),
+            pid: std::process::id(),
+            groups: group_names(tracker),
+            config_file,
+            config_digest,
+            config_digest_of: config_digest_of.to_owned(),
+        });
+        self.append(start);
+        let report = tracker.report();
+        let mut snap = Record::new(RecordKind::Snapshot, snap_ns);
+        for m in report.iter().flat_map(|g| &g.modules) {
+            if snap.modules.iter().any(|s| s.name == m.name.as_str()) {
+                continue;
+            }
+            snap.modules.push(ModuleStateInfo {
+                name: m.name.to_string(),
+                state: m.state.to_string(),
+                taints: self.snapshot.loaded.get(&m.name).map(|l| l.taints.clone()),
+            });
+        }
+        snap.requirements = report
+            .into_iter()
+            .map(|g| RequirementEffect {
+                name: g.name,
+                met: g.met,
+                changed: false,
+            })
+            .collect();
+        self.append(snap);
+    }
+
+    /// The record of one applied event (when it meant something), then one
+    /// `requirement_change` per group it flipped.
+    fn log_outcome(&mut self, tracker: &Tracker, ev: &SourceEvent, o: &Outcome, source: &str) {
+        if self.log.is_none() {
+            return;
+        }
+        let Some(kind) = o.kind else { return };
+        let mut r = self.event_record(tracker, ev, kind, Some(o));
+        source.clone_into(r.source.get_or_insert_default());
+        self.append(r);
+        self.log_group_changes(
+            Some(&o.module),
+            &o.group_changes,
+            RecordKind::of_event(kind),
+            ev.boot_ns,
+        );
+    }
+
+    /// An event from before the snapshot: history only.
+    fn log_event(&mut self, tracker: &Tracker, ev: &SourceEvent, kind: Kind, o: Option<&Outcome>) {
+        if self.log.is_none() {
+            return;
+        }
+        let mut r = self.event_record(tracker, ev, kind, o);
+        r.historical = o.is_none();
+        r.source = Some(self.active.as_str().to_owned());
+        self.append(r);
+    }
+
+    /// A module event's record: the module, the actor enriched from
+    /// /proc/<tgid> (a few small procfs reads, done here on the event task
+    /// so the process is still likely to exist), the state change and the
+    /// groups it touches.
+    fn event_record(
+        &self,
+        tracker: &Tracker,
+        ev: &SourceEvent,
+        kind: Kind,
+        o: Option<&Outcome>,
+    ) -> Record {
+        let mut r = Record::new(RecordKind::of_event(kind), ev.boot_ns);
+        // Only eBPF's module_load carries taints.
+        let taints = (kind == Kind::Load && ev.actor.is_some()).then(|| taint_letters(ev.taints));
+        r.module = Some(module_info(&ev.module, taints));
+        r.actor = ev
+            .actor
+            .as_ref()
+            .map(|a| actor::enrich(&self.settings.host, a));
+        if let Some(o) = o {
+            r.state = Some(StateChange {
+                from: o.from.to_string(),
+                to: o.to.to_string(),
+            });
+            r.requirements = effects(tracker, &o.module, &o.group_changes);
+        }
+        r
+    }
+
+    fn log_group_changes(
+        &mut self,
+        module: Option<&ModuleName>,
+        changes: &[GroupChange],
+        cause: RecordKind,
+        boot_ns: u64,
+    ) {
+        for c in changes {
+            let mut r = Record::new(RecordKind::RequirementChange, boot_ns);
+            r.module = module.map(|m| module_info(m, None));
+            r.requirement = Some(RequirementFlip {
+                name: c.group.clone(),
+                was: !c.met,
+                met: c.met,
+            });
+            r.cause = Some(cause);
+            self.append(r);
+        }
+    }
+}
+
+fn module_info(name: &ModuleName, taints: Option<String>) -> ModuleInfo {
+    ModuleInfo {
+        name: name.to_string(),
+        taints,
+    }
+}
+
+fn group_names(tracker: &Tracker) -> Vec<String> {
+    tracker.groups().iter().map(|g| g.name.clone()).collect()
+}
+
+/// Each enabled group that holds `module`, with its verdict now and whether
+/// `changes` flipped it.
+fn effects(
+    tracker: &Tracker,
+    module: &ModuleName,
+    changes: &[GroupChange],
+) -> Vec<RequirementEffect> {
+    if !tracker.is_required(module) {
+        return Vec::new();
+    }
+    tracker
+        .report()
+        .into_iter()
+        .filter(|g| g.modules.iter().any(|m| &m.name == module))
+        .map(|g| RequirementEffect {
+            changed: changes.iter().any(|c| c.group == g.name),
+            name: g.name,
+            met: g.met,
+        })
+        .collect()
+}
+
+/// The config file and the SHA-256 of its bytes; without a file (or when
+/// it cannot be read now), the SHA-256 of the resolved groups' canonical
+/// JSON.
+fn config_digest(settings: &RunSettings) -> (Option<String>, String, &'static str) {
+    let file = settings
+        .config_path
+        .as_ref()
+        .map(|p| p.display().to_string());
+    if let Some(bytes) = settings
+        .config_path
+        .as_ref()
+        .and_then(|p| std::fs::read(p).ok())
+    {
+        return (file, sha256_hex(&bytes), "file");
+    }
+    let groups =
+        serde_json::to_value(&settings.groups).map_or_else(|_| String::new(), |v| canonical(&v));
+    (file, sha256_hex(groups.as_bytes()), "groups")
 }
 
 fn log_outcome(o: &Outcome, ev: &SourceEvent) {

@@ -1,14 +1,25 @@
 //! The `kmod-monitor` binary: parses flags, validates them with the config
-//! file into settings, and runs `run` or `check`. Errors become exit code 2
-//! with a message that names the bad input.
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+//! file into settings, and runs `run`, `check` or `log verify|show`. Errors
+//! become exit code 2 with a message that names the bad input.
+use std::{
+    io::Write as _,
+    net::SocketAddr,
+    path::PathBuf,
+    process::ExitCode,
+    time::{Duration, SystemTime},
+};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use kmod_monitor::{
     check,
-    config::{self, FileConfig, SourceKind},
+    config::{self, EventLogPath, FileConfig, SourceKind},
     daemon::{self, RunSettings},
+    forensic::{
+        self, EventLogSettings, FsyncPolicy,
+        show::{self, Filter, ShowError},
+        verify,
+    },
     host::{self, HostRoot},
     tracker::Tracker,
 };
@@ -31,6 +42,44 @@ enum Command {
     Run(RunArgs),
     /// Check the node once (preflight); exit 0 if every group is met, 1 if not, 2 on error.
     Check(CheckArgs),
+    /// Query the forensic event log written by `run --event-log`.
+    #[command(subcommand)]
+    Log(LogCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum LogCommand {
+    /// Check the hash chain through the files (any order, e.g. events.jsonl*);
+    /// exit 0 when intact, 1 naming the first bad FILE:LINE, 2 when a file cannot be read.
+    Verify {
+        /// Log files: the current one and rotated ones.
+        #[arg(required = true, value_name = "PATH")]
+        paths: Vec<PathBuf>,
+    },
+    /// Print the records in seq order as a timeline, or as raw JSON lines.
+    Show(ShowArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ShowArgs {
+    /// Log files: the current one and rotated ones, in any order.
+    #[arg(required = true, value_name = "PATH")]
+    paths: Vec<PathBuf>,
+    /// Only records about this module (and snapshots listing it).
+    #[arg(long, value_name = "M")]
+    module: Option<String>,
+    /// Only records at or after T: RFC 3339 UTC, a date, `now` or `10m ago`.
+    #[arg(long, value_name = "T")]
+    since: Option<String>,
+    /// Only records before T (same forms as --since).
+    #[arg(long, value_name = "T")]
+    until: Option<String>,
+    /// Only records of this kind (repeatable), e.g. module_unload.
+    #[arg(long, value_name = "K")]
+    kind: Vec<String>,
+    /// Print the records as they are in the files, one JSON object per line.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -77,6 +126,21 @@ struct RunArgs {
     /// Runbook link put on every alert.
     #[arg(long, value_name = "URL")]
     runbook_url: Option<String>,
+    /// Forensic event log file; "" for none [default: /var/lib/kmod-monitor/events.jsonl when run as root, else none].
+    #[arg(long, value_name = "PATH", overrides_with = "no_event_log")]
+    event_log: Option<PathBuf>,
+    /// Write no forensic event log (the last of --event-log/--no-event-log wins).
+    #[arg(long, overrides_with = "event_log")]
+    no_event_log: bool,
+    /// When the event log is fsynced [default: interval, at most once a second].
+    #[arg(long, value_enum)]
+    fsync: Option<FsyncPolicy>,
+    /// Rotate the event log before it grows past BYTES (>= 4096) [default: 67108864].
+    #[arg(long, value_name = "BYTES")]
+    event_log_max_bytes: Option<u64>,
+    /// Rotated event log files kept, events.jsonl.1 to .N (>= 1) [default: 5].
+    #[arg(long, value_name = "N")]
+    event_log_keep: Option<u32>,
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -129,6 +193,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Check(args) => check(&args),
+        Command::Log(LogCommand::Verify { paths }) => log_verify(&paths),
+        Command::Log(LogCommand::Show(args)) => log_show(args),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -175,6 +241,11 @@ fn settings(args: RunArgs) -> anyhow::Result<RunSettings> {
         alert_resend_interval,
         node_name: node_flag,
         runbook_url,
+        event_log,
+        no_event_log,
+        fsync,
+        event_log_max_bytes,
+        event_log_keep,
         log_format: _,
     } = args;
     let file = load_file(&common)?;
@@ -187,7 +258,18 @@ fn settings(args: RunArgs) -> anyhow::Result<RunSettings> {
         "--ring-buffer-size {ring}: must be a power of two of at least 4096 bytes"
     );
     let host = host_root(&common, f);
+    let event_log = event_log_settings(
+        EventLogFlags {
+            path: event_log,
+            off: no_event_log,
+            fsync,
+            max_bytes: event_log_max_bytes,
+            keep: event_log_keep,
+        },
+        f,
+    )?;
     Ok(RunSettings {
+        event_log,
         alertmanager: if alertmanager.is_empty() {
             f.map(|f| f.alertmanager.clone()).unwrap_or_default()
         } else {
@@ -230,6 +312,76 @@ fn settings(args: RunArgs) -> anyhow::Result<RunSettings> {
     })
 }
 
+/// The run flags about the event log.
+struct EventLogFlags {
+    path: Option<PathBuf>,
+    off: bool,
+    fsync: Option<FsyncPolicy>,
+    max_bytes: Option<u64>,
+    keep: Option<u32>,
+}
+
+/// Whether this process runs as root (the event log's default depends on it).
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Flags over the config file over defaults; `None` = no event log.
+fn event_log_settings(
+    flags: EventLogFlags,
+    file: Option<&FileConfig>,
+) -> anyhow::Result<Option<EventLogSettings>> {
+    let EventLogFlags {
+        path,
+        off,
+        fsync,
+        max_bytes,
+        keep,
+    } = flags;
+    let max_bytes = max_bytes
+        .or_else(|| file.and_then(|f| f.event_log_max_bytes))
+        .unwrap_or(forensic::DEFAULT_MAX_BYTES);
+    anyhow::ensure!(
+        max_bytes >= forensic::MIN_MAX_BYTES,
+        "--event-log-max-bytes {max_bytes}: must be at least {} bytes",
+        forensic::MIN_MAX_BYTES
+    );
+    let keep = keep
+        .or_else(|| file.and_then(|f| f.event_log_keep))
+        .unwrap_or(forensic::DEFAULT_KEEP);
+    anyhow::ensure!(
+        keep >= 1,
+        "--event-log-keep 0: keep at least 1 rotated file"
+    );
+    let path =
+        if off {
+            None
+        } else if let Some(p) = path {
+            if p.as_os_str().is_empty() {
+                None
+            } else {
+                Some(std::path::absolute(&p).with_context(|| {
+                    format!("--event-log {}: cannot make it absolute", p.display())
+                })?)
+            }
+        } else {
+            match file.and_then(|f| f.event_log.clone()) {
+                Some(EventLogPath::Off) => None,
+                Some(EventLogPath::At(p)) => Some(p),
+                None => is_root().then(|| PathBuf::from(forensic::DEFAULT_PATH)),
+            }
+        };
+    Ok(path.map(|path| EventLogSettings {
+        path,
+        fsync: fsync
+            .or_else(|| file.and_then(|f| f.fsync))
+            .unwrap_or_default(),
+        max_bytes,
+        keep,
+    }))
+}
+
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("KMOD_MONITOR_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -251,6 +403,54 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
         .build()
         .context("starting the async runtime")?;
     rt.block_on(daemon::run(settings))?;
+    Ok(0)
+}
+
+fn log_verify(paths: &[PathBuf]) -> anyhow::Result<u8> {
+    let report = verify::verify(paths)?;
+    print!("{report}");
+    Ok(report.exit_code())
+}
+
+fn log_show(args: ShowArgs) -> anyhow::Result<u8> {
+    let ShowArgs {
+        paths,
+        module,
+        since,
+        until,
+        kind,
+        json,
+    } = args;
+    let now = SystemTime::now();
+    let filter = Filter {
+        module: module.as_deref().map(show::parse_module).transpose()?,
+        since: since
+            .as_deref()
+            .map(|t| show::parse_time("--since", t, now))
+            .transpose()?,
+        until: until
+            .as_deref()
+            .map(|t| show::parse_time("--until", t, now))
+            .transpose()?,
+        kinds: kind
+            .iter()
+            .map(|k| show::parse_kind(k))
+            .collect::<Result<_, _>>()?,
+    };
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let warnings = match show::show(&paths, &filter, json, &mut out).and_then(|w| {
+        out.flush()?;
+        Ok(w)
+    }) {
+        Ok(w) => w,
+        // `log show ... | head`: the reader has what it wanted.
+        Err(ShowError::Write(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(0),
+        Err(e) => return Err(e.into()),
+    };
+    for w in warnings {
+        eprintln!("kmod-monitor: warning: {w}");
+    }
     Ok(0)
 }
 
