@@ -598,7 +598,7 @@ const ADDR_IN_USE: &str = "Address already in use";
 
 impl Daemon {
     /// Starts `kmod-monitor run --listen 127.0.0.1:PORT --host-root ROOT
-    /// EXTRA...` and waits until /healthz answers 200. A port taken between
+    /// --no-event-log EXTRA...` and waits until /healthz answers 200. A port taken between
     /// choosing and binding it is retried with another.
     ///
     /// # Panics
@@ -628,7 +628,12 @@ impl Daemon {
                 "--listen",
                 addr.to_string(),
                 "--host-root",
-                host.path()
+                host.path(),
+                // Run as root (CI), the daemon would default to writing the
+                // real /var/lib/kmod-monitor/events.jsonl. A test that wants
+                // a log passes --event-log, which overrides this (the last
+                // of the two wins).
+                "--no-event-log"
             ]);
             args.extend(extra.iter().cloned());
             match Self::spawn(addr, &args) {

@@ -138,6 +138,7 @@ fn status_and_endpoints_have_the_documented_shape() {
         keys(&status),
         [
             "drift_total",
+            "event_log",
             "events",
             "groups",
             "host_root",
@@ -150,6 +151,11 @@ fn status_and_endpoints_have_the_documented_shape() {
         ]
     );
     assert_eq!(status["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(
+        status["event_log"],
+        Value::Null,
+        "the harness passes --no-event-log"
+    );
     assert_eq!(
         keys(&status["source"]),
         ["active", "details", "unavailable"]

@@ -7,10 +7,13 @@
 //! - `bad_input`: every rejected input exits 2 with a message naming it.
 //! - `daemon`: `run` following a host's /proc/modules, signals, reconcile.
 //! - `source`: choosing the event source where eBPF cannot work.
+//! - `event_log`: the forensic event log written by `run`, `log verify`
+//!   and `log show`, a SIGKILL mid-burst, and a full disk.
 //! - `prometheus`: /metrics, the shipped rules and alert delivery against
 //!   the real Prometheus and Alertmanager.
 mod bad_input;
 mod check;
 mod daemon;
+mod event_log;
 mod prometheus;
 mod source;

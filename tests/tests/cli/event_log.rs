@@ -1,0 +1,455 @@
+//! The forensic event log of the real daemon: what `run --event-log` writes
+//! for a module change, that `log verify` and `log show` read it back, that
+//! a SIGKILL mid-burst leaves every complete record intact and the restart
+//! recovers the torn line, and that a full disk degrades the log (visible in
+//! /status) without stopping the daemon, and writing resumes.
+//!
+//! Records are made fast with SIGHUP: every reload of `--config` writes a
+//! `config_reload` record, so a burst of signals is a burst of writes.
+use std::{
+    fs,
+    os::unix::{fs::PermissionsExt as _, process::ExitStatusExt as _},
+    path::{Path, PathBuf},
+    process::Command,
+    thread,
+    time::{Duration, Instant},
+};
+
+use kmod_monitor_tests::{Daemon, FakeHost, Finished, args, kmod_monitor, met, pretty};
+use rustix::process::Signal;
+use serde_json::Value;
+
+/// How long a change may take to reach /status (one-second poll).
+const FOLLOW: Duration = Duration::from_secs(5);
+/// How long SIGTERM may take to stop the daemon.
+const STOP: Duration = Duration::from_secs(10);
+
+/// A poll-source daemon on `host` writing its event log to `log`.
+fn logging(host: &FakeHost, log: &Path, extra: &[std::ffi::OsString]) -> Daemon {
+    let mut args = Vec::from(args![
+        "--source",
+        "poll",
+        "--poll-interval",
+        "1",
+        "--event-log",
+        log
+    ]);
+    args.extend(extra.iter().cloned());
+    Daemon::start(host, &args)
+}
+
+fn verify(log: &Path) -> Finished {
+    kmod_monitor(&args!["log", "verify", log])
+}
+
+/// `log show --json EXTRA... LOG`, each line parsed.
+fn records(log: &Path, extra: &[std::ffi::OsString]) -> Vec<Value> {
+    let mut a = Vec::from(args!["log", "show", "--json"]);
+    a.extend(extra.iter().cloned());
+    a.push(log.into());
+    let out = kmod_monitor(&a);
+    out.expect_code(0);
+    out.stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}\n{out}")))
+        .collect()
+}
+
+fn stop(mut daemon: Daemon) {
+    daemon.signal(Signal::TERM);
+    let status = daemon.wait_exit(STOP);
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "SIGTERM should end it with 0\n{daemon}"
+    );
+    assert!(!daemon.stderr().contains("panicked"), "{daemon}");
+}
+
+fn mode(path: &Path) -> u32 {
+    fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+/// /status → event_log, once `ok` holds for it.
+fn wait_log(
+    daemon: &mut Daemon,
+    what: &str,
+    timeout: Duration,
+    ok: impl Fn(&Value) -> bool,
+) -> Value {
+    daemon.wait_for(what, timeout, |s| ok(&s["event_log"]))["event_log"].clone()
+}
+
+#[test]
+fn an_unload_is_logged_verified_and_shown() {
+    let host = FakeHost::debian_6_1();
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let log = dir.path().join("state/events.jsonl");
+    let mut daemon = logging(&host, &log, &args!["--v2-data-engine"]);
+    let status = daemon.status();
+    let el = &status["event_log"];
+    assert_eq!(el["path"], log.display().to_string(), "{}", pretty(&status));
+    assert_eq!(
+        (el["degraded"].as_bool(), el["fsync"].as_str()),
+        (Some(false), Some("interval"))
+    );
+
+    host.unload("dm_crypt");
+    daemon.wait_for("base unmet", FOLLOW, |s| met(s, "base") == Some(false));
+    // monitor_start, snapshot, module_unload, requirement_change.
+    wait_log(&mut daemon, "four records written", FOLLOW, |l| {
+        l["records"].as_u64() >= Some(4) && l["pending"] == 0
+    });
+    stop(daemon);
+
+    assert_eq!(mode(&log), 0o600, "the log is private");
+    assert_eq!(
+        mode(log.parent().unwrap_or(&log)),
+        0o700,
+        "so is its new directory"
+    );
+
+    let out = verify(&log);
+    out.expect_code(0);
+    assert!(
+        out.stdout
+            .starts_with("OK 5 records in 1 file(s), seq 1..=5\n"),
+        "{out}"
+    );
+
+    let shown = kmod_monitor(&args!["log", "show", "--module", "dm_crypt", &log]);
+    shown.expect_code(0);
+    let unload = shown
+        .stdout
+        .lines()
+        .find(|l| l.contains("module_unload"))
+        .unwrap_or_else(|| panic!("no module_unload line: {shown}"));
+    assert!(
+        unload.contains("dm_crypt")
+            && unload.contains("actor unknown (poll)")
+            && unload.contains("base: met → UNMET"),
+        "{shown}"
+    );
+    assert!(
+        !shown.stdout.contains("monitor_start"),
+        "--module filters: {shown}"
+    );
+
+    let all = records(&log, &[]);
+    let kinds: Vec<&str> = all.iter().filter_map(|r| r["kind"].as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "monitor_start",
+            "snapshot",
+            "module_unload",
+            "requirement_change",
+            "monitor_stop"
+        ]
+    );
+    let start = &all[0]["monitor"];
+    assert_eq!(start["kernel_release"], host.release());
+    assert_eq!(start["source"], "poll");
+    assert_eq!(start["config_digest_of"], "groups");
+    assert_eq!(start["config_digest"].as_str().map(str::len), Some(64));
+    let snapshot = &all[1];
+    assert!(
+        snapshot["modules"].as_array().is_some_and(|ms| ms
+            .iter()
+            .any(|m| m["name"] == "dm_crypt" && m["state"] == "loaded")),
+        "{}",
+        pretty(snapshot)
+    );
+    let unload = &all[2];
+    assert_eq!(unload["module"]["name"], "dm_crypt");
+    assert_eq!(unload["source"], "poll");
+    assert_eq!(unload["actor"], Value::Null, "polling cannot know who");
+    assert_eq!(unload["state"]["from"], "loaded");
+    assert_eq!(unload["state"]["to"], "available");
+    assert_eq!(
+        unload["requirements"],
+        serde_json::json!([{"name": "base", "met": false, "changed": true}])
+    );
+    let change = &all[3];
+    assert_eq!(
+        change["requirement"],
+        serde_json::json!({"name": "base", "was": true, "met": false})
+    );
+    assert_eq!(change["cause"], "module_unload");
+    assert_eq!(all[4]["reason"], "SIGTERM");
+    for (i, r) in all.iter().enumerate() {
+        assert_eq!(r["v"], 1);
+        assert_eq!(r["seq"].as_u64(), Some(i as u64 + 1));
+        assert_eq!(r["boot_id"], all[0]["boot_id"]);
+        assert!(
+            r["time"]
+                .as_str()
+                .is_some_and(|t| t.ends_with('Z') && t.len() == 30),
+            "{}",
+            pretty(r)
+        );
+        if i > 0 {
+            assert_eq!(
+                r["prev_hash"],
+                all[i - 1]["hash"],
+                "record {i} links to the one before"
+            );
+        }
+    }
+
+    let only = records(
+        &log,
+        &args![
+            "--kind",
+            "requirement_change",
+            "--since",
+            "10m ago",
+            "--until",
+            "now"
+        ],
+    );
+    assert_eq!(only.len(), 1, "{only:?}");
+}
+
+#[test]
+fn bad_show_input_is_named_with_exit_2() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let log = dir.path().join("events.jsonl");
+    fs::write(&log, "").unwrap_or_else(|e| panic!("{e}"));
+    kmod_monitor(&args!["log", "show", "--since", "yesterday", &log])
+        .expect_code(2)
+        .stderr_has(&["--since \"yesterday\": not a time"]);
+    kmod_monitor(&args!["log", "show", "--kind", "unload", &log])
+        .expect_code(2)
+        .stderr_has(&["--kind \"unload\": unknown record kind", "module_unload"]);
+    let missing = dir.path().join("nope.jsonl");
+    kmod_monitor(&args!["log", "verify", &missing])
+        .expect_code(2)
+        .stderr_has(&[&missing.display().to_string(), "cannot read it"]);
+}
+
+#[test]
+fn sigkill_mid_burst_keeps_complete_records_and_the_restart_recovers_the_torn_line() {
+    let host = FakeHost::debian_6_1();
+    let config = host.config("# no groups of our own\n");
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let log = dir.path().join("events.jsonl");
+    let mut daemon = logging(&host, &log, &args!["--config", &config]);
+    wait_log(&mut daemon, "the start records", FOLLOW, |l| {
+        l["records"].as_u64() >= Some(2)
+    });
+
+    // A burst of reloads, each one a record, and SIGKILL in the middle of it.
+    for _ in 0..300 {
+        daemon.signal(Signal::HUP);
+        thread::sleep(Duration::from_micros(200));
+    }
+    daemon.signal(Signal::KILL);
+    let status = daemon.wait_exit(STOP);
+    assert_eq!(status.signal(), Some(9), "{daemon}");
+
+    let text = fs::read(&log).unwrap_or_else(|e| panic!("{e}"));
+    let complete = text.split(|&b| b == b'\n').count() - 1;
+    assert!(complete > 10, "the burst wrote records: only {complete}");
+    let killed = verify(&log);
+    let torn_by_kill = text.last() != Some(&b'\n');
+    if torn_by_kill {
+        // The kill itself cut a write: that line, and only it, is torn.
+        killed.expect_code(1);
+        assert!(
+            killed
+                .stdout
+                .contains(&format!(":{}: truncated file", complete + 1)),
+            "{killed}"
+        );
+    } else {
+        killed.expect_code(0);
+        // Simulate the write a crash cuts short: part of a record, no newline.
+        let last = String::from_utf8_lossy(&text[..text.len() - 1]);
+        let last = last.lines().last().unwrap_or_default();
+        let mut f = fs::OpenOptions::new()
+            .append(true)
+            .open(&log)
+            .unwrap_or_else(|e| panic!("{e}"));
+        std::io::Write::write_all(&mut f, &last.as_bytes()[..last.len() / 2])
+            .unwrap_or_else(|e| panic!("{e}"));
+        let cut = verify(&log);
+        cut.expect_code(1);
+        assert!(
+            cut.stdout
+                .contains(&format!("events.jsonl:{}: truncated file", complete + 1)),
+            "{cut}"
+        );
+    }
+    let torn_line = complete as u64 + 1;
+    let last_good = records(&log, &[]).last().cloned().unwrap_or_default();
+
+    // Restart on the same log: it reports the torn line and carries on.
+    let daemon = logging(&host, &log, &args!["--config", &config]);
+    assert!(
+        daemon.stderr().contains("torn line")
+            && daemon.stderr().contains(&format!("line={torn_line}")),
+        "the restart should report the torn line\n{daemon}"
+    );
+    stop(daemon);
+
+    let out = verify(&log);
+    out.expect_code(0);
+    assert!(
+        out.stdout
+            .contains(&format!("events.jsonl:{torn_line}: torn line"))
+            && out.stdout.contains("recovered by the log_recovered record"),
+        "verify should report exactly the recovered torn line: {out}"
+    );
+    assert_eq!(out.stdout.matches("torn line").count(), 1, "{out}");
+    let recovered = records(&log, &args!["--kind", "log_recovered"]);
+    assert_eq!(recovered.len(), 1, "{recovered:?}");
+    let r = &recovered[0];
+    assert_eq!(
+        r["torn"][0]["line"].as_u64(),
+        Some(torn_line),
+        "{}",
+        pretty(r)
+    );
+    assert_eq!(r["torn"][0]["unterminated"], true);
+    assert_eq!(r["after_seq"], last_good["seq"]);
+    assert_eq!(
+        r["prev_hash"], last_good["hash"],
+        "the chain continues from the last good record"
+    );
+    let after: Vec<Value> = records(&log, &[])
+        .into_iter()
+        .filter(|x| x["seq"].as_u64() > r["seq"].as_u64())
+        .collect();
+    assert_eq!(
+        after.first().map(|x| x["kind"].clone()),
+        Some("monitor_start".into())
+    );
+}
+
+/// A tmpfs mounted for one test, unmounted (lazily, so a file still open
+/// cannot keep it) when dropped.
+struct Tmpfs(PathBuf);
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Fills the file system at `dir` with one file until it refuses more.
+fn fill(path: &Path) {
+    let mut f = fs::File::create(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let chunk = vec![0u8; 1024];
+    while std::io::Write::write_all(&mut f, &chunk).is_ok() {}
+    let _ = std::io::Write::flush(&mut f);
+}
+
+#[test]
+fn a_full_disk_degrades_the_log_and_writing_resumes() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!(
+            "\n!!! SKIPPED a_full_disk_degrades_the_log_and_writing_resumes: it mounts a tmpfs and needs root (CI runs as root) !!!\n"
+        );
+        return;
+    }
+    let host = FakeHost::debian_6_1();
+    let config = host.config("# no groups of our own\n");
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let mnt = dir.path().join("small");
+    fs::create_dir(&mnt).unwrap_or_else(|e| panic!("{e}"));
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .unwrap_or_else(|e| panic!("running mount: {e}"));
+    assert!(
+        mounted.success(),
+        "mount -t tmpfs -o size=64k failed as root: {mounted}"
+    );
+    let _tmpfs = Tmpfs(mnt.clone());
+    let log = mnt.join("events.jsonl");
+
+    let mut daemon = logging(&host, &log, &args!["--config", &config]);
+    wait_log(&mut daemon, "the start records", FOLLOW, |l| {
+        l["records"].as_u64() >= Some(2)
+    });
+    let filler = mnt.join("filler");
+    fill(&filler);
+
+    // Records keep coming; the writes start failing once the log's last
+    // page is full too.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut hups = 0;
+    loop {
+        daemon.signal(Signal::HUP);
+        hups += 1;
+        thread::sleep(Duration::from_millis(50));
+        if daemon.status()["event_log"]["degraded"] == true {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no write failed after {hups} records\n{daemon}"
+        );
+    }
+    // Two more while degraded: held, not lost.
+    daemon.signal(Signal::HUP);
+    thread::sleep(Duration::from_millis(100));
+    daemon.signal(Signal::HUP);
+    let el = wait_log(&mut daemon, "records held back", FOLLOW, |l| {
+        l["pending"].as_u64() >= Some(2)
+    });
+    assert!(el["write_errors"].as_u64() >= Some(1), "{}", pretty(&el));
+    let error = el["last_error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("events.jsonl")
+            && (error.contains("No space left") || error.contains("disk full")),
+        "{}",
+        pretty(&el)
+    );
+    assert!(
+        daemon.is_running() && daemon.get("/healthz").is_ok(),
+        "{daemon}"
+    );
+    assert!(
+        daemon.stderr().contains("event log write failed"),
+        "the failure is logged\n{daemon}"
+    );
+
+    fs::remove_file(&filler).unwrap_or_else(|e| panic!("{e}"));
+    let el = wait_log(
+        &mut daemon,
+        "writing to resume",
+        Duration::from_secs(20),
+        |l| l["degraded"] == false && l["pending"] == 0,
+    );
+    assert!(
+        daemon.stderr().contains("event log writable again"),
+        "{daemon}"
+    );
+    let last_seq = el["last_seq"].clone();
+    stop(daemon);
+
+    let out = verify(&log);
+    out.expect_code(0);
+    let all = records(&log, &[]);
+    let reloads = all.iter().filter(|r| r["kind"] == "config_reload").count();
+    assert!(
+        reloads >= 3,
+        "the held records were written: {reloads} reloads"
+    );
+    assert!(all.iter().any(|r| r["seq"] == last_seq), "{out}");
+    assert_eq!(
+        all.last().map(|r| r["kind"].clone()),
+        Some("monitor_stop".into())
+    );
+    assert!(
+        !out.stdout.contains("torn"),
+        "a failed write is undone, not left torn: {out}"
+    );
+}
