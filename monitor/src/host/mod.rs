@@ -9,6 +9,8 @@
 //! - [`kconfig`] reads the kernel config and names a module's Kconfig symbol.
 //! - [`initstate`] reads `/sys/module/<m>/initstate`.
 //! - [`snapshot`] combines all of the above and classifies a module in it.
+//! - [`persistence`] says whether a module comes back after a reboot, and
+//!   which other installed kernels lack it.
 //!
 //! # Malformed lines
 //! The parsers never panic on kernel data and never fail a whole file for one
@@ -23,6 +25,7 @@ pub mod depmod;
 pub mod initstate;
 pub mod kconfig;
 pub mod paths;
+pub mod persistence;
 pub mod proc_modules;
 pub mod snapshot;
 

@@ -142,6 +142,89 @@ impl HostRoot {
     pub fn proc_pid_file(&self, pid: u32, file: &str) -> PathBuf {
         self.proc_pid(pid).join(file)
     }
+
+    /// `/proc/cmdline`: the running kernel's command line (`modules-load=`,
+    /// `modprobe.blacklist=`, `module_blacklist=`).
+    #[must_use]
+    pub fn proc_cmdline(&self) -> PathBuf {
+        self.join("proc/cmdline")
+    }
+
+    /// The directories systemd-modules-load reads `*.conf` lists of modules
+    /// to load at boot from, highest precedence first: a file in an earlier
+    /// directory hides a same-named one in a later directory
+    /// (`modules-load.d(5)`; `lib` only matters without merged /usr).
+    #[must_use]
+    pub fn modules_load_dirs(&self) -> [PathBuf; 5] {
+        [
+            self.join("etc/modules-load.d"),
+            self.join("run/modules-load.d"),
+            self.join("usr/local/lib/modules-load.d"),
+            self.join("usr/lib/modules-load.d"),
+            self.join("lib/modules-load.d"),
+        ]
+    }
+
+    /// `/etc/modules`: Debian's list of modules to load at boot (read by
+    /// systemd through the `/etc/modules-load.d/modules.conf` link, or by
+    /// the kmod init script).
+    #[must_use]
+    pub fn etc_modules(&self) -> PathBuf {
+        self.join("etc/modules")
+    }
+
+    /// `/etc/modules-load.d/kmod-monitor.conf`: the one file `check --fix`
+    /// writes, and only if it wrote it before or it does not exist.
+    #[must_use]
+    pub fn kmod_monitor_modules_load(&self) -> PathBuf {
+        self.join("etc/modules-load.d/kmod-monitor.conf")
+    }
+
+    /// The directories kmod (modprobe, libkmod) reads `*.conf` from
+    /// (`blacklist`, `install`, ...), highest precedence first, with the same
+    /// same-name override as [`modules_load_dirs`](Self::modules_load_dirs)
+    /// (`modprobe.d(5)`; `usr/lib` from kmod 33 on, `lib` before).
+    #[must_use]
+    pub fn modprobe_dirs(&self) -> [PathBuf; 5] {
+        [
+            self.join("etc/modprobe.d"),
+            self.join("run/modprobe.d"),
+            self.join("usr/local/lib/modprobe.d"),
+            self.join("usr/lib/modprobe.d"),
+            self.join("lib/modprobe.d"),
+        ]
+    }
+
+    /// The directories holding one module tree per installed kernel, in the
+    /// order [`modules_dir_candidates`](Self::modules_dir_candidates) tries
+    /// them.
+    #[must_use]
+    pub fn modules_roots(&self) -> [PathBuf; 2] {
+        [self.join("lib/modules"), self.join("usr/lib/modules")]
+    }
+
+    /// Where the kernel image of `release` may be, in the order tried:
+    /// `/boot/vmlinuz-<release>` (Debian, Ubuntu) then
+    /// `<modules dir>/vmlinuz` (Fedora, Arch).
+    #[must_use]
+    pub fn kernel_image_candidates(&self, release: &str) -> [PathBuf; 3] {
+        [
+            self.join(&format!("boot/vmlinuz-{release}")),
+            self.join(&format!("usr/lib/modules/{release}/vmlinuz")),
+            self.join(&format!("lib/modules/{release}/vmlinuz")),
+        ]
+    }
+
+    /// An absolute path as the host sees it (a symbolic link's target, say)
+    /// resolved under the root: `/etc/modules` under `/host` is
+    /// `/host/etc/modules`. A relative `path` is returned unchanged.
+    #[must_use]
+    pub fn host_path(&self, path: &Path) -> PathBuf {
+        match path.strip_prefix("/") {
+            Ok(rel) => self.root.join(rel),
+            Err(_) => path.to_path_buf(),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -179,11 +262,19 @@ mod tests {
             root.btf_vmlinux(),
             root.proc_pid(7),
             root.proc_pid_file(7, "cmdline"),
+            root.proc_cmdline(),
+            root.etc_modules(),
+            root.kmod_monitor_modules_load(),
+            root.host_path(Path::new("/etc/modules")),
             root.boot_id(),
         ];
         all.extend(root.kernel_config_candidates("r"));
         all.extend(root.modules_dir_candidates("r"));
         all.extend(root.tracefs_candidates());
+        all.extend(root.modules_load_dirs());
+        all.extend(root.modprobe_dirs());
+        all.extend(root.modules_roots());
+        all.extend(root.kernel_image_candidates("r"));
         for path in all {
             assert!(path.starts_with("/host"), "{}", path.display());
             assert_ne!(path, Path::new("/host"), "{}", path.display());
