@@ -178,7 +178,7 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
                 let kind = tracker.record_historical(ev);
                 d.count(kind);
                 if let Some(kind) = kind {
-                    d.log_event(&tracker, ev, kind, None);
+                    d.log_historical(&tracker, ev, kind);
                 }
                 continue;
             }
@@ -692,13 +692,13 @@ impl Daemon {
         );
     }
 
-    /// An event from before the snapshot: history only.
-    fn log_event(&mut self, tracker: &Tracker, ev: &SourceEvent, kind: Kind, o: Option<&Outcome>) {
+    /// An event from before the snapshot: history only, no state change.
+    fn log_historical(&mut self, tracker: &Tracker, ev: &SourceEvent, kind: Kind) {
         if self.log.is_none() {
             return;
         }
-        let mut r = self.event_record(tracker, ev, kind, o);
-        r.historical = o.is_none();
+        let mut r = self.event_record(tracker, ev, kind, None);
+        r.historical = true;
         r.source = Some(self.active.as_str().to_owned());
         self.append(r);
     }

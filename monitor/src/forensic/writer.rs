@@ -834,6 +834,64 @@ mod tests {
     }
 
     #[test]
+    fn an_idle_writer_has_no_wakeup() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = settings(dir.path(), 1 << 20, 2);
+        let mut w = writer(&s);
+        assert_eq!(w.deadline(), None, "nothing written: nothing to wake for");
+        write(&mut w, 1);
+        let at = w.deadline().expect("an fsync is due after a write");
+        assert!(at <= Instant::now() + FSYNC_INTERVAL);
+        w.sync();
+        assert_eq!(w.deadline(), None, "synced and idle");
+
+        let always = EventLogSettings {
+            fsync: FsyncPolicy::Always,
+            path: dir.path().join("always.jsonl"),
+            ..s
+        };
+        let mut w = writer(&always);
+        write(&mut w, 2);
+        assert_eq!(w.deadline(), None, "fsync=always leaves nothing for later");
+    }
+
+    #[test]
+    fn a_cut_short_write_that_could_not_be_undone_is_recovered_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = settings(dir.path(), 1 << 20, 2);
+        let mut w = writer(&s);
+        write(&mut w, 2);
+        // What a short write leaves when truncating it back failed too.
+        fs::OpenOptions::new()
+            .append(true)
+            .open(&s.path)
+            .unwrap()
+            .write_all(b"{\"boot_id\":\"bo")
+            .unwrap();
+        w.needs_rescan = true;
+        write(&mut w, 1);
+        drop(w);
+        let text = fs::read_to_string(&s.path).unwrap();
+        let kinds: Vec<String> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Record>(l).ok())
+            .map(|r| r.kind.to_string())
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "config_reload",
+                "config_reload",
+                "log_recovered",
+                "config_reload"
+            ]
+        );
+        let report = verify::verify(std::slice::from_ref(&s.path)).unwrap();
+        assert!(report.problem.is_none(), "{report}");
+        assert_eq!(report.records, 4);
+    }
+
+    #[test]
     fn too_many_held_records_are_counted_and_reported() {
         let dir = tempfile::tempdir().unwrap();
         let s = settings(dir.path(), 1 << 20, 2);
