@@ -435,12 +435,13 @@ impl Daemon {
                 self.append(r);
             }
             log_group_changes(&o);
-            self.log_group_changes(
-                Some(&o.module),
-                &o.group_changes,
-                RecordKind::Drift,
-                boot_ns_now(),
-            );
+            // A silent correction right after start-up settles the snapshot.
+            let cause = if count_as_drift {
+                RecordKind::Drift
+            } else {
+                RecordKind::Snapshot
+            };
+            self.log_group_changes(Some(&o.module), &o.group_changes, cause, boot_ns_now());
         }
     }
 
