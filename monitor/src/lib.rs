@@ -24,6 +24,7 @@ pub mod check;
 pub mod config;
 pub mod daemon;
 pub mod event;
+pub mod fix;
 pub mod forensic;
 pub mod host;
 pub mod http;

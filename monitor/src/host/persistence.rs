@@ -185,9 +185,16 @@ impl Block {
             // name; the kmod init script and dependency loads do not.
             PersistSource::ModulesLoad { .. } | PersistSource::KernelCmdline { .. } => true,
             PersistSource::EtcModules { .. } | PersistSource::DependencyOf { .. } => {
-                !matches!(self, Self::Blacklist { .. } | Self::CmdlineBlacklist { .. })
+                self.stops_modprobe()
             }
         }
+    }
+
+    /// Whether this stops `modprobe <m>` run by hand now (a blacklist does
+    /// not: modprobe ignores it for a module named on its command line).
+    #[must_use]
+    pub const fn stops_modprobe(&self) -> bool {
+        !matches!(self, Self::Blacklist { .. } | Self::CmdlineBlacklist { .. })
     }
 }
 

@@ -1,0 +1,1003 @@
+//! `kmod-monitor check --fix`: turns a check report into a plan (which
+//! modules to `modprobe` now, which to add to
+//! `/etc/modules-load.d/kmod-monitor.conf` so they come back after a reboot)
+//! and carries it out.
+//!
+//! - [`plan`] only reads. `--dry-run` prints the plan ([`FixPlan`]'s
+//!   `Display`) and stops there.
+//! - [`apply`] runs `modprobe` through an injected runner (so tests need no
+//!   root and a fake host root loads nothing) and writes the file.
+//! - Idempotent: what the first run fixed is loaded and persistent on the
+//!   second, whose plan is empty.
+//! - It never edits a file it did not create: the file's first line must be
+//!   [`MANAGED_HEADER`]'s mark, or [`plan`] refuses with
+//!   [`FixError::ForeignFile`]. A link is refused too.
+//! - An any-of group needs one member: the first that is loaded (or else
+//!   the first that can be loaded) is loaded and persisted, and nothing is
+//!   done when some member already comes back after a reboot.
+//! - What a command cannot fix (a module the kernel lacks, one that
+//!   modprobe.d disables or blacklists) is listed with the reason, not
+//!   attempted.
+use std::collections::BTreeMap;
+use std::fmt;
+use std::fs;
+use std::io::{self, Write as _};
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+
+use serde::Serialize;
+
+use crate::check::{GroupCheck, ModuleCheck, Report};
+use crate::config::GroupMode;
+use crate::host::HostRoot;
+use crate::host::persistence::{Block, PersistSource, Persistence};
+use crate::names::ModuleName;
+use crate::state::ModuleState;
+
+/// The first line of every file `check --fix` writes; a file whose first
+/// line does not start with [`MANAGED_MARK`] is not kmod-monitor's.
+pub const MANAGED_HEADER: &str =
+    "# Managed by kmod-monitor: written by `kmod-monitor check --fix`.";
+/// What the first line of a file kmod-monitor may rewrite starts with.
+pub const MANAGED_MARK: &str = "# Managed by kmod-monitor";
+/// The lines after [`MANAGED_HEADER`], before the modules.
+const HEADER_REST: &str = "\
+# systemd-modules-load loads the modules below at every boot. kmod-monitor
+# only ever adds lines here; to drop a module, delete its line (and keep the
+# first line, or kmod-monitor will refuse to touch this file again).
+";
+
+/// Why `check --fix` cannot go on.
+#[derive(Debug, thiserror::Error)]
+pub enum FixError {
+    /// The modules-load file exists but kmod-monitor did not write it.
+    #[error(
+        "{}: not written by kmod-monitor (its first line is not {MANAGED_MARK:?}{}); refusing to \
+         change it. Add the modules to it by hand, or move it away and run `check --fix` again",
+        path.display(),
+        if *is_link { ", and it is a symbolic link" } else { "" }
+    )]
+    ForeignFile {
+        /// The file, under the host root.
+        path: PathBuf,
+        /// Whether it is a symbolic link (never followed for writing).
+        is_link: bool,
+    },
+    /// kmod-monitor's file has a line that is not a module name: someone
+    /// edited it, and rewriting would lose the edit.
+    #[error(
+        "{} line {line}: {text:?} is not a module name; fix or remove the line and run `check \
+         --fix` again",
+        path.display()
+    )]
+    EditedFile {
+        /// The file, under the host root.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// The line.
+        text: String,
+    },
+    /// The file changed between [`plan`] and [`apply`].
+    #[error("{}: changed since the fix was planned; run `check --fix` again", path.display())]
+    Changed {
+        /// The file, under the host root.
+        path: PathBuf,
+    },
+    /// Reading the file or its directory failed.
+    #[error("reading {}: {source}", path.display())]
+    Read {
+        /// The file, under the host root.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// Writing the file (or creating its directory) failed.
+    #[error("writing {}: {source}", path.display())]
+    Write {
+        /// The file or directory, under the host root.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+}
+
+/// A module `check --fix` leaves alone, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Unfixable {
+    /// The module.
+    pub module: ModuleName,
+    /// What stands in the way, for a person to act on.
+    pub reason: String,
+}
+
+/// The change to kmod-monitor's modules-load file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PersistChange {
+    /// The file, under the host root.
+    pub path: PathBuf,
+    /// Every module the file lists after the change: the old ones, then the
+    /// added ones.
+    pub modules: Vec<ModuleName>,
+    /// The modules this change adds.
+    pub added: Vec<ModuleName>,
+    /// The file's content when the plan was made (`None`: it did not
+    /// exist), so [`apply`] can refuse a file that changed since.
+    #[serde(skip)]
+    previous: Option<String>,
+}
+
+/// What `check --fix` will do.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct FixPlan {
+    /// Modules to `modprobe` now, in report order.
+    pub load: Vec<ModuleName>,
+    /// The modules-load file change, if the file needs one.
+    pub persist: Option<PersistChange>,
+    /// Modules a command cannot fix, with the reason, in report order.
+    pub cannot_fix: Vec<Unfixable>,
+}
+
+impl FixPlan {
+    /// Whether there is nothing to run and nothing to write (what a second
+    /// run finds).
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.load.is_empty() && self.persist.is_none()
+    }
+
+    /// The commands [`apply`] runs, in order (`["modprobe", "dm_crypt"]`).
+    #[must_use]
+    pub fn commands(&self) -> Vec<[&str; 2]> {
+        self.load.iter().map(|m| ["modprobe", m.as_str()]).collect()
+    }
+}
+
+impl fmt::Display for FixPlan {
+    /// The plan as `--dry-run` prints it.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_empty() {
+            writeln!(
+                f,
+                "Nothing to do: every module that can be fixed is loaded and persistent."
+            )?;
+        }
+        for [program, module] in self.commands() {
+            writeln!(f, "run:    {program} {module}")?;
+        }
+        if let Some(change) = &self.persist {
+            let verb = if change.previous.is_some() {
+                "add to"
+            } else {
+                "create"
+            };
+            let added: Vec<&str> = change.added.iter().map(ModuleName::as_str).collect();
+            writeln!(
+                f,
+                "write:  {verb} {}: {}",
+                change.path.display(),
+                added.join(" ")
+            )?;
+        }
+        for Unfixable { module, reason } in &self.cannot_fix {
+            writeln!(f, "cannot: {module}: {reason}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A `modprobe` that did not succeed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct LoadFailure {
+    /// The module.
+    pub module: ModuleName,
+    /// How it failed: the exit status or the error starting modprobe.
+    pub problem: String,
+}
+
+/// What [`apply`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct FixReport {
+    /// Modules modprobe loaded.
+    pub loaded: Vec<ModuleName>,
+    /// Modules modprobe failed to load.
+    pub failed: Vec<LoadFailure>,
+    /// The file written, if any.
+    pub wrote: Option<PathBuf>,
+    /// The modules added to it.
+    pub persisted: Vec<ModuleName>,
+}
+
+impl FixReport {
+    /// Whether every command succeeded.
+    #[must_use]
+    pub fn ok(&self) -> bool {
+        self.failed.is_empty()
+    }
+}
+
+impl fmt::Display for FixReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for module in &self.loaded {
+            writeln!(f, "loaded:  {module}")?;
+        }
+        for LoadFailure { module, problem } in &self.failed {
+            writeln!(f, "FAILED:  modprobe {module}: {problem}")?;
+        }
+        if let Some(path) = &self.wrote {
+            let added: Vec<&str> = self.persisted.iter().map(ModuleName::as_str).collect();
+            writeln!(f, "wrote:   {}: {}", path.display(), added.join(" "))?;
+        }
+        Ok(())
+    }
+}
+
+/// What kmod-monitor's file says now.
+struct ManagedFile {
+    /// Its content, `None` if it does not exist.
+    text: Option<String>,
+    /// The modules it lists, in file order.
+    modules: Vec<ModuleName>,
+}
+
+/// Reads kmod-monitor's modules-load file, refusing one it did not write.
+fn read_managed(path: &Path) -> Result<ManagedFile, FixError> {
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_symlink() => {
+            return Err(FixError::ForeignFile {
+                path: path.to_path_buf(),
+                is_link: true,
+            });
+        }
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Ok(ManagedFile {
+                text: None,
+                modules: Vec::new(),
+            });
+        }
+        Err(source) => {
+            return Err(FixError::Read {
+                path: path.to_path_buf(),
+                source,
+            });
+        }
+    }
+    let text = fs::read_to_string(path).map_err(|source| FixError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if !text.starts_with(MANAGED_MARK) {
+        return Err(FixError::ForeignFile {
+            path: path.to_path_buf(),
+            is_link: false,
+        });
+    }
+    let mut modules = Vec::new();
+    for (index, line) in text.lines().enumerate() {
+        let entry = line.trim();
+        if entry.is_empty() || entry.starts_with(['#', ';']) {
+            continue;
+        }
+        let module = ModuleName::parse(entry).map_err(|_| FixError::EditedFile {
+            path: path.to_path_buf(),
+            line: index + 1,
+            text: line.to_owned(),
+        })?;
+        if !modules.contains(&module) {
+            modules.push(module);
+        }
+    }
+    Ok(ManagedFile {
+        text: Some(text),
+        modules,
+    })
+}
+
+/// The content of kmod-monitor's file listing `modules`.
+fn render_managed(modules: &[ModuleName]) -> String {
+    let mut text = format!("{MANAGED_HEADER}\n{HEADER_REST}");
+    for module in modules {
+        text.push_str(module.as_str());
+        text.push('\n');
+    }
+    text
+}
+
+/// What [`plan`] collects while it walks the groups.
+#[derive(Default)]
+struct Planner {
+    load: Vec<ModuleName>,
+    persist: Vec<ModuleName>,
+    cannot_fix: Vec<Unfixable>,
+}
+
+impl Planner {
+    fn load(&mut self, module: &ModuleName) {
+        if !self.load.contains(module) {
+            self.load.push(module.clone());
+        }
+    }
+
+    fn persist(&mut self, module: &ModuleName) {
+        if !self.persist.contains(module) {
+            self.persist.push(module.clone());
+        }
+    }
+
+    fn cannot(&mut self, module: &ModuleName, reason: String) {
+        if !self.cannot_fix.iter().any(|u| &u.module == module) {
+            self.cannot_fix.push(Unfixable {
+                module: module.clone(),
+                reason,
+            });
+        }
+    }
+}
+
+/// The blocks that keep `modprobe <m>` from loading the module now.
+fn load_blocks(p: &Persistence) -> Vec<&Block> {
+    p.blocked_by.iter().filter(|b| b.stops_modprobe()).collect()
+}
+
+/// The blocks that keep a modules-load.d line from loading the module at
+/// boot.
+fn persist_blocks(p: &Persistence) -> Vec<&Block> {
+    let line = PersistSource::ModulesLoad {
+        path: PathBuf::new(),
+        line: 0,
+    };
+    p.blocked_by.iter().filter(|b| b.stops(&line)).collect()
+}
+
+fn joined(blocks: &[&Block]) -> String {
+    blocks
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Plans the fix for `report`, with the [`Persistence`] of its modules
+/// (from [`crate::host::persistence::persistence`]; a module without an
+/// entry counts as not persistent and not blocked), against kmod-monitor's
+/// modules-load file under `host`.
+///
+/// # Errors
+/// [`FixError::ForeignFile`] if that file exists and kmod-monitor did not
+/// write it (or it is a link), [`FixError::EditedFile`] if it has a line
+/// that is not a module name, [`FixError::Read`] if it cannot be read.
+pub fn plan(
+    report: &Report,
+    persistence: &BTreeMap<ModuleName, Persistence>,
+    host: &HostRoot,
+) -> Result<FixPlan, FixError> {
+    let path = host.kmod_monitor_modules_load();
+    let managed = read_managed(&path)?;
+    let unknown = Persistence {
+        persistent: false,
+        sources: Vec::new(),
+        blocked_by: Vec::new(),
+    };
+    let of = |m: &ModuleName| persistence.get(m).unwrap_or(&unknown);
+    let mut planner = Planner::default();
+    for group in &report.groups {
+        match group.mode {
+            GroupMode::AllOf => {
+                for module in &group.modules {
+                    plan_module(&mut planner, module, of(&module.name), report);
+                }
+            }
+            GroupMode::AnyOf => plan_any_of(&mut planner, group, &of, report),
+        }
+    }
+
+    let added: Vec<ModuleName> = planner
+        .persist
+        .iter()
+        .filter(|m| !managed.modules.contains(m))
+        .cloned()
+        .collect();
+    let persist = (!added.is_empty()).then(|| PersistChange {
+        path,
+        modules: managed.modules.iter().chain(&added).cloned().collect(),
+        added,
+        previous: managed.text,
+    });
+    Ok(FixPlan {
+        load: planner.load,
+        persist,
+        cannot_fix: planner.cannot_fix,
+    })
+}
+
+/// One module every one of which its group needs.
+fn plan_module(planner: &mut Planner, module: &ModuleCheck, p: &Persistence, report: &Report) {
+    let name = &module.name;
+    match module.state {
+        ModuleState::Missing => {
+            let reason = module.remedy.as_ref().map_or_else(
+                || format!("not in kernel {}", report.kernel_release),
+                |r| r.explanation.clone(),
+            );
+            planner.cannot(name, reason);
+            return;
+        }
+        ModuleState::Available => {
+            let blocks = load_blocks(p);
+            if blocks.is_empty() {
+                planner.load(name);
+            } else {
+                planner.cannot(
+                    name,
+                    format!("modprobe cannot load it: {}", joined(&blocks)),
+                );
+                return;
+            }
+        }
+        ModuleState::Loaded
+        | ModuleState::Builtin
+        | ModuleState::Loading
+        | ModuleState::Unloading => {}
+    }
+    if p.persistent {
+        return;
+    }
+    let blocks = persist_blocks(p);
+    if blocks.is_empty() {
+        planner.persist(name);
+    } else {
+        planner.cannot(
+            name,
+            format!(
+                "a modules-load.d line would not load it at boot: {}",
+                joined(&blocks)
+            ),
+        );
+    }
+}
+
+/// An any-of group: one member loaded now and one that comes back.
+fn plan_any_of<'a>(
+    planner: &mut Planner,
+    group: &GroupCheck,
+    of: &dyn Fn(&ModuleName) -> &'a Persistence,
+    report: &Report,
+) {
+    let members = &group.modules;
+    let satisfied = members.iter().find(|m| m.state.satisfies());
+    let loadable = || {
+        members
+            .iter()
+            .find(|m| m.state == ModuleState::Available && load_blocks(of(&m.name)).is_empty())
+    };
+    let chosen = match satisfied {
+        Some(module) => Some(module),
+        None => {
+            let chosen = loadable();
+            if let Some(module) = chosen {
+                planner.load(&module.name);
+            }
+            chosen
+        }
+    };
+    if members.iter().any(|m| of(&m.name).persistent) {
+        return;
+    }
+    // Persist the member that is (or is being) loaded, else the first
+    // whose line would work.
+    let persistable = |m: &&ModuleCheck| {
+        m.state != ModuleState::Missing && persist_blocks(of(&m.name)).is_empty()
+    };
+    let target = chosen
+        .filter(persistable)
+        .or_else(|| members.iter().find(persistable));
+    match target {
+        Some(module) => planner.persist(&module.name),
+        None => {
+            let names: Vec<&str> = members.iter().map(|m| m.name.as_str()).collect();
+            let reasons: Vec<String> = members
+                .iter()
+                .map(|m| {
+                    let blocks = persist_blocks(of(&m.name));
+                    if blocks.is_empty() {
+                        format!("{}: {}", m.name, m.state)
+                    } else {
+                        format!("{}: {}", m.name, joined(&blocks))
+                    }
+                })
+                .collect();
+            // Config validation guarantees a group has a module.
+            let Some(first) = members.first() else { return };
+            planner.cannot(
+                &first.name,
+                format!(
+                    "no member of group {} ({}) can be made persistent in kernel {}: {}",
+                    group.name,
+                    names.join(" | "),
+                    report.kernel_release,
+                    reasons.join("; ")
+                ),
+            );
+        }
+    }
+}
+
+/// Carries out `plan` on `host`: runs `modprobe <m>` through `runner` for
+/// each module to load (a failure is recorded and the rest go on), then
+/// writes kmod-monitor's modules-load file atomically, mode 0644.
+///
+/// With a host root other than `/`, `runner` decides how modprobe reaches
+/// the host (e.g. `chroot /host modprobe ...`); it gets
+/// `["modprobe", module]`.
+///
+/// # Errors
+/// [`FixError::Changed`] if the file is no longer what the plan saw (the
+/// modprobe commands have run by then), [`FixError::Write`] if it cannot be
+/// written.
+pub fn apply(
+    plan: &FixPlan,
+    host: &HostRoot,
+    runner: &dyn Fn(&[&str]) -> io::Result<ExitStatus>,
+) -> Result<FixReport, FixError> {
+    let mut report = FixReport::default();
+    for name in &plan.load {
+        let (program, module) = ("modprobe", name.as_str());
+        let name = name.clone();
+        match runner(&[program, module]) {
+            Ok(status) if status.success() => report.loaded.push(name),
+            Ok(status) => report.failed.push(LoadFailure {
+                module: name,
+                problem: format!("{program} {status}"),
+            }),
+            Err(e) => report.failed.push(LoadFailure {
+                module: name,
+                problem: format!("cannot run {program}: {e}"),
+            }),
+        }
+    }
+    let Some(change) = &plan.persist else {
+        return Ok(report);
+    };
+    // The plan's path is the host's; a different host root is a caller bug
+    // we refuse rather than write to the wrong tree.
+    let path = host.kmod_monitor_modules_load();
+    if path != change.path {
+        return Err(FixError::Changed { path });
+    }
+    let now = match fs::symlink_metadata(&path) {
+        Ok(meta) if meta.file_type().is_symlink() => {
+            return Err(FixError::ForeignFile {
+                path,
+                is_link: true,
+            });
+        }
+        Ok(_) => Some(fs::read_to_string(&path).map_err(|source| FixError::Read {
+            path: path.clone(),
+            source,
+        })?),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(source) => return Err(FixError::Read { path, source }),
+    };
+    if now != change.previous {
+        return Err(FixError::Changed { path });
+    }
+    write_atomic(&path, &render_managed(&change.modules))?;
+    report.wrote = Some(path);
+    report.persisted.clone_from(&change.added);
+    Ok(report)
+}
+
+/// Writes `text` to a temporary file beside `path` (its name does not end
+/// in `.conf`, so systemd never reads it half-written), then renames it.
+fn write_atomic(path: &Path, text: &str) -> Result<(), FixError> {
+    let err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| FixError::Write { path, source }
+    };
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).map_err(err(dir))?;
+    }
+    let tmp = path.with_extension("conf.kmod-monitor-tmp");
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o644)
+        .open(&tmp)
+        .map_err(err(&tmp))?;
+    file.write_all(text.as_bytes()).map_err(err(&tmp))?;
+    file.sync_all().map_err(err(&tmp))?;
+    drop(file);
+    fs::rename(&tmp, path).map_err(err(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+    use std::os::unix::process::ExitStatusExt as _;
+
+    use super::*;
+    use crate::check::evaluate;
+    use crate::config::{GroupSpec, resolve_groups};
+    use crate::host::persistence::{persistence, read_persistence_config};
+    use crate::host::take_snapshot;
+    use crate::tracker::Tracker;
+
+    const DEP_6_1: &str = include_str!("host/fixtures/modules.dep.debian-6.1");
+    const BUILTIN_6_1: &str = include_str!("host/fixtures/modules.builtin.debian-6.1");
+    const PROC_MODULES_6_1: &str = include_str!("host/fixtures/proc_modules.debian-6.1");
+    const ETC_MODULES_DEBIAN: &str =
+        include_str!("host/fixtures/persistence/etc-modules.debian-12");
+    const CIS_NODE: &str =
+        include_str!("host/fixtures/persistence/modprobe.d-cis-hardening.conf.node");
+    const REL: &str = "6.1.0-56-amd64";
+
+    fn name(s: &str) -> ModuleName {
+        ModuleName::parse(s).unwrap()
+    }
+
+    /// A Debian 12 node (kernel 6.1, stock /etc/modules and its link) whose
+    /// /proc/modules is the real one minus `unloaded`.
+    struct Node {
+        dir: tempfile::TempDir,
+    }
+
+    impl Node {
+        fn new(unloaded: &[&str]) -> Self {
+            let node = Self {
+                dir: tempfile::tempdir().unwrap(),
+            };
+            node.write("proc/sys/kernel/osrelease", &format!("{REL}\n"));
+            node.write(
+                "proc/cmdline",
+                "BOOT_IMAGE=/boot/vmlinuz-6.1.0-56-amd64 ro quiet\n",
+            );
+            node.write(&format!("lib/modules/{REL}/modules.dep"), DEP_6_1);
+            node.write(&format!("lib/modules/{REL}/modules.builtin"), BUILTIN_6_1);
+            node.write("etc/modules", ETC_MODULES_DEBIAN);
+            std::os::unix::fs::symlink("../modules", node.path("etc/modules-load.d/modules.conf"))
+                .unwrap();
+            let proc_modules: String = PROC_MODULES_6_1
+                .lines()
+                .filter(|l| !unloaded.contains(&l.split(' ').next().unwrap_or("")))
+                .map(|l| format!("{l}\n"))
+                .collect();
+            node.write("proc/modules", &proc_modules);
+            node
+        }
+
+        fn write(&self, rel: &str, content: &str) {
+            let path = self.path(rel);
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            fs::write(path, content).unwrap();
+        }
+
+        fn path(&self, rel: &str) -> PathBuf {
+            let path = self.dir.path().join(rel);
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            path
+        }
+
+        fn root(&self) -> HostRoot {
+            HostRoot::new(self.dir.path())
+        }
+
+        /// `check` and the persistence of every required module, as the
+        /// CLI will compute them.
+        fn plan(&self, groups: Vec<GroupSpec>) -> Result<FixPlan, FixError> {
+            let root = self.root();
+            let snapshot = take_snapshot(&root).unwrap();
+            let tracker = Tracker::new(&snapshot, groups);
+            let report = evaluate(&snapshot, &tracker);
+            let config = read_persistence_config(&root);
+            let persistence: BTreeMap<ModuleName, Persistence> = report
+                .groups
+                .iter()
+                .flat_map(|g| &g.modules)
+                .map(|m| (m.name.clone(), persistence(&config, &snapshot, &m.name)))
+                .collect();
+            plan(&report, &persistence, &root)
+        }
+
+        /// A runner that "loads" a module by adding it to /proc/modules,
+        /// recording each command.
+        fn runner<'a>(
+            &'a self,
+            calls: &'a RefCell<Vec<String>>,
+        ) -> impl Fn(&[&str]) -> io::Result<ExitStatus> + 'a {
+            move |argv: &[&str]| {
+                calls.borrow_mut().push(argv.join(" "));
+                let path = self.path("proc/modules");
+                let mut text = fs::read_to_string(&path)?;
+                text.push_str(&format!("{} 16384 0 - Live 0x0000000000000000\n", argv[1]));
+                fs::write(&path, text)?;
+                Ok(ExitStatus::from_raw(0))
+            }
+        }
+    }
+
+    fn v2() -> Vec<GroupSpec> {
+        resolve_groups(None, true)
+    }
+
+    #[test]
+    fn plan_loads_what_is_available_and_persists_every_required_module() {
+        // The real 6.1 guest had dm_crypt, nvme_tcp and vfio_pci loaded by
+        // hand: all three are lost at the next boot; uio_pci_generic is not
+        // loaded at all.
+        let node = Node::new(&["dm_crypt"]);
+        let plan = node.plan(v2()).unwrap();
+        assert_eq!(plan.load, [name("dm_crypt"), name("uio_pci_generic")]);
+        let change = plan.persist.as_ref().unwrap();
+        assert_eq!(
+            change.path,
+            node.path("etc/modules-load.d/kmod-monitor.conf")
+        );
+        let all = [
+            name("dm_crypt"),
+            name("vfio_pci"),
+            name("uio_pci_generic"),
+            name("nvme_tcp"),
+        ];
+        assert_eq!(change.added, all);
+        assert_eq!(change.modules, all);
+        assert_eq!(plan.cannot_fix, []);
+        assert_eq!(
+            plan.to_string(),
+            format!(
+                "run:    modprobe dm_crypt\nrun:    modprobe uio_pci_generic\nwrite:  create {}: \
+                 dm_crypt vfio_pci uio_pci_generic nvme_tcp\n",
+                change.path.display()
+            )
+        );
+        // Planning wrote nothing.
+        assert!(!change.path.exists());
+    }
+
+    #[test]
+    fn apply_twice_the_second_run_changes_nothing() {
+        let node = Node::new(&["dm_crypt", "nvme_tcp"]);
+        let calls = RefCell::new(Vec::new());
+        let first = node.plan(v2()).unwrap();
+        let report = apply(&first, &node.root(), &node.runner(&calls)).unwrap();
+        assert!(report.ok());
+        assert_eq!(
+            calls.borrow().as_slice(),
+            [
+                "modprobe dm_crypt",
+                "modprobe uio_pci_generic",
+                "modprobe nvme_tcp"
+            ]
+        );
+        let path = node.path("etc/modules-load.d/kmod-monitor.conf");
+        assert_eq!(report.wrote.as_deref(), Some(path.as_path()));
+        let text = fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with(&format!("{MANAGED_HEADER}\n")), "{text}");
+        assert!(
+            text.ends_with("\ndm_crypt\nvfio_pci\nuio_pci_generic\nnvme_tcp\n"),
+            "{text}"
+        );
+        let mode = fs::metadata(&path).unwrap().permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o644
+        );
+        // No temporary file left beside it.
+        let names: Vec<_> = fs::read_dir(path.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+
+        let second = node.plan(v2()).unwrap();
+        assert!(second.is_empty(), "{second:?}");
+        assert_eq!(
+            second.to_string(),
+            "Nothing to do: every module that can be fixed is loaded and persistent.\n"
+        );
+        let report = apply(&second, &node.root(), &node.runner(&calls)).unwrap();
+        assert_eq!(report, FixReport::default());
+        assert_eq!(calls.borrow().len(), 3);
+        assert_eq!(fs::read_to_string(&path).unwrap(), text);
+    }
+
+    #[test]
+    fn a_file_kmod_monitor_did_not_write_is_refused() {
+        let node = Node::new(&[]);
+        let path = node.path("etc/modules-load.d/kmod-monitor.conf");
+        fs::write(&path, "# my own list\ndm_crypt\n").unwrap();
+        let err = node.plan(v2()).unwrap_err();
+        assert!(matches!(err, FixError::ForeignFile { is_link: false, .. }));
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{}: not written by kmod-monitor (its first line is not \"# Managed by \
+                 kmod-monitor\"); refusing to change it. Add the modules to it by hand, or move \
+                 it away and run `check --fix` again",
+                path.display()
+            )
+        );
+        assert_eq!(
+            fs::read_to_string(&path).unwrap(),
+            "# my own list\ndm_crypt\n"
+        );
+
+        // A link, even to a file of ours, is not followed.
+        fs::remove_file(&path).unwrap();
+        node.write("srv/ours.conf", &render_managed(&[name("dm_crypt")]));
+        std::os::unix::fs::symlink(node.path("srv/ours.conf"), &path).unwrap();
+        assert!(matches!(
+            node.plan(v2()).unwrap_err(),
+            FixError::ForeignFile { is_link: true, .. }
+        ));
+    }
+
+    #[test]
+    fn an_edited_file_of_ours_is_kept_and_extended_or_refused() {
+        let node = Node::new(&[]);
+        let path = node.path("etc/modules-load.d/kmod-monitor.conf");
+        fs::write(
+            &path,
+            format!("{}# added by ops\nnvme-tcp\n", render_managed(&[])),
+        )
+        .unwrap();
+        let plan = node.plan(v2()).unwrap();
+        let change = plan.persist.unwrap();
+        assert_eq!(
+            change.added,
+            [name("dm_crypt"), name("vfio_pci"), name("uio_pci_generic")]
+        );
+        assert_eq!(change.modules[0], name("nvme_tcp"));
+
+        fs::write(&path, format!("{}dm_crypt foo=1\n", render_managed(&[]))).unwrap();
+        let err = node.plan(v2()).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            format!(
+                "{} line 5: \"dm_crypt foo=1\" is not a module name; fix or remove the line and \
+                 run `check --fix` again",
+                path.display()
+            )
+        );
+    }
+
+    #[test]
+    fn a_file_changed_after_planning_is_not_overwritten() {
+        let node = Node::new(&[]);
+        let plan = node.plan(v2()).unwrap();
+        let path = node.path("etc/modules-load.d/kmod-monitor.conf");
+        fs::write(&path, "dm_crypt\n").unwrap();
+        let calls = RefCell::new(Vec::new());
+        let err = apply(&plan, &node.root(), &node.runner(&calls)).unwrap_err();
+        assert!(matches!(err, FixError::Changed { .. }), "{err}");
+        assert_eq!(fs::read_to_string(&path).unwrap(), "dm_crypt\n");
+    }
+
+    #[test]
+    fn disabled_and_blacklisted_modules_are_explained_not_attempted() {
+        // CIS hardening: `install dm_crypt /bin/false`, and
+        // `blacklist uio_pci_generic`.
+        let node = Node::new(&["dm_crypt"]);
+        node.write("etc/modprobe.d/cis-hardening.conf", CIS_NODE);
+        let plan = node.plan(v2()).unwrap();
+        // modprobe by name ignores a blacklist, so uio_pci_generic is still
+        // loaded now...
+        assert_eq!(plan.load, [name("uio_pci_generic")]);
+        // ...but a modules-load.d line would not bring it back.
+        assert_eq!(
+            plan.persist.unwrap().added,
+            [name("vfio_pci"), name("nvme_tcp")]
+        );
+        let cis = node.path("etc/modprobe.d/cis-hardening.conf");
+        assert_eq!(
+            plan.cannot_fix,
+            [
+                Unfixable {
+                    module: name("dm_crypt"),
+                    reason: format!(
+                        "modprobe cannot load it: disabled by `install ... /bin/false` in {} line \
+                         13 (modprobe runs the command instead of loading it)",
+                        cis.display()
+                    ),
+                },
+                Unfixable {
+                    module: name("uio_pci_generic"),
+                    reason: format!(
+                        "a modules-load.d line would not load it at boot: blacklisted in {} line \
+                         16 (systemd-modules-load skips blacklisted modules)",
+                        cis.display()
+                    ),
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn any_of_group_gets_one_member() {
+        let spdk = GroupSpec {
+            name: "spdk-driver".to_owned(),
+            mode: GroupMode::AnyOf,
+            modules: vec![name("uio_pci_generic"), name("vfio_pci")],
+            severity: "warning".to_owned(),
+            builtin: false,
+        };
+        // Neither loaded: the first one that can be loaded is loaded and
+        // persisted, the other left alone.
+        let node = Node::new(&["vfio_pci"]);
+        let plan = node.plan(vec![spdk.clone()]).unwrap();
+        assert_eq!(plan.load, [name("uio_pci_generic")]);
+        assert_eq!(plan.persist.unwrap().added, [name("uio_pci_generic")]);
+
+        // vfio_pci loaded by hand: it is the one persisted.
+        let node = Node::new(&[]);
+        let plan = node.plan(vec![spdk.clone()]).unwrap();
+        assert_eq!(plan.load, []);
+        assert_eq!(plan.persist.unwrap().added, [name("vfio_pci")]);
+
+        // uio_pci_generic comes back after a reboot: nothing to do, even
+        // though only vfio_pci is loaded now.
+        node.write("etc/modules-load.d/spdk.conf", "uio_pci_generic\n");
+        assert!(node.plan(vec![spdk]).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_module_the_kernel_lacks_is_left_to_the_kernel_remedy() {
+        let node = Node::new(&["nvme_tcp"]);
+        let dep = fs::read_to_string(node.path(&format!("lib/modules/{REL}/modules.dep"))).unwrap();
+        let dep: String = dep
+            .lines()
+            .filter(|l| !l.starts_with("kernel/drivers/nvme/host/nvme-tcp.ko:"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        node.write(&format!("lib/modules/{REL}/modules.dep"), &dep);
+        let plan = node.plan(v2()).unwrap();
+        assert!(!plan.load.contains(&name("nvme_tcp")));
+        assert!(!plan.persist.unwrap().added.contains(&name("nvme_tcp")));
+        assert_eq!(plan.cannot_fix.len(), 1);
+        assert_eq!(plan.cannot_fix[0].module, name("nvme_tcp"));
+        assert!(
+            plan.cannot_fix[0].reason.contains("CONFIG_NVME_TCP"),
+            "{}",
+            plan.cannot_fix[0].reason
+        );
+    }
+
+    #[test]
+    fn a_failed_modprobe_is_reported_and_the_rest_goes_on() {
+        let node = Node::new(&["dm_crypt", "nvme_tcp"]);
+        let plan = node.plan(v2()).unwrap();
+        let runner = |argv: &[&str]| -> io::Result<ExitStatus> {
+            if argv[1] == "dm_crypt" {
+                Ok(ExitStatus::from_raw(1 << 8))
+            } else if argv[1] == "nvme_tcp" {
+                Err(io::Error::from(io::ErrorKind::NotFound))
+            } else {
+                Ok(ExitStatus::from_raw(0))
+            }
+        };
+        let report = apply(&plan, &node.root(), &runner).unwrap();
+        assert!(!report.ok());
+        assert_eq!(report.loaded, [name("uio_pci_generic")]);
+        assert_eq!(
+            report.failed,
+            [
+                LoadFailure {
+                    module: name("dm_crypt"),
+                    problem: "modprobe exit status: 1".to_owned()
+                },
+                LoadFailure {
+                    module: name("nvme_tcp"),
+                    problem: "cannot run modprobe: entity not found".to_owned()
+                },
+            ]
+        );
+        assert!(report.wrote.is_some());
+        assert!(
+            report
+                .to_string()
+                .contains("FAILED:  modprobe dm_crypt: modprobe exit status: 1")
+        );
+    }
+}
