@@ -1,15 +1,22 @@
 //! The userspace event pipeline without a kernel: ring-buffer records are
-//! decoded, applied to the tracker and counted in the metrics, exactly as
-//! the daemon's event loop does for each record. Run with
-//! `cargo bench -p kmod-monitor --bench pipeline`; `cargo xtask bench`
-//! reports the events/s figure.
-use std::hint::black_box;
+//! decoded, applied to the tracker, counted in the metrics and appended to
+//! the forensic log (enriched from /proc, sealed into the hash chain and
+//! written by the log's thread), as the daemon's event loop does for each
+//! record. Run with `cargo bench -p kmod-monitor --bench pipeline`.
+use std::{
+    hint::black_box,
+    time::{Duration, Instant},
+};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use kmod_monitor::{
     config::resolve_groups,
     event::{Decoded, SourceEvent},
-    host::{Snapshot, parse_modules_builtin, parse_modules_dep, parse_proc_modules},
+    forensic::{
+        self, EventLog, EventLogSettings, FsyncPolicy, Record, RecordKind,
+        record::{ModuleInfo, RequirementEffect, StateChange},
+    },
+    host::{HostRoot, Snapshot, parse_modules_builtin, parse_modules_dep, parse_proc_modules},
     metrics::Metrics,
     tracker::Tracker,
 };
@@ -103,6 +110,65 @@ fn pipeline(c: &mut Criterion) {
                 }
                 black_box(&outcome);
             }
+        });
+    });
+    // The whole path, forensic log included: append N events' records, then
+    // close the log, which returns once the writer thread has written (and
+    // fsynced) them all, so the disk work is inside the measured time.
+    group.bench_function("full pipeline with forensic log, per event", |b| {
+        b.iter_custom(|iters| {
+            let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+            let host = HostRoot::new(dir.path());
+            let mut log = EventLog::open(
+                EventLogSettings {
+                    path: dir.path().join("events.jsonl"),
+                    fsync: FsyncPolicy::Interval,
+                    max_bytes: 64 * 1024 * 1024,
+                    keep: 2,
+                },
+                "bench-boot".into(),
+                "bench-host".into(),
+            )
+            .unwrap_or_else(|e| panic!("opening the bench log: {e}"));
+            let start = Instant::now();
+            for _ in 0..iters {
+                for rec in &records {
+                    let Ok(Decoded::Module(ev)) = SourceEvent::decode(black_box(rec)) else {
+                        panic!("the benchmark's records decode");
+                    };
+                    let outcome = tracker.apply(&ev);
+                    metrics.on_event(&outcome, Some(1e-4));
+                    if !outcome.group_changes.is_empty() {
+                        metrics.set_groups(&tracker.report(), 1.0);
+                    }
+                    let Some(kind) = outcome.kind else { continue };
+                    let mut r = Record::new(RecordKind::of_event(kind), ev.boot_ns);
+                    r.module = Some(ModuleInfo {
+                        name: ev.module.to_string(),
+                        taints: None,
+                    });
+                    r.actor = ev.actor.as_ref().map(|a| forensic::actor::enrich(&host, a));
+                    r.state = Some(StateChange {
+                        from: outcome.from.to_string(),
+                        to: outcome.to.to_string(),
+                    });
+                    r.requirements = outcome
+                        .group_changes
+                        .iter()
+                        .map(|c| RequirementEffect {
+                            name: c.group.clone(),
+                            met: c.met,
+                            changed: true,
+                        })
+                        .collect();
+                    log.append(r);
+                }
+            }
+            let status = log.close(Duration::from_secs(60));
+            let took = start.elapsed();
+            assert_eq!(status.pending, 0, "the writer finished");
+            assert_eq!(status.write_errors, 0);
+            took
         });
     });
     group.finish();
