@@ -396,14 +396,25 @@ fn init_logging(format: LogFormat) {
 }
 
 fn run(args: RunArgs) -> anyhow::Result<u8> {
-    init_logging(args.log_format);
-    let settings = settings(args)?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    rt.block_on(daemon::run(settings))?;
-    Ok(0)
+    let format = args.log_format;
+    init_logging(format);
+    let result = settings(args).and_then(|settings| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?;
+        rt.block_on(daemon::run(settings))
+    });
+    match (result, format) {
+        (Ok(()), _) => Ok(0),
+        // A log shipper reading JSON lines must see the fatal error as one
+        // too, not as a stray text line.
+        (Err(e), LogFormat::Json) => {
+            tracing::error!(error = %format!("{e:#}"), "kmod-monitor stopped on an error");
+            Ok(2)
+        }
+        (Err(e), LogFormat::Text) => Err(e),
+    }
 }
 
 fn log_verify(paths: &[PathBuf]) -> anyhow::Result<u8> {

@@ -329,3 +329,37 @@ fn json_logs_are_one_object_per_line_and_report_a_lost_group() {
         "losing base should be logged as an error naming the group\n{daemon}"
     );
 }
+
+#[test]
+fn a_fatal_error_is_a_json_line_too_under_json_logs() {
+    let host = FakeHost::debian_6_1();
+    let missing = host.join("not-mounted");
+    let out = kmod_monitor_tests::kmod_monitor(&args![
+        "run",
+        "--log-format",
+        "json",
+        "--source",
+        "poll",
+        "--no-event-log",
+        "--listen",
+        format!("127.0.0.1:{}", kmod_monitor_tests::free_port()),
+        "--host-root",
+        &missing
+    ]);
+    out.expect_code(2);
+    let lines: Vec<Value> = out
+        .stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}\n{out}")))
+        .collect();
+    let last = lines
+        .last()
+        .unwrap_or_else(|| panic!("no log lines: {out}"));
+    assert_eq!(last["level"], "ERROR", "{out}");
+    assert!(
+        last["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("is not a directory")),
+        "the error names the missing host root: {out}"
+    );
+}
