@@ -71,6 +71,12 @@ pub fn kernels_dir() -> Result<PathBuf> {
     Ok(cache_dir()?.join("kernels"))
 }
 
+/// The deployment tests' validators (a Python venv and npm packages); the
+/// tests look for them at the same path.
+pub fn deploy_validate_dir() -> Result<PathBuf> {
+    Ok(cache_dir()?.join("deploy-validate"))
+}
+
 /// The private apt configuration (sources, lists, archives) for fetching
 /// kernels from suites the system's apt does not know.
 pub fn apt_dir() -> Result<PathBuf> {

@@ -2,9 +2,10 @@
 //! test kmod-monitor, and does next to nothing when it already can.
 //!
 //! Installs the Debian packages the VM harness and the monitoring stack use,
-//! the nightly toolchain parts the eBPF build needs (rust-src), the musl
-//! target for the static binaries, clippy and rustfmt, and bpf-linker built
-//! against the LLVM of the nightly rustc (see `install_bpf_linker`).
+//! the validators of the deployment files, the nightly toolchain parts the
+//! eBPF build needs (rust-src), the musl target for the static binaries,
+//! clippy and rustfmt, and bpf-linker built against the LLVM of the nightly
+//! rustc (see `install_bpf_linker`).
 use std::{fs, path::Path};
 
 use anyhow::{Context as _, Result, bail};
@@ -26,12 +27,25 @@ pub const APT_PACKAGES: &[&str] = &[
     "prometheus-alertmanager",
     "curl",
     "debian-archive-keyring",
+    "systemd",
+    "python3-venv",
+];
+
+/// Commands the deployment tests (tests/tests/cli/deploy.rs) run, each with
+/// the Debian package installed only when the command is not on PATH at all:
+/// a machine may have kubectl or Node.js from elsewhere, whose files the
+/// Debian package would clash with.
+pub const APT_COMMANDS: &[(&str, &str)] = &[
+    ("kubectl", "kubernetes-client"),
+    ("node", "nodejs"),
+    ("npm", "npm"),
 ];
 
 /// Runs every setup step in order.
 pub fn setup() -> Result<()> {
     println!("setup: checking Debian packages, Rust toolchains and bpf-linker");
     apt_packages().context("installing Debian packages")?;
+    deploy_validators().context("installing the deployment validators")?;
     nightly().context("installing the nightly toolchain")?;
     rustup_components().context("installing rustup components and targets")?;
     install_bpf_linker().context("installing bpf-linker")?;
@@ -40,11 +54,17 @@ pub fn setup() -> Result<()> {
 }
 
 fn apt_packages() -> Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
+    let mut missing: Vec<&str> = APT_PACKAGES
         .iter()
         .copied()
         .filter(|pkg| !dpkg_installed(pkg))
         .collect();
+    missing.extend(
+        APT_COMMANDS
+            .iter()
+            .filter(|(command, _)| !on_path(command))
+            .map(|(_, pkg)| *pkg),
+    );
     if missing.is_empty() {
         println!("setup: Debian packages present: {}", APT_PACKAGES.join(" "));
         return Ok(());
@@ -68,6 +88,62 @@ fn apt_packages() -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Whether an executable `command` is in a directory of PATH.
+fn on_path(command: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(command).is_file()))
+}
+
+/// The validators tests/tests/cli/deploy.rs runs, at the versions pinned in
+/// tests/deploy-validate/, under [`dirs::deploy_validate_dir`]:
+/// kubernetes-validate (PyPI, with the Kubernetes schemas bundled) in a
+/// venv, and @kubernetes-models/prometheus-operator (npm) for the
+/// ServiceMonitor and PrometheusRule. Both steps do nothing when the pins
+/// are already installed.
+fn deploy_validators() -> Result<()> {
+    let pins = dirs::workspace_root().join("tests/deploy-validate");
+    let dir = dirs::deploy_validate_dir()?;
+    let venv = dir.join("venv");
+    if !venv.join("bin/python").is_file() {
+        cmd::run(cmd::new("python3", ["-m", "venv"]).arg(&venv))?;
+    }
+    // pip asks no index when every pin is already satisfied.
+    cmd::run(
+        cmd::new(
+            &venv.join("bin/pip").to_string_lossy(),
+            ["install", "--quiet", "--disable-pip-version-check", "-r"],
+        )
+        .arg(pins.join("requirements.txt")),
+    )?;
+
+    let npm = dir.join("npm");
+    let lock = pins.join("package-lock.json");
+    let wanted = fs::read(&lock).with_context(|| format!("reading {}", lock.display()))?;
+    let installed = fs::read(npm.join("package-lock.json")).ok();
+    if installed.as_deref() == Some(wanted.as_slice()) && npm.join("node_modules").is_dir() {
+        println!("setup: deployment validators present in {}", dir.display());
+        return Ok(());
+    }
+    fs::create_dir_all(&npm).with_context(|| format!("creating {}", npm.display()))?;
+    for file in ["package.json", "package-lock.json"] {
+        fs::copy(pins.join(file), npm.join(file))
+            .with_context(|| format!("copying {file} to {}", npm.display()))?;
+    }
+    cmd::run(
+        cmd::new(
+            "npm",
+            [
+                "ci",
+                "--no-audit",
+                "--no-fund",
+                "--loglevel=error",
+                "--prefix",
+            ],
+        )
+        .arg(&npm),
+    )
 }
 
 fn dpkg_installed(pkg: &str) -> bool {

@@ -11,9 +11,11 @@
 //!   and `log show`, a SIGKILL mid-burst, and a full disk.
 //! - `prometheus`: /metrics, the shipped rules and alert delivery against
 //!   the real Prometheus and Alertmanager.
+//! - `deploy`: the Kubernetes manifests and systemd unit, validated.
 mod bad_input;
 mod check;
 mod daemon;
+mod deploy;
 mod event_log;
 mod prometheus;
 mod source;
