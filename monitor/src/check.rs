@@ -5,9 +5,14 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use std::collections::BTreeMap;
+
 use crate::{
     config::GroupMode,
-    host::{ConfigValue, Snapshot, config_symbol_for},
+    host::{
+        ConfigValue, HostRoot, Snapshot, config_symbol_for,
+        persistence::{self, OtherKernel, Persistence, PersistenceConfig},
+    },
     names::ModuleName,
     state::ModuleState,
     tracker::{GroupReport, Tracker},
@@ -35,6 +40,8 @@ pub struct ModuleCheck {
     pub name: ModuleName,
     pub state: ModuleState,
     pub remedy: Option<Remedy>,
+    /// Whether it will be there after a reboot, and why (or why not).
+    pub persistence: Persistence,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -52,6 +59,8 @@ pub struct Report {
     pub modules_supported: bool,
     pub met: bool,
     pub groups: Vec<GroupCheck>,
+    /// Other installed kernels and the required modules each would lose.
+    pub other_kernels: Vec<OtherKernel>,
     pub warnings: Vec<String>,
 }
 
@@ -63,34 +72,81 @@ impl Report {
     }
 }
 
+/// What decides the node's state after a reboot or a kernel upgrade, read
+/// once from the host.
+#[derive(Clone, Debug, Default)]
+pub struct BootFacts {
+    /// For every required module.
+    pub persistence: BTreeMap<ModuleName, Persistence>,
+    pub other_kernels: Vec<OtherKernel>,
+    pub warnings: Vec<String>,
+}
+
+/// Reads the boot-time configuration (modules-load.d, /etc/modules, the
+/// kernel command line, modprobe.d) and the other installed kernels, for
+/// the modules the groups require.
+#[must_use]
+pub fn boot_facts(host: &HostRoot, snapshot: &Snapshot, tracker: &Tracker) -> BootFacts {
+    let config: PersistenceConfig = persistence::read_persistence_config(host);
+    let mut required: Vec<ModuleName> = tracker
+        .groups()
+        .iter()
+        .flat_map(|g| g.modules.iter().cloned())
+        .collect();
+    required.sort();
+    required.dedup();
+    BootFacts {
+        persistence: required
+            .iter()
+            .map(|m| (m.clone(), persistence::persistence(&config, snapshot, m)))
+            .collect(),
+        other_kernels: persistence::other_kernels(host, &snapshot.kernel_release, &required),
+        warnings: config.warnings().to_vec(),
+    }
+}
+
 /// Judges `groups` (already resolved) against a snapshot.
 #[must_use]
-pub fn evaluate(snapshot: &Snapshot, tracker: &Tracker) -> Report {
-    let groups: Vec<GroupCheck> = tracker
-        .report()
-        .into_iter()
-        .map(|g: GroupReport| GroupCheck {
-            modules: g
-                .modules
-                .into_iter()
-                .map(|m| ModuleCheck {
-                    remedy: (!g.met && !m.state.satisfies())
-                        .then(|| remedy(snapshot, &m.name, m.state)),
-                    name: m.name,
-                    state: m.state,
-                })
-                .collect(),
-            name: g.name,
-            mode: g.mode,
-            met: g.met,
-        })
-        .collect();
+pub fn evaluate(snapshot: &Snapshot, tracker: &Tracker, boot: &BootFacts) -> Report {
+    let groups: Vec<GroupCheck> =
+        tracker
+            .report()
+            .into_iter()
+            .map(|g: GroupReport| GroupCheck {
+                modules: g
+                    .modules
+                    .into_iter()
+                    .map(|m| ModuleCheck {
+                        remedy: (!g.met && !m.state.satisfies())
+                            .then(|| remedy(snapshot, &m.name, m.state)),
+                        persistence: boot.persistence.get(&m.name).cloned().unwrap_or(
+                            Persistence {
+                                persistent: false,
+                                sources: Vec::new(),
+                                blocked_by: Vec::new(),
+                            },
+                        ),
+                        name: m.name,
+                        state: m.state,
+                    })
+                    .collect(),
+                name: g.name,
+                mode: g.mode,
+                met: g.met,
+            })
+            .collect();
     Report {
         kernel_release: snapshot.kernel_release.clone(),
         modules_supported: snapshot.modules_supported,
         met: groups.iter().all(|g| g.met),
         groups,
-        warnings: snapshot.warnings.clone(),
+        other_kernels: boot.other_kernels.clone(),
+        warnings: snapshot
+            .warnings
+            .iter()
+            .chain(&boot.warnings)
+            .cloned()
+            .collect(),
     }
 }
 
@@ -185,10 +241,14 @@ pub fn render_text(r: &Report) -> String {
     for w in &r.warnings {
         let _ = writeln!(out, "warning: {w}");
     }
+    let mode_suffix = |mode: GroupMode| match mode {
+        GroupMode::AllOf => "",
+        GroupMode::AnyOf => " (any of)",
+    };
     let gw = r
         .groups
         .iter()
-        .map(|g| g.name.len())
+        .map(|g| g.name.len() + mode_suffix(g.mode).len())
         .max()
         .unwrap_or(5)
         .max(5);
@@ -201,16 +261,13 @@ pub fn render_text(r: &Report) -> String {
         .max(6);
     let _ = writeln!(
         out,
-        "\n{:gw$}  {:4}  {:mw$}  STATE",
-        "GROUP", "MET", "MODULE"
+        "\n{:gw$}  {:4}  {:mw$}  {:9}  AFTER REBOOT",
+        "GROUP", "MET", "MODULE", "STATE"
     );
     for g in &r.groups {
         for (i, m) in g.modules.iter().enumerate() {
             let (name, met) = if i == 0 {
-                let mode = match g.mode {
-                    GroupMode::AllOf => "",
-                    GroupMode::AnyOf => " (any of)",
-                };
+                let mode = mode_suffix(g.mode);
                 (
                     format!("{}{mode}", g.name),
                     if g.met { "yes" } else { "NO" },
@@ -218,11 +275,18 @@ pub fn render_text(r: &Report) -> String {
             } else {
                 (String::new(), "")
             };
+            let after = if m.persistence.persistent {
+                "yes"
+            } else if m.state.satisfies() {
+                "NO (gone after reboot)"
+            } else {
+                "no"
+            };
             let _ = writeln!(
                 out,
-                "{name:gw$}  {met:4}  {:mw$}  {}",
+                "{name:gw$}  {met:4}  {:mw$}  {:9}  {after}",
                 m.name.as_str(),
-                m.state
+                m.state.as_str()
             );
         }
     }
@@ -248,6 +312,36 @@ pub fn render_text(r: &Report) -> String {
                 let _ = writeln!(out, "      after boot:  echo {line} >> {file}");
             }
         }
+    }
+    // Loaded today, gone after the next reboot (longhorn/longhorn#12067).
+    let mut seen = std::collections::BTreeSet::new();
+    let fragile: Vec<&ModuleCheck> = r
+        .groups
+        .iter()
+        .flat_map(|g| g.modules.iter())
+        .filter(|m| m.state.satisfies() && !m.persistence.persistent && seen.insert(&m.name))
+        .collect();
+    if !fragile.is_empty() {
+        let _ = writeln!(out, "\nLoaded now but NOT after a reboot:");
+        for m in fragile {
+            let _ = writeln!(out, "  {}: nothing loads it at boot", m.name);
+            for b in &m.persistence.blocked_by {
+                let _ = writeln!(out, "      blocked: {b}");
+            }
+            let _ = writeln!(out, "      fix:     echo {} >> {MODULES_LOAD_FILE}", m.name);
+        }
+    }
+    for k in &r.other_kernels {
+        if k.missing.is_empty() {
+            continue;
+        }
+        let names: Vec<&str> = k.missing.iter().map(ModuleName::as_str).collect();
+        let _ = writeln!(
+            out,
+            "\nInstalled kernel {} lacks {}: booting it would lose them (install its extra modules package)",
+            k.release,
+            names.join(", ")
+        );
     }
     let unmet: Vec<&str> = r
         .groups

@@ -26,7 +26,10 @@ use crate::{
             RequirementFlip, StateChange,
         },
     },
-    host::{self, HostRoot, InitState, Snapshot},
+    host::{
+        self, HostRoot, InitState, Snapshot,
+        persistence::{OtherKernel, Persistence},
+    },
     http,
     metrics::Metrics,
     names::ModuleName,
@@ -94,6 +97,10 @@ pub struct Status {
     pub reconciles: u64,
     pub warnings: Vec<String>,
     pub groups: Vec<GroupReport>,
+    /// Whether each required module will be there after a reboot, and why.
+    pub persistence: BTreeMap<ModuleName, Persistence>,
+    /// Other installed kernels and the required modules each lacks.
+    pub other_kernels: Vec<OtherKernel>,
     /// The forensic event log; null when there is none.
     pub event_log: Option<EventLogStatus>,
 }
@@ -151,7 +158,12 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
         boot_epoch: std::time::SystemTime::now() - Duration::from_nanos(boot_ns_now()),
         log: None,
         active: running.kind,
+        boot: crate::check::BootFacts::default(),
     };
+    d.boot = crate::check::boot_facts(&d.settings.host, &d.snapshot, &tracker);
+    for w in &d.boot.warnings {
+        tracing::warn!(warning = %w, "boot-time module configuration");
+    }
     // The event log starts with who we are and what the snapshot saw,
     // before any event is applied.
     if d.settings.event_log.is_none() {
@@ -327,6 +339,8 @@ fn log_group(g: &GroupReport) {
 
 struct Daemon {
     settings: RunSettings,
+    /// Persistence across reboots and other kernels; refreshed on reconcile.
+    boot: crate::check::BootFacts,
     counts: EventCounts,
     drift_total: u64,
     reconciles: u64,
@@ -409,6 +423,9 @@ impl Daemon {
 
     /// Re-reads /proc/modules and corrects the tracker.
     fn reconcile(&mut self, tracker: &mut Tracker, count_as_drift: bool) {
+        // modules-load.d and friends change without events; they are a few
+        // small files, so re-read them with every reconcile.
+        self.boot = crate::check::boot_facts(&self.settings.host, &self.snapshot, tracker);
         let started = boot_ns_now();
         let loaded = match host::read_loaded(&self.settings.host) {
             Ok(Some(l)) => l,
@@ -511,6 +528,7 @@ impl Daemon {
         };
         let groups = config::resolve_groups(Some(&file), self.settings.v2_flag);
         let changes = tracker.set_groups(groups.clone());
+        self.boot = crate::check::boot_facts(&self.settings.host, &self.snapshot, tracker);
         self.settings.groups = groups;
         tracing::info!(path = %path.display(), groups = ?tracker.groups().iter().map(|g| &g.name).collect::<Vec<_>>(), "SIGHUP: config reloaded");
         for c in &changes {
@@ -581,6 +599,12 @@ impl Daemon {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());
         self.metrics.set_groups(&status.groups, now_unix);
+        self.metrics.set_persistent(
+            status
+                .persistence
+                .iter()
+                .map(|(m, p)| (m.as_str(), p.persistent)),
+        );
         self.metrics.set_source(running.kind);
         self.metrics.set_lost_total(running.lost());
         let alerts = alerting::wanted_alerts(&AlertInputs {
@@ -626,6 +650,8 @@ impl Daemon {
             reconciles: self.reconciles,
             warnings: self.warnings.clone(),
             groups: tracker.report(),
+            persistence: self.boot.persistence.clone(),
+            other_kernels: self.boot.other_kernels.clone(),
             event_log: self.log.as_ref().map(EventLog::status),
         }
     }

@@ -621,7 +621,6 @@ mod tests {
     use super::*;
     use crate::check::evaluate;
     use crate::config::{GroupSpec, resolve_groups};
-    use crate::host::persistence::{persistence, read_persistence_config};
     use crate::host::take_snapshot;
     use crate::tracker::Tracker;
 
@@ -690,14 +689,9 @@ mod tests {
             let root = self.root();
             let snapshot = take_snapshot(&root).unwrap();
             let tracker = Tracker::new(&snapshot, groups);
-            let report = evaluate(&snapshot, &tracker);
-            let config = read_persistence_config(&root);
-            let persistence: BTreeMap<ModuleName, Persistence> = report
-                .groups
-                .iter()
-                .flat_map(|g| &g.modules)
-                .map(|m| (m.name.clone(), persistence(&config, &snapshot, &m.name)))
-                .collect();
+            let boot = crate::check::boot_facts(&root, &snapshot, &tracker);
+            let report = evaluate(&snapshot, &tracker, &boot);
+            let persistence: BTreeMap<ModuleName, Persistence> = boot.persistence;
             plan(&report, &persistence, &root)
         }
 

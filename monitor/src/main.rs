@@ -153,6 +153,14 @@ struct CheckArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Output::Text)]
     output: Output,
+    /// Load the missing modules now (modprobe) and list the required ones
+    /// in /etc/modules-load.d/kmod-monitor.conf so they survive a reboot.
+    /// Never touches a file kmod-monitor did not create.
+    #[arg(long)]
+    fix: bool,
+    /// With --fix: print what would be done, change nothing.
+    #[arg(long, requires = "fix")]
+    dry_run: bool,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -417,6 +425,39 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
     }
 }
 
+/// `check --fix [--dry-run]`: exit 0 when every step succeeded (or, dry
+/// run, after printing the plan), 1 when a modprobe failed.
+fn fix(
+    report: &check::Report,
+    boot: &check::BootFacts,
+    host: &HostRoot,
+    dry_run: bool,
+) -> anyhow::Result<u8> {
+    let plan = kmod_monitor::fix::plan(report, &boot.persistence, host)?;
+    if dry_run {
+        print!("{plan}");
+        return Ok(0);
+    }
+    let root = host.root().to_path_buf();
+    // modprobe must act on the host: through chroot when the host's / is
+    // mounted elsewhere (a container with --host-root).
+    let runner = |argv: &[&str]| {
+        let mut cmd = if root == std::path::Path::new("/") {
+            let mut c = std::process::Command::new(argv[0]);
+            c.args(&argv[1..]);
+            c
+        } else {
+            let mut c = std::process::Command::new("chroot");
+            c.arg(&root).args(argv);
+            c
+        };
+        cmd.status()
+    };
+    let done = kmod_monitor::fix::apply(&plan, host, &runner)?;
+    print!("{done}");
+    Ok(u8::from(!done.ok()))
+}
+
 fn log_verify(paths: &[PathBuf]) -> anyhow::Result<u8> {
     let report = verify::verify(paths)?;
     print!("{report}");
@@ -471,7 +512,11 @@ fn check(args: &CheckArgs) -> anyhow::Result<u8> {
     let groups = config::resolve_groups(file.as_ref(), args.common.v2_data_engine);
     let snapshot = host::take_snapshot(&host).context("reading the host")?;
     let tracker = Tracker::new(&snapshot, groups);
-    let report = check::evaluate(&snapshot, &tracker);
+    let boot = check::boot_facts(&host, &snapshot, &tracker);
+    let report = check::evaluate(&snapshot, &tracker, &boot);
+    if args.fix {
+        return fix(&report, &boot, &host, args.dry_run);
+    }
     match args.output {
         Output::Text => print!("{}", check::render_text(&report)),
         Output::Json => println!(

@@ -45,6 +45,11 @@ struct ModuleRequirementLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModuleLabels {
+    module: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ModuleStateLabels {
     module: String,
     state: String,
@@ -120,6 +125,7 @@ pub struct Metrics {
     last_transition: Family<RequirementLabels, Gauge<f64, AtomicU64>>,
     alert_deliveries: Family<ResultLabels, Counter>,
     build_info: Family<BuildLabels, Gauge>,
+    module_persistent: Family<ModuleLabels, Gauge>,
     known: std::sync::Mutex<Known>,
 }
 
@@ -144,6 +150,7 @@ impl Metrics {
             last_transition: Family::default(),
             alert_deliveries: Family::default(),
             build_info: Family::default(),
+            module_persistent: Family::default(),
             known: std::sync::Mutex::default(),
             registry: Registry::default(),
         };
@@ -204,6 +211,11 @@ impl Metrics {
             "build_info",
             "Version of kmod-monitor and the kernel it watches",
             m.build_info.clone(),
+        );
+        registry.register(
+            "module_persistent",
+            "1 when the required module will be there after a reboot (built in, modules-load.d, /etc/modules or the kernel command line, and not blocked)",
+            m.module_persistent.clone(),
         );
         for result in [Delivery::Success, Delivery::Failure] {
             let _ = m.alert_deliveries.get_or_create(&ResultLabels {
@@ -313,12 +325,26 @@ impl Metrics {
                     event: kind.as_str().into(),
                 });
             }
+            self.module_persistent.remove(&ModuleLabels {
+                module: module.clone(),
+            });
         }
         *known = Known {
             requirements: keep_req,
             module_requirements: keep_mod_req,
             modules: keep_mod,
         };
+    }
+
+    /// Sets whether each required module survives a reboot.
+    pub fn set_persistent<'a>(&self, modules: impl IntoIterator<Item = (&'a str, bool)>) {
+        for (module, persistent) in modules {
+            self.module_persistent
+                .get_or_create(&ModuleLabels {
+                    module: module.to_owned(),
+                })
+                .set(i64::from(persistent));
+        }
     }
 
     /// Counts an applied event and its delivery latency.

@@ -129,6 +129,14 @@ impl FakeHost {
             release: release.to_owned(),
         };
         host.write("proc/sys/kernel/osrelease", format!("{release}\n"));
+        // Every real host has one; a Debian default install's, for this
+        // release.
+        host.write(
+            "proc/cmdline",
+            format!(
+                "BOOT_IMAGE=/boot/vmlinuz-{release} root=UUID=0a8b1a2c-5f7e-4a4e-9d55-3c1f0e2b7d61 ro quiet\n"
+            ),
+        );
         host
     }
 

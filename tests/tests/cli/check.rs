@@ -39,7 +39,7 @@ fn base_is_met_on_the_real_debian_6_1_root() {
     assert_eq!(base["met"], true);
     assert_eq!(
         base["modules"],
-        json!([{"name": "dm_crypt", "state": "loaded", "remedy": null}])
+        json!([{"name": "dm_crypt", "state": "loaded", "remedy": null, "persistence": {"persistent": false, "sources": [], "blocked_by": []}}])
     );
     // Every file the daemon reads is present and well formed.
     assert_eq!(report["warnings"], json!([]), "{}", pretty(&report));
@@ -56,12 +56,20 @@ fn check_json_has_exactly_the_documented_fields() {
             "kernel_release",
             "met",
             "modules_supported",
+            "other_kernels",
             "warnings"
         ]
     );
     let v2 = group(&report, "v2-data-engine");
     assert_eq!(keys(v2), ["met", "mode", "modules", "name"]);
-    assert_eq!(keys(module(v2, "vfio_pci")), ["name", "remedy", "state"]);
+    assert_eq!(
+        keys(module(v2, "vfio_pci")),
+        ["name", "persistence", "remedy", "state"]
+    );
+    assert_eq!(
+        keys(&module(v2, "vfio_pci")["persistence"]),
+        ["blocked_by", "persistent", "sources"]
+    );
     assert_eq!(
         keys(&module(v2, "uio_pci_generic")["remedy"]),
         [
@@ -122,11 +130,24 @@ fn text_output_has_a_row_per_module_and_the_fixes() {
         text.starts_with(&format!("kernel {DEBIAN_6_1}")) && text.contains("loadable modules: yes"),
         "{out}"
     );
+    // The last column says whether the module will be there after a
+    // reboot: nothing on this host loads any of them at boot.
     for row in [
-        &["base", "yes", "dm_crypt", "loaded"][..],
-        &["v2-data-engine", "NO", "vfio_pci", "loaded"],
-        &["uio_pci_generic", "available"],
-        &["nvme_tcp", "loaded"],
+        &[
+            "base", "yes", "dm_crypt", "loaded", "NO", "(gone", "after", "reboot)",
+        ][..],
+        &[
+            "v2-data-engine",
+            "NO",
+            "vfio_pci",
+            "loaded",
+            "NO",
+            "(gone",
+            "after",
+            "reboot)",
+        ],
+        &["uio_pci_generic", "available", "no"],
+        &["nvme_tcp", "loaded", "NO", "(gone", "after", "reboot)"],
     ] {
         assert!(has_row(text, row), "no table row ending in {row:?}: {out}");
     }
@@ -160,7 +181,12 @@ fn text_output_when_all_groups_are_met_has_no_fixes() {
     let out = check(&host, &[]);
     out.expect_code(0);
     assert!(
-        has_row(&out.stdout, &["base", "yes", "dm_crypt", "loaded"]),
+        has_row(
+            &out.stdout,
+            &[
+                "base", "yes", "dm_crypt", "loaded", "NO", "(gone", "after", "reboot)"
+            ]
+        ),
         "{out}"
     );
     assert!(!out.stdout.contains("To fix"), "{out}");
@@ -261,7 +287,7 @@ fn kernel_without_module_support_says_so() {
         "text output should say modules are unsupported: {out}"
     );
     assert!(
-        has_row(&out.stdout, &["base", "NO", "dm_crypt", "missing"]),
+        has_row(&out.stdout, &["base", "NO", "dm_crypt", "missing", "no"]),
         "{out}"
     );
 }
@@ -297,7 +323,7 @@ fn dash_and_underscore_name_the_same_module() {
     assert_eq!(nvme["met"], true, "{}", pretty(&report));
     assert_eq!(
         nvme["modules"],
-        json!([{"name": "nvme_tcp", "state": "loaded", "remedy": null}]),
+        json!([{"name": "nvme_tcp", "state": "loaded", "remedy": null, "persistence": {"persistent": false, "sources": [], "blocked_by": []}}]),
         "nvme-tcp is reported under the kernel's name"
     );
 }
@@ -366,7 +392,18 @@ fn any_of_group_is_met_by_one_module_and_groups_are_judged_alone() {
     assert!(
         has_row(
             &out.stdout,
-            &["spdk-driver", "(any", "of)", "yes", "vfio_pci", "loaded"]
+            &[
+                "spdk-driver",
+                "(any",
+                "of)",
+                "yes",
+                "vfio_pci",
+                "loaded",
+                "NO",
+                "(gone",
+                "after",
+                "reboot)"
+            ]
         ),
         "{out}"
     );

@@ -144,6 +144,8 @@ fn status_and_endpoints_have_the_documented_shape() {
             "host_root",
             "kernel_release",
             "modules_supported",
+            "other_kernels",
+            "persistence",
             "reconciles",
             "source",
             "version",

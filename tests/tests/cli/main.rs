@@ -9,6 +9,7 @@
 //! - `source`: choosing the event source where eBPF cannot work.
 //! - `event_log`: the forensic event log written by `run`, `log verify`
 //!   and `log show`, a SIGKILL mid-burst, and a full disk.
+//! - `persistence`: reboot survival in check, /status and metrics; check --fix.
 //! - `prometheus`: /metrics, the shipped rules and alert delivery against
 //!   the real Prometheus and Alertmanager.
 //! - `deploy`: the Kubernetes manifests and systemd unit, validated.
@@ -17,5 +18,6 @@ mod check;
 mod daemon;
 mod deploy;
 mod event_log;
+mod persistence;
 mod prometheus;
 mod source;

@@ -1,0 +1,148 @@
+//! Reboot survival: `check` and /status say whether each required module
+//! will be there after a reboot, `check --fix` makes it so (twice: the
+//! second run changes nothing), and it never edits a file it did not write.
+use std::time::Duration;
+
+use kmod_monitor_tests::{Daemon, FakeHost, args, check, kmod_monitor};
+
+fn persistent(report: &serde_json::Value, module: &str) -> Option<bool> {
+    report["groups"]
+        .as_array()?
+        .iter()
+        .flat_map(|g| g["modules"].as_array().into_iter().flatten())
+        .find(|m| m["name"] == module)
+        .and_then(|m| m["persistence"]["persistent"].as_bool())
+}
+
+#[test]
+fn loaded_by_hand_is_reported_not_persistent_until_listed() {
+    let host = FakeHost::debian_6_1();
+    let out = check(&host, &args!["--output", "json"]);
+    out.expect_code(0);
+    assert_eq!(persistent(&out.json(), "dm_crypt"), Some(false), "{out}");
+    let text = check(&host, &[]);
+    assert!(
+        text.stdout.contains("Loaded now but NOT after a reboot:")
+            && text
+                .stdout
+                .contains("echo dm_crypt >> /etc/modules-load.d/kmod-monitor.conf"),
+        "{text}"
+    );
+
+    host.write("etc/modules-load.d/storage.conf", "# Longhorn\ndm-crypt\n");
+    let out = check(&host, &args!["--output", "json"]);
+    assert_eq!(persistent(&out.json(), "dm_crypt"), Some(true), "{out}");
+    let sources = &out.json()["groups"][0]["modules"][0]["persistence"]["sources"];
+    assert_eq!(sources[0]["kind"], "modules_load", "{out}");
+
+    // A blacklist stops systemd-modules-load from loading it at boot.
+    host.write("etc/modprobe.d/no-crypt.conf", "blacklist dm_crypt\n");
+    let out = check(&host, &args!["--output", "json"]);
+    assert_eq!(persistent(&out.json(), "dm_crypt"), Some(false), "{out}");
+}
+
+#[test]
+fn fix_writes_its_own_file_once_and_the_second_run_changes_nothing() {
+    let host = FakeHost::debian_6_1();
+    let conf = host.join("etc/modules-load.d/kmod-monitor.conf");
+    let dry = kmod_monitor(&args![
+        "check",
+        "--host-root",
+        host.path(),
+        "--fix",
+        "--dry-run"
+    ]);
+    dry.expect_code(0);
+    assert!(dry.stdout.contains("dm_crypt"), "{dry}");
+    assert!(
+        !conf.exists(),
+        "--dry-run must not write {}",
+        conf.display()
+    );
+
+    let first = kmod_monitor(&args!["check", "--host-root", host.path(), "--fix"]);
+    first.expect_code(0);
+    let written = std::fs::read_to_string(&conf).unwrap_or_else(|e| panic!("{e}\n{first}"));
+    assert!(written.lines().any(|l| l == "dm_crypt"), "{written}");
+    assert_eq!(
+        persistent(&check(&host, &args!["--output", "json"]).json(), "dm_crypt"),
+        Some(true)
+    );
+
+    let second = kmod_monitor(&args!["check", "--host-root", host.path(), "--fix"]);
+    second.expect_code(0);
+    assert_eq!(
+        std::fs::read_to_string(&conf).unwrap_or_default(),
+        written,
+        "the second run must change nothing: {second}"
+    );
+    let plan = kmod_monitor(&args![
+        "check",
+        "--host-root",
+        host.path(),
+        "--fix",
+        "--dry-run"
+    ]);
+    assert!(plan.stdout.contains("Nothing to do"), "{plan}");
+}
+
+#[test]
+fn fix_refuses_a_file_it_did_not_create() {
+    let host = FakeHost::debian_6_1();
+    host.write(
+        "etc/modules-load.d/kmod-monitor.conf",
+        "# mine, not yours\nfuse\n",
+    );
+    let out = kmod_monitor(&args!["check", "--host-root", host.path(), "--fix"]);
+    out.expect_code(2);
+    assert!(out.stderr.contains("kmod-monitor.conf"), "{out}");
+    assert_eq!(
+        host.read("etc/modules-load.d/kmod-monitor.conf"),
+        "# mine, not yours\nfuse\n"
+    );
+}
+
+#[test]
+fn status_and_metrics_report_persistence() {
+    let host = FakeHost::debian_6_1();
+    host.write(
+        "etc/modules",
+        "# /etc/modules: kernel modules to load at boot time.\nnvme_tcp\n",
+    );
+    let mut daemon = Daemon::start(
+        &host,
+        &args![
+            "--source",
+            "poll",
+            "--poll-interval",
+            "1",
+            "--v2-data-engine",
+            "--reconcile-interval",
+            "1"
+        ],
+    );
+    let status = daemon.status();
+    assert_eq!(
+        status["persistence"]["nvme_tcp"]["persistent"], true,
+        "{status:#}"
+    );
+    assert_eq!(
+        status["persistence"]["dm_crypt"]["persistent"], false,
+        "{status:#}"
+    );
+    let (_, metrics) = daemon.get("/metrics").unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        metrics.contains("kmod_monitor_module_persistent{module=\"nvme_tcp\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("kmod_monitor_module_persistent{module=\"dm_crypt\"} 0"),
+        "{metrics}"
+    );
+
+    // A change on disk is picked up by the next reconcile.
+    host.write("etc/modules-load.d/crypt.conf", "dm_crypt\n");
+    daemon.wait_for("dm_crypt persistent", Duration::from_secs(5), |s| {
+        s["persistence"]["dm_crypt"]["persistent"] == true
+    });
+}
