@@ -57,6 +57,10 @@ pub struct RunSettings {
     /// The alerts' `instance` label, and the event log's `host`.
     pub node_name: String,
     pub runbook_url: String,
+    /// `--user`: who to become after attaching.
+    pub user: Option<crate::privileges::User>,
+    /// `--keep-privileges`: skip the drop.
+    pub keep_privileges: bool,
     /// The forensic event log; `None` = no log.
     pub event_log: Option<EventLogSettings>,
 }
@@ -103,6 +107,8 @@ pub struct Status {
     pub other_kernels: Vec<OtherKernel>,
     /// The forensic event log; null when there is none.
     pub event_log: Option<EventLogStatus>,
+    /// uid, gid and capabilities after the drop.
+    pub privileges: crate::privileges::Privileges,
 }
 
 /// Runs until SIGTERM/SIGINT.
@@ -125,6 +131,18 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
         tracing::warn!(source = %u.source, reason = %u.reason, "event source unavailable");
     }
     tracing::info!(source = %running.kind, details = ?running.details, "event source active");
+    // Attached: drop what is no longer needed before any other thread (the
+    // event log's writer, the HTTP client's pool) exists, since
+    // capabilities are per thread.
+    let privileges = if settings.keep_privileges {
+        tracing::warn!("--keep-privileges: running with every capability the process was given");
+        crate::privileges::current(false)
+    } else {
+        let p = crate::privileges::drop_all(settings.user.as_ref())
+            .context("dropping privileges after attaching")?;
+        tracing::info!(uid = p.uid, gid = p.gid, effective = ?p.effective, notes = ?p.notes, "privileges dropped");
+        p
+    };
     // 2. Snapshot, bracketed by boot-clock readings.
     let snap_start = boot_ns_now();
     let snapshot: Snapshot =
@@ -159,6 +177,7 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
         log: None,
         active: running.kind,
         boot: crate::check::BootFacts::default(),
+        privileges,
     };
     d.boot = crate::check::boot_facts(&d.settings.host, &d.snapshot, &tracker);
     for w in &d.boot.warnings {
@@ -339,6 +358,7 @@ fn log_group(g: &GroupReport) {
 
 struct Daemon {
     settings: RunSettings,
+    privileges: crate::privileges::Privileges,
     /// Persistence across reboots and other kernels; refreshed on reconcile.
     boot: crate::check::BootFacts,
     counts: EventCounts,
@@ -653,6 +673,7 @@ impl Daemon {
             persistence: self.boot.persistence.clone(),
             other_kernels: self.boot.other_kernels.clone(),
             event_log: self.log.as_ref().map(EventLog::status),
+            privileges: self.privileges.clone(),
         }
     }
 

@@ -14,6 +14,7 @@
 //!   group results.
 //! - [`source`]: event sources (eBPF, uevent, poll) and the fallback between them.
 //! - [`daemon`]: `run`: attach, snapshot, apply, reconcile, signals, reload.
+//! - [`privileges`]: dropping capabilities (and the user) after attach.
 //! - [`http`]: /status, /healthz and /metrics.
 //! - [`metrics`]: the Prometheus metrics contract.
 //! - [`check`]: the one-shot preflight and its remedies.
@@ -30,6 +31,7 @@ pub mod host;
 pub mod http;
 pub mod metrics;
 pub mod names;
+pub mod privileges;
 pub mod source;
 pub mod state;
 pub mod tracker;

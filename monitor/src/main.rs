@@ -126,6 +126,14 @@ struct RunArgs {
     /// Runbook link put on every alert.
     #[arg(long, value_name = "URL")]
     runbook_url: Option<String>,
+    /// After attaching, also become this user (NAME, UID or UID:GID); the
+    /// event log's directory must then be writable by it.
+    #[arg(long, value_name = "USER")]
+    user: Option<String>,
+    /// Keep all capabilities after attaching (debugging only; by default
+    /// every capability is dropped once the eBPF programs are attached).
+    #[arg(long, conflicts_with = "user")]
+    keep_privileges: bool,
     /// Forensic event log file; "" for none [default: /var/lib/kmod-monitor/events.jsonl when run as root, else none].
     #[arg(long, value_name = "PATH", overrides_with = "no_event_log")]
     event_log: Option<PathBuf>,
@@ -249,6 +257,8 @@ fn settings(args: RunArgs) -> anyhow::Result<RunSettings> {
         alert_resend_interval,
         node_name: node_flag,
         runbook_url,
+        user,
+        keep_privileges,
         event_log,
         no_event_log,
         fsync,
@@ -276,7 +286,12 @@ fn settings(args: RunArgs) -> anyhow::Result<RunSettings> {
         },
         f,
     )?;
+    let user = user
+        .map(|spec| kmod_monitor::privileges::User::resolve(&spec))
+        .transpose()?;
     Ok(RunSettings {
+        user,
+        keep_privileges,
         event_log,
         alertmanager: if alertmanager.is_empty() {
             f.map(|f| f.alertmanager.clone()).unwrap_or_default()

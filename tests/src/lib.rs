@@ -345,6 +345,11 @@ fn write_atomic(path: &Path, content: &[u8]) {
         .unwrap_or_else(|e| panic!("temporary file in {}: {e}", dir.display()));
     std::io::Write::write_all(&mut tmp, content)
         .unwrap_or_else(|e| panic!("writing a temporary file for {}: {e}", path.display()));
+    // Host files are world-readable (a temporary file is 0600), so a daemon
+    // that dropped to an unprivileged user still reads them.
+    tmp.as_file()
+        .set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        .unwrap_or_else(|e| panic!("chmod 0644 {}: {e}", path.display()));
     tmp.persist(path)
         .unwrap_or_else(|e| panic!("renaming onto {}: {e}", path.display()));
 }

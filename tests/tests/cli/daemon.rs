@@ -146,6 +146,7 @@ fn status_and_endpoints_have_the_documented_shape() {
             "modules_supported",
             "other_kernels",
             "persistence",
+            "privileges",
             "reconciles",
             "source",
             "version",
@@ -364,4 +365,36 @@ fn a_fatal_error_is_a_json_line_too_under_json_logs() {
             .is_some_and(|e| e.contains("is not a directory")),
         "the error names the missing host root: {out}"
     );
+}
+
+#[test]
+fn capabilities_are_dropped_after_start_and_user_switches() {
+    let host = FakeHost::debian_6_1();
+    let daemon = polling(&host, &[]);
+    let p = daemon.status()["privileges"].clone();
+    assert_eq!(p["dropped"], true, "{p}");
+    assert_eq!(p["effective"], json!([]), "no capability is left: {p}");
+    assert_eq!(p["permitted"], json!([]), "{p}");
+    if rustix::process::geteuid().is_root() {
+        // As root (CI), --user also switches the uid, and the daemon keeps
+        // following the host afterwards. Like a real host's /proc and
+        // /lib/modules, the fake root must be readable by everyone (a temp
+        // dir is 0700).
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(host.path(), std::fs::Permissions::from_mode(0o755))
+            .unwrap_or_else(|e| panic!("chmod {}: {e}", host.path().display()));
+        let mut daemon = polling(&host, &args!["--user", "65534:65534"]);
+        let p = daemon.status()["privileges"].clone();
+        assert_eq!(
+            (p["uid"].as_u64(), p["gid"].as_u64()),
+            (Some(65534), Some(65534)),
+            "{p}"
+        );
+        host.unload("dm_crypt");
+        daemon.wait_for("base unmet after the user switch", FOLLOW, |s| {
+            met(s, "base") == Some(false)
+        });
+    } else {
+        eprintln!("not root: --user switch not exercised (CI runs as root)");
+    }
 }
