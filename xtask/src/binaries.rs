@@ -46,9 +46,9 @@ pub fn build_host_daemon() -> Result<PathBuf> {
     Ok(host)
 }
 
-/// Builds the daemon for the host and as a static musl binary.
-pub fn build_daemon() -> Result<DaemonBinaries> {
-    let host = build_host_daemon()?;
+/// Builds the daemon as a static musl binary and checks that it is static
+/// (what the test VMs need).
+pub fn build_static_daemon() -> Result<PathBuf> {
     cmd::run(cargo().args([
         "build",
         "--release",
@@ -59,6 +59,13 @@ pub fn build_daemon() -> Result<DaemonBinaries> {
     ]))?;
     let musl = dirs::musl_release_bin(DAEMON);
     ensure_static(&musl)?;
+    Ok(musl)
+}
+
+/// Builds the daemon for the host and as a static musl binary.
+pub fn build_daemon() -> Result<DaemonBinaries> {
+    let host = build_host_daemon()?;
+    let musl = build_static_daemon()?;
     Ok(DaemonBinaries { host, musl })
 }
 

@@ -75,7 +75,8 @@ pub fn vm_test(options: &Options) -> Result<Vec<Outcome>> {
         k.dedup();
         k
     };
-    let daemon = binaries::build_daemon().context("building kmod-monitor for the VMs")?;
+    // Only the static build: the VMs cannot run the host's glibc binary.
+    let daemon = binaries::build_static_daemon().context("building kmod-monitor for the VMs")?;
     let driver = binaries::build_guest_driver().context("building the guest driver")?;
     let mut apt = kernel::Apt::new().context("preparing the private apt configuration")?;
 
@@ -97,7 +98,7 @@ pub fn vm_test(options: &Options) -> Result<Vec<Outcome>> {
             *refresh_kernels,
             Duration::from_secs(*timeout),
             &mut apt,
-            &daemon.musl,
+            &daemon,
             &driver,
             &mut outcome,
         ) {
