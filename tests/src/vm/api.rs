@@ -50,6 +50,14 @@ impl Api {
         Ok((code, body))
     }
 
+    /// `GET /metrics`, which must answer 200 in OpenMetrics.
+    pub fn metrics(&self) -> Result<String, String> {
+        match self.get("/metrics")? {
+            (200, body) => Ok(body),
+            (code, body) => Err(format!("GET /metrics answered {code}: {}", body.trim())),
+        }
+    }
+
     /// `GET /healthz`'s status code.
     pub fn healthz(&self) -> Result<u16, String> {
         self.get("/healthz").map(|(code, _)| code)

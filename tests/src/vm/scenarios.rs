@@ -14,7 +14,7 @@ use super::{
     Outcome,
     api::{Api, POLL_EVERY},
     daemon::{self, Daemon},
-    kmod,
+    kmod, more,
     report::Report,
     status::{Actor, Status},
 };
@@ -66,6 +66,10 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("restart-sees-offline-change", restart_sees_offline_change),
     ("check-exit-codes", check_exit_codes),
     ("uevent-v2-load-unload", uevent_v2_load_unload),
+    ("metrics-follow", more::metrics_follow),
+    ("forensic-unload", more::forensic_unload),
+    ("privileges-dropped", more::privileges_dropped),
+    ("alert-latency", more::alert_latency),
 ];
 
 /// Runs every scenario; returns whether all passed.
@@ -121,26 +125,51 @@ pub fn run_all() -> bool {
 
 impl Guest {
     /// Daemon arguments for `source`: the V2 group and the failing-probe
-    /// config group are always on.
-    fn daemon_args(source: &str) -> [&str; 5] {
-        ["--source", source, "--v2-data-engine", "--config", CONFIG]
+    /// config group are always on, and the forensic log is written to
+    /// [`more::EVENT_LOG`] (a later `--no-event-log` or `--event-log` wins).
+    fn daemon_args(source: &str) -> [&str; 7] {
+        [
+            "--source",
+            source,
+            "--v2-data-engine",
+            "--config",
+            CONFIG,
+            "--event-log",
+            more::EVENT_LOG,
+        ]
+    }
+
+    /// The daemon's HTTP API.
+    pub const fn api(&self) -> &Api {
+        &self.api
     }
 
     /// Starts a daemon with `source` (stopping any running one first) and
     /// returns its first `/status`.
     fn start_daemon(&mut self, source: &'static str) -> Result<Status, String> {
+        self.start_daemon_with(source, &[])
+    }
+
+    /// Like [`start_daemon`](Self::start_daemon), with `extra` arguments.
+    pub fn start_daemon_with(
+        &mut self,
+        source: &'static str,
+        extra: &[&str],
+    ) -> Result<Status, String> {
         self.stop_daemon();
         self.starts += 1;
         let log = PathBuf::from(format!("/tmp/kmod-monitor.{}.log", self.starts));
         self.logs.push(log.clone());
-        let daemon = Daemon::start(&Self::daemon_args(source), log, &self.api)?;
+        let mut args = Self::daemon_args(source).to_vec();
+        args.extend_from_slice(extra);
+        let daemon = Daemon::start(&args, log, &self.api)?;
         self.daemon = Some(daemon);
         self.source = source;
         self.api.status()
     }
 
     /// Makes sure a daemon with `source` runs; returns a fresh `/status`.
-    fn ensure_daemon(&mut self, source: &'static str) -> Result<Status, String> {
+    pub fn ensure_daemon(&mut self, source: &'static str) -> Result<Status, String> {
         let alive = match self.daemon.as_mut() {
             Some(d) => d.exited().is_none(),
             None => false,
@@ -155,7 +184,7 @@ impl Guest {
         }
     }
 
-    fn stop_daemon(&mut self) {
+    pub fn stop_daemon(&mut self) {
         if let Some(mut d) = self.daemon.take() {
             let _ = d.kill();
         }

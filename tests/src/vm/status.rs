@@ -20,6 +20,19 @@ pub struct Status {
     pub drift_total: u64,
     /// Requirement groups with their modules.
     pub groups: Vec<Group>,
+    /// uid, gid and capabilities after the privilege drop.
+    #[serde(default)]
+    pub privileges: Option<Privileges>,
+}
+
+/// `status.privileges`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Privileges {
+    pub uid: u32,
+    pub gid: u32,
+    pub effective: Vec<String>,
+    pub permitted: Vec<String>,
+    pub dropped: bool,
 }
 
 /// `status.source`.
