@@ -19,12 +19,12 @@ pub const EVENT_LOG: &str = "/tmp/kmod-monitor-events.jsonl";
 const RECEIVER: &str = "127.0.0.1:9093";
 
 /// CLOCK_BOOTTIME in ns, the clock of the events' in-kernel timestamps.
-fn boottime_ns() -> u64 {
+pub fn boottime_ns() -> u64 {
     let t = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
     u64::try_from(t.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(t.tv_nsec).unwrap_or(0)
 }
 
-fn metric(text: &str, series: &str) -> Option<f64> {
+pub fn metric(text: &str, series: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
@@ -211,6 +211,10 @@ pub fn forensic_unload(g: &mut Guest) -> Outcome {
         );
         thread::sleep(POLL_EVERY);
     };
+    Report::note(&format!(
+        "forensic-unload: actor as logged: {}",
+        record["actor"]
+    ));
     let v2_after = record["requirements"]
         .as_array()
         .into_iter()
