@@ -1,11 +1,12 @@
-//! A writer for the "newc" cpio format the kernel unpacks as an initramfs
-//! (Documentation/driver-api/early-userspace/buffer-format.rst). Entries are
-//! written in order, so parents must come before their children; all are
-//! owned by root with mtime 0, which keeps archives reproducible.
+//! The initramfs archive: "newc" cpio, the format the kernel unpacks
+//! (Documentation/driver-api/early-userspace/buffer-format.rst), written
+//! with the `cpio` crate. Entries go in order, so parents must come before
+//! their children; all are owned by root with mtime 0, which keeps
+//! archives reproducible.
 use std::io::{self, Write};
 
-/// Newc magic: ASCII, no checksums.
-const MAGIC: &[u8; 6] = b"070701";
+use cpio::newc::Builder;
+
 const S_IFDIR: u32 = 0o040_000;
 const S_IFREG: u32 = 0o100_000;
 const S_IFLNK: u32 = 0o120_000;
@@ -13,56 +14,45 @@ const S_IFCHR: u32 = 0o020_000;
 
 /// Streams cpio entries into `W`.
 pub struct Writer<W: Write> {
-    out: W,
+    out: Option<W>,
     next_ino: u32,
-    offset: usize,
 }
 
 impl<W: Write> Writer<W> {
     /// A writer with nothing written yet.
     pub const fn new(out: W) -> Self {
         Self {
-            out,
+            out: Some(out),
             next_ino: 1,
-            offset: 0,
         }
-    }
-
-    fn put(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.out.write_all(bytes)?;
-        self.offset += bytes.len();
-        Ok(())
-    }
-
-    fn pad4(&mut self) -> io::Result<()> {
-        let pad = (4 - self.offset % 4) % 4;
-        self.put(&[0u8; 3][..pad])
     }
 
     fn entry(&mut self, name: &str, mode: u32, rdev: (u32, u32), data: &[u8]) -> io::Result<()> {
-        let too_big = |what| {
+        let size = u32::try_from(data.len()).map_err(|_| {
             io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("{name}: {what} does not fit a cpio header"),
+                format!("{name}: {} bytes do not fit a cpio header", data.len()),
             )
-        };
-        let size = u32::try_from(data.len()).map_err(|_| too_big("size"))?;
-        let namesize = u32::try_from(name.len() + 1).map_err(|_| too_big("name"))?;
-        let ino = self.next_ino;
+        })?;
+        let out = self
+            .out
+            .take()
+            .ok_or_else(|| io::Error::other("cpio writer used after an error"))?;
+        let nlink = if mode & S_IFDIR == S_IFDIR { 2 } else { 1 };
+        let mut entry = Builder::new(name)
+            .ino(self.next_ino)
+            .mode(mode)
+            .uid(0)
+            .gid(0)
+            .nlink(nlink)
+            .mtime(0)
+            .rdev_major(rdev.0)
+            .rdev_minor(rdev.1)
+            .write(out, size);
         self.next_ino += 1;
-        let nlink: u32 = if mode & S_IFDIR == S_IFDIR { 2 } else { 1 };
-        let fields = [
-            ino, mode, 0, 0, nlink, 0, size, 0, 0, rdev.0, rdev.1, namesize, 0,
-        ];
-        self.put(MAGIC)?;
-        for field in fields {
-            self.put(format!("{field:08x}").as_bytes())?;
-        }
-        self.put(name.as_bytes())?;
-        self.put(&[0])?;
-        self.pad4()?;
-        self.put(data)?;
-        self.pad4()
+        entry.write_all(data)?;
+        self.out = Some(entry.finish()?);
+        Ok(())
     }
 
     /// A directory with permission bits `perm`.
@@ -87,9 +77,13 @@ impl<W: Write> Writer<W> {
 
     /// Writes the trailer and returns the underlying writer.
     pub fn finish(mut self) -> io::Result<W> {
-        self.entry("TRAILER!!!", 0, (0, 0), &[])?;
-        self.out.flush()?;
-        Ok(self.out)
+        let out = self
+            .out
+            .take()
+            .ok_or_else(|| io::Error::other("cpio writer used after an error"))?;
+        let mut out = cpio::newc::trailer(out)?;
+        out.flush()?;
+        Ok(out)
     }
 }
 
