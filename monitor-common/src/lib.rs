@@ -144,8 +144,13 @@ pub struct TracepointLayout {
     pub delete_exit_ret: FieldOffset,
 }
 
-/// Index of the in-kernel loss counter in the `LOST` per-CPU array.
-pub const LOST_RESERVE_FAILED: u32 = 0;
+/// Slots of the in-kernel loss counter array `LOST`, one per CPU id
+/// modulo this; 512 u64 fill exactly one 4 KiB page, the mmap unit.
+pub const LOST_SLOTS: u32 = 512;
+
+/// `BPF_F_MMAPABLE`: the `LOST` array is read through mmap, which needs no
+/// capability, so the count survives the privilege drop on every kernel.
+pub const LOST_MAP_FLAGS: u32 = 1 << 10;
 
 #[cfg(feature = "user")]
 mod user {

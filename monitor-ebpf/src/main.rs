@@ -16,11 +16,11 @@ use aya_ebpf::{
         bpf_probe_read_kernel_str_bytes, bpf_probe_read_user_str_bytes,
     },
     macros::{map, tracepoint},
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, RingBuf},
     programs::TracePointContext,
 };
 use monitor_common::{
-    DEFAULT_RING_BYTES, EventKind, FieldOffset, LOST_RESERVE_FAILED, ModuleEvent, NAME_LEN,
+    DEFAULT_RING_BYTES, EventKind, FieldOffset, LOST_MAP_FLAGS, LOST_SLOTS, ModuleEvent, NAME_LEN,
     TracepointLayout,
 };
 
@@ -66,10 +66,14 @@ static LAYOUT: Global<TracepointLayout> = Global::new(TracepointLayout {
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
 
-/// Events that could not be reserved in `EVENTS` (index
-/// `LOST_RESERVE_FAILED`). Userspace sums the CPUs and reports the total.
+/// Events that could not be reserved in `EVENTS`, one slot per CPU (the
+/// slot of CPU `n` is `n % LOST_SLOTS`); userspace sums the slots. A plain
+/// array rather than a per-CPU one because it is mmapable
+/// (`BPF_F_MMAPABLE`, Linux 5.5+): userspace must read it after dropping
+/// its capabilities, and Linux before 6.0 refuses every bpf(2) command,
+/// map lookups included, to a task without CAP_BPF/CAP_SYS_ADMIN.
 #[map]
-static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+static LOST: Array<u64> = Array::with_max_entries(LOST_SLOTS, LOST_MAP_FLAGS);
 
 /// Module name of a `module_load` per thread, until its `finit_module` or
 /// `init_module` returns; lets the syscall exit say which load it finished.
@@ -109,9 +113,14 @@ fn read_field<T: Copy>(ctx: &TracePointContext, field: FieldOffset, default: T) 
 }
 
 fn count_lost() {
-    if let Some(counter) = LOST.get_ptr_mut(LOST_RESERVE_FAILED) {
-        // SAFETY: per-CPU slot, only this CPU writes it while this program
-        // runs (programs are not preempted on their CPU).
+    // SAFETY: a plain helper call without pointer arguments.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    if let Some(counter) = LOST.get_ptr_mut(cpu % LOST_SLOTS) {
+        // SAFETY: this CPU's own slot: a tracepoint program is neither
+        // preempted nor migrated while it runs, so no other writer races
+        // it (CPU ids beyond LOST_SLOTS share slots and may undercount,
+        // never to zero). The BPF target has no atomic read-modify-write
+        // in core.
         unsafe { *counter += 1 };
     }
 }

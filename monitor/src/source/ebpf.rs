@@ -2,17 +2,21 @@
 //! tracepoint layout, attaches it, and turns ring-buffer records into
 //! events. Needs Linux 5.8+ (ring buffer) and CAP_BPF + CAP_PERFMON (or
 //! root); 5.10 also needs RLIMIT_MEMLOCK raised, which is done here.
-use std::sync::{
-    Arc,
-    atomic::{AtomicU64, Ordering},
+use std::{
+    os::fd::{AsFd as _, AsRawFd as _},
+    ptr::NonNull,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use aya::{
     Ebpf,
-    maps::{MapData, PerCpuArray, RingBuf},
+    maps::{Map, MapData, RingBuf},
     programs::TracePoint,
 };
-use monitor_common::{LOST_RESERVE_FAILED, TracepointLayout};
+use monitor_common::{LOST_SLOTS, TracepointLayout};
 use tokio::{io::unix::AsyncFd, sync::mpsc};
 use tokio_util::sync::CancellationToken;
 
@@ -191,11 +195,11 @@ pub(crate) fn start(
             .ok_or_else(|| StartError::new("map EVENTS missing from the eBPF object"))?,
     )
     .map_err(|e| StartError::new(format!("map EVENTS: {e}")))?;
-    let lost_map: PerCpuArray<MapData, u64> = PerCpuArray::try_from(
-        ebpf.take_map("LOST")
-            .ok_or_else(|| StartError::new("map LOST missing from the eBPF object"))?,
-    )
-    .map_err(|e| StartError::new(format!("map LOST: {e}")))?;
+    let lost_map = match ebpf.take_map("LOST") {
+        Some(Map::Array(data)) => LostCounter::map(&data)?,
+        Some(_) => return Err(StartError::new("map LOST is not an array")),
+        None => return Err(StartError::new("map LOST missing from the eBPF object")),
+    };
     // SAFETY: the RingBuf owns its map fd for as long as it lives, and
     // the AsyncFd owns the RingBuf, so the fd stays open and unchanged for
     // the AsyncFd's whole lifetime.
@@ -210,11 +214,64 @@ pub(crate) fn start(
     })
 }
 
-/// Sum of the per-CPU loss counters.
-fn read_lost(map: &PerCpuArray<MapData, u64>) -> Option<u64> {
-    map.get(&LOST_RESERVE_FAILED, 0)
-        .ok()
-        .map(|values| values.iter().sum())
+/// The in-kernel loss counter, mapped read-only into this process. Reading
+/// it needs no bpf(2) call, so it keeps working after the privilege drop
+/// (Linux before 6.0 refuses map lookups to a task without CAP_BPF).
+struct LostCounter {
+    /// Start of the mapping: [`LOST_SLOTS`] per-CPU counters.
+    base: NonNull<u64>,
+    len: usize,
+}
+
+// SAFETY: the mapping is process-wide shared memory that the kernel
+// updates atomically; the pointer may be used from any thread.
+unsafe impl Send for LostCounter {}
+
+impl LostCounter {
+    /// Maps the `LOST` array (created `BPF_F_MMAPABLE`). The mapping keeps
+    /// the map alive by itself, so `data` may be dropped afterwards.
+    fn map(data: &MapData) -> Result<Self, StartError> {
+        let len = LOST_SLOTS as usize * size_of::<u64>();
+        // SAFETY: a fresh shared read-only mapping of the map's fd; the
+        // kernel checks the length and offset against the map.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                data.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(StartError::new(format!(
+                "mapping the eBPF loss counter (needs Linux 5.5+): {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        let base = NonNull::new(ptr.cast::<u64>())
+            .ok_or_else(|| StartError::new("mmap of the eBPF loss counter returned null"))?;
+        Ok(Self { base, len })
+    }
+
+    /// Events the program could not reserve so far (all CPUs).
+    fn total(&self) -> u64 {
+        (0..LOST_SLOTS as usize)
+            .map(|slot| {
+                // SAFETY: every slot lies inside the live, aligned mapping;
+                // the kernel writes each with a single 8-byte store.
+                unsafe { AtomicU64::from_ptr(self.base.as_ptr().add(slot)) }.load(Ordering::Relaxed)
+            })
+            .sum()
+    }
+}
+
+impl Drop for LostCounter {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `map`, used no more.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
+    }
 }
 
 fn drain(ring: &mut RingBuf<MapData>, batch: &mut Vec<SourceMsg>) {
@@ -234,7 +291,7 @@ fn drain(ring: &mut RingBuf<MapData>, batch: &mut Vec<SourceMsg>) {
 /// catches up (no timer needed).
 async fn read_loop(
     mut fd: AsyncFd<RingBuf<MapData>>,
-    lost_map: PerCpuArray<MapData, u64>,
+    lost_map: LostCounter,
     tx: mpsc::Sender<SourceMsg>,
     lost: Arc<AtomicU64>,
     cancel: CancellationToken,
@@ -263,9 +320,8 @@ async fn read_loop(
                 return;
             }
         }
-        if let Some(total) = read_lost(&lost_map)
-            && total > lost.load(Ordering::Relaxed)
-        {
+        let total = lost_map.total();
+        if total > lost.load(Ordering::Relaxed) {
             lost.store(total, Ordering::Relaxed);
             if tx.send(SourceMsg::Lost { total }).await.is_err() {
                 return;
