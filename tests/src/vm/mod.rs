@@ -6,6 +6,7 @@
 pub mod api;
 pub mod daemon;
 pub mod kmod;
+pub mod loss;
 pub mod more;
 pub mod report;
 pub mod scenarios;

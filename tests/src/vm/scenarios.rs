@@ -14,7 +14,7 @@ use super::{
     Outcome,
     api::{Api, POLL_EVERY},
     daemon::{self, Daemon},
-    kmod, more,
+    kmod, loss, more,
     report::Report,
     status::{Actor, Status},
 };
@@ -70,6 +70,7 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("forensic-unload", more::forensic_unload),
     ("privileges-dropped", more::privileges_dropped),
     ("alert-latency", more::alert_latency),
+    ("loss-never-silent", loss::loss_never_silent),
 ];
 
 /// Runs every scenario; returns whether all passed.
@@ -182,6 +183,11 @@ impl Guest {
         } else {
             self.start_daemon(source)
         }
+    }
+
+    /// The running daemon's pid.
+    pub fn daemon_pid(&self) -> Option<u32> {
+        self.daemon.as_ref().map(Daemon::pid)
     }
 
     pub fn stop_daemon(&mut self) {

@@ -18,6 +18,8 @@ pub struct Status {
     pub events: Events,
     /// How many times reconciliation found the tracked state wrong.
     pub drift_total: u64,
+    /// How many times the tracked state was reconciled with /proc/modules.
+    pub reconciles: u64,
     /// Requirement groups with their modules.
     pub groups: Vec<Group>,
     /// uid, gid and capabilities after the privilege drop.
