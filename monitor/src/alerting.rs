@@ -545,6 +545,7 @@ mod wanted_tests {
         nvme.last_event = Some(LastEvent {
             kind: Kind::Unload,
             boot_ns: 5_000_000_000,
+            applied_ns: 5_000_100_000,
             actor: Some(Actor {
                 pid: 105,
                 tgid: 105,

@@ -62,7 +62,11 @@ impl Presence {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct LastEvent {
     pub kind: Kind,
+    /// CLOCK_BOOTTIME of the event itself (in-kernel for eBPF).
     pub boot_ns: u64,
+    /// CLOCK_BOOTTIME when the tracker applied it: `applied_ns - boot_ns`
+    /// is the detection latency (`cargo xtask bench` measures it).
+    pub applied_ns: u64,
     pub actor: Option<Actor>,
 }
 
@@ -231,6 +235,7 @@ impl Tracker {
                 LastEvent {
                     kind,
                     boot_ns: ev.boot_ns,
+                    applied_ns: crate::event::boot_ns_now(),
                     actor: ev.actor.clone(),
                 },
             );
@@ -387,6 +392,7 @@ impl Tracker {
                 LastEvent {
                     kind,
                     boot_ns,
+                    applied_ns: crate::event::boot_ns_now(),
                     actor,
                 },
             );

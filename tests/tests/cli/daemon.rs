@@ -172,7 +172,10 @@ fn status_and_endpoints_have_the_documented_shape() {
     assert_eq!(base["severity"], "critical", "the default severity");
     let dm_crypt = module(base, "dm_crypt");
     assert_eq!(keys(dm_crypt), ["last_event", "name", "state"]);
-    assert_eq!(keys(&dm_crypt["last_event"]), ["actor", "boot_ns", "kind"]);
+    assert_eq!(
+        keys(&dm_crypt["last_event"]),
+        ["actor", "applied_ns", "boot_ns", "kind"]
+    );
 }
 
 #[test]
