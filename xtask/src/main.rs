@@ -1,7 +1,9 @@
 //! `cargo xtask`: the project's automation entry point. Each subcommand is a
 //! thin layer over one module: `setup` installs the toolchain, `build` makes
 //! the release and static binaries, `vm-test` runs the kernel tests in
-//! QEMU, `test` runs everything, `run` starts the daemon on this machine.
+//! QEMU, `test` runs everything, `run` starts the daemon on this machine,
+//! `bench` measures it in QEMU and on the host.
+mod bench;
 mod binaries;
 mod cmd;
 mod cpio;
@@ -36,6 +38,9 @@ enum Cmd {
     VmTest(vm_test::Options),
     /// Run every test: setup, fmt, clippy, cargo test, vm-test on all kernels.
     Test,
+    /// Measure latency, throughput and footprint in QEMU and on the host
+    /// (not part of `test`); `--check` checks the targets.
+    Bench(bench::Options),
     /// Set up, build, and run `kmod-monitor run ARGS...` on this machine.
     Run {
         /// Arguments for `kmod-monitor run`.
@@ -81,6 +86,7 @@ fn dispatch(command: Cmd) -> Result<()> {
             }
         }
         Cmd::Test => suite::test(),
+        Cmd::Bench(options) => bench::bench(&options),
         Cmd::Run { args } => {
             setup::setup()?;
             let host = binaries::build_host_daemon()?;

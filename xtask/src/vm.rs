@@ -161,6 +161,20 @@ pub fn boot(
     timeout: Duration,
     label: &str,
 ) -> Result<Run> {
+    boot_with(kernel, initrd, console, timeout, label, "")
+}
+
+/// Like [`boot`], with `extra` appended to the kernel command line (the
+/// guest driver reads its mode from /proc/cmdline).
+pub fn boot_with(
+    kernel: &Kernel,
+    initrd: &Path,
+    console: &Path,
+    timeout: Duration,
+    label: &str,
+    extra: &str,
+) -> Result<Run> {
+    let append = format!("console=ttyS0 quiet panic=-1 {extra}");
     let mut qemu = Command::new("qemu-system-x86_64");
     qemu.args([
         "-accel",
@@ -178,7 +192,7 @@ pub fn boot(
     .arg(&kernel.vmlinuz)
     .arg("-initrd")
     .arg(initrd)
-    .args(["-append", "console=ttyS0 quiet panic=-1"])
+    .args(["-append", append.trim_end()])
     .stdin(Stdio::null())
     .stdout(Stdio::piped())
     .stderr(Stdio::piped());

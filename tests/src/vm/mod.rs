@@ -4,6 +4,7 @@
 //! `VMTEST PASS name` or `VMTEST FAIL name: why` line, so one failure does
 //! not hide the rest; the host harness (`cargo xtask vm-test`) reads them.
 pub mod api;
+pub mod bench;
 pub mod daemon;
 pub mod kmod;
 pub mod loss;

@@ -96,6 +96,8 @@ pub struct Event {
     pub kind: String,
     /// CLOCK_BOOTTIME of the event, in nanoseconds.
     pub boot_ns: u64,
+    /// CLOCK_BOOTTIME when the daemon's tracker applied it.
+    pub applied_ns: u64,
     /// Who caused it, when the source knows.
     pub actor: Option<Actor>,
 }

@@ -1,0 +1,447 @@
+//! The guest half of `cargo xtask bench`: started instead of the scenarios
+//! when the kernel command line carries `kmod_monitor.bench=1`. It measures
+//! detection latency per source, a storm's throughput and loss at the
+//! default ring size, and the daemon's footprint, and prints everything as
+//! one `VMBENCH {json}` line that the host turns into the report. It
+//! reports figures only; the targets are checked on the host.
+use std::{
+    ffi::CString,
+    fs,
+    os::fd::AsRawFd as _,
+    path::PathBuf,
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::{Value, json};
+
+use super::{api::Api, daemon::Daemon, kmod, more::boottime_ns, report::Report};
+
+/// The required module cycled: small, loads in every TCG guest, part of
+/// the V2 group (`--v2-data-engine`).
+const MODULE: &str = "uio_pci_generic";
+const V2: &str = "v2-data-engine";
+/// Load/unload cycles per source for the latency figures.
+const CYCLES: usize = 200;
+/// Poll detects a change only at its next 1 s tick and each transition
+/// starts at a random phase, so each costs about a second; 100 cycles
+/// still give 200 samples.
+const POLL_CYCLES: usize = 100;
+/// How long to wait for one state change to show in /status.
+const CHANGE_WITHIN: Duration = Duration::from_secs(5);
+const IDLE: Duration = Duration::from_secs(60);
+/// Events the footprint storm drives through the daemon.
+const FOOTPRINT_EVENTS: u64 = 10_000;
+const EVENT_LOG: &str = "/tmp/kmod-monitor-bench.jsonl";
+/// Flag of finit_module(2) for an .ko.xz/.ko.zst file (Linux 6.6+ with
+/// CONFIG_MODULE_DECOMPRESS).
+const MODULE_INIT_COMPRESSED_FILE: u32 = 4;
+
+/// Runs the benchmark; returns whether it produced its figures.
+pub fn run() -> bool {
+    Report::plan(1);
+    let start = Instant::now();
+    let mut report = Report::default();
+    match measure() {
+        Ok(figures) => {
+            println!("VMBENCH {figures}");
+            report.pass("bench", start.elapsed());
+        }
+        Err(why) => report.fail("bench", &why, start.elapsed()),
+    }
+    report.done()
+}
+
+/// Whether /proc/cmdline asks for the benchmark.
+pub fn wanted() -> bool {
+    fs::read_to_string("/proc/cmdline")
+        .is_ok_and(|c| c.split_whitespace().any(|w| w == "kmod_monitor.bench=1"))
+}
+
+fn start_daemon(api: &Api, source: &str, n: usize) -> Result<Daemon, String> {
+    let log = PathBuf::from(format!("/tmp/kmod-monitor-bench.{n}.log"));
+    Daemon::start(
+        &[
+            "--source",
+            source,
+            "--v2-data-engine",
+            "--event-log",
+            EVENT_LOG,
+        ],
+        log,
+        api,
+    )
+}
+
+/// p50, p99 and max of `samples` (ms), sorted in place.
+fn percentiles(samples: &mut [f64]) -> Value {
+    samples.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        #[expect(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            clippy::cast_precision_loss,
+            reason = "an index into a short sample list"
+        )]
+        let i = ((samples.len() as f64 - 1.0) * q).round() as usize;
+        samples.get(i).copied().unwrap_or(f64::NAN)
+    };
+    json!({
+        "samples": samples.len(),
+        "p50_ms": at(0.5),
+        "p99_ms": at(0.99),
+        "max_ms": at(1.0),
+    })
+}
+
+/// The poll source's default interval.
+const POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A uniformly random duration below `limit` (from /dev/urandom; zero if
+/// it cannot be read).
+fn random_below(limit: Duration) -> Duration {
+    let mut bytes = [0u8; 8];
+    let _ = fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes));
+    let nanos = u64::try_from(limit.as_nanos()).unwrap_or(u64::MAX).max(1);
+    Duration::from_nanos(u64::from_le_bytes(bytes) % nanos)
+}
+
+/// Waits until /status shows `MODULE` in `state` through an event applied
+/// after `after_ns`; returns (event boot_ns, applied_ns).
+fn wait_applied(api: &Api, state: &str, after_ns: u64) -> Result<(u64, u64), String> {
+    let start = Instant::now();
+    loop {
+        let status = api.status()?;
+        let m = status.module(V2, MODULE)?;
+        if m.state == state
+            && let Some(e) = &m.last_event
+            && e.applied_ns > after_ns
+        {
+            return Ok((e.boot_ns, e.applied_ns));
+        }
+        if start.elapsed() > CHANGE_WITHIN {
+            return Err(format!(
+                "{MODULE} not {state} in /status within {} s: {}",
+                CHANGE_WITHIN.as_secs(),
+                status.summary()
+            ));
+        }
+        thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Detection latency of one source over `cycles` load/unload cycles, in
+/// ms. The loads and unloads are direct finit_module/delete_module calls.
+/// For eBPF the event time is the in-kernel timestamp. uevent and poll
+/// carry none: for poll it is the guest's CLOCK_BOOTTIME right after the
+/// syscall returned; the uevent is usually applied before the syscall
+/// returns, so for uevent it is the time right before the syscall (an upper
+/// bound that includes the load or unload itself).
+fn latency(api: &Api, source: &str, cycles: usize) -> Result<Value, String> {
+    kmod::ensure_unloaded(MODULE)?;
+    let module = module_file()?;
+    let daemon = start_daemon(api, source, 0)?;
+    let mut samples = Vec::with_capacity(cycles * 2);
+    for _ in 0..cycles {
+        for (state, load) in [("loaded", true), ("available", false)] {
+            if source == "poll" {
+                // Out of phase with the poll tick, which the previous
+                // change was detected on: otherwise every sample would wait
+                // almost the whole interval.
+                thread::sleep(random_below(POLL_INTERVAL));
+            }
+            let before = boottime_ns();
+            if load {
+                finit_module(&module)?;
+            } else {
+                delete_module()?;
+            }
+            let returned = boottime_ns();
+            let (event_ns, applied_ns) = wait_applied(api, state, before)?;
+            let from = match source {
+                "ebpf" => event_ns,
+                "uevent" => before,
+                _ => returned,
+            };
+            #[expect(clippy::cast_precision_loss, reason = "milliseconds for a report")]
+            samples.push(applied_ns.saturating_sub(from) as f64 / 1e6);
+        }
+    }
+    drop(daemon);
+    let mut out = percentiles(&mut samples);
+    out["source"] = json!(source);
+    out["cycles"] = json!(cycles);
+    out["event_time"] = json!(match source {
+        "ebpf" => "in-kernel event timestamp (last_event.boot_ns)",
+        "uevent" => "guest CLOCK_BOOTTIME before the syscall (upper bound)",
+        _ => "guest CLOCK_BOOTTIME after the syscall returned",
+    });
+    Ok(out)
+}
+
+/// The module's file and the finit_module flags it needs.
+pub fn module_file() -> Result<(PathBuf, u32), String> {
+    let release = kmod::kernel_release()?;
+    let root = PathBuf::from(format!("/lib/modules/{release}"));
+    let dep = fs::read_to_string(root.join("modules.dep"))
+        .map_err(|e| format!("reading modules.dep: {e}"))?;
+    let rel = dep
+        .lines()
+        .filter_map(|l| l.split_once(':').map(|(f, _)| f))
+        .find(|f| {
+            f.rsplit('/')
+                .next()
+                .and_then(|n| n.split('.').next())
+                .is_some_and(|n| n.replace('-', "_") == MODULE)
+        })
+        .ok_or_else(|| format!("{MODULE} not in modules.dep"))?;
+    let flags = if rel.ends_with(".ko") {
+        0
+    } else {
+        MODULE_INIT_COMPRESSED_FILE
+    };
+    Ok((root.join(rel), flags))
+}
+
+/// finit_module(2) of `MODULE`'s file. Its dependency `uio` must be
+/// loaded.
+pub fn finit_module((path, flags): &(PathBuf, u32)) -> Result<(), String> {
+    let empty = CString::default();
+    let file = fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    // SAFETY: a valid fd, a NUL-terminated empty parameter string and
+    // plain flags; the kernel copies what it reads.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_finit_module,
+            file.as_raw_fd(),
+            empty.as_ptr(),
+            *flags,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(format!(
+            "finit_module({}): {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        ))
+    }
+}
+
+/// delete_module(2) of `MODULE`.
+pub fn delete_module() -> Result<(), String> {
+    let name = CString::new(MODULE).map_err(|e| e.to_string())?;
+    // SAFETY: a NUL-terminated module name and O_NONBLOCK.
+    let r = unsafe { libc::syscall(libc::SYS_delete_module, name.as_ptr(), libc::O_NONBLOCK) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(format!(
+            "delete_module({MODULE}): {}",
+            std::io::Error::last_os_error()
+        ))
+    }
+}
+
+/// Loads and unloads `MODULE` with raw syscalls, `cycles` times, as fast
+/// as the guest allows (no process per load).
+fn storm(cycles: usize) -> Result<(), String> {
+    let module = module_file()?;
+    for _ in 0..cycles {
+        finit_module(&module)?;
+        delete_module()?;
+    }
+    Ok(())
+}
+
+/// Waits until `received` stops growing; returns the last /status.
+fn drained(api: &Api) -> Result<super::status::Status, String> {
+    let mut last = api.status()?;
+    loop {
+        thread::sleep(Duration::from_millis(200));
+        let now = api.status()?;
+        if now.events.received == last.events.received {
+            return Ok(now);
+        }
+        last = now;
+    }
+}
+
+/// `VmRSS` of `pid` in KiB.
+pub fn rss_kib(pid: u32) -> Result<u64, String> {
+    let text = fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_err(|e| format!("reading /proc/{pid}/status: {e}"))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .ok_or_else(|| format!("no VmRSS in /proc/{pid}/status"))
+}
+
+/// utime + stime of `pid` (all threads) in clock ticks (100 Hz).
+fn cpu_ticks(pid: u32) -> Result<u64, String> {
+    let text = fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map_err(|e| format!("reading /proc/{pid}/stat: {e}"))?;
+    let after_comm = text.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let fields: Vec<&str> = after_comm.split_whitespace().collect();
+    // Fields 14 and 15 of stat; index 0 here is field 3 (state).
+    let get = |i: usize| -> Result<u64, String> {
+        fields
+            .get(i)
+            .and_then(|f| f.parse().ok())
+            .ok_or_else(|| format!("/proc/{pid}/stat field {} unreadable", i + 3))
+    };
+    Ok(get(11)? + get(12)?)
+}
+
+/// Context switches summed over every thread of `pid`: (voluntary,
+/// involuntary).
+fn ctxt_switches(pid: u32) -> Result<(u64, u64), String> {
+    let dir = format!("/proc/{pid}/task");
+    let mut sum = (0, 0);
+    for entry in fs::read_dir(&dir).map_err(|e| format!("listing {dir}: {e}"))? {
+        let entry = entry.map_err(|e| format!("listing {dir}: {e}"))?;
+        let Ok(text) = fs::read_to_string(entry.path().join("status")) else {
+            continue;
+        };
+        for line in text.lines() {
+            let value = |p: &str| {
+                line.strip_prefix(p)
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+            };
+            if let Some(v) = value("voluntary_ctxt_switches:") {
+                sum.0 += v;
+            } else if let Some(v) = value("nonvoluntary_ctxt_switches:") {
+                sum.1 += v;
+            }
+        }
+    }
+    Ok(sum)
+}
+
+/// run_time_ns and run_cnt of every BPF program fd the daemon holds.
+fn bpf_stats(pid: u32) -> Result<Value, String> {
+    let dir = format!("/proc/{pid}/fdinfo");
+    let mut progs = Vec::new();
+    let (mut time, mut count) = (0u64, 0u64);
+    for entry in fs::read_dir(&dir).map_err(|e| format!("listing {dir}: {e}"))? {
+        let entry = entry.map_err(|e| format!("listing {dir}: {e}"))?;
+        let Ok(text) = fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        let field = |k: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(k))
+                .map(|v| v.trim().to_owned())
+        };
+        let (Some(id), Some(t), Some(n)) = (
+            field("prog_id:"),
+            field("run_time_ns:").and_then(|v| v.parse::<u64>().ok()),
+            field("run_cnt:").and_then(|v| v.parse::<u64>().ok()),
+        ) else {
+            continue;
+        };
+        time += t;
+        count += n;
+        progs.push(json!({"prog_id": id, "run_time_ns": t, "run_cnt": n}));
+    }
+    progs.sort_by_key(|p| p["prog_id"].as_str().map(str::to_owned));
+    progs.dedup();
+    #[expect(clippy::cast_precision_loss, reason = "a mean for a report")]
+    let per_run = if count == 0 {
+        f64::NAN
+    } else {
+        time as f64 / count as f64
+    };
+    Ok(json!({"programs": progs, "run_time_ns": time, "run_cnt": count, "ns_per_run": per_run}))
+}
+
+/// Storm throughput and loss at the default ring size, then the footprint.
+fn storm_and_footprint(api: &Api) -> Result<Value, String> {
+    // Stats accumulate only while enabled.
+    fs::write("/proc/sys/kernel/bpf_stats_enabled", "1")
+        .map_err(|e| format!("enabling kernel.bpf_stats_enabled: {e}"))?;
+    kmod::modprobe(MODULE)?;
+    kmod::rmmod(MODULE)?;
+    let daemon = start_daemon(api, "ebpf", 1)?;
+    let pid = daemon.pid();
+    thread::sleep(Duration::from_secs(1));
+    let rss_start = rss_kib(pid)?;
+
+    // The storm: back-to-back finit_module/delete_module.
+    let before = api.status()?;
+    let cycles = 500;
+    let t0 = Instant::now();
+    storm(cycles)?;
+    let offered = t0.elapsed();
+    let after = drained(api)?;
+    let handled_in = t0.elapsed().saturating_sub(Duration::from_millis(200));
+    let received = after.events.received - before.events.received;
+    let lost = after.events.lost - before.events.lost;
+
+    // Up to FOOTPRINT_EVENTS events in total, then RSS again.
+    let per_cycle = (received / cycles as u64).max(1);
+    let more = FOOTPRINT_EVENTS.saturating_sub(after.events.received) / per_cycle + 1;
+    storm(usize::try_from(more).unwrap_or(usize::MAX))?;
+    let footprint = drained(api)?;
+    let rss_after = rss_kib(pid)?;
+    let stats = bpf_stats(pid)?;
+
+    // Idle: nobody scrapes for 60 s.
+    let (cpu0, sw0) = (cpu_ticks(pid)?, ctxt_switches(pid)?);
+    thread::sleep(IDLE);
+    let (cpu1, sw1) = (cpu_ticks(pid)?, ctxt_switches(pid)?);
+    let idle_s = IDLE.as_secs_f64();
+    #[expect(clippy::cast_precision_loss, reason = "rates for a report")]
+    let figures = json!({
+        "storm": {
+            "cycles": cycles,
+            "offered_s": offered.as_secs_f64(),
+            "offered_events_per_s": received as f64 / offered.as_secs_f64(),
+            "events_received": received,
+            "events_lost": lost,
+            "handled_events_per_s": received as f64 / handled_in.as_secs_f64(),
+            "ring_buffer_bytes": 262_144,
+        },
+        "footprint": {
+            "rss_start_kib": rss_start,
+            "rss_after_events_kib": rss_after,
+            "events_at_rss_after": footprint.events.received,
+            "idle_window_s": idle_s,
+            "idle_cpu_ticks": cpu1 - cpu0,
+            "idle_cpu_percent": (cpu1 - cpu0) as f64 / 100.0 / idle_s * 100.0,
+            "idle_voluntary_switches": sw1.0 - sw0.0,
+            "idle_involuntary_switches": sw1.1 - sw0.1,
+            "idle_wakeups_per_s": (sw1.0 - sw0.0) as f64 / idle_s,
+            "bpf": stats,
+        },
+    });
+    drop(daemon);
+    Ok(figures)
+}
+
+fn measure() -> Result<Value, String> {
+    let api = Api::new();
+    // Loads the dependency uio, which the raw finit_module calls need.
+    kmod::modprobe(MODULE)?;
+    let mut latencies = Vec::new();
+    for (source, cycles) in [("ebpf", CYCLES), ("uevent", CYCLES), ("poll", POLL_CYCLES)] {
+        let t = Instant::now();
+        let l = latency(&api, source, cycles)?;
+        Report::note(&format!(
+            "bench: {source} latency {l} ({:.0} s)",
+            t.elapsed().as_secs_f64()
+        ));
+        latencies.push(l);
+    }
+    let rest = storm_and_footprint(&api)?;
+    kmod::ensure_unloaded(MODULE)?;
+    Ok(json!({
+        "kernel": kmod::kernel_release()?,
+        "module": MODULE,
+        "latency": latencies,
+        "storm": rest["storm"],
+        "footprint": rest["footprint"],
+    }))
+}
