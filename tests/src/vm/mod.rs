@@ -11,6 +11,7 @@ pub mod loss;
 pub mod more;
 pub mod report;
 pub mod scenarios;
+pub mod soak;
 pub mod status;
 
 /// A scenario's verdict: `Err` carries the reason, on one line or many.

@@ -16,6 +16,7 @@ use super::{
     daemon::{self, Daemon},
     kmod, loss, more,
     report::Report,
+    soak,
     status::{Actor, Status},
 };
 use crate::ensure;
@@ -71,6 +72,7 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("privileges-dropped", more::privileges_dropped),
     ("alert-latency", more::alert_latency),
     ("loss-never-silent", loss::loss_never_silent),
+    ("soak-1000-cycles-under-scrapes", soak::soak),
 ];
 
 /// Runs every scenario; returns whether all passed.
@@ -188,6 +190,11 @@ impl Guest {
     /// The running daemon's pid.
     pub fn daemon_pid(&self) -> Option<u32> {
         self.daemon.as_ref().map(Daemon::pid)
+    }
+
+    /// Whether the running daemon has exited (and how).
+    pub fn daemon_exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.daemon.as_mut().and_then(Daemon::exited)
     }
 
     pub fn stop_daemon(&mut self) {
