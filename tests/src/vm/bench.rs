@@ -196,12 +196,25 @@ pub fn module_file() -> Result<(PathBuf, u32), String> {
                 .is_some_and(|n| n.replace('-', "_") == MODULE)
         })
         .ok_or_else(|| format!("{MODULE} not in modules.dep"))?;
-    let flags = if rel.ends_with(".ko") {
-        0
-    } else {
-        MODULE_INIT_COMPRESSED_FILE
-    };
-    Ok((root.join(rel), flags))
+    let path = root.join(rel);
+    if rel.ends_with(".ko") {
+        return Ok((path, 0));
+    }
+    // Decompressing in the kernel on every load costs tens of ms under
+    // TCG; busybox xzcat does it once.
+    let plain = PathBuf::from(format!("/tmp/{MODULE}.ko"));
+    if rel.ends_with(".ko.xz") {
+        let out = std::process::Command::new("xzcat")
+            .arg(&path)
+            .output()
+            .map_err(|e| format!("running xzcat {}: {e}", path.display()))?;
+        if out.status.success() {
+            fs::write(&plain, &out.stdout)
+                .map_err(|e| format!("writing {}: {e}", plain.display()))?;
+            return Ok((plain, 0));
+        }
+    }
+    Ok((path, MODULE_INIT_COMPRESSED_FILE))
 }
 
 /// finit_module(2) of `MODULE`'s file. Its dependency `uio` must be
