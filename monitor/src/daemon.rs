@@ -3,7 +3,13 @@
 //! loss; reload the config on SIGHUP; stop cleanly on SIGTERM/SIGINT. Every
 //! step that changes what is known about the node's modules also goes to the
 //! forensic event log ([`crate::forensic`]).
-use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use serde::Serialize;
@@ -63,6 +69,18 @@ pub struct RunSettings {
     pub keep_privileges: bool,
     /// The forensic event log; `None` = no log.
     pub event_log: Option<EventLogSettings>,
+}
+
+/// How long the periodic reconcile waits before its second look at a
+/// difference (see `Daemon::reconcile_periodic`).
+const DRIFT_CONFIRM_AFTER: Duration = Duration::from_millis(500);
+
+/// A difference the periodic reconcile found, to look at again.
+struct DriftCheck {
+    at: Instant,
+    suspects: BTreeSet<ModuleName>,
+    /// CLOCK_BOOTTIME when the first read started.
+    started: u64,
 }
 
 /// How long a module may stay `loading` before /sys/module/<m>/initstate
@@ -178,6 +196,7 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
         active: running.kind,
         boot: crate::check::BootFacts::default(),
         privileges,
+        drift_check: None,
     };
     d.boot = crate::check::boot_facts(&d.settings.host, &d.snapshot, &tracker);
     for w in &d.boot.warnings {
@@ -261,6 +280,7 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
         d.schedule_confirm(&tracker);
         let confirm_at = d.confirm.map(|(at, _)| at);
         let lost_alert_ends = d.lost_at.map(|at| at + LOST_ALERT_FOR);
+        let drift_at = d.drift_check.as_ref().map(|c| c.at);
         tokio::select! {
             () = sleep_until(lost_alert_ends) => d.lost_at = None,
             _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break "SIGTERM"; }
@@ -269,7 +289,8 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
             // The writer's state changed (degraded, written): republish.
             () = status_changed(&mut log_status) => {}
             () = sleep_until(confirm_at) => d.confirm_loading(&mut tracker),
-            _ = reconcile.tick() => d.reconcile(&mut tracker, true),
+            _ = reconcile.tick() => d.reconcile_periodic(&tracker),
+            () = sleep_until(drift_at) => d.confirm_drift(&mut tracker),
             msg = running.rx.recv() => match msg {
                 Some(msg) => {
                     d.handle(&mut tracker, msg);
@@ -358,6 +379,8 @@ fn log_group(g: &GroupReport) {
 
 struct Daemon {
     settings: RunSettings,
+    /// A pending second look of the periodic reconcile.
+    drift_check: Option<DriftCheck>,
     privileges: crate::privileges::Privileges,
     /// Persistence across reboots and other kernels; refreshed on reconcile.
     boot: crate::check::BootFacts,
@@ -441,22 +464,86 @@ impl Daemon {
         }
     }
 
-    /// Re-reads /proc/modules and corrects the tracker.
-    fn reconcile(&mut self, tracker: &mut Tracker, count_as_drift: bool) {
+    /// Reads /proc/modules for a reconcile.
+    fn read_loaded(&self) -> Option<BTreeMap<ModuleName, host::LoadedModule>> {
+        match host::read_loaded(&self.settings.host) {
+            Ok(Some(l)) => Some(l),
+            Ok(None) => Some(BTreeMap::new()),
+            Err(e) => {
+                tracing::error!(error = %e, "reconcile: reading /proc/modules failed");
+                None
+            }
+        }
+    }
+
+    /// The periodic reconcile, first look: notes the modules whose tracked
+    /// state differs from /proc/modules and looks again after
+    /// [`DRIFT_CONFIRM_AFTER`]. An event that had already happened but was
+    /// still queued (ring buffer, channel) is applied in between and counted
+    /// as what it is, instead of being overwritten as drift.
+    fn reconcile_periodic(&mut self, tracker: &Tracker) {
         // modules-load.d and friends change without events; they are a few
         // small files, so re-read them with every reconcile.
         self.boot = crate::check::boot_facts(&self.settings.host, &self.snapshot, tracker);
+        if self.drift_check.is_some() {
+            return;
+        }
         let started = boot_ns_now();
-        let loaded = match host::read_loaded(&self.settings.host) {
-            Ok(Some(l)) => l,
-            Ok(None) => BTreeMap::new(),
-            Err(e) => {
-                tracing::error!(error = %e, "reconcile: reading /proc/modules failed");
-                return;
-            }
+        let Some(loaded) = self.read_loaded() else {
+            return;
         };
         self.reconciles += 1;
-        for o in tracker.reconcile(&loaded, started, boot_ns_now(), count_as_drift) {
+        let suspects = tracker.disagreements(&loaded);
+        if !suspects.is_empty() {
+            tracing::debug!(modules = ?suspects, "reconcile: differences; looking again before calling it drift");
+            self.drift_check = Some(DriftCheck {
+                at: Instant::now() + DRIFT_CONFIRM_AFTER,
+                suspects,
+                started,
+            });
+        }
+    }
+
+    /// The periodic reconcile, second look: what still differs, with no
+    /// event for it in between, is drift.
+    fn confirm_drift(&mut self, tracker: &mut Tracker) {
+        let Some(check) = self.drift_check.take() else {
+            return;
+        };
+        let Some(loaded) = self.read_loaded() else {
+            return;
+        };
+        let still: BTreeSet<ModuleName> = tracker
+            .disagreements(&loaded)
+            .intersection(&check.suspects)
+            .cloned()
+            .collect();
+        let outcomes =
+            tracker.reconcile_only(&loaded, Some(&still), check.started, boot_ns_now(), true);
+        self.record_corrections(tracker, outcomes, true);
+    }
+
+    /// Re-reads /proc/modules and corrects the tracker at once (after a
+    /// loss, a source failure, or to settle the start-up snapshot).
+    fn reconcile(&mut self, tracker: &mut Tracker, count_as_drift: bool) {
+        self.boot = crate::check::boot_facts(&self.settings.host, &self.snapshot, tracker);
+        let started = boot_ns_now();
+        let Some(loaded) = self.read_loaded() else {
+            return;
+        };
+        self.reconciles += 1;
+        let outcomes = tracker.reconcile(&loaded, started, boot_ns_now(), count_as_drift);
+        self.record_corrections(tracker, outcomes, count_as_drift);
+    }
+
+    /// Counts, logs and records the corrections a reconcile made.
+    fn record_corrections(
+        &mut self,
+        tracker: &Tracker,
+        outcomes: Vec<Outcome>,
+        count_as_drift: bool,
+    ) {
+        for o in outcomes {
             if count_as_drift {
                 self.drift_total += 1;
                 self.metrics.inc_drift();

@@ -258,8 +258,50 @@ impl Tracker {
         now_ns: u64,
         count_as_drift: bool,
     ) -> Vec<Outcome> {
+        self.reconcile_only(loaded, None, read_started_ns, now_ns, count_as_drift)
+    }
+
+    /// The modules whose tracked state differs from `loaded` (a read of
+    /// /proc/modules). The periodic reconcile corrects only those that
+    /// still differ on a second read: an event that was still queued at the
+    /// first read explains (and counts) its change itself.
+    #[must_use]
+    pub fn disagreements(
+        &self,
+        loaded: &BTreeMap<ModuleName, LoadedModule>,
+    ) -> BTreeSet<ModuleName> {
         let mut names: BTreeSet<ModuleName> = self.present.keys().cloned().collect();
         names.extend(loaded.keys().cloned());
+        names
+            .into_iter()
+            .filter(|name| !self.agrees(name, loaded))
+            .collect()
+    }
+
+    fn agrees(&self, name: &ModuleName, loaded: &BTreeMap<ModuleName, LoadedModule>) -> bool {
+        let want = loaded.get(name).map(|m| Presence::from_proc(m.state));
+        match (self.present.get(name), want) {
+            (None, None) => true,
+            (Some(h), Some(w)) => h.state() == w.state(),
+            _ => false,
+        }
+    }
+
+    /// [`reconcile`](Self::reconcile) limited to `only` (all modules when
+    /// `None`).
+    pub fn reconcile_only(
+        &mut self,
+        loaded: &BTreeMap<ModuleName, LoadedModule>,
+        only: Option<&BTreeSet<ModuleName>>,
+        read_started_ns: u64,
+        now_ns: u64,
+        count_as_drift: bool,
+    ) -> Vec<Outcome> {
+        let mut names: BTreeSet<ModuleName> = self.present.keys().cloned().collect();
+        names.extend(loaded.keys().cloned());
+        if let Some(only) = only {
+            names.retain(|n| only.contains(n));
+        }
         let mut outcomes = Vec::new();
         for name in names {
             if self
@@ -269,16 +311,10 @@ impl Tracker {
             {
                 continue;
             }
-            let want = loaded.get(&name).map(|m| Presence::from_proc(m.state));
-            let have = self.present.get(&name).copied();
-            let same = match (have, want) {
-                (None, None) => true,
-                (Some(h), Some(w)) => h.state() == w.state(),
-                _ => false,
-            };
-            if same {
+            if self.agrees(&name, loaded) {
                 continue;
             }
+            let want = loaded.get(&name).map(|m| Presence::from_proc(m.state));
             let from = self.state(&name);
             match want {
                 Some(w) => self.present.insert(name.clone(), w),
@@ -860,6 +896,48 @@ mod tests {
         assert!(
             t.reconcile(&loaded, 200, 201, true).is_empty(),
             "second pass finds nothing"
+        );
+    }
+
+    #[test]
+    fn a_late_event_explains_a_difference_before_it_counts_as_drift() {
+        // The soak's race: rmmod freed nvme_tcp, the reconcile read
+        // /proc/modules before the daemon took the queued module_free.
+        let mut t = Tracker::new(&snapshot_6_1(), longhorn_groups());
+        let mut loaded = snapshot_6_1().loaded;
+        loaded.remove(&n("nvme_tcp"));
+        let suspects = t.disagreements(&loaded);
+        assert_eq!(
+            suspects.iter().map(ModuleName::as_str).collect::<Vec<_>>(),
+            ["nvme_tcp"]
+        );
+        // The queued event arrives and is counted as what it is.
+        let free = t.apply(&ev(Raw::Free, "nvme_tcp", 50));
+        assert_eq!(free.kind, Some(Kind::Unload));
+        // The second look finds nothing left to correct.
+        assert!(t.disagreements(&loaded).is_empty());
+        assert!(
+            t.reconcile_only(&loaded, Some(&suspects), 40, 60, true)
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn reconcile_only_touches_the_named_modules() {
+        let mut t = Tracker::new(&snapshot_6_1(), longhorn_groups());
+        let mut loaded = snapshot_6_1().loaded;
+        loaded.remove(&n("nvme_tcp"));
+        loaded.remove(&n("dm_crypt"));
+        let only: BTreeSet<ModuleName> = [n("dm_crypt")].into();
+        let out = t.reconcile_only(&loaded, Some(&only), 1, 2, true);
+        assert_eq!(
+            out.iter().map(|o| o.module.as_str()).collect::<Vec<_>>(),
+            ["dm_crypt"]
+        );
+        assert_eq!(
+            t.state(&n("nvme_tcp")),
+            ModuleState::Loaded,
+            "not named: untouched"
         );
     }
 
