@@ -41,15 +41,14 @@ fn unloads(g: &Guest) -> Result<f64, String> {
 
 /// 1,000 cycles under concurrent scrapes: up, flat, counted, responsive.
 pub fn soak(g: &mut Guest) -> Outcome {
-    // The periodic reconcile is pushed out of the soak's window: a
-    // reconcile that reads /proc/modules while events older than the read
-    // are still queued "corrects" the tracked state as drift, and the
-    // queued events then apply on top (Tracker::reconcile only protects
-    // modules whose last event is newer than the read). On 6.12, where the
-    // soak outlasts the 60 s default, one unload once went uncounted (999
-    // of 1,000, nothing lost), most likely that way. That race is a daemon
-    // bug to fix, not something this scenario should trip over at random.
-    g.start_daemon_with("ebpf", &["--reconcile-interval", "3600"])?;
+    // A reconcile every 5 s races the storm on purpose. A reconcile that
+    // read /proc/modules while events older than the read were still
+    // queued used to "correct" the state as drift, and the queued unload
+    // then went uncounted (999 of 1,000 once on 6.12). The periodic
+    // reconcile now looks twice before it corrects anything, so every
+    // unload must be counted and there must be no drift at all.
+    let drift_before = g.api().status().map_or(0, |s| s.drift_total);
+    g.start_daemon_with("ebpf", &["--reconcile-interval", "5"])?;
     let pid = g.daemon_pid().ok_or("no daemon running")?;
     kmod::modprobe(MODULE)?;
     kmod::rmmod(MODULE)?;
@@ -146,6 +145,14 @@ pub fn soak(g: &mut Guest) -> Outcome {
         counted <= cycles && counted + lost as f64 >= cycles,
         "{cycles} unloads, {counted} counted, {lost} lost: the difference is unaccounted for; {}",
         g.api().status()?.summary()
+    );
+
+    let status = g.api().status()?;
+    ensure!(
+        status.drift_total == 0,
+        "drift_total is {} (was {drift_before} before the restart): a reconcile raced the storm's events; {}",
+        status.drift_total,
+        status.summary()
     );
 
     let rss_after = bench::rss_kib(pid)?;
