@@ -714,6 +714,9 @@ impl Daemon {
         );
         self.metrics.set_source(running.kind);
         self.metrics.set_lost_total(running.lost());
+        if let Some(log) = &status.event_log {
+            self.metrics.set_event_log(log.degraded, log.write_errors);
+        }
         let alerts = alerting::wanted_alerts(&AlertInputs {
             instance: &self.settings.node_name,
             runbook_url: &self.settings.runbook_url,

@@ -126,6 +126,10 @@ pub struct Metrics {
     alert_deliveries: Family<ResultLabels, Counter>,
     build_info: Family<BuildLabels, Gauge>,
     module_persistent: Family<ModuleLabels, Gauge>,
+    log_degraded: Gauge,
+    log_write_errors: Counter,
+    /// What `log_write_errors` was last raised to (the log reports a total).
+    log_errors_seen: AtomicU64,
     known: std::sync::Mutex<Known>,
 }
 
@@ -151,6 +155,9 @@ impl Metrics {
             alert_deliveries: Family::default(),
             build_info: Family::default(),
             module_persistent: Family::default(),
+            log_degraded: Gauge::default(),
+            log_write_errors: Counter::default(),
+            log_errors_seen: AtomicU64::new(0),
             known: std::sync::Mutex::default(),
             registry: Registry::default(),
         };
@@ -216,6 +223,16 @@ impl Metrics {
             "module_persistent",
             "1 when the required module will be there after a reboot (built in, modules-load.d, /etc/modules or the kernel command line, and not blocked)",
             m.module_persistent.clone(),
+        );
+        registry.register(
+            "event_log_degraded",
+            "1 while forensic log writes fail (records are held in memory and retried)",
+            m.log_degraded.clone(),
+        );
+        registry.register(
+            "event_log_write_errors",
+            "Failed forensic log writes and fsyncs",
+            m.log_write_errors.clone(),
         );
         for result in [Delivery::Success, Delivery::Failure] {
             let _ = m.alert_deliveries.get_or_create(&ResultLabels {
@@ -393,6 +410,18 @@ impl Metrics {
         self.events_lost.inc_by(n);
     }
 
+    /// Mirrors the forensic log's health: degraded now, and its running
+    /// total of write errors.
+    pub fn set_event_log(&self, degraded: bool, write_errors_total: u64) {
+        self.log_degraded.set(i64::from(degraded));
+        let seen = self
+            .log_errors_seen
+            .fetch_max(write_errors_total, Ordering::Relaxed);
+        if write_errors_total > seen {
+            self.log_write_errors.inc_by(write_errors_total - seen);
+        }
+    }
+
     pub fn inc_drift(&self) {
         self.drift.inc();
     }
@@ -483,6 +512,8 @@ mod tests {
         assert!(text.contains("kmod_monitor_requirement_last_transition_timestamp_seconds{requirement=\"base\"} 1000.0"));
         assert!(text.contains("kmod_monitor_alert_deliveries_total{result=\"failure\"} 0"));
         assert!(text.contains("kmod_monitor_build_info{version=\""));
+        assert!(text.contains("kmod_monitor_event_log_degraded 0"));
+        assert!(text.contains("kmod_monitor_event_log_write_errors_total 0"));
         assert!(text.ends_with("# EOF\n"));
     }
 
@@ -514,6 +545,26 @@ mod tests {
             text.contains(
                 "kmod_monitor_module_loaded{module=\"nvme_tcp\",requirement=\"other\"} 1"
             )
+        );
+    }
+
+    #[test]
+    fn event_log_health_follows_the_log_status() {
+        let m = Metrics::new("6.1");
+        m.set_event_log(true, 3);
+        m.set_event_log(true, 3);
+        let text = m.encode().unwrap();
+        assert!(text.contains("kmod_monitor_event_log_degraded 1"), "{text}");
+        assert!(
+            text.contains("kmod_monitor_event_log_write_errors_total 3"),
+            "{text}"
+        );
+        m.set_event_log(false, 5);
+        let text = m.encode().unwrap();
+        assert!(text.contains("kmod_monitor_event_log_degraded 0"), "{text}");
+        assert!(
+            text.contains("kmod_monitor_event_log_write_errors_total 5"),
+            "{text}"
         );
     }
 

@@ -420,6 +420,17 @@ fn a_full_disk_degrades_the_log_and_writing_resumes() {
         daemon.stderr().contains("event log write failed"),
         "the failure is logged\n{daemon}"
     );
+    let (_, metrics) = daemon
+        .get("/metrics")
+        .unwrap_or_else(|e| panic!("GET /metrics: {e}"));
+    assert!(
+        metrics.contains("kmod_monitor_event_log_degraded 1"),
+        "the degraded log shows in the metrics:\n{metrics}"
+    );
+    assert!(
+        !metrics.contains("kmod_monitor_event_log_write_errors_total 0"),
+        "write errors are counted:\n{metrics}"
+    );
 
     fs::remove_file(&filler).unwrap_or_else(|e| panic!("{e}"));
     let el = wait_log(
