@@ -9,6 +9,8 @@
 //! - [`kconfig`] reads the kernel config and names a module's Kconfig symbol.
 //! - [`initstate`] reads `/sys/module/<m>/initstate`.
 //! - [`snapshot`] combines all of the above and classifies a module in it.
+//! - [`hugepages`] reads the 2 MiB hugepage pool; [`cpu`] the CPU feature
+//!   SPDK needs.
 //! - [`persistence`] says whether a module comes back after a reboot, and
 //!   which other installed kernels lack it.
 //!
@@ -21,7 +23,9 @@
 //! still shows up, in [`Snapshot::warnings`] or as a `tracing` warning from the
 //! `read_*` helpers. Errors ([`HostError`]) are for files that cannot be read
 //! at all.
+pub mod cpu;
 pub mod depmod;
+pub mod hugepages;
 pub mod initstate;
 pub mod kconfig;
 pub mod paths;
