@@ -21,6 +21,11 @@ fn cargo() -> Command {
     let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(dirs::workspace_root());
+    // ring (rustls, for the Kubernetes client) compiles C; cc-rs looks for
+    // `x86_64-linux-musl-gcc`, which Debian's musl-tools calls `musl-gcc`.
+    if env::var_os("CC_x86_64_unknown_linux_musl").is_none() {
+        cmd.env("CC_x86_64_unknown_linux_musl", "musl-gcc");
+    }
     cmd
 }
 

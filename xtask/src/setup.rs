@@ -15,9 +15,12 @@ use crate::{cmd, dirs};
 /// Debian packages the harness needs: QEMU and busybox for the guests, kmod
 /// for depmod/modprobe on the host, cpio/xz/zstd for kernel and module
 /// archives, Prometheus and Alertmanager for the alerting-rule tests, curl
-/// for smoke checks, and the archive keyring the private apt setup trusts.
+/// for smoke checks, the archive keyring the private apt setup trusts, and
+/// musl-tools: `musl-gcc` compiles ring's C (TLS for the Kubernetes client)
+/// in the static build.
 pub const APT_PACKAGES: &[&str] = &[
     "qemu-system-x86",
+    "musl-tools",
     "busybox-static",
     "kmod",
     "cpio",
