@@ -28,6 +28,8 @@ pub const ALERT_UNMET: &str = "KernelModuleRequirementUnmet";
 pub const ALERT_EVENTS_LOST: &str = "KernelModuleMonitorEventsLost";
 pub const ALERT_SOURCE_DEGRADED: &str = "KernelModuleMonitorSourceDegraded";
 pub const ALERT_NO_MODULE_SUPPORT: &str = "KernelModuleMonitorNoModuleSupport";
+pub const ALERT_HUGEPAGES: &str = "KernelModuleMonitorHugepagesInsufficient";
+pub const ALERT_CLUSTER_UNREADABLE: &str = "KernelModuleMonitorLonghornUnreadable";
 
 /// Label or annotation set.
 pub type Labels = BTreeMap<String, String>;
@@ -258,6 +260,12 @@ pub struct AlertInputs<'a> {
     pub lost_total: u64,
     /// Unix time of CLOCK_BOOTTIME zero, to date events.
     pub boot_epoch: SystemTime,
+    /// The 2 MiB pool, while V2 needs hugepages and has too few.
+    pub hugepages_short: Option<&'a crate::longhorn::readiness::HugepagesCheck>,
+    /// Why the cluster cannot be read, once that has lasted the grace period.
+    pub cluster_unreadable: Option<String>,
+    /// The V2 group's severity, for the hugepage alert.
+    pub hugepages_severity: &'a str,
 }
 
 /// How long the events-lost alert fires after the last loss.
@@ -361,6 +369,29 @@ pub fn wanted_alerts(inputs: &AlertInputs<'_>) -> Vec<Wanted> {
             ("runbook_url", &runbook(name)),
         ]),
     };
+    if let Some(h) = inputs.hugepages_short {
+        let total = h.pool.map_or(0, |p| p.total);
+        out.push(Wanted {
+            labels: labels(&[
+                ("alertname", ALERT_HUGEPAGES),
+                ("requirement", crate::longhorn::v2::HUGEPAGES_REQUIREMENT),
+                ("instance", inputs.instance),
+                ("severity", inputs.hugepages_severity),
+            ]),
+            annotations: labels(&[
+                ("summary", &format!("{} has {total} of the {} 2 MiB hugepages the V2 data engine needs", inputs.instance, h.required)),
+                ("description", &format!("Fix now: `echo {} > /proc/sys/vm/nr_hugepages` (or sysctl -w vm.nr_hugepages={}); after reboot: `echo vm.nr_hugepages={} > /etc/sysctl.d/90-longhorn-hugepages.conf`. Memory fragmentation can make the kernel allocate fewer: check nr_hugepages afterwards.", h.required, h.required, h.required)),
+                ("runbook_url", &runbook(ALERT_HUGEPAGES)),
+            ]),
+        });
+    }
+    if let Some(reason) = &inputs.cluster_unreadable {
+        out.push(health(
+            ALERT_CLUSTER_UNREADABLE,
+            format!("kmod-monitor on {} cannot read Longhorn's V2 setting or its node", inputs.instance),
+            format!("Whether the V2 data engine's requirements apply here is unknown, so they are not checked; the base requirements are. Why: {reason}"),
+        ));
+    }
     if inputs.lost_recently {
         out.push(health(
             ALERT_EVENTS_LOST,
@@ -594,6 +625,9 @@ mod wanted_tests {
             lost_recently: false,
             lost_total: 0,
             boot_epoch: SystemTime::UNIX_EPOCH,
+            hugepages_short: None,
+            cluster_unreadable: None,
+            hugepages_severity: "critical",
         });
         assert_eq!(
             names(&alerts),
@@ -638,6 +672,9 @@ mod wanted_tests {
                 lost_recently: lost,
                 lost_total: 3,
                 boot_epoch: SystemTime::UNIX_EPOCH,
+                hugepages_short: None,
+                cluster_unreadable: None,
+                hugepages_severity: "critical",
             }))
             .into_iter()
             .map(|(a, _)| a)
@@ -658,6 +695,57 @@ mod wanted_tests {
         assert_eq!(
             run(&source(ActiveKind::Uevent, true), false, false),
             [ALERT_NO_MODULE_SUPPORT]
+        );
+    }
+
+    #[test]
+    fn hugepage_and_cluster_alerts() {
+        let snap = snapshot();
+        let src = source(ActiveKind::Ebpf, false);
+        let short = crate::longhorn::readiness::HugepagesCheck {
+            pool: Some(crate::host::hugepages::Hugepages2Mi {
+                total: 512,
+                free: 512,
+                reserved: 0,
+                surplus: 0,
+                source: "sysfs",
+            }),
+            required: 1024,
+            met: Some(false),
+            error: None,
+        };
+        let alerts = wanted_alerts(&AlertInputs {
+            instance: "node-a",
+            runbook_url: "https://r",
+            groups: &[],
+            snapshot: &snap,
+            source: &src,
+            modules_supported: true,
+            lost_recently: false,
+            lost_total: 0,
+            boot_epoch: SystemTime::UNIX_EPOCH,
+            hugepages_short: Some(&short),
+            cluster_unreadable: Some("settings.longhorn.io: forbidden by RBAC (403)".to_owned()),
+            hugepages_severity: "warning",
+        });
+        assert_eq!(alerts.len(), 2, "{alerts:?}");
+        let h = &alerts[0];
+        assert_eq!(h.labels["alertname"], ALERT_HUGEPAGES);
+        assert_eq!(h.labels["requirement"], "v2-hugepages");
+        assert_eq!(h.labels["severity"], "warning");
+        assert!(
+            h.annotations["summary"].contains("512 of the 1024"),
+            "{h:?}"
+        );
+        assert!(
+            h.annotations["description"].contains("vm.nr_hugepages=1024"),
+            "{h:?}"
+        );
+        let c = &alerts[1];
+        assert_eq!(c.labels["alertname"], ALERT_CLUSTER_UNREADABLE);
+        assert!(
+            c.annotations["description"].contains("forbidden by RBAC (403)"),
+            "{c:?}"
         );
     }
 }

@@ -62,6 +62,8 @@ pub struct Report {
     /// Other installed kernels and the required modules each would lose.
     pub other_kernels: Vec<OtherKernel>,
     pub warnings: Vec<String>,
+    /// V2 enablement and readiness beyond modules; `met` includes it.
+    pub v2: Option<crate::longhorn::readiness::V2Check>,
 }
 
 impl Report {
@@ -139,6 +141,7 @@ pub fn evaluate(snapshot: &Snapshot, tracker: &Tracker, boot: &BootFacts) -> Rep
         kernel_release: snapshot.kernel_release.clone(),
         modules_supported: snapshot.modules_supported,
         met: groups.iter().all(|g| g.met),
+        v2: None,
         groups,
         other_kernels: boot.other_kernels.clone(),
         warnings: snapshot
@@ -359,6 +362,9 @@ pub fn render_text(r: &Report) -> String {
             r.groups.len(),
             unmet.join(", ")
         );
+    }
+    if let Some(v2) = &r.v2 {
+        out.push_str(&crate::longhorn::readiness::render(v2));
     }
     out
 }

@@ -19,6 +19,11 @@
 //! fsync = "interval"         # always|interval (at most once a second)
 //! event_log_max_bytes = 67108864  # rotate at this size, >= 4096
 //! event_log_keep = 5         # rotated files kept, >= 1
+//! longhorn = "auto"          # auto|off: learn V2 enablement from the cluster
+//! longhorn_namespace = "longhorn-system"
+//! kubeconfig = "/etc/kmod-monitor/kubeconfig"  # absolute; default: in-cluster, $KUBECONFIG, ~/.kube/config
+//! longhorn_grace = 300       # seconds the cluster may be unreadable before the alert, > 0
+//! v2_hugepages_2mi = 1024    # 2 MiB hugepages V2 needs; 0 = do not check
 //!
 //! [groups.base]              # built-in; may be switched off
 //! enabled = false
@@ -32,7 +37,8 @@
 //! - Built in: `base` = all_of [dm_crypt], enabled unless switched off;
 //!   `v2-data-engine` = all_of [vfio_pci, uio_pci_generic, nvme_tcp], enabled
 //!   by `v2_data_engine = true`, by `[groups.v2-data-engine] enabled = true`,
-//!   or by the command-line flag (which wins over `enabled = false`).
+//!   by the command-line flag, or by the cluster: see
+//!   [`crate::longhorn::enablement`] for the precedence.
 //! - A built-in group's table accepts only `enabled` and `severity`. Giving
 //!   it `all_of` or `any_of` is an error, not an override: a built-in group's
 //!   name means the same modules on every node, so alerts and dashboards keyed
@@ -195,6 +201,17 @@ pub struct FileConfig {
     pub event_log_max_bytes: Option<u64>,
     /// `event_log_keep`: rotated files kept; >= 1.
     pub event_log_keep: Option<u32>,
+    /// `longhorn`: watch the cluster for V2 enablement (`auto`) or not.
+    pub longhorn: Option<crate::longhorn::LonghornMode>,
+    /// `longhorn_namespace`: where Longhorn's settings live.
+    pub longhorn_namespace: Option<String>,
+    /// `kubeconfig`: the kubeconfig file to use instead of inferring one.
+    pub kubeconfig: Option<PathBuf>,
+    /// `longhorn_grace`: how long the cluster may be unreadable before the
+    /// alert fires; > 0.
+    pub longhorn_grace: Option<Duration>,
+    /// `v2_hugepages_2mi`: 2 MiB hugepages V2 needs; 0 = do not check.
+    pub v2_hugepages_2mi: Option<u64>,
     /// `[groups.base]`.
     pub base_group: BuiltinGroupSettings,
     /// `[groups.v2-data-engine]`.
@@ -329,6 +346,12 @@ pub enum ConfigProblem {
         /// The value as written.
         value: String,
     },
+    /// `kubeconfig` is not an absolute path.
+    #[error("kubeconfig = {value:?} is not an absolute path")]
+    Kubeconfig {
+        /// The value as written.
+        value: String,
+    },
     /// `event_log` is neither an absolute path nor `""`.
     #[error("event_log = {value:?} is not an absolute path (or \"\" for no event log)")]
     EventLogPath {
@@ -424,14 +447,22 @@ pub fn parse_config(text: &str, origin: &Path) -> Result<FileConfig, ConfigError
     located.validate(raw)
 }
 
-/// The enabled groups, in a stable order: `base`, `v2-data-engine`, then user
-/// groups by name. `v2_flag` is the command-line switch for the v2 group; it
-/// wins over the file's `enabled = false`.
+/// What the file says about the V2 data engine: `v2_data_engine` or
+/// `[groups.v2-data-engine] enabled` (validation rejects a contradiction).
 #[must_use]
-pub fn resolve_groups(file: Option<&FileConfig>, v2_flag: bool) -> Vec<GroupSpec> {
+pub fn v2_in_file(file: Option<&FileConfig>) -> Option<bool> {
+    let f = file?;
+    f.v2_data_engine.or(f.v2_group.enabled)
+}
+
+/// The enabled groups, in a stable order: `base`, `v2-data-engine`, then user
+/// groups by name. `v2_on` is the decision of
+/// [`crate::longhorn::decide_v2`] (flag, cluster, file).
+#[must_use]
+pub fn resolve_groups(file: Option<&FileConfig>, v2_on: bool) -> Vec<GroupSpec> {
     let default = FileConfig::default();
     let FileConfig {
-        v2_data_engine,
+        v2_data_engine: _,
         base_group,
         v2_group,
         groups,
@@ -450,6 +481,11 @@ pub fn resolve_groups(file: Option<&FileConfig>, v2_flag: bool) -> Vec<GroupSpec
         fsync: _,
         event_log_max_bytes: _,
         event_log_keep: _,
+        longhorn: _,
+        longhorn_namespace: _,
+        kubeconfig: _,
+        longhorn_grace: _,
+        v2_hugepages_2mi: _,
     } = file.unwrap_or(&default);
 
     let mut enabled = Vec::new();
@@ -457,7 +493,6 @@ pub fn resolve_groups(file: Option<&FileConfig>, v2_flag: bool) -> Vec<GroupSpec
     if base_group.enabled.unwrap_or(true) {
         enabled.push(with_severity(base, base_group.severity.as_deref()));
     }
-    let v2_on = v2_flag || *v2_data_engine == Some(true) || v2_group.enabled == Some(true);
     if v2_on {
         enabled.push(with_severity(v2, v2_group.severity.as_deref()));
     }
@@ -521,6 +556,11 @@ struct RawFile {
     fsync: Option<FsyncPolicy>,
     event_log_max_bytes: Option<Spanned<u64>>,
     event_log_keep: Option<Spanned<u32>>,
+    longhorn: Option<crate::longhorn::LonghornMode>,
+    longhorn_namespace: Option<Spanned<String>>,
+    kubeconfig: Option<Spanned<String>>,
+    longhorn_grace: Option<Spanned<u64>>,
+    v2_hugepages_2mi: Option<u64>,
     #[serde(default)]
     groups: BTreeMap<Spanned<String>, RawGroup>,
 }
@@ -607,8 +647,30 @@ impl Locator<'_> {
             fsync,
             event_log_max_bytes,
             event_log_keep,
+            longhorn,
+            longhorn_namespace,
+            kubeconfig,
+            longhorn_grace,
+            v2_hugepages_2mi,
             groups: raw_groups,
         } = raw;
+        let longhorn_namespace = self.text(longhorn_namespace, "longhorn_namespace")?;
+        let kubeconfig = kubeconfig
+            .map(|value| {
+                let text = value.get_ref();
+                if Path::new(text).is_absolute() && !text.chars().any(char::is_control) {
+                    Ok(PathBuf::from(text))
+                } else {
+                    Err(self.error(
+                        &value.span(),
+                        ConfigProblem::Kubeconfig {
+                            value: text.clone(),
+                        },
+                    ))
+                }
+            })
+            .transpose()?;
+        let longhorn_grace = self.interval(longhorn_grace, "longhorn_grace")?;
         let event_log = event_log
             .map(|value| {
                 let text = value.get_ref();
@@ -738,6 +800,11 @@ impl Locator<'_> {
             fsync,
             event_log_max_bytes,
             event_log_keep,
+            longhorn,
+            longhorn_namespace,
+            kubeconfig,
+            longhorn_grace,
+            v2_hugepages_2mi,
             base_group,
             v2_group,
             groups,
@@ -973,6 +1040,11 @@ event_log = "/var/lib/kmod-monitor/events.jsonl"
 fsync = "interval"
 event_log_max_bytes = 67108864
 event_log_keep = 5
+longhorn = "auto"          # auto|off: learn V2 enablement from the cluster
+longhorn_namespace = "longhorn-system"
+kubeconfig = "/etc/kmod-monitor/kubeconfig"  # absolute; default: in-cluster, $KUBECONFIG, ~/.kube/config
+longhorn_grace = 300       # seconds the cluster may be unreadable before the alert, > 0
+v2_hugepages_2mi = 1024    # 2 MiB hugepages V2 needs; 0 = do not check
 
 [groups.base]              # built-in; may be switched off
 enabled = false
@@ -1021,10 +1093,23 @@ severity = "warning"       # default "critical"; free-form label for alerts
             fsync,
             event_log_max_bytes,
             event_log_keep,
+            longhorn,
+            longhorn_namespace,
+            kubeconfig,
+            longhorn_grace,
+            v2_hugepages_2mi,
             base_group,
             v2_group,
             groups,
         } = c.clone();
+        assert_eq!(longhorn, Some(crate::longhorn::LonghornMode::Auto));
+        assert_eq!(longhorn_namespace.as_deref(), Some("longhorn-system"));
+        assert_eq!(
+            kubeconfig,
+            Some(PathBuf::from("/etc/kmod-monitor/kubeconfig"))
+        );
+        assert_eq!(longhorn_grace, Some(Duration::from_secs(300)));
+        assert_eq!(v2_hugepages_2mi, Some(1024));
         assert_eq!(
             event_log,
             Some(EventLogPath::At(PathBuf::from(
@@ -1074,7 +1159,8 @@ severity = "warning"       # default "critical"; free-form label for alerts
             }]
         );
         // base off, v2 on by the file, then the any_of group.
-        let resolved = resolve_groups(Some(&c), false);
+        assert_eq!(v2_in_file(Some(&c)), Some(true));
+        let resolved = resolve_groups(Some(&c), true);
         assert_eq!(group_names(&resolved), ["v2-data-engine", "spdk-driver"]);
     }
 
@@ -1379,27 +1465,25 @@ severity = "warning"       # default "critical"; free-form label for alerts
 
     #[test]
     fn resolve_v2_switches() {
+        // The file's answer, for crate::longhorn::decide_v2.
         let by_key = parse("v2_data_engine = true").unwrap();
-        assert_eq!(
-            group_names(&resolve_groups(Some(&by_key), false)),
-            ["base", "v2-data-engine"]
-        );
+        assert_eq!(v2_in_file(Some(&by_key)), Some(true));
         let by_table =
             parse("[groups.v2-data-engine]\nenabled = true\nseverity = \"page\"\n").unwrap();
-        let groups = resolve_groups(Some(&by_table), false);
+        assert_eq!(v2_in_file(Some(&by_table)), Some(true));
+        let groups = resolve_groups(Some(&by_table), true);
         assert_eq!(group_names(&groups), ["base", "v2-data-engine"]);
         assert_eq!(groups[1].severity, "page");
-        // The flag wins over the file's enabled = false.
         let off = parse("[groups.v2-data-engine]\nenabled = false\n").unwrap();
-        assert_eq!(group_names(&resolve_groups(Some(&off), false)), ["base"]);
+        assert_eq!(v2_in_file(Some(&off)), Some(false));
+        let no = parse("v2_data_engine = false").unwrap();
+        assert_eq!(v2_in_file(Some(&no)), Some(false));
+        assert_eq!(v2_in_file(Some(&parse("").unwrap())), None);
+        assert_eq!(v2_in_file(None), None);
+        // The decision, not the file, switches the group.
+        assert_eq!(group_names(&resolve_groups(Some(&by_key), false)), ["base"]);
         assert_eq!(
             group_names(&resolve_groups(Some(&off), true)),
-            ["base", "v2-data-engine"]
-        );
-        // v2_data_engine = false does not hide the flag either.
-        let no = parse("v2_data_engine = false").unwrap();
-        assert_eq!(
-            group_names(&resolve_groups(Some(&no), true)),
             ["base", "v2-data-engine"]
         );
     }

@@ -28,8 +28,8 @@ use crate::{
         self, EventLog, EventLogSettings, EventLogStatus, Record, RecordKind, actor,
         chain::{canonical, sha256_hex},
         record::{
-            ConfigInfo, ModuleInfo, ModuleStateInfo, MonitorInfo, RequirementEffect,
-            RequirementFlip, StateChange,
+            ConfigInfo, EnablementInfo, ModuleInfo, ModuleStateInfo, MonitorInfo,
+            RequirementEffect, RequirementFlip, StateChange,
         },
     },
     host::{
@@ -37,6 +37,11 @@ use crate::{
         persistence::{OtherKernel, Persistence},
     },
     http,
+    longhorn::{
+        self, ClusterSettings, ClusterView, LocalInputs,
+        v2::{Flip, HUGEPAGES_REQUIREMENT, V2State, V2Status},
+        watch::WatchTarget,
+    },
     metrics::Metrics,
     names::ModuleName,
     source::{self, ActiveKind, RunningSource, SourceMsg, SourceOptions, Unavailable},
@@ -48,9 +53,15 @@ use crate::{
 #[derive(Clone, Debug)]
 pub struct RunSettings {
     pub config_path: Option<PathBuf>,
-    /// `--v2-data-engine` on the command line (kept for reloads).
-    pub v2_flag: bool,
+    /// Every group the config enables, the V2 group included whatever V2's
+    /// enablement: the daemon tracks it only while V2 is on.
     pub groups: Vec<GroupSpec>,
+    /// The V2 inputs that are not the cluster's (flag, file, hugepages).
+    pub v2_local: LocalInputs,
+    /// `--v2-hugepages-2mi` (kept for reloads: it wins over the file).
+    pub hugepages_flag: Option<u64>,
+    /// The cluster watch.
+    pub cluster: ClusterSettings,
     pub listen: SocketAddr,
     pub source: SourceKind,
     pub host: HostRoot,
@@ -127,6 +138,9 @@ pub struct Status {
     pub event_log: Option<EventLogStatus>,
     /// uid, gid and capabilities after the drop.
     pub privileges: crate::privileges::Privileges,
+    /// V2 enablement (and where it came from), the cluster watch, and V2
+    /// readiness beyond modules.
+    pub v2: V2Status,
 }
 
 /// Runs until SIGTERM/SIGINT.
@@ -161,6 +175,8 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
         tracing::info!(uid = p.uid, gid = p.gid, effective = ?p.effective, notes = ?p.notes, "privileges dropped");
         p
     };
+    // The cluster watch (no capability needed; the token is a file).
+    let client = longhorn::client(&settings.cluster).await?;
     // 2. Snapshot, bracketed by boot-clock readings.
     let snap_start = boot_ns_now();
     let snapshot: Snapshot =
@@ -175,7 +191,32 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
             "this kernel has no loadable-module support (CONFIG_MODULES off): only built-in modules can satisfy a requirement"
         );
     }
-    let mut tracker = Tracker::new(&snapshot, settings.groups.clone());
+    let v2 = V2State::new(
+        settings.v2_local,
+        match (&client, settings.cluster.mode) {
+            (Some(_), _) => Ok(()),
+            (None, longhorn::LonghornMode::Off) => Err("--longhorn off".to_owned()),
+            (None, longhorn::LonghornMode::Auto) => {
+                Err("not in a cluster: no service account and no kubeconfig".to_owned())
+            }
+        },
+        settings.cluster.namespace.clone(),
+        settings.node_name.clone(),
+        settings.cluster.grace,
+        &settings.host,
+        &snapshot.kernel_release,
+    );
+    let mut cluster_rx = client.map(|c| {
+        longhorn::watch::spawn(
+            c,
+            &WatchTarget {
+                namespace: settings.cluster.namespace.clone(),
+                node: settings.node_name.clone(),
+            },
+            cancel.clone(),
+        )
+    });
+    let mut tracker = Tracker::new(&snapshot, v2.groups(&settings.groups));
     let metrics = Arc::new(Metrics::new(&snapshot.kernel_release));
     let (wanted_tx, wanted_rx) = watch::channel(Arc::new(WantedSet::default()));
     let mut d = Daemon {
@@ -197,6 +238,7 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
         boot: crate::check::BootFacts::default(),
         privileges,
         drift_check: None,
+        v2,
     };
     d.boot = crate::check::boot_facts(&d.settings.host, &d.snapshot, &tracker);
     for w in &d.boot.warnings {
@@ -281,6 +323,7 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
         let confirm_at = d.confirm.map(|(at, _)| at);
         let lost_alert_ends = d.lost_at.map(|at| at + LOST_ALERT_FOR);
         let drift_at = d.drift_check.as_ref().map(|c| c.at);
+        let grace_at = d.v2.grace_ends().map(Instant::from_std);
         tokio::select! {
             () = sleep_until(lost_alert_ends) => d.lost_at = None,
             _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break "SIGTERM"; }
@@ -291,6 +334,9 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
             () = sleep_until(confirm_at) => d.confirm_loading(&mut tracker),
             _ = reconcile.tick() => d.reconcile_periodic(&tracker),
             () = sleep_until(drift_at) => d.confirm_drift(&mut tracker),
+            Some(view) = cluster_changed(&mut cluster_rx) => d.on_view(&mut tracker, view),
+            // The unreadable-cluster alert is due: republish.
+            () = sleep_until(grace_at) => {}
             msg = running.rx.recv() => match msg {
                 Some(msg) => {
                     d.handle(&mut tracker, msg);
@@ -332,6 +378,20 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The cluster watch's next view; never without a watch (or once it ended).
+async fn cluster_changed(rx: &mut Option<watch::Receiver<ClusterView>>) -> Option<ClusterView> {
+    match rx {
+        Some(r) => {
+            if r.changed().await.is_err() {
+                *rx = None;
+                return None;
+            }
+            Some(r.borrow_and_update().clone())
+        }
+        None => std::future::pending().await,
+    }
 }
 
 /// Resolves when the event log's status changes; never without a log.
@@ -405,6 +465,8 @@ struct Daemon {
     log: Option<EventLog>,
     /// The source in use (named in event records).
     active: ActiveKind,
+    /// V2 enablement, the cluster view, hugepages.
+    v2: V2State,
 }
 
 impl Daemon {
@@ -485,6 +547,7 @@ impl Daemon {
         // modules-load.d and friends change without events; they are a few
         // small files, so re-read them with every reconcile.
         self.boot = crate::check::boot_facts(&self.settings.host, &self.snapshot, tracker);
+        self.refresh_hugepages();
         if self.drift_check.is_some() {
             return;
         }
@@ -633,10 +696,20 @@ impl Daemon {
                 return;
             }
         };
-        let groups = config::resolve_groups(Some(&file), self.settings.v2_flag);
-        let changes = tracker.set_groups(groups.clone());
+        let groups = config::resolve_groups(Some(&file), true);
+        self.settings.v2_local.file = config::v2_in_file(Some(&file));
+        self.settings.v2_local.hugepages_2mi = self
+            .settings
+            .hugepages_flag
+            .or(file.v2_hugepages_2mi)
+            .unwrap_or(longhorn::readiness::DEFAULT_HUGEPAGES_2MI);
+        self.v2.local = self.settings.v2_local;
+        let flips = self.v2.decide();
+        self.log_flips(&flips);
+        let changes = tracker.set_groups(self.v2.groups(&groups));
         self.boot = crate::check::boot_facts(&self.settings.host, &self.snapshot, tracker);
         self.settings.groups = groups;
+        self.refresh_hugepages();
         tracing::info!(path = %path.display(), groups = ?tracker.groups().iter().map(|g| &g.name).collect::<Vec<_>>(), "SIGHUP: config reloaded");
         for c in &changes {
             tracing::info!(group = %c.group, met = c.met, "requirement after reload");
@@ -701,7 +774,27 @@ impl Daemon {
         running: &RunningSource,
         status_tx: &watch::Sender<Arc<Status>>,
     ) {
-        let status = self.status(tracker, running);
+        let mut status = self.status(tracker, running);
+        let severity = self
+            .settings
+            .groups
+            .iter()
+            .find(|g| g.name == config::V2_GROUP)
+            .map_or(config::DEFAULT_SEVERITY, |g| g.severity.as_str());
+        if let Some(g) = self.v2.hugepages_group(severity) {
+            // Right after the V2 group it belongs with.
+            let at = status
+                .groups
+                .iter()
+                .position(|g| g.name == config::V2_GROUP)
+                .map_or(status.groups.len(), |i| i + 1);
+            status.groups.insert(at, g);
+        }
+        self.metrics
+            .set_enabled(status.v2.enablement.iter().map(|(name, d)| (*name, d)));
+        self.metrics.set_cluster_readable(self.v2.readable());
+        self.metrics
+            .set_hugepages(self.v2.readiness.hugepages.pool.as_ref());
         let now_unix = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());
@@ -727,6 +820,9 @@ impl Daemon {
             lost_recently: self.lost_at.is_some(),
             lost_total: status.events.lost,
             boot_epoch: self.boot_epoch,
+            hugepages_short: self.v2.hugepages_short(),
+            cluster_unreadable: self.v2.unreadable_alert(),
+            hugepages_severity: severity,
         });
         let trigger = self.trigger_boot_ns;
         self.wanted_tx.send_if_modified(|w| {
@@ -764,6 +860,86 @@ impl Daemon {
             other_kernels: self.boot.other_kernels.clone(),
             event_log: self.log.as_ref().map(EventLog::status),
             privileges: self.privileges.clone(),
+            v2: self.v2.status(),
+        }
+    }
+
+    /// The cluster watch saw a change.
+    fn on_view(&mut self, tracker: &mut Tracker, view: ClusterView) {
+        tracing::debug!(?view, "longhorn: cluster view");
+        let flips = self.v2.set_view(view);
+        if flips.is_empty() {
+            return;
+        }
+        self.log_flips(&flips);
+        if flips.iter().any(|f| f.requirement == config::V2_GROUP) {
+            let changes = tracker.set_groups(self.v2.groups(&self.settings.groups));
+            self.boot = crate::check::boot_facts(&self.settings.host, &self.snapshot, tracker);
+            self.log_group_changes(
+                None,
+                &changes,
+                RecordKind::RequirementEnablement,
+                boot_ns_now(),
+            );
+            for g in tracker.report() {
+                log_group(&g);
+            }
+        }
+        self.refresh_hugepages();
+    }
+
+    /// Logs and records enablement flips.
+    fn log_flips(&mut self, flips: &[Flip]) {
+        for f in flips {
+            match f.now.enabled {
+                Some(true) => {
+                    tracing::warn!(requirement = f.requirement, source = f.now.source.as_str(), reason = %f.now.reason, "requirement now ENABLED")
+                }
+                Some(false) => {
+                    tracing::info!(requirement = f.requirement, source = f.now.source.as_str(), reason = %f.now.reason, "requirement now disabled")
+                }
+                None => {
+                    tracing::error!(requirement = f.requirement, reason = %f.now.reason, "requirement now UNKNOWN")
+                }
+            }
+            let mut r = Record::new(RecordKind::RequirementEnablement, boot_ns_now());
+            r.enablement = Some(EnablementInfo {
+                requirement: f.requirement.to_owned(),
+                was: f.was.enabled,
+                enabled: f.now.enabled,
+                source: f.now.source.as_str().to_owned(),
+                reason: f.now.reason.clone(),
+            });
+            self.append(r);
+        }
+    }
+
+    /// Re-reads the hugepage pool; records a verdict change.
+    fn refresh_hugepages(&mut self) {
+        if let Some((was, met)) = self.v2.refresh_hugepages(&self.settings.host) {
+            let h = &self.v2.readiness.hugepages;
+            let total = h.pool.map_or(0, |p| p.total);
+            if met {
+                tracing::info!(
+                    total,
+                    required = h.required,
+                    "requirement met: 2 MiB hugepages"
+                );
+            } else {
+                tracing::error!(
+                    total,
+                    required = h.required,
+                    "requirement NOT met: 2 MiB hugepages"
+                );
+            }
+            let mut r = Record::new(RecordKind::RequirementChange, boot_ns_now());
+            r.requirement = Some(RequirementFlip {
+                name: HUGEPAGES_REQUIREMENT.to_owned(),
+                was,
+                met,
+            });
+            r.reason = Some(format!("{total} of {} 2 MiB hugepages", h.required));
+            self.append(r);
         }
     }
 

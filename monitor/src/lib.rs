@@ -20,6 +20,8 @@
 //! - [`check`]: the one-shot preflight and its remedies.
 //! - [`alerting`]: the Alertmanager push and the alerts it sends.
 //! - [`forensic`]: the tamper-evident event log, `log verify` and `log show`.
+//! - [`longhorn`]: V2 enablement from the cluster (Longhorn setting, node
+//!   label) and V2 readiness beyond modules (hugepages, CPU, kernel).
 pub mod alerting;
 pub mod check;
 pub mod config;
@@ -29,6 +31,7 @@ pub mod fix;
 pub mod forensic;
 pub mod host;
 pub mod http;
+pub mod longhorn;
 pub mod metrics;
 pub mod names;
 pub mod privileges;

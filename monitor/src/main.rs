@@ -21,6 +21,9 @@ use kmod_monitor::{
         verify,
     },
     host::{self, HostRoot},
+    longhorn::{
+        self, ClusterSettings, LocalInputs, LonghornMode, readiness::DEFAULT_HUGEPAGES_2MI,
+    },
     tracker::Tracker,
 };
 use monitor_common::DEFAULT_RING_BYTES;
@@ -39,7 +42,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the monitor daemon.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Check the node once (preflight); exit 0 if every group is met, 1 if not, 2 on error.
     Check(CheckArgs),
     /// Query the forensic event log written by `run --event-log`.
@@ -87,9 +90,27 @@ struct Common {
     /// TOML config file (groups, settings).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Require the V2 data engine's modules (vfio_pci, uio_pci_generic, nvme_tcp).
-    #[arg(long)]
-    v2_data_engine: bool,
+    /// Require the V2 data engine (vfio_pci, uio_pci_generic, nvme_tcp, 2 MiB
+    /// hugepages), or with =false never; overrides the cluster and the file.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    v2_data_engine: Option<bool>,
+    /// Learn V2 enablement from the cluster (Longhorn's v2-data-engine
+    /// setting, this node's labels) when running in one [default: auto].
+    #[arg(long, value_enum)]
+    longhorn: Option<LonghornMode>,
+    /// Kubeconfig for --longhorn [default: in-cluster, $KUBECONFIG, ~/.kube/config].
+    #[arg(long, value_name = "FILE")]
+    kubeconfig: Option<PathBuf>,
+    /// Namespace of Longhorn's settings [default: longhorn-system].
+    #[arg(long, value_name = "NS")]
+    longhorn_namespace: Option<String>,
+    /// 2 MiB hugepages the V2 data engine needs; 0 = do not check [default: 1024].
+    #[arg(long, value_name = "PAGES")]
+    v2_hugepages_2mi: Option<u64>,
+    /// This node's name: the alerts' `instance` label and the Node whose
+    /// labels are watched [default: hostname].
+    #[arg(long, env = "NODE_NAME", value_name = "NAME")]
+    node_name: Option<String>,
     /// Read every host path under DIR (container with the host's / mounted there).
     #[arg(long, value_name = "DIR")]
     host_root: Option<PathBuf>,
@@ -120,9 +141,9 @@ struct RunArgs {
     /// Seconds between re-sends of firing alerts [default: 60].
     #[arg(long, value_name = "SECS")]
     alert_resend_interval: Option<u64>,
-    /// This node's name for the alerts' `instance` label [default: hostname].
-    #[arg(long, env = "NODE_NAME", value_name = "NAME")]
-    node_name: Option<String>,
+    /// Seconds the cluster may be unreadable before the alert fires [default: 300].
+    #[arg(long, value_name = "SECS")]
+    longhorn_grace: Option<u64>,
     /// Runbook link put on every alert.
     #[arg(long, value_name = "URL")]
     runbook_url: Option<String>,
@@ -207,7 +228,7 @@ fn node_name(flag: Option<String>, file: Option<&FileConfig>, host: &HostRoot) -
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Check(args) => check(&args),
         Command::Log(LogCommand::Verify { paths }) => log_verify(&paths),
         Command::Log(LogCommand::Show(args)) => log_show(args),
@@ -239,6 +260,58 @@ fn host_root(common: &Common, file: Option<&FileConfig>) -> HostRoot {
     HostRoot::new(dir)
 }
 
+/// The V2 inputs that are not the cluster's.
+fn local_inputs(common: &Common, file: Option<&FileConfig>) -> LocalInputs {
+    LocalInputs {
+        flag: common.v2_data_engine,
+        file: config::v2_in_file(file),
+        hugepages_2mi: common
+            .v2_hugepages_2mi
+            .or_else(|| file.and_then(|f| f.v2_hugepages_2mi))
+            .unwrap_or(DEFAULT_HUGEPAGES_2MI),
+    }
+}
+
+/// The cluster-watch flags over the config file over defaults.
+fn cluster_settings(
+    common: &Common,
+    file: Option<&FileConfig>,
+    grace: Option<u64>,
+) -> anyhow::Result<ClusterSettings> {
+    Ok(ClusterSettings {
+        mode: common
+            .longhorn
+            .or_else(|| file.and_then(|f| f.longhorn))
+            .unwrap_or_default(),
+        kubeconfig: common
+            .kubeconfig
+            .clone()
+            .or_else(|| file.and_then(|f| f.kubeconfig.clone())),
+        namespace: match &common.longhorn_namespace {
+            Some(ns) => {
+                anyhow::ensure!(
+                    !ns.is_empty()
+                        && ns.len() <= 63
+                        && ns
+                            .chars()
+                            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'),
+                    "--longhorn-namespace {ns:?}: not a Kubernetes namespace name ([a-z0-9-], 1 to 63 characters)"
+                );
+                ns.clone()
+            }
+            None => file
+                .and_then(|f| f.longhorn_namespace.clone())
+                .unwrap_or_else(|| longhorn::DEFAULT_NAMESPACE.to_owned()),
+        },
+        grace: match grace {
+            Some(v) => secs("--longhorn-grace", v)?,
+            None => file
+                .and_then(|f| f.longhorn_grace)
+                .unwrap_or(Duration::from_secs(300)),
+        },
+    })
+}
+
 fn secs(flag: &str, v: u64) -> anyhow::Result<Duration> {
     anyhow::ensure!(v > 0, "{flag} must be at least 1 second, got 0");
     Ok(Duration::from_secs(v))
@@ -255,7 +328,7 @@ fn settings(args: RunArgs) -> anyhow::Result<RunSettings> {
         ring_buffer_size,
         alertmanager,
         alert_resend_interval,
-        node_name: node_flag,
+        longhorn_grace,
         runbook_url,
         user,
         keep_privileges,
@@ -304,11 +377,14 @@ fn settings(args: RunArgs) -> anyhow::Result<RunSettings> {
                 .and_then(|f| f.alert_resend_interval)
                 .unwrap_or(Duration::from_secs(60)),
         },
-        node_name: node_name(node_flag, f, &host),
+        node_name: node_name(common.node_name.clone(), f, &host),
         runbook_url: runbook_url
             .or_else(|| f.and_then(|f| f.runbook_url.clone()))
             .unwrap_or_else(|| DEFAULT_RUNBOOK.to_owned()),
-        groups: config::resolve_groups(f, common.v2_data_engine),
+        groups: config::resolve_groups(f, true),
+        cluster: cluster_settings(&common, f, longhorn_grace)?,
+        v2_local: local_inputs(&common, f),
+        hugepages_flag: common.v2_hugepages_2mi,
         listen: match listen.or_else(|| f.and_then(|f| f.listen)) {
             Some(a) => a,
             None => DEFAULT_LISTEN.parse().context("default listen address")?,
@@ -331,7 +407,6 @@ fn settings(args: RunArgs) -> anyhow::Result<RunSettings> {
         },
         ring_buffer_bytes: ring,
         config_path: common.config,
-        v2_flag: common.v2_data_engine,
     })
 }
 
@@ -521,14 +596,72 @@ fn log_show(args: ShowArgs) -> anyhow::Result<u8> {
     Ok(0)
 }
 
+/// `check`'s one read of the cluster: the view, and a note on how it was
+/// read (or why not).
+fn read_cluster_once(
+    cluster: &ClusterSettings,
+    node: &str,
+) -> anyhow::Result<(Option<longhorn::ClusterView>, String)> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async {
+        let Some(client) = longhorn::client(cluster).await? else {
+            let why = match cluster.mode {
+                LonghornMode::Off => "not asked (--longhorn off)",
+                LonghornMode::Auto => {
+                    "not asked: not in a cluster (no service account, no kubeconfig)"
+                }
+            };
+            return Ok((None, why.to_owned()));
+        };
+        let target = longhorn::watch::WatchTarget {
+            namespace: cluster.namespace.clone(),
+            node: node.to_owned(),
+        };
+        let view = tokio::time::timeout(
+            CHECK_CLUSTER_TIMEOUT,
+            longhorn::watch::read_once(client, &target),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            let r = format!("no answer from the API server within {CHECK_CLUSTER_TIMEOUT:?}");
+            longhorn::ClusterView {
+                v2_setting: longhorn::Fact::Unknown(r.clone()),
+                hugepage_setting: longhorn::Fact::Unknown(r.clone()),
+                node_opt_out: longhorn::Fact::Unknown(r),
+            }
+        });
+        Ok((
+            Some(view),
+            format!("asked (namespace {}, node {node})", cluster.namespace),
+        ))
+    })
+}
+
+/// How long `check` waits for the API server.
+const CHECK_CLUSTER_TIMEOUT: Duration = Duration::from_secs(10);
+
 fn check(args: &CheckArgs) -> anyhow::Result<u8> {
     let file = load_file(&args.common)?;
     let host = host_root(&args.common, file.as_ref());
-    let groups = config::resolve_groups(file.as_ref(), args.common.v2_data_engine);
+    let f = file.as_ref();
+    let local = local_inputs(&args.common, f);
+    let cluster = cluster_settings(&args.common, f, None)?;
+    let node = node_name(args.common.node_name.clone(), f, &host);
+    let (view, cluster_note) = read_cluster_once(&cluster, &node)?;
+    let v2 = longhorn::decide_v2(local, view.as_ref());
+    let hugepages_on = longhorn::decide_hugepages(&v2, local, view.as_ref());
+    let groups = config::resolve_groups(f, v2.enabled == Some(true));
     let snapshot = host::take_snapshot(&host).context("reading the host")?;
     let tracker = Tracker::new(&snapshot, groups);
     let boot = check::boot_facts(&host, &snapshot, &tracker);
-    let report = check::evaluate(&snapshot, &tracker, &boot);
+    let mut report = check::evaluate(&snapshot, &tracker, &boot);
+    let readiness = longhorn::readiness::read(&host, &snapshot.kernel_release, local.hugepages_2mi);
+    let v2_check = longhorn::readiness::judge(v2, hugepages_on, readiness, cluster_note);
+    report.met &= v2_check.met;
+    report.v2 = Some(v2_check);
     if args.fix {
         return fix(&report, &boot, &host, args.dry_run);
     }

@@ -76,6 +76,20 @@ struct ResultLabels {
     result: String,
 }
 
+/// A series without labels that may be absent (an empty label list).
+type NoLabels = Vec<(String, String)>;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EnabledLabels {
+    requirement: String,
+    source: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: String,
@@ -128,6 +142,11 @@ pub struct Metrics {
     module_persistent: Family<ModuleLabels, Gauge>,
     log_degraded: Gauge,
     log_write_errors: Counter,
+    requirement_enabled: Family<EnabledLabels, Gauge>,
+    /// No series while the cluster watch is off.
+    setting_readable: Family<NoLabels, Gauge>,
+    node_readable: Family<NoLabels, Gauge>,
+    hugepages: Family<KindLabels, Gauge>,
     /// What `log_write_errors` was last raised to (the log reports a total).
     log_errors_seen: AtomicU64,
     known: std::sync::Mutex<Known>,
@@ -157,6 +176,10 @@ impl Metrics {
             module_persistent: Family::default(),
             log_degraded: Gauge::default(),
             log_write_errors: Counter::default(),
+            requirement_enabled: Family::default(),
+            setting_readable: Family::default(),
+            node_readable: Family::default(),
+            hugepages: Family::default(),
             log_errors_seen: AtomicU64::new(0),
             known: std::sync::Mutex::default(),
             registry: Registry::default(),
@@ -233,6 +256,26 @@ impl Metrics {
             "event_log_write_errors",
             "Failed forensic log writes and fsyncs",
             m.log_write_errors.clone(),
+        );
+        registry.register(
+            "requirement_enabled",
+            "1 when the requirement applies to this node, 0 when not; source says which input decided (flag, node-label, longhorn-setting, config, default), or unknown",
+            m.requirement_enabled.clone(),
+        );
+        registry.register(
+            "longhorn_setting_readable",
+            "1 when Longhorn's settings can be read from the API server, 0 when not (no series while the cluster watch is off)",
+            m.setting_readable.clone(),
+        );
+        registry.register(
+            "longhorn_node_readable",
+            "1 when this node's labels can be read from the API server, 0 when not (no series while the cluster watch is off)",
+            m.node_readable.clone(),
+        );
+        registry.register(
+            "hugepages_2mi",
+            "The 2 MiB hugepage pool in pages: total, free, reserved",
+            m.hugepages.clone(),
         );
         for result in [Delivery::Success, Delivery::Failure] {
             let _ = m.alert_deliveries.get_or_create(&ResultLabels {
@@ -419,6 +462,62 @@ impl Metrics {
             .fetch_max(write_errors_total, Ordering::Relaxed);
         if write_errors_total > seen {
             self.log_write_errors.inc_by(write_errors_total - seen);
+        }
+    }
+
+    /// One series per requirement, labelled with the deciding source.
+    pub fn set_enabled<'a>(
+        &self,
+        decisions: impl IntoIterator<Item = (&'a str, &'a crate::longhorn::Decision)>,
+    ) {
+        self.requirement_enabled.clear();
+        for (requirement, d) in decisions {
+            let source = match d.enabled {
+                Some(_) => d.source.as_str(),
+                None => "unknown",
+            };
+            self.requirement_enabled
+                .get_or_create(&EnabledLabels {
+                    requirement: requirement.to_owned(),
+                    source: source.to_owned(),
+                })
+                .set(i64::from(d.enabled == Some(true)));
+        }
+    }
+
+    /// Whether the settings and the node can be read; `None` = watch off.
+    pub fn set_cluster_readable(&self, readable: Option<(bool, bool)>) {
+        match readable {
+            Some((settings, node)) => {
+                self.setting_readable
+                    .get_or_create(&NoLabels::new())
+                    .set(i64::from(settings));
+                self.node_readable
+                    .get_or_create(&NoLabels::new())
+                    .set(i64::from(node));
+            }
+            None => {
+                self.setting_readable.clear();
+                self.node_readable.clear();
+            }
+        }
+    }
+
+    /// The 2 MiB pool; no series when it cannot be read.
+    pub fn set_hugepages(&self, pool: Option<&crate::host::hugepages::Hugepages2Mi>) {
+        self.hugepages.clear();
+        if let Some(p) = pool {
+            for (kind, value) in [
+                ("total", p.total),
+                ("free", p.free),
+                ("reserved", p.reserved),
+            ] {
+                self.hugepages
+                    .get_or_create(&KindLabels {
+                        kind: kind.to_owned(),
+                    })
+                    .set(i64::try_from(value).unwrap_or(i64::MAX));
+            }
         }
     }
 

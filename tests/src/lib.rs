@@ -7,6 +7,7 @@
 //! command or daemon, its arguments and output) rather than returning an
 //! error: a test fails by panicking, and the message is the diagnosis.
 
+pub mod kube_api;
 pub mod servers;
 use std::{
     ffi::OsString,

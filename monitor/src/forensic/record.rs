@@ -53,11 +53,14 @@ pub enum RecordKind {
     LogRecovered,
     /// Records the log could not hold while the disk was failing.
     LogDropped,
+    /// A requirement was switched on or off (or became unknown): the V2
+    /// setting or node label changed, or the cluster became unreadable.
+    RequirementEnablement,
 }
 
 impl RecordKind {
     /// Every kind, in the order the README lists them.
-    pub const ALL: [Self; 16] = [
+    pub const ALL: [Self; 17] = [
         Self::ModuleLoad,
         Self::ModuleLoaded,
         Self::ModuleLoadFailed,
@@ -74,6 +77,7 @@ impl RecordKind {
         Self::RequirementChange,
         Self::LogRecovered,
         Self::LogDropped,
+        Self::RequirementEnablement,
     ];
 
     /// The name in the `kind` member.
@@ -96,6 +100,7 @@ impl RecordKind {
             Self::RequirementChange => "requirement_change",
             Self::LogRecovered => "log_recovered",
             Self::LogDropped => "log_dropped",
+            Self::RequirementEnablement => "requirement_enablement",
         }
     }
 
@@ -202,6 +207,22 @@ pub struct RequirementFlip {
     pub was: bool,
     /// After.
     pub met: bool,
+}
+
+/// What `requirement_enablement` says.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnablementInfo {
+    /// `v2-data-engine` or `v2-hugepages`.
+    pub requirement: String,
+    /// Before: true, false, or null for unknown.
+    pub was: Option<bool>,
+    /// After.
+    pub enabled: Option<bool>,
+    /// The input that decided (`flag`, `node-label`, `longhorn-setting`,
+    /// `config`, `default`), or the one that could not be read.
+    pub source: String,
+    /// One sentence: the setting's value, the label, the API error.
+    pub reason: String,
 }
 
 /// A required module in a `snapshot` record.
@@ -313,6 +334,9 @@ pub struct Record {
     pub modules: Vec<ModuleStateInfo>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub monitor: Option<MonitorInfo>,
+    /// `requirement_enablement`: what switched, and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enablement: Option<EnablementInfo>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config: Option<ConfigInfo>,
     /// `events_lost`: the source's running total of lost events.

@@ -368,6 +368,21 @@ fn detail(r: &Record) -> String {
             "{} records could not be held while the disk failed",
             r.dropped.unwrap_or_default()
         ),
+        RecordKind::RequirementEnablement => r.enablement.as_ref().map_or_else(String::new, |e| {
+            let word = |b: Option<bool>| match b {
+                Some(true) => "enabled",
+                Some(false) => "disabled",
+                None => "unknown",
+            };
+            format!(
+                "{}: {} → {} by {}: {}",
+                e.requirement,
+                word(e.was),
+                word(e.enabled),
+                e.source,
+                e.reason
+            )
+        }),
     }
 }
 

@@ -57,6 +57,7 @@ fn check_json_has_exactly_the_documented_fields() {
             "met",
             "modules_supported",
             "other_kernels",
+            "v2",
             "warnings"
         ]
     );

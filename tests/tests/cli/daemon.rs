@@ -55,7 +55,12 @@ fn status_follows_an_unload_and_a_reload_in_proc_modules() {
     assert_eq!(status["kernel_release"], DEBIAN_6_1);
     assert_eq!(status["modules_supported"], true);
     assert_eq!(status["host_root"], host.path().display().to_string());
-    assert_eq!(group_names(&status), ["base", "v2-data-engine"]);
+    // V2 on (by the flag) brings its hugepage requirement (none here).
+    assert_eq!(
+        group_names(&status),
+        ["base", "v2-data-engine", "v2-hugepages"]
+    );
+    assert_eq!(met(&status, "v2-hugepages"), Some(false));
     assert_eq!(met(&status, "base"), Some(true), "{}", pretty(&status));
     let dm_crypt = module(group(&status, "base"), "dm_crypt");
     assert_eq!(dm_crypt["state"], "loaded");
@@ -149,6 +154,7 @@ fn status_and_endpoints_have_the_documented_shape() {
             "privileges",
             "reconciles",
             "source",
+            "v2",
             "version",
             "warnings"
         ]
@@ -183,7 +189,10 @@ fn sighup_reloads_the_config_and_keeps_it_when_the_new_one_is_bad() {
     let host = FakeHost::debian_6_1();
     let config = host.config("# nothing yet\n");
     let mut daemon = polling(&host, &args!["--config", &config, "--v2-data-engine"]);
-    assert_eq!(group_names(&daemon.status()), ["base", "v2-data-engine"]);
+    assert_eq!(
+        group_names(&daemon.status()),
+        ["base", "v2-data-engine", "v2-hugepages"]
+    );
 
     host.config(
         "[groups.spdk-driver]\nany_of = [\"vfio_pci\", \"uio_pci_generic\"]\nseverity = \"warning\"\n",
@@ -195,7 +204,7 @@ fn sighup_reloads_the_config_and_keeps_it_when_the_new_one_is_bad() {
     // The --v2-data-engine flag still holds after a reload.
     assert_eq!(
         group_names(&status),
-        ["base", "v2-data-engine", "spdk-driver"]
+        ["base", "v2-data-engine", "v2-hugepages", "spdk-driver"]
     );
     let spdk = group(&status, "spdk-driver");
     assert_eq!(spdk["mode"], "any_of");
@@ -216,7 +225,7 @@ fn sighup_reloads_the_config_and_keeps_it_when_the_new_one_is_bad() {
     let status = daemon.status();
     assert_eq!(
         group_names(&status),
-        ["base", "v2-data-engine", "spdk-driver"],
+        ["base", "v2-data-engine", "v2-hugepages", "spdk-driver"],
         "the old groups are kept"
     );
     assert_eq!(group(&status, "spdk-driver")["severity"], "warning");

@@ -193,19 +193,46 @@ fn kubernetes_manifests_are_valid_and_least_privilege() {
     assert_eq!(
         kinds,
         BTreeSet::from([
+            "ClusterRole",
+            "ClusterRoleBinding",
             "ConfigMap",
             "DaemonSet",
             "Namespace",
             "PrometheusRule",
+            "Role",
+            "RoleBinding",
             "Service",
             "ServiceAccount",
             "ServiceMonitor"
         ])
     );
     for doc in &docs {
-        if doc["kind"] != "Namespace" {
-            assert_eq!(doc["metadata"]["namespace"], "kmod-monitor", "{doc}");
-        }
+        let namespace = match doc["kind"].as_str() {
+            Some("Namespace" | "ClusterRole" | "ClusterRoleBinding") => Value::Null,
+            // Longhorn's settings are read where Longhorn keeps them.
+            Some("Role" | "RoleBinding") => "longhorn-system".into(),
+            _ => "kmod-monitor".into(),
+        };
+        assert_eq!(doc["metadata"]["namespace"], namespace, "{doc}");
+    }
+    // Least privilege: read-only, two resources, nothing else.
+    let read_only = ["get", "list", "watch"];
+    let rules = &one(&docs, "ClusterRole")["rules"];
+    assert_eq!(rules.as_array().map(Vec::len), Some(1), "{rules}");
+    assert_eq!(strings(&rules[0]["apiGroups"]), [""]);
+    assert_eq!(strings(&rules[0]["resources"]), ["nodes"]);
+    assert_eq!(strings(&rules[0]["verbs"]), read_only);
+    let rules = &one(&docs, "Role")["rules"];
+    assert_eq!(rules.as_array().map(Vec::len), Some(1), "{rules}");
+    assert_eq!(strings(&rules[0]["apiGroups"]), ["longhorn.io"]);
+    assert_eq!(strings(&rules[0]["resources"]), ["settings"]);
+    assert_eq!(strings(&rules[0]["verbs"]), read_only);
+    for binding in ["ClusterRoleBinding", "RoleBinding"] {
+        let subjects = &one(&docs, binding)["subjects"];
+        assert_eq!(subjects.as_array().map(Vec::len), Some(1), "{subjects}");
+        assert_eq!(subjects[0]["kind"], "ServiceAccount");
+        assert_eq!(subjects[0]["name"], "kmod-monitor");
+        assert_eq!(subjects[0]["namespace"], "kmod-monitor");
     }
     assert_eq!(
         one(&docs, "Namespace")["metadata"]["labels"]["pod-security.kubernetes.io/enforce"],
@@ -218,7 +245,8 @@ fn kubernetes_manifests_are_valid_and_least_privilege() {
     for key in ["hostPID", "hostNetwork", "hostIPC"] {
         assert_ne!(pod[key], true, "{key}");
     }
-    assert_eq!(pod["automountServiceAccountToken"], false);
+    // The token is how the daemon reads Longhorn's settings (rbac.yaml).
+    assert_eq!(pod["automountServiceAccountToken"], true);
     assert_eq!(pod["serviceAccountName"], "kmod-monitor");
     assert_eq!(
         pod["securityContext"]["seccompProfile"]["type"],

@@ -13,11 +13,14 @@
 //! - `prometheus`: /metrics, the shipped rules and alert delivery against
 //!   the real Prometheus and Alertmanager.
 //! - `deploy`: the Kubernetes manifests and systemd unit, validated.
+//! - `longhorn`: the cluster watch (V2 enablement from Longhorn's setting and
+//!   the node label) against an in-test list+watch API server; hugepages.
 mod bad_input;
 mod check;
 mod daemon;
 mod deploy;
 mod event_log;
+mod longhorn;
 mod persistence;
 mod prometheus;
 mod source;

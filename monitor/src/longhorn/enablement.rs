@@ -1,0 +1,453 @@
+//! Whether the V2 requirements apply to this node, decided from the flag,
+//! the cluster (Longhorn setting, node label) and the config file, with one
+//! documented precedence. Pure: the watch only feeds it facts.
+//!
+//! # Precedence (first that answers wins)
+//! 1. `--v2-data-engine[=true|false]` on the command line: the operator of
+//!    this process said so.
+//! 2. The node label `node.longhorn.io/disable-v2-data-engine=true`: this
+//!    node opted out (Longhorn schedules no V2 work on it).
+//! 3. The Longhorn setting `v2-data-engine` (`false` also wins over an
+//!    unreadable label: the cluster has V2 off).
+//! 4. The config file's `v2_data_engine` / `[groups.v2-data-engine]`.
+//! 5. Off.
+//!
+//! With the cluster watch on, an input that cannot be read makes the answer
+//! `unknown` (with the reason) whenever that input could change it: a
+//! setting of `true` with unreadable node labels is unknown, because the
+//! node may have opted out; a label saying opt-out is final whatever the
+//! setting. An unknown answer never enables the group and never touches the
+//! others.
+use serde::Serialize;
+
+/// The node label with which a node opts out of the V2 data engine.
+pub const OPT_OUT_LABEL: &str = "node.longhorn.io/disable-v2-data-engine";
+/// The Longhorn setting that switches the V2 data engine on.
+pub const V2_SETTING: &str = "v2-data-engine";
+/// The Longhorn setting that says whether V2 uses hugepages.
+pub const HUGEPAGE_SETTING: &str = "data-engine-hugepage-enabled";
+
+/// What the cluster said about one input.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", content = "value", rename_all = "snake_case")]
+pub enum Fact<T> {
+    /// Not read yet, or the read failed; the reason says which.
+    Unknown(String),
+    /// Read, and not there (no such setting, no such label).
+    Absent,
+    /// Read.
+    Value(T),
+}
+
+/// Everything the cluster watch knows, as one value.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ClusterView {
+    /// The `v2-data-engine` setting.
+    pub v2_setting: Fact<bool>,
+    /// The `data-engine-hugepage-enabled` setting.
+    pub hugepage_setting: Fact<bool>,
+    /// Whether this node carries the opt-out label.
+    pub node_opt_out: Fact<bool>,
+}
+
+impl ClusterView {
+    /// Before the first list returns.
+    #[must_use]
+    pub fn starting() -> Self {
+        let waiting = || Fact::Unknown("waiting for the first list from the API server".to_owned());
+        Self {
+            v2_setting: waiting(),
+            hugepage_setting: waiting(),
+            node_opt_out: waiting(),
+        }
+    }
+
+    /// Why the settings cannot be read, if they cannot.
+    #[must_use]
+    pub fn settings_unreadable(&self) -> Option<&str> {
+        match &self.v2_setting {
+            Fact::Unknown(r) => Some(r),
+            _ => None,
+        }
+    }
+
+    /// Why the node's labels cannot be read, if they cannot.
+    #[must_use]
+    pub fn node_unreadable(&self) -> Option<&str> {
+        match &self.node_opt_out {
+            Fact::Unknown(r) => Some(r),
+            _ => None,
+        }
+    }
+}
+
+/// Where an answer came from (the `source` label of
+/// `kmod_monitor_requirement_enabled`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Source {
+    Flag,
+    NodeLabel,
+    LonghornSetting,
+    Config,
+    Default,
+}
+
+impl Source {
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Flag => "flag",
+            Self::NodeLabel => "node-label",
+            Self::LonghornSetting => "longhorn-setting",
+            Self::Config => "config",
+            Self::Default => "default",
+        }
+    }
+}
+
+/// Whether a requirement applies, where that came from, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Decision {
+    /// `None` = unknown.
+    pub enabled: Option<bool>,
+    /// The input that decided, or (unknown) the one that could not be read.
+    pub source: Source,
+    /// One sentence for people.
+    pub reason: String,
+}
+
+impl Decision {
+    fn known(enabled: bool, source: Source, reason: impl Into<String>) -> Self {
+        Self {
+            enabled: Some(enabled),
+            source,
+            reason: reason.into(),
+        }
+    }
+
+    fn unknown(source: Source, reason: impl Into<String>) -> Self {
+        Self {
+            enabled: None,
+            source,
+            reason: reason.into(),
+        }
+    }
+
+    /// `true`, `false` or `unknown`.
+    #[must_use]
+    pub const fn state(&self) -> &'static str {
+        match self.enabled {
+            Some(true) => "enabled",
+            Some(false) => "disabled",
+            None => "unknown",
+        }
+    }
+}
+
+/// The inputs that do not come from the cluster.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LocalInputs {
+    /// `--v2-data-engine[=bool]`.
+    pub flag: Option<bool>,
+    /// The config file's answer.
+    pub file: Option<bool>,
+    /// 2 MiB pages V2 needs (`v2_hugepages_2mi`; 0 = do not check).
+    pub hugepages_2mi: u64,
+}
+
+/// Decides the V2 data engine group. `cluster` is `None` when the cluster
+/// watch is off.
+#[must_use]
+pub fn decide_v2(local: LocalInputs, cluster: Option<&ClusterView>) -> Decision {
+    if let Some(flag) = local.flag {
+        return Decision::known(flag, Source::Flag, format!("--v2-data-engine={flag}"));
+    }
+    let fallback = || match local.file {
+        Some(on) => Decision::known(
+            on,
+            Source::Config,
+            format!("v2_data_engine = {on} in the config file"),
+        ),
+        None => Decision::known(
+            false,
+            Source::Default,
+            "no input enables the V2 data engine",
+        ),
+    };
+    let Some(c) = cluster else {
+        return fallback();
+    };
+    if c.node_opt_out == Fact::Value(true) {
+        return Decision::known(
+            false,
+            Source::NodeLabel,
+            format!("this node has {OPT_OUT_LABEL}=true"),
+        );
+    }
+    let from_setting = match &c.v2_setting {
+        Fact::Value(false) => {
+            return Decision::known(
+                false,
+                Source::LonghornSetting,
+                format!("Longhorn setting {V2_SETTING} is false"),
+            );
+        }
+        Fact::Value(true) => Decision::known(
+            true,
+            Source::LonghornSetting,
+            format!("Longhorn setting {V2_SETTING} is true"),
+        ),
+        Fact::Unknown(reason) => {
+            return Decision::unknown(
+                Source::LonghornSetting,
+                format!("Longhorn setting {V2_SETTING} cannot be read: {reason}"),
+            );
+        }
+        Fact::Absent => fallback(),
+    };
+    match (&c.node_opt_out, from_setting.enabled) {
+        (Fact::Unknown(reason), Some(true)) => Decision::unknown(
+            Source::NodeLabel,
+            format!(
+                "{}, but this node's labels cannot be read ({OPT_OUT_LABEL} may opt it out): {reason}",
+                from_setting.reason
+            ),
+        ),
+        _ => from_setting,
+    }
+}
+
+/// Decides the V2 hugepage requirement, given the V2 decision.
+#[must_use]
+pub fn decide_hugepages(
+    v2: &Decision,
+    local: LocalInputs,
+    cluster: Option<&ClusterView>,
+) -> Decision {
+    match v2.enabled {
+        None => return Decision::unknown(v2.source, v2.reason.clone()),
+        Some(false) => {
+            return Decision::known(false, v2.source, format!("V2 is off: {}", v2.reason));
+        }
+        Some(true) => {}
+    }
+    if let Some(Fact::Value(on)) = cluster.map(|c| &c.hugepage_setting) {
+        return Decision::known(
+            *on,
+            Source::LonghornSetting,
+            format!("Longhorn setting {HUGEPAGE_SETTING} is {on}"),
+        );
+    }
+    if local.hugepages_2mi == 0 {
+        Decision::known(
+            false,
+            Source::Config,
+            "v2_hugepages_2mi = 0 in the config file",
+        )
+    } else {
+        Decision::known(
+            true,
+            Source::Default,
+            format!("V2 is on and needs {} 2 MiB pages", local.hugepages_2mi),
+        )
+    }
+}
+
+/// Parses a Longhorn setting's `value`: `true`/`false`, or (Longhorn 1.10's
+/// data-engine-specific settings) a JSON object whose `v2` member is one.
+///
+/// # Errors
+/// A value that is neither, described for the reason text.
+pub fn parse_bool_setting(value: &str) -> Result<bool, String> {
+    let plain = |s: &str| match s.trim().to_ascii_lowercase().as_str() {
+        "true" => Some(true),
+        "false" => Some(false),
+        _ => None,
+    };
+    if let Some(b) = plain(value) {
+        return Ok(b);
+    }
+    if let Ok(serde_json::Value::Object(map)) = serde_json::from_str::<serde_json::Value>(value) {
+        match map.get("v2") {
+            Some(serde_json::Value::String(s)) => {
+                if let Some(b) = plain(s) {
+                    return Ok(b);
+                }
+            }
+            Some(serde_json::Value::Bool(b)) => return Ok(*b),
+            _ => {}
+        }
+    }
+    Err(format!(
+        "value {value:?} is neither true nor false (nor {{\"v2\":\"true|false\"}})"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(v2: Fact<bool>, label: Fact<bool>) -> ClusterView {
+        ClusterView {
+            v2_setting: v2,
+            hugepage_setting: Fact::Absent,
+            node_opt_out: label,
+        }
+    }
+
+    fn unknown() -> Fact<bool> {
+        Fact::Unknown("403 Forbidden".to_owned())
+    }
+
+    fn outcome(d: &Decision) -> (Option<bool>, &'static str) {
+        (d.enabled, d.source.as_str())
+    }
+
+    const NONE: LocalInputs = LocalInputs {
+        flag: None,
+        file: None,
+        hugepages_2mi: 1024,
+    };
+
+    #[test]
+    fn the_precedence_table() {
+        use Fact::{Absent, Value};
+        let file_on = LocalInputs {
+            file: Some(true),
+            ..NONE
+        };
+        let flag_off = LocalInputs {
+            flag: Some(false),
+            ..file_on
+        };
+        type Case = (
+            LocalInputs,
+            Option<ClusterView>,
+            (Option<bool>, &'static str),
+        );
+        let cases: Vec<Case> = vec![
+            (NONE, None, (Some(false), "default")),
+            (file_on, None, (Some(true), "config")),
+            (
+                flag_off,
+                Some(view(Value(true), Absent)),
+                (Some(false), "flag"),
+            ),
+            (
+                LocalInputs {
+                    flag: Some(true),
+                    ..NONE
+                },
+                Some(view(unknown(), unknown())),
+                (Some(true), "flag"),
+            ),
+            (
+                NONE,
+                Some(view(Value(true), Absent)),
+                (Some(true), "longhorn-setting"),
+            ),
+            (
+                NONE,
+                Some(view(Value(true), Value(false))),
+                (Some(true), "longhorn-setting"),
+            ),
+            (
+                file_on,
+                Some(view(Value(false), Absent)),
+                (Some(false), "longhorn-setting"),
+            ),
+            (
+                NONE,
+                Some(view(Value(true), Value(true))),
+                (Some(false), "node-label"),
+            ),
+            // Opt-out is final even when the setting is unreadable.
+            (
+                NONE,
+                Some(view(unknown(), Value(true))),
+                (Some(false), "node-label"),
+            ),
+            // Off cluster-wide is final even when the labels are unreadable.
+            (
+                NONE,
+                Some(view(Value(false), unknown())),
+                (Some(false), "longhorn-setting"),
+            ),
+            (
+                NONE,
+                Some(view(unknown(), Absent)),
+                (None, "longhorn-setting"),
+            ),
+            (
+                NONE,
+                Some(view(Value(true), unknown())),
+                (None, "node-label"),
+            ),
+            // No setting object: the file decides, the label can still veto.
+            (file_on, Some(view(Absent, Absent)), (Some(true), "config")),
+            (
+                file_on,
+                Some(view(Absent, Value(true))),
+                (Some(false), "node-label"),
+            ),
+            (file_on, Some(view(Absent, unknown())), (None, "node-label")),
+            (
+                NONE,
+                Some(view(Absent, unknown())),
+                (Some(false), "default"),
+            ),
+        ];
+        for (i, (local, cluster, want)) in cases.iter().enumerate() {
+            let d = decide_v2(*local, cluster.as_ref());
+            assert_eq!(outcome(&d), *want, "case {i}: {d:?}");
+            if d.enabled.is_none() {
+                assert!(d.reason.contains("403 Forbidden"), "case {i}: {}", d.reason);
+            }
+        }
+    }
+
+    #[test]
+    fn hugepages_follow_v2_and_their_setting() {
+        let on = view(Fact::Value(true), Fact::Absent);
+        let v2 = decide_v2(NONE, Some(&on));
+        assert_eq!(
+            outcome(&decide_hugepages(&v2, NONE, Some(&on))),
+            (Some(true), "default")
+        );
+        let off_in_longhorn = ClusterView {
+            hugepage_setting: Fact::Value(false),
+            ..on.clone()
+        };
+        assert_eq!(
+            outcome(&decide_hugepages(&v2, NONE, Some(&off_in_longhorn))),
+            (Some(false), "longhorn-setting")
+        );
+        let zero = LocalInputs {
+            hugepages_2mi: 0,
+            ..NONE
+        };
+        assert_eq!(
+            outcome(&decide_hugepages(&v2, zero, Some(&on))),
+            (Some(false), "config")
+        );
+        let v2_unknown = decide_v2(NONE, Some(&view(unknown(), Fact::Absent)));
+        assert_eq!(decide_hugepages(&v2_unknown, NONE, None).enabled, None);
+        let v2_off = decide_v2(NONE, None);
+        assert_eq!(decide_hugepages(&v2_off, NONE, None).enabled, Some(false));
+    }
+
+    #[test]
+    fn setting_values_as_longhorn_writes_them() {
+        assert_eq!(parse_bool_setting("true"), Ok(true));
+        assert_eq!(parse_bool_setting("False"), Ok(false));
+        assert_eq!(parse_bool_setting(r#"{"v2":"true"}"#), Ok(true));
+        assert_eq!(
+            parse_bool_setting(r#"{"v1":"true","v2":"false"}"#),
+            Ok(false)
+        );
+        let e = parse_bool_setting("yes").unwrap_err();
+        assert!(e.contains("\"yes\""), "{e}");
+        assert!(parse_bool_setting(r#"{"v1":"true"}"#).is_err());
+    }
+}
