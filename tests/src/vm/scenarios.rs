@@ -762,8 +762,18 @@ fn check_exit_codes(_: &mut Guest) -> Outcome {
         );
         Ok(out)
     };
-    expect(&["check", "--v2-data-engine"], 0)?;
-    let json = expect(&["check", "--v2-data-engine", "--output", "json"], 0)?;
+    // No hugepages in this guest: with V2 on, check fails on them alone,
+    // read from the real kernel's sysfs.
+    let out = expect(&["check", "--v2-data-engine"], 1)?;
+    ensure!(
+        out.contains("2 MiB hugepages: 0 of 1024"),
+        "check should name the hugepage shortfall: {}",
+        out.trim()
+    );
+    // The module verdicts alone.
+    let v2 = ["check", "--v2-data-engine", "--v2-hugepages-2mi", "0"];
+    expect(&v2, 0)?;
+    let json = expect(&[&v2[..], &["--output", "json"]].concat(), 0)?;
     serde_json::from_str::<serde_json::Value>(&json).map_err(|e| {
         format!(
             "`check --output json` printed invalid JSON ({e}): {}",
@@ -771,7 +781,7 @@ fn check_exit_codes(_: &mut Guest) -> Outcome {
         )
     })?;
     kmod::rmmod("uio_pci_generic")?;
-    expect(&["check", "--v2-data-engine"], 1)?;
+    expect(&v2, 1)?;
     expect(&["check"], 0)?;
     let bad_top = "/tmp/bad-top.toml";
     let bad_group = "/tmp/bad-group.toml";
