@@ -80,3 +80,20 @@ pub async fn client(settings: &ClusterSettings) -> anyhow::Result<Option<kube::C
     tracing::info!(api_server = %url, namespace = %settings.namespace, "longhorn: watching settings and this node's labels");
     Ok(Some(client))
 }
+
+#[cfg(test)]
+mod tests {
+    /// The cluster tests speak plain HTTP; a real cluster is HTTPS. The TLS
+    /// stack (rustls on ring) must be usable without a process-level
+    /// provider being installed first, or the first in-cluster connection
+    /// would fail.
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_https_client_builds_and_fails_only_to_connect() {
+        let url = "https://127.0.0.1:1".parse().unwrap();
+        let client = kube::Client::try_from(kube::Config::new(url)).unwrap();
+        let api: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client);
+        let err = api.get_opt("node-1").await.unwrap_err().to_string();
+        // A connect error, not a TLS set-up panic or error.
+        assert!(err.contains("Connect"), "{err}");
+    }
+}
