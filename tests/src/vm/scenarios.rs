@@ -770,6 +770,40 @@ fn check_exit_codes(_: &mut Guest) -> Outcome {
         "check should name the hugepage shortfall: {}",
         out.trim()
     );
+    // Give the real kernel a 2 MiB pool: check reads it from sysfs.
+    let nr = "/proc/sys/vm/nr_hugepages";
+    fs::write(nr, "16\n").map_err(|e| format!("writing {nr}: {e}"))?;
+    let got = fs::read_to_string(nr).map_err(|e| format!("reading {nr}: {e}"))?;
+    let pages: u64 = got
+        .trim()
+        .parse()
+        .map_err(|e| format!("{nr} holds {got:?}: {e}"))?;
+    ensure!(pages > 0, "the kernel allocated no hugepages");
+    let need = pages.to_string();
+    let pool = expect(
+        &[
+            "check",
+            "--v2-data-engine",
+            "--v2-hugepages-2mi",
+            &need,
+            "--output",
+            "json",
+        ],
+        0,
+    )?;
+    let pool: serde_json::Value =
+        serde_json::from_str(&pool).map_err(|e| format!("check JSON ({e}): {pool}"))?;
+    let seen = &pool["v2"]["readiness"]["hugepages"]["pool"];
+    ensure!(
+        seen["total"] == pages && seen["source"] == "sysfs",
+        "check saw {seen} for a pool of {pages}"
+    );
+    let more = (pages + 1).to_string();
+    expect(
+        &["check", "--v2-data-engine", "--v2-hugepages-2mi", &more],
+        1,
+    )?;
+    fs::write(nr, "0\n").map_err(|e| format!("writing {nr}: {e}"))?;
     // The module verdicts alone.
     let v2 = ["check", "--v2-data-engine", "--v2-hugepages-2mi", "0"];
     expect(&v2, 0)?;
