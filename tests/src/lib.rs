@@ -812,6 +812,12 @@ impl Daemon {
         }
     }
 
+    /// The daemon's pid.
+    #[must_use]
+    pub fn pid(&self) -> u32 {
+        self.child.child.id()
+    }
+
     /// Sends `signal` to the daemon.
     ///
     /// # Panics
