@@ -76,6 +76,16 @@ struct ResultLabels {
     result: String,
 }
 
+/// Every `source` label of `requirement_enabled`.
+const ENABLED_SOURCES: [&str; 6] = [
+    "flag",
+    "node-label",
+    "longhorn-setting",
+    "config",
+    "default",
+    "unknown",
+];
+
 /// A series without labels that may be absent (an empty label list).
 type NoLabels = Vec<(String, String)>;
 
@@ -470,12 +480,19 @@ impl Metrics {
         &self,
         decisions: impl IntoIterator<Item = (&'a str, &'a crate::longhorn::Decision)>,
     ) {
-        self.requirement_enabled.clear();
+        // Replace only what changed: clearing the family would leave a
+        // scrape in between without the series (and restart `for:`).
         for (requirement, d) in decisions {
             let source = match d.enabled {
                 Some(_) => d.source.as_str(),
                 None => "unknown",
             };
+            for other in ENABLED_SOURCES.iter().filter(|s| **s != source) {
+                self.requirement_enabled.remove(&EnabledLabels {
+                    requirement: requirement.to_owned(),
+                    source: (*other).to_owned(),
+                });
+            }
             self.requirement_enabled
                 .get_or_create(&EnabledLabels {
                     requirement: requirement.to_owned(),
@@ -505,19 +522,20 @@ impl Metrics {
 
     /// The 2 MiB pool; no series when it cannot be read.
     pub fn set_hugepages(&self, pool: Option<&crate::host::hugepages::Hugepages2Mi>) {
-        self.hugepages.clear();
-        if let Some(p) = pool {
-            for (kind, value) in [
-                ("total", p.total),
-                ("free", p.free),
-                ("reserved", p.reserved),
-            ] {
-                self.hugepages
-                    .get_or_create(&KindLabels {
-                        kind: kind.to_owned(),
-                    })
-                    .set(i64::try_from(value).unwrap_or(i64::MAX));
-            }
+        let Some(p) = pool else {
+            self.hugepages.clear();
+            return;
+        };
+        for (kind, value) in [
+            ("total", p.total),
+            ("free", p.free),
+            ("reserved", p.reserved),
+        ] {
+            self.hugepages
+                .get_or_create(&KindLabels {
+                    kind: kind.to_owned(),
+                })
+                .set(i64::try_from(value).unwrap_or(i64::MAX));
         }
     }
 

@@ -218,7 +218,9 @@ pub fn decide_v2(local: LocalInputs, cluster: Option<&ClusterView>) -> Decision 
     }
 }
 
-/// Decides the V2 hugepage requirement, given the V2 decision.
+/// Decides the V2 hugepage requirement, given the V2 decision: off with V2
+/// or with `v2_hugepages_2mi = 0`; else Longhorn's
+/// `data-engine-hugepage-enabled` (unknown while unreadable); else on.
 #[must_use]
 pub fn decide_hugepages(
     v2: &Decision,
@@ -232,26 +234,35 @@ pub fn decide_hugepages(
         }
         Some(true) => {}
     }
-    if let Some(Fact::Value(on)) = cluster.map(|c| &c.hugepage_setting) {
-        return Decision::known(
-            *on,
-            Source::LonghornSetting,
-            format!("Longhorn setting {HUGEPAGE_SETTING} is {on}"),
-        );
-    }
     if local.hugepages_2mi == 0 {
-        Decision::known(
+        return Decision::known(
             false,
             Source::Config,
             "v2_hugepages_2mi = 0 in the config file",
-        )
-    } else {
-        Decision::known(
-            true,
-            Source::Default,
-            format!("V2 is on and needs {} 2 MiB pages", local.hugepages_2mi),
-        )
+        );
     }
+    match cluster.map(|c| &c.hugepage_setting) {
+        Some(Fact::Value(on)) => {
+            return Decision::known(
+                *on,
+                Source::LonghornSetting,
+                format!("Longhorn setting {HUGEPAGE_SETTING} is {on}"),
+            );
+        }
+        // Longhorn may have hugepages off: do not demand them blind.
+        Some(Fact::Unknown(reason)) => {
+            return Decision::unknown(
+                Source::LonghornSetting,
+                format!("Longhorn setting {HUGEPAGE_SETTING} cannot be read: {reason}"),
+            );
+        }
+        Some(Fact::Absent) | None => {}
+    }
+    Decision::known(
+        true,
+        Source::Default,
+        format!("V2 is on and needs {} 2 MiB pages", local.hugepages_2mi),
+    )
 }
 
 /// Parses a Longhorn setting's `value`: `true`/`false`, or (Longhorn 1.10's
@@ -422,6 +433,21 @@ mod tests {
         assert_eq!(
             outcome(&decide_hugepages(&v2, NONE, Some(&off_in_longhorn))),
             (Some(false), "longhorn-setting")
+        );
+        // V2 on by the flag, the hugepage setting unreadable: unknown, not
+        // demanded blind.
+        let flag = LocalInputs {
+            flag: Some(true),
+            ..NONE
+        };
+        let blind = ClusterView {
+            hugepage_setting: unknown(),
+            ..on.clone()
+        };
+        let v2_flag = decide_v2(flag, Some(&blind));
+        assert_eq!(
+            outcome(&decide_hugepages(&v2_flag, flag, Some(&blind))),
+            (None, "longhorn-setting")
         );
         let zero = LocalInputs {
             hugepages_2mi: 0,

@@ -201,7 +201,8 @@ impl V2State {
     /// When the unreadable alert is due, if it is not yet.
     #[must_use]
     pub fn grace_ends(&self) -> Option<Instant> {
-        let at = self.unreadable_since? + self.grace;
+        // A grace too large for the clock never ends.
+        let at = self.unreadable_since?.checked_add(self.grace)?;
         (at > Instant::now()).then_some(at)
     }
 

@@ -3,19 +3,20 @@
 //!
 //! Each watcher lists, then watches from the list's resourceVersion, and
 //! relists on its own when the API server answers 410 Gone. Errors never end
-//! the task: the fact the failing watcher feeds becomes
-//! [`Fact::Unknown`] with the reason, and the watcher retries with kube-rs's
-//! default exponential backoff (0.8 s doubling to 30 s, with jitter). A
-//! stream that is merely cut (an API server restart, a load balancer idle
-//! timeout) is resumed from the last resourceVersion and changes nothing.
-use std::collections::BTreeMap;
+//! the task: when a list or a watch start fails, the fact the watcher feeds
+//! becomes [`Fact::Unknown`] with the reason, and the watcher is rebuilt
+//! after an exponential backoff (0.8 s doubling to 30 s), so that recovery
+//! is a fresh list. A stream that is merely cut (an API server restart, a
+//! load balancer idle timeout) is resumed from the last resourceVersion and
+//! changes nothing.
+use std::{collections::BTreeMap, time::Duration};
 
 use futures_util::StreamExt as _;
 use k8s_openapi::api::core::v1::Node;
 use kube::{
     Api, Client,
-    api::{ApiResource, DynamicObject, GroupVersionKind},
-    runtime::{WatchStreamExt as _, watcher},
+    api::{ApiResource, DynamicObject, GroupVersionKind, ListParams},
+    runtime::watcher,
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -65,80 +66,134 @@ pub fn spawn(
 /// The settings we care about, by name, as their raw `value`.
 type Values = BTreeMap<String, Option<String>>;
 
+/// Backoff after a failed list or watch start: doubles from the first to
+/// the last, and starts over after a good list.
+const BACKOFF_FIRST: Duration = Duration::from_millis(800);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Pause before re-watching after a cut stream or a 410 (the watcher
+/// itself would go again at once; a server that keeps cutting must not
+/// make this a hot loop).
+const REWATCH_PAUSE: Duration = Duration::from_secs(1);
+
+/// Runs a kube-rs watcher for ever: `on_event` gets every event;
+/// `on_failure` gets the reason when a list or watch start fails. After a
+/// failure the watcher is rebuilt (after the backoff), so the next success
+/// is a fresh list ending in `InitDone`: the caller learns that the API is
+/// readable again even when nothing changed meanwhile (a watch resumed
+/// from its old resourceVersion would say nothing).
+async fn follow<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    what: &str,
+    cancel: &CancellationToken,
+    mut on_event: impl FnMut(watcher::Event<K>),
+    mut on_failure: impl FnMut(String),
+) where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    let mut backoff = BACKOFF_FIRST;
+    loop {
+        let mut stream = watcher(api.clone(), config.clone()).boxed();
+        let pause = loop {
+            let item = tokio::select! {
+                () = cancel.cancelled() => return,
+                item = stream.next() => item,
+            };
+            match item {
+                Some(Ok(event)) => {
+                    if matches!(event, watcher::Event::InitDone) {
+                        backoff = BACKOFF_FIRST;
+                    }
+                    on_event(event);
+                }
+                Some(Err(e)) => match failure_reason(&e, what) {
+                    Some(reason) => {
+                        tracing::warn!(%reason, retry_in = ?backoff, "longhorn: read failed; retrying");
+                        on_failure(reason);
+                        let pause = backoff;
+                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                        break pause;
+                    }
+                    None => {
+                        tracing::debug!(error = %e, "longhorn: watch interrupted; resuming");
+                        tokio::select! {
+                            () = cancel.cancelled() => return,
+                            () = tokio::time::sleep(REWATCH_PAUSE) => {}
+                        }
+                    }
+                },
+                None => break REWATCH_PAUSE,
+            }
+        };
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(pause) => {}
+        }
+    }
+}
+
 async fn watch_settings(
     api: Api<DynamicObject>,
     namespace: String,
     tx: watch::Sender<ClusterView>,
     cancel: CancellationToken,
 ) {
-    let mut stream = watcher(api, watcher::Config::default())
-        .default_backoff()
-        .boxed();
     let mut current: Values = BTreeMap::new();
     let mut relist: Option<Values> = None;
-    loop {
-        let item = tokio::select! {
-            () = cancel.cancelled() => return,
-            item = stream.next() => item,
-        };
-        let Some(item) = item else { return };
-        let event = match item {
-            Ok(event) => event,
-            Err(e) => {
-                if let Some(reason) = failure_reason(
-                    &e,
-                    &format!("settings.longhorn.io in namespace {namespace}"),
-                ) {
-                    tracing::warn!(%reason, "longhorn: cannot read the settings; retrying with backoff");
-                    tx.send_if_modified(|v| {
-                        let before = v.clone();
-                        v.v2_setting = Fact::Unknown(reason.clone());
-                        v.hugepage_setting = Fact::Unknown(reason.clone());
-                        *v != before
-                    });
-                }
-                continue;
-            }
-        };
-        let done = match event {
+    let what = format!("settings.longhorn.io in namespace {namespace}");
+    let publish = |current: &Values| {
+        let v2 = fact(current, V2_SETTING);
+        let hugepages = fact(current, HUGEPAGE_SETTING);
+        tx.send_if_modified(|v| {
+            let changed = v.v2_setting != v2 || v.hugepage_setting != hugepages;
+            v.v2_setting = v2;
+            v.hugepage_setting = hugepages;
+            changed
+        });
+    };
+    let on_event = |event| {
+        match event {
             watcher::Event::Init => {
                 relist = Some(BTreeMap::new());
-                false
+                return;
             }
             watcher::Event::InitApply(obj) => {
                 if let (Some(buffer), Some((name, value))) = (relist.as_mut(), setting(&obj)) {
                     buffer.insert(name, value);
                 }
-                false
+                return;
             }
-            watcher::Event::InitDone => {
-                current = relist.take().unwrap_or_default();
-                true
-            }
+            watcher::Event::InitDone => current = relist.take().unwrap_or_default(),
             watcher::Event::Apply(obj) => {
                 if let Some((name, value)) = setting(&obj) {
                     current.insert(name, value);
                 }
-                true
             }
             watcher::Event::Delete(obj) => {
                 if let Some((name, _)) = setting(&obj) {
                     current.remove(&name);
                 }
-                true
             }
-        };
-        if done {
-            let v2 = fact(&current, V2_SETTING);
-            let hugepages = fact(&current, HUGEPAGE_SETTING);
-            tx.send_if_modified(|v| {
-                let changed = v.v2_setting != v2 || v.hugepage_setting != hugepages;
-                v.v2_setting = v2;
-                v.hugepage_setting = hugepages;
-                changed
-            });
         }
-    }
+        publish(&current);
+    };
+    let on_failure = |reason: String| {
+        tx.send_if_modified(|v| {
+            let before = v.clone();
+            v.v2_setting = Fact::Unknown(reason.clone());
+            v.hugepage_setting = Fact::Unknown(reason);
+            *v != before
+        });
+    };
+    follow(
+        api,
+        watcher::Config::default(),
+        &what,
+        &cancel,
+        on_event,
+        on_failure,
+    )
+    .await;
 }
 
 /// `(name, value)` of a Setting we care about.
@@ -173,68 +228,43 @@ async fn watch_node(
     cancel: CancellationToken,
 ) {
     let config = watcher::Config::default().fields(&format!("metadata.name={node}"));
-    let mut stream = watcher(api, config).default_backoff().boxed();
     let mut seen: Option<bool> = None;
     let mut relist: Option<Option<bool>> = None;
-    loop {
-        let item = tokio::select! {
-            () = cancel.cancelled() => return,
-            item = stream.next() => item,
-        };
-        let Some(item) = item else { return };
-        let event = match item {
-            Ok(event) => event,
-            Err(e) => {
-                if let Some(reason) = failure_reason(&e, &format!("node {node}")) {
-                    tracing::warn!(%reason, "longhorn: cannot read this node's labels; retrying with backoff");
-                    tx.send_if_modified(|v| {
-                        let f = Fact::Unknown(reason.clone());
-                        let changed = v.node_opt_out != f;
-                        v.node_opt_out = f;
-                        changed
-                    });
-                }
-                continue;
-            }
-        };
-        let done = match event {
+    let set = |f: Fact<bool>| {
+        tx.send_if_modified(|v| {
+            let changed = v.node_opt_out != f;
+            v.node_opt_out = f;
+            changed
+        });
+    };
+    let on_event = |event| {
+        match event {
             watcher::Event::Init => {
                 relist = Some(None);
-                false
+                return;
             }
             watcher::Event::InitApply(n) => {
                 if let Some(buffer) = relist.as_mut() {
                     *buffer = Some(opted_out(&n));
                 }
-                false
+                return;
             }
-            watcher::Event::InitDone => {
-                seen = relist.take().flatten();
-                true
-            }
-            watcher::Event::Apply(n) => {
-                seen = Some(opted_out(&n));
-                true
-            }
-            watcher::Event::Delete(_) => {
-                seen = None;
-                true
-            }
-        };
-        if done {
-            let f = match seen {
-                Some(out) => Fact::Value(out),
-                None => Fact::Unknown(format!(
-                    "no Node named {node:?} (is --node-name the Kubernetes node name?)"
-                )),
-            };
-            tx.send_if_modified(|v| {
-                let changed = v.node_opt_out != f;
-                v.node_opt_out = f;
-                changed
-            });
+            watcher::Event::InitDone => seen = relist.take().flatten(),
+            watcher::Event::Apply(n) => seen = Some(opted_out(&n)),
+            watcher::Event::Delete(_) => seen = None,
         }
-    }
+        set(match seen {
+            Some(out) => Fact::Value(out),
+            None => Fact::Unknown(format!(
+                "no Node named {node:?} (is --node-name the Kubernetes node name?)"
+            )),
+        });
+    };
+    let what = format!("node {node}");
+    follow(api, config, &what, &cancel, on_event, |reason| {
+        set(Fact::Unknown(reason))
+    })
+    .await;
 }
 
 fn opted_out(node: &Node) -> bool {
@@ -292,25 +322,18 @@ pub async fn read_once(client: Client, target: &WatchTarget) -> ClusterView {
     let settings: Api<DynamicObject> =
         Api::namespaced_with(client.clone(), &target.namespace, &setting_resource());
     let what = format!("settings.longhorn.io in namespace {}", target.namespace);
-    let read = |name: &'static str| {
-        let settings = settings.clone();
-        let what = what.clone();
-        async move {
-            match settings.get_opt(name).await {
-                Ok(None) => Fact::Absent,
-                Ok(Some(obj)) => {
-                    let mut values = Values::new();
-                    if let Some((n, v)) = setting(&obj) {
-                        values.insert(n, v);
-                    }
-                    fact(&values, name)
-                }
-                Err(e) => Fact::Unknown(describe(&e, &what)),
-            }
+    // A list, as the watcher starts with: a missing CRD is a 404 error here,
+    // where a get of one object would call it "no such setting".
+    let (v2_setting, hugepage_setting) = match settings.list(&ListParams::default()).await {
+        Ok(list) => {
+            let values: Values = list.items.iter().filter_map(setting).collect();
+            (fact(&values, V2_SETTING), fact(&values, HUGEPAGE_SETTING))
+        }
+        Err(e) => {
+            let reason = describe(&e, &what);
+            (Fact::Unknown(reason.clone()), Fact::Unknown(reason))
         }
     };
-    let v2_setting = read(V2_SETTING).await;
-    let hugepage_setting = read(HUGEPAGE_SETTING).await;
     let nodes: Api<Node> = Api::all(client);
     let node_opt_out = match nodes.get_opt(&target.node).await {
         Ok(Some(n)) => Fact::Value(opted_out(&n)),

@@ -531,6 +531,16 @@ fn check_reads_the_cluster_once() {
     out.expect_code(0);
     assert!(out.stdout.contains("v2-data-engine: unknown"), "{out}");
     assert!(out.stdout.contains("forbidden by RBAC (403)"), "{out}");
+    // Longhorn not installed: unknown too, as the daemon says, not "no
+    // setting".
+    c.api.set_mode(Kind::Setting, Mode::NotFound);
+    let out = kmod_monitor_tests::check(
+        &c.host,
+        &args!["--kubeconfig", kubeconfig.as_path(), "--node-name", NODE],
+    );
+    out.expect_code(0);
+    assert!(out.stdout.contains("v2-data-engine: unknown"), "{out}");
+    assert!(out.stdout.contains("is Longhorn installed?"), "{out}");
 }
 
 #[test]
@@ -550,4 +560,46 @@ fn an_unusable_kubeconfig_or_namespace_is_named() {
         "--longhorn-namespace \"Longhorn_System\"",
         "not a Kubernetes namespace name",
     ]);
+}
+
+#[test]
+fn rbac_revoked_mid_run_then_restored_with_nothing_changed() {
+    let c = Cluster::new(FakeKubeApi::start(), Some("true"));
+    let mut d = c.daemon(&args!["--longhorn-grace", "1"]);
+    d.wait_for("V2 on", FLIP, |s| enabled(s) == true);
+    c.wait_alerts("the V2 module alerts", |a| a == v2_unmet_alerts());
+
+    // Revoked: the open watch ends, the re-list is refused.
+    c.api.set_mode(Kind::Setting, Mode::Forbidden);
+    let s = d.wait_for("V2 unknown", RECOVER, |s| {
+        v2(s)["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("forbidden by RBAC (403)"))
+    });
+    assert_eq!(enabled(&s), Value::Null);
+    base_met(&s);
+    c.wait_alerts("the unreadable alert, and no V2 module alert", |a| {
+        a.len() == 1 && a[0].0 == "KernelModuleMonitorLonghornUnreadable"
+    });
+
+    // Restored, the setting unchanged: no watch event will say anything,
+    // yet V2 must come back.
+    c.api.set_mode(Kind::Setting, Mode::Normal);
+    let s = d.wait_for("V2 on again", RECOVER, |s| enabled(s) == true);
+    base_met(&s);
+    assert!(metrics(&d).contains("kmod_monitor_longhorn_setting_readable 1"));
+    c.wait_alerts("the V2 module alerts again", |a| a == v2_unmet_alerts());
+    let seen: Vec<(Value, Value)> = c
+        .enablement_records()
+        .into_iter()
+        .map(|r| (r.1, r.2))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (Value::Null, true.into()),
+            (true.into(), Value::Null),
+            (Value::Null, true.into()),
+        ]
+    );
 }
