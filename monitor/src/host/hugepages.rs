@@ -182,6 +182,17 @@ mod tests {
     }
 
     #[test]
+    fn a_short_1gi_allocation_does_not_touch_the_2mi_count() {
+        // The guest asked for two 1 GiB pages and got one (QEMU's 4 GiB
+        // memory map); meminfo says 1, the 2 MiB pool is still 16.
+        let root = fixture("one-gi-partial");
+        let meminfo = std::fs::read_to_string(root.root().join("proc/meminfo")).unwrap();
+        assert!(meminfo.contains("HugePages_Total:       1\n"), "{meminfo}");
+        let p = read_hugepages_2mi(&root).unwrap();
+        assert_eq!((p.total, p.free, p.source), (16, 16, "sysfs"));
+    }
+
+    #[test]
     fn meminfo_alone_when_sysfs_is_absent() {
         let text = std::fs::read_to_string(fixture("two-mi-reserved").root().join("proc/meminfo"))
             .unwrap();
