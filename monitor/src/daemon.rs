@@ -697,12 +697,11 @@ impl Daemon {
             }
         };
         let groups = config::resolve_groups(Some(&file), true);
-        self.settings.v2_local.file = config::v2_in_file(Some(&file));
-        self.settings.v2_local.hugepages_2mi = self
-            .settings
-            .hugepages_flag
-            .or(file.v2_hugepages_2mi)
-            .unwrap_or(longhorn::readiness::DEFAULT_HUGEPAGES_2MI);
+        self.settings.v2_local = LocalInputs::resolve(
+            self.settings.v2_local.flag,
+            self.settings.hugepages_flag,
+            Some(&file),
+        );
         self.v2.local = self.settings.v2_local;
         let flips = self.v2.decide();
         self.log_flips(&flips);

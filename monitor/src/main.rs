@@ -21,9 +21,7 @@ use kmod_monitor::{
         verify,
     },
     host::{self, HostRoot},
-    longhorn::{
-        self, ClusterSettings, LocalInputs, LonghornMode, readiness::DEFAULT_HUGEPAGES_2MI,
-    },
+    longhorn::{self, ClusterSettings, LocalInputs, LonghornMode},
     tracker::Tracker,
 };
 use monitor_common::DEFAULT_RING_BYTES;
@@ -262,14 +260,7 @@ fn host_root(common: &Common, file: Option<&FileConfig>) -> HostRoot {
 
 /// The V2 inputs that are not the cluster's.
 fn local_inputs(common: &Common, file: Option<&FileConfig>) -> LocalInputs {
-    LocalInputs {
-        flag: common.v2_data_engine,
-        file: config::v2_in_file(file),
-        hugepages_2mi: common
-            .v2_hugepages_2mi
-            .or_else(|| file.and_then(|f| f.v2_hugepages_2mi))
-            .unwrap_or(DEFAULT_HUGEPAGES_2MI),
-    }
+    LocalInputs::resolve(common.v2_data_engine, common.v2_hugepages_2mi, file)
 }
 
 /// The cluster-watch flags over the config file over defaults.

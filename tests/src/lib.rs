@@ -728,6 +728,19 @@ impl Daemon {
         Ok((code, body))
     }
 
+    /// `GET /metrics`, the OpenMetrics text.
+    ///
+    /// # Panics
+    /// Unless it answers 200.
+    #[must_use]
+    #[track_caller]
+    pub fn metrics(&self) -> String {
+        match self.get("/metrics") {
+            Ok((200, body)) => body,
+            other => panic!("GET /metrics: {other:?}\n{self}"),
+        }
+    }
+
     /// `GET /status`, parsed.
     ///
     /// # Panics

@@ -156,6 +156,25 @@ pub struct LocalInputs {
     pub hugepages_2mi: u64,
 }
 
+impl LocalInputs {
+    /// The flags (`--v2-data-engine`, `--v2-hugepages-2mi`) over the config
+    /// file over the defaults: at start-up and again on every reload.
+    #[must_use]
+    pub fn resolve(
+        v2_flag: Option<bool>,
+        hugepages_flag: Option<u64>,
+        file: Option<&crate::config::FileConfig>,
+    ) -> Self {
+        Self {
+            flag: v2_flag,
+            file: crate::config::v2_in_file(file),
+            hugepages_2mi: hugepages_flag
+                .or_else(|| file.and_then(|f| f.v2_hugepages_2mi))
+                .unwrap_or(super::readiness::DEFAULT_HUGEPAGES_2MI),
+        }
+    }
+}
+
 /// Decides the V2 data engine group. `cluster` is `None` when the cluster
 /// watch is off.
 #[must_use]

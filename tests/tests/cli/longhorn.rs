@@ -142,6 +142,24 @@ impl Cluster {
             .filter(|r| r.0 == V2)
             .collect()
     }
+
+    /// `(was, enabled)` of each V2 `requirement_enablement` record.
+    fn transitions(&self) -> Vec<(Value, Value)> {
+        self.enablement_records()
+            .into_iter()
+            .map(|r| (r.1, r.2))
+            .collect()
+    }
+
+    /// Setting lists (not watches) the API server answered since `since`.
+    fn setting_lists(&self, since: Option<Instant>) -> usize {
+        self.api
+            .requests()
+            .iter()
+            .filter(|r| since.is_none_or(|t| r.at >= t))
+            .filter(|r| r.path.contains("/settings") && !r.watch)
+            .count()
+    }
 }
 
 /// Lays out the sysfs 2 MiB pool with `pages` pages, all free.
@@ -184,13 +202,6 @@ fn base_met(status: &Value) {
     assert_eq!(base["met"], true, "{status:#}");
 }
 
-fn metrics(daemon: &Daemon) -> String {
-    match daemon.get("/metrics") {
-        Ok((200, body)) => body,
-        other => panic!("GET /metrics: {other:?}\n{daemon}"),
-    }
-}
-
 /// The V2 alert of the Debian 6.1 fixture: vfio_pci and nvme_tcp are
 /// loaded there, uio_pci_generic is not.
 fn v2_unmet_alerts() -> Vec<(String, String, String)> {
@@ -209,7 +220,7 @@ fn setting_flips_true_false_true() {
     assert_eq!(v2(&s)["source"], "longhorn-setting", "{s:#}");
     assert_eq!(group_names(&s), ["base"]);
     base_met(&s);
-    let m = metrics(&d);
+    let m = d.metrics();
     assert!(m.contains("kmod_monitor_requirement_enabled{requirement=\"v2-data-engine\",source=\"longhorn-setting\"} 0"), "{m}");
     assert!(
         m.contains("kmod_monitor_longhorn_setting_readable 1"),
@@ -234,7 +245,7 @@ fn setting_flips_true_false_true() {
             c.wait_alerts("the V2 alerts to resolve", <[_]>::is_empty);
         }
     }
-    let m = metrics(&d);
+    let m = d.metrics();
     assert!(m.contains("kmod_monitor_requirement_enabled{requirement=\"v2-data-engine\",source=\"longhorn-setting\"} 1"), "{m}");
     assert!(
         m.contains("kmod_monitor_requirement_met{requirement=\"base\"} 1"),
@@ -303,8 +314,11 @@ fn api_server_down_at_start_then_up() {
     assert_eq!(enabled(&s), Value::Null, "{s:#}");
     assert_eq!(group_names(&s), ["base"]);
     base_met(&s);
-    assert!(metrics(&d).contains("kmod_monitor_longhorn_setting_readable 0"));
-    assert!(metrics(&d).contains(
+    assert!(
+        d.metrics()
+            .contains("kmod_monitor_longhorn_setting_readable 0")
+    );
+    assert!(d.metrics().contains(
         "kmod_monitor_requirement_enabled{requirement=\"v2-data-engine\",source=\"unknown\"} 0"
     ));
     c.wait_alerts("the unreadable alert after the grace period", |a| {
@@ -315,15 +329,14 @@ fn api_server_down_at_start_then_up() {
     c.api.listen();
     let s = d.wait_for("V2 on once the API is up", RECOVER, |s| enabled(s) == true);
     base_met(&s);
-    assert!(metrics(&d).contains("kmod_monitor_longhorn_setting_readable 1"));
+    assert!(
+        d.metrics()
+            .contains("kmod_monitor_longhorn_setting_readable 1")
+    );
     c.wait_alerts("the V2 alerts, and no unreadable alert", |a| {
         a == v2_unmet_alerts()
     });
-    let seen: Vec<(Value, Value)> = c
-        .enablement_records()
-        .into_iter()
-        .map(|r| (r.1, r.2))
-        .collect();
+    let seen = c.transitions();
     assert_eq!(seen, [(Value::Null, true.into())]);
 }
 
@@ -340,7 +353,10 @@ fn settings_unreadable(mode: Mode, reason: &str) {
     assert_eq!(enabled(&s), Value::Null);
     assert_eq!(group_names(&s), ["base"]);
     base_met(&s);
-    assert!(metrics(&d).contains("kmod_monitor_longhorn_setting_readable 0"));
+    assert!(
+        d.metrics()
+            .contains("kmod_monitor_longhorn_setting_readable 0")
+    );
     // Not before the grace period ...
     assert!(
         !c.alerts()
@@ -357,12 +373,7 @@ fn settings_unreadable(mode: Mode, reason: &str) {
     // Backoff, not a hot loop: over 8 s, a handful of setting lists.
     let t0 = Instant::now();
     std::thread::sleep(Duration::from_secs(8));
-    let lists = c
-        .api
-        .requests()
-        .iter()
-        .filter(|r| r.at >= t0 && r.path.contains("/settings") && !r.watch)
-        .count();
+    let lists = c.setting_lists(Some(t0));
     assert!(lists <= 8, "{lists} setting lists in 8 s: not backing off");
     assert!(d.is_running(), "the daemon must not exit\n{d}");
     base_met(&d.status());
@@ -404,12 +415,7 @@ fn watch_cut_mid_stream_and_410_relist() {
 
     // 410 Gone: history expired while the watch was down: it relists.
     c.api.wait_for_watches(Kind::Setting, 1, RECOVER);
-    let lists_before = c
-        .api
-        .requests()
-        .iter()
-        .filter(|r| r.path.contains("/settings") && !r.watch)
-        .count();
+    let lists_before = c.setting_lists(None);
     c.api.set_setting(V2, "true");
     c.api.expire_history();
     c.api.cut_watches();
@@ -419,13 +425,7 @@ fn watch_cut_mid_stream_and_410_relist() {
     // after the 410 must follow either way.
     let deadline = Instant::now() + RECOVER;
     loop {
-        let lists_after = c
-            .api
-            .requests()
-            .iter()
-            .filter(|r| r.path.contains("/settings") && !r.watch)
-            .count();
-        if lists_after > lists_before {
+        if c.setting_lists(None) > lists_before {
             break;
         }
         assert!(Instant::now() < deadline, "no relist after 410 Gone");
@@ -434,11 +434,7 @@ fn watch_cut_mid_stream_and_410_relist() {
     assert_eq!(enabled(&d.status()), true);
     c.wait_alerts("the V2 module alerts", |a| a == v2_unmet_alerts());
     // A cut is not an outage: never unknown after the first list.
-    let seen: Vec<(Value, Value)> = c
-        .enablement_records()
-        .into_iter()
-        .map(|r| (r.1, r.2))
-        .collect();
+    let seen = c.transitions();
     assert_eq!(
         seen,
         [
@@ -587,13 +583,12 @@ fn rbac_revoked_mid_run_then_restored_with_nothing_changed() {
     c.api.set_mode(Kind::Setting, Mode::Normal);
     let s = d.wait_for("V2 on again", RECOVER, |s| enabled(s) == true);
     base_met(&s);
-    assert!(metrics(&d).contains("kmod_monitor_longhorn_setting_readable 1"));
+    assert!(
+        d.metrics()
+            .contains("kmod_monitor_longhorn_setting_readable 1")
+    );
     c.wait_alerts("the V2 module alerts again", |a| a == v2_unmet_alerts());
-    let seen: Vec<(Value, Value)> = c
-        .enablement_records()
-        .into_iter()
-        .map(|r| (r.1, r.2))
-        .collect();
+    let seen = c.transitions();
     assert_eq!(
         seen,
         [

@@ -20,13 +20,6 @@ fn polling(host: &FakeHost, extra: &[OsString]) -> Daemon {
     Daemon::start(host, &args)
 }
 
-fn metrics(daemon: &Daemon) -> String {
-    match daemon.get("/metrics") {
-        Ok((200, body)) => body,
-        other => panic!("GET /metrics: {other:?}\n{daemon}"),
-    }
-}
-
 /// The value of the series whose line starts with `series ` (exact labels).
 fn value(text: &str, series: &str) -> Option<f64> {
     text.lines()
@@ -36,7 +29,7 @@ fn value(text: &str, series: &str) -> Option<f64> {
 fn wait_metrics(daemon: &Daemon, what: &str, ok: impl Fn(&str) -> bool) -> String {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let text = metrics(daemon);
+        let text = daemon.metrics();
         if ok(&text) {
             return text;
         }
@@ -72,7 +65,7 @@ fn metrics_follow_the_host_in_openmetrics() {
             .and_then(|v| v.to_str().ok()),
         Some("application/openmetrics-text; version=1.0.0; charset=utf-8")
     );
-    let text = metrics(&daemon);
+    let text = daemon.metrics();
     assert!(text.ends_with("# EOF\n"), "{text}");
     assert_eq!(
         value(&text, r#"kmod_monitor_requirement_met{requirement="base"}"#),
@@ -251,7 +244,7 @@ fn alert_arrives_after_alertmanager_comes_back() {
         Duration::from_secs(10),
         |b| !am_alerts(b, "KernelModuleRequirementUnmet", "dm_crypt").is_empty(),
     );
-    let text = metrics(&daemon);
+    let text = daemon.metrics();
     assert!(
         value(
             &text,
