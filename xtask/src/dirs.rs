@@ -106,3 +106,18 @@ pub fn llvm_prefix() -> Result<PathBuf> {
 pub fn llvm_stamp() -> Result<PathBuf> {
     Ok(data_dir()?.join("bpf-linker.llvm-major"))
 }
+
+/// The dated nightly that builds the eBPF crate, as `.cargo/config.toml`
+/// sets it for every cargo-run process (`cargo xtask` included). The one
+/// place it is written is that file.
+pub fn ebpf_toolchain() -> Result<String> {
+    const VAR: &str = "KMOD_MONITOR_EBPF_TOOLCHAIN";
+    let name = std::env::var(VAR).with_context(|| {
+        format!("{VAR} is not set: run xtask as `cargo xtask` from the workspace, whose .cargo/config.toml names the pinned nightly")
+    })?;
+    anyhow::ensure!(
+        name.starts_with("nightly-") && name.len() == "nightly-YYYY-MM-DD".len(),
+        "{VAR}={name:?}: expected a dated nightly such as nightly-2026-05-19"
+    );
+    Ok(name)
+}

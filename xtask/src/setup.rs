@@ -2,8 +2,8 @@
 //! test kmod-monitor, and does next to nothing when it already can.
 //!
 //! Installs the Debian packages the VM harness and the monitoring stack use,
-//! the validators of the deployment files, the nightly toolchain parts the
-//! eBPF build needs (rust-src), the musl target for the static binaries,
+//! the validators of the deployment files, the pinned nightly toolchain the
+//! eBPF build needs (with rust-src), the musl target for the static binaries,
 //! clippy and rustfmt, and bpf-linker built against the LLVM of the nightly
 //! rustc (see `install_bpf_linker`).
 use std::{fs, path::Path};
@@ -157,23 +157,42 @@ fn dpkg_installed(pkg: &str) -> bool {
     .is_ok_and(|status| status.trim() == "installed")
 }
 
-/// Keeps the machine's nightly if it works; only a machine without one
-/// downloads it.
+/// Installs the pinned nightly ([`dirs::ebpf_toolchain`]) with rust-src
+/// (build-std for the eBPF crate) and clippy (to lint it for its own
+/// target), unless it is already there. The moving `nightly` channel is
+/// never used: a machine without the pinned one downloads exactly it.
 fn nightly() -> Result<()> {
-    if cmd::succeeds(&mut cmd::new("rustc", ["+nightly", "-vV"])) {
-        println!("setup: nightly toolchain present");
+    let toolchain = dirs::ebpf_toolchain()?;
+    let plus = format!("+{toolchain}");
+    if cmd::succeeds(&mut cmd::new("rustc", [plus.as_str(), "-vV"])) {
+        println!("setup: {toolchain} present");
         return Ok(());
     }
     cmd::run(&mut cmd::new(
         "rustup",
-        ["toolchain", "install", "nightly", "--profile", "minimal"],
+        [
+            "toolchain",
+            "install",
+            toolchain.as_str(),
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src,clippy",
+        ],
     ))
 }
 
 fn rustup_components() -> Result<()> {
+    let toolchain = dirs::ebpf_toolchain()?;
     let nightly_components = cmd::stdout(&mut cmd::new(
         "rustup",
-        ["component", "list", "--installed", "--toolchain", "nightly"],
+        [
+            "component",
+            "list",
+            "--installed",
+            "--toolchain",
+            toolchain.as_str(),
+        ],
     ))?;
     // rust-src for build-std of the eBPF crate; clippy to lint it for its
     // own target (a minimal-profile nightly lacks both).
@@ -182,10 +201,14 @@ fn rustup_components() -> Result<()> {
         .filter(|c| !has_line_starting(&nightly_components, c))
         .collect();
     if missing.is_empty() {
-        println!("setup: nightly rust-src and clippy present");
+        println!("setup: {toolchain} rust-src and clippy present");
     } else {
         cmd::run(
-            cmd::new("rustup", ["component", "add", "--toolchain", "nightly"]).args(&missing),
+            cmd::new(
+                "rustup",
+                ["component", "add", "--toolchain", toolchain.as_str()],
+            )
+            .args(&missing),
         )?;
     }
 
@@ -237,16 +260,21 @@ pub fn llvm_major(rustc_vv: &str) -> Result<u32> {
 /// bpf-linker must link the same LLVM major as the nightly rustc that emits
 /// the eBPF bitcode. Debian 12 has no matching LLVM, so it links rustc's own
 /// libLLVM through symlinks in a stable prefix; the binary's RUNPATH points
-/// there. The major it was built for is kept in a stamp file beside the
-/// prefix, so a nightly with a new LLVM triggers a rebuild.
+/// there. The symlinks are re-pointed at the pinned nightly on every run
+/// (cheap), so the linker never depends on some other toolchain that
+/// happened to be installed when it was built. The major it was built for
+/// is kept in a stamp file beside the prefix, so a nightly with a new LLVM
+/// triggers a rebuild.
 fn install_bpf_linker() -> Result<()> {
-    let rustc_vv = cmd::stdout(&mut cmd::new("rustc", ["+nightly", "-vV"]))?;
+    let plus = format!("+{}", dirs::ebpf_toolchain()?);
+    let rustc_vv = cmd::stdout(&mut cmd::new("rustc", [plus.as_str(), "-vV"]))?;
     let major = llvm_major(&rustc_vv)?;
     let prefix = dirs::llvm_prefix()?;
     let stamp = dirs::llvm_stamp()?;
     let stamped = fs::read_to_string(&stamp)
         .ok()
         .and_then(|text| text.trim().parse::<u32>().ok());
+    link_rustc_llvm(&prefix)?;
     let runs = cmd::succeeds(&mut cmd::new("bpf-linker", ["--version"]));
     if runs && stamped == Some(major) {
         println!("setup: bpf-linker present, built for LLVM {major}");
@@ -265,7 +293,6 @@ fn install_bpf_linker() -> Result<()> {
         ),
     }
 
-    link_rustc_llvm(&prefix)?;
     cmd::run(
         cmd::new(
             "cargo",
@@ -298,7 +325,11 @@ fn install_bpf_linker() -> Result<()> {
 /// object in the nightly sysroot. Beside it, `libLLVM-NN-*.so` is a linker
 /// script, not the library, so the versioned `libLLVM.so.*` is the one.
 fn link_rustc_llvm(prefix: &Path) -> Result<()> {
-    let sysroot = cmd::stdout(&mut cmd::new("rustc", ["+nightly", "--print", "sysroot"]))?;
+    let plus = format!("+{}", dirs::ebpf_toolchain()?);
+    let sysroot = cmd::stdout(&mut cmd::new(
+        "rustc",
+        [plus.as_str(), "--print", "sysroot"],
+    ))?;
     let sysroot_lib = Path::new(sysroot.trim()).join("lib");
     let mut shared_objects: Vec<_> = fs::read_dir(&sysroot_lib)
         .with_context(|| format!("listing {}", sysroot_lib.display()))?

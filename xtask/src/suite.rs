@@ -140,7 +140,7 @@ fn run_steps(steps: &mut Vec<Step>, passed: &mut usize, failed: &mut usize) -> R
         // eBPF crate monitor-common's `user` feature (aya, so std) and a
         // second panic handler. Like aya's own CI, lint the userspace
         // crates together and the eBPF crate alone, for its real target
-        // (nightly, as its build is).
+        // (the pinned nightly, as its build is).
         cmd::run(cargo().args([
             "clippy",
             "--workspace",
@@ -151,12 +151,13 @@ fn run_steps(steps: &mut Vec<Step>, passed: &mut usize, failed: &mut usize) -> R
             "-D",
             "warnings",
         ]))?;
+        let toolchain = dirs::ebpf_toolchain()?;
         cmd::run(
             cmd::new(
                 "rustup",
                 [
                     "run",
-                    "nightly",
+                    toolchain.as_str(),
                     "cargo",
                     "clippy",
                     "--package",
