@@ -10,7 +10,6 @@ use std::{
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use kmod_monitor::{
-    config::resolve_groups,
     event::{Decoded, SourceEvent},
     forensic::{
         self, EventLog, EventLogSettings, FsyncPolicy, Record, RecordKind,
@@ -18,6 +17,7 @@ use kmod_monitor::{
     },
     host::{HostRoot, Snapshot, parse_modules_builtin, parse_modules_dep, parse_proc_modules},
     metrics::Metrics,
+    requirements::{self, GroupSettings},
     tracker::{Outcome, Tracker},
 };
 use monitor_common::{EventKind, ModuleEvent};
@@ -106,7 +106,10 @@ fn track(rec: &[u8], tracker: &mut Tracker, metrics: &Metrics) -> (SourceEvent, 
 
 fn pipeline(c: &mut Criterion) {
     let records = cycle();
-    let mut tracker = Tracker::new(&snapshot(), resolve_groups(None, true));
+    let mut tracker = Tracker::new(
+        &snapshot(),
+        requirements::resolve(&GroupSettings::default(), true),
+    );
     let metrics = Metrics::new("6.1.0-56-amd64");
     metrics.set_groups(&tracker.report(), 0.0);
     let mut group = c.benchmark_group("pipeline");

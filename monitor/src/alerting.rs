@@ -312,11 +312,11 @@ pub fn wanted_alerts(inputs: &AlertInputs<'_>) -> Vec<Wanted> {
     for g in inputs.groups.iter().filter(|g| !g.met) {
         let unmet: Vec<_> = g.modules.iter().filter(|m| !m.state.satisfies()).collect();
         let per_module: Vec<(String, Vec<&crate::tracker::ModuleReport>)> = match g.mode {
-            crate::config::GroupMode::AllOf => unmet
+            crate::requirements::GroupMode::AllOf => unmet
                 .iter()
                 .map(|m| (m.name.to_string(), vec![*m]))
                 .collect(),
-            crate::config::GroupMode::AnyOf => vec![(
+            crate::requirements::GroupMode::AnyOf => vec![(
                 g.modules
                     .iter()
                     .map(|m| m.name.as_str())
@@ -327,11 +327,11 @@ pub fn wanted_alerts(inputs: &AlertInputs<'_>) -> Vec<Wanted> {
         };
         for (module, mods) in per_module {
             let summary = match g.mode {
-                crate::config::GroupMode::AllOf => format!(
+                crate::requirements::GroupMode::AllOf => format!(
                     "Kernel module {module} required by {} is not loaded on {}",
                     g.name, inputs.instance
                 ),
-                crate::config::GroupMode::AnyOf => format!(
+                crate::requirements::GroupMode::AnyOf => format!(
                     "None of the kernel modules {module} required by {} is loaded on {}",
                     g.name, inputs.instance
                 ),
@@ -502,11 +502,11 @@ mod tests {
 mod wanted_tests {
     use super::*;
     use crate::{
-        config::GroupMode,
         daemon::SourceStatus,
         event::{Actor, Kind},
         host::Snapshot,
         names::ModuleName,
+        requirements::GroupMode,
         source::{ActiveKind, Unavailable},
         state::ModuleState,
         tracker::{GroupReport, LastEvent, ModuleReport},

@@ -8,12 +8,12 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 
 use crate::{
-    config::GroupMode,
     host::{
         ConfigValue, HostRoot, Snapshot, config_symbol_for,
         persistence::{self, OtherKernel, Persistence, PersistenceConfig},
     },
     names::ModuleName,
+    requirements::GroupMode,
     state::ModuleState,
     tracker::{GroupReport, Tracker},
 };

@@ -67,13 +67,11 @@ use toml::Spanned;
 
 use crate::forensic::{FsyncPolicy, MIN_MAX_BYTES};
 use crate::names::{ModuleName, NameError};
+use crate::requirements::{
+    BASE_GROUP, BuiltinGroupSettings, DEFAULT_SEVERITY, GroupMode, GroupSettings, GroupSpec,
+    UserGroup, V2_GROUP,
+};
 
-/// Name of the built-in group every Longhorn node needs.
-pub const BASE_GROUP: &str = "base";
-/// Name of the built-in group the v2 (SPDK) data engine needs.
-pub const V2_GROUP: &str = "v2-data-engine";
-/// Severity of a group that sets none.
-pub const DEFAULT_SEVERITY: &str = "critical";
 /// The smallest ring buffer accepted: one page.
 pub const MIN_RING_BUFFER_SIZE: u32 = 4096;
 
@@ -112,49 +110,6 @@ impl fmt::Display for SourceKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
-}
-
-/// How a group's modules combine.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum GroupMode {
-    /// Every module must be loaded or built in.
-    AllOf,
-    /// At least one module must be loaded or built in.
-    AnyOf,
-}
-
-/// One requirement group, ready for the tracker.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct GroupSpec {
-    /// `[a-z0-9-]+`.
-    pub name: String,
-    /// all_of or any_of.
-    pub mode: GroupMode,
-    /// At least one, no duplicates, in file order.
-    pub modules: Vec<ModuleName>,
-    /// Free-form label for alerts, default [`DEFAULT_SEVERITY`].
-    pub severity: String,
-    /// Whether this is one of the built-in groups.
-    pub builtin: bool,
-}
-
-/// What the file says about a built-in group.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct BuiltinGroupSettings {
-    /// `enabled = ...`, if given.
-    pub enabled: Option<bool>,
-    /// `severity = ...`, if given.
-    pub severity: Option<String>,
-}
-
-/// A group defined in the file.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct UserGroup {
-    /// The validated group.
-    pub spec: GroupSpec,
-    /// `enabled = ...`, default true.
-    pub enabled: bool,
 }
 
 /// The `event_log` key: a file, or `""` for none.
@@ -212,12 +167,8 @@ pub struct FileConfig {
     pub longhorn_grace: Option<Duration>,
     /// `v2_hugepages_2mi`: 2 MiB hugepages V2 needs; 0 = do not check.
     pub v2_hugepages_2mi: Option<u64>,
-    /// `[groups.base]`.
-    pub base_group: BuiltinGroupSettings,
-    /// `[groups.v2-data-engine]`.
-    pub v2_group: BuiltinGroupSettings,
-    /// User groups, sorted by name (enabled or not).
-    pub groups: Vec<UserGroup>,
+    /// `[groups.*]`: the built-in groups' switches and the user's groups.
+    pub groups: GroupSettings,
 }
 
 /// What is wrong with a config file, without the file and line (see
@@ -452,88 +403,7 @@ pub fn parse_config(text: &str, origin: &Path) -> Result<FileConfig, ConfigError
 #[must_use]
 pub fn v2_in_file(file: Option<&FileConfig>) -> Option<bool> {
     let f = file?;
-    f.v2_data_engine.or(f.v2_group.enabled)
-}
-
-/// The enabled groups, in a stable order: `base`, `v2-data-engine`, then user
-/// groups by name. `v2_on` is the decision of
-/// [`crate::longhorn::decide_v2`] (flag, cluster, file).
-#[must_use]
-pub fn resolve_groups(file: Option<&FileConfig>, v2_on: bool) -> Vec<GroupSpec> {
-    let default = FileConfig::default();
-    let FileConfig {
-        v2_data_engine: _,
-        base_group,
-        v2_group,
-        groups,
-        origin: _,
-        listen: _,
-        source: _,
-        reconcile_interval: _,
-        poll_interval: _,
-        ring_buffer_size: _,
-        host_root: _,
-        alertmanager: _,
-        alert_resend_interval: _,
-        node_name: _,
-        runbook_url: _,
-        event_log: _,
-        fsync: _,
-        event_log_max_bytes: _,
-        event_log_keep: _,
-        longhorn: _,
-        longhorn_namespace: _,
-        kubeconfig: _,
-        longhorn_grace: _,
-        v2_hugepages_2mi: _,
-    } = file.unwrap_or(&default);
-
-    let mut enabled = Vec::new();
-    let [base, v2] = builtin_groups();
-    if base_group.enabled.unwrap_or(true) {
-        enabled.push(with_severity(base, base_group.severity.as_deref()));
-    }
-    if v2_on {
-        enabled.push(with_severity(v2, v2_group.severity.as_deref()));
-    }
-    let mut user: Vec<&UserGroup> = groups.iter().filter(|g| g.enabled).collect();
-    user.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
-    enabled.extend(user.into_iter().map(|g| g.spec.clone()));
-    enabled
-}
-
-fn with_severity(mut spec: GroupSpec, severity: Option<&str>) -> GroupSpec {
-    if let Some(severity) = severity {
-        severity.clone_into(&mut spec.severity);
-    }
-    spec
-}
-
-/// The built-in groups with their default severity: `[base, v2-data-engine]`.
-#[must_use]
-pub fn builtin_groups() -> [GroupSpec; 2] {
-    let names = |names: &[&str]| -> Vec<ModuleName> {
-        names
-            .iter()
-            .filter_map(|n| ModuleName::from_kernel(n))
-            .collect()
-    };
-    [
-        GroupSpec {
-            name: BASE_GROUP.to_owned(),
-            mode: GroupMode::AllOf,
-            modules: names(&["dm_crypt"]),
-            severity: DEFAULT_SEVERITY.to_owned(),
-            builtin: true,
-        },
-        GroupSpec {
-            name: V2_GROUP.to_owned(),
-            mode: GroupMode::AllOf,
-            modules: names(&["vfio_pci", "uio_pci_generic", "nvme_tcp"]),
-            severity: DEFAULT_SEVERITY.to_owned(),
-            builtin: true,
-        },
-    ]
+    f.v2_data_engine.or(f.groups.v2.enabled)
 }
 
 /// The file as TOML gives it, with spans for line numbers.
@@ -805,9 +675,11 @@ impl Locator<'_> {
             kubeconfig,
             longhorn_grace,
             v2_hugepages_2mi,
-            base_group,
-            v2_group,
-            groups,
+            groups: GroupSettings {
+                base: base_group,
+                v2: v2_group,
+                user: groups,
+            },
         })
     }
 
@@ -1016,8 +888,11 @@ mod tests {
         err
     }
 
-    fn name(s: &str) -> ModuleName {
-        ModuleName::parse(s).unwrap()
+    use crate::testing::name;
+
+    /// The groups the file enables, given the V2 decision.
+    fn resolve_groups(file: Option<&FileConfig>, v2_on: bool) -> Vec<GroupSpec> {
+        crate::requirements::resolve(&file.map(|f| f.groups.clone()).unwrap_or_default(), v2_on)
     }
 
     fn group_names(groups: &[GroupSpec]) -> Vec<&str> {
@@ -1098,9 +973,12 @@ severity = "warning"       # default "critical"; free-form label for alerts
             kubeconfig,
             longhorn_grace,
             v2_hugepages_2mi,
-            base_group,
-            v2_group,
-            groups,
+            groups:
+                GroupSettings {
+                    base: base_group,
+                    v2: v2_group,
+                    user: groups,
+                },
         } = c.clone();
         assert_eq!(longhorn, Some(crate::longhorn::LonghornMode::Auto));
         assert_eq!(longhorn_namespace.as_deref(), Some("longhorn-system"));

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     alerting::{self, AlertInputs, AlertSettings, LOST_ALERT_FOR, WantedSet},
-    config::{self, FileConfig, GroupSpec, SourceKind},
+    config::{self, FileConfig, SourceKind},
     event::{Kind, Raw, SourceEvent, boot_ns_now, taint_letters},
     forensic::{
         self, EventLog, EventLogSettings, EventLogStatus, Record, RecordKind, actor,
@@ -44,6 +44,7 @@ use crate::{
     },
     metrics::Metrics,
     names::ModuleName,
+    requirements::{self, GroupSpec},
     source::{self, ActiveKind, RunningSource, SourceMsg, SourceOptions, Unavailable},
     tracker::{GroupChange, GroupReport, Outcome, Tracker},
 };
@@ -696,7 +697,7 @@ impl Daemon {
                 return;
             }
         };
-        let groups = config::resolve_groups(Some(&file), true);
+        let groups = requirements::resolve(&file.groups, true);
         self.settings.v2_local = LocalInputs::resolve(
             self.settings.v2_local.flag,
             self.settings.hugepages_flag,
@@ -774,18 +775,13 @@ impl Daemon {
         status_tx: &watch::Sender<Arc<Status>>,
     ) {
         let mut status = self.status(tracker, running);
-        let severity = self
-            .settings
-            .groups
-            .iter()
-            .find(|g| g.name == config::V2_GROUP)
-            .map_or(config::DEFAULT_SEVERITY, |g| g.severity.as_str());
+        let severity = requirements::v2_severity(&self.settings.groups);
         if let Some(g) = self.v2.hugepages_group(severity) {
             // Right after the V2 group it belongs with.
             let at = status
                 .groups
                 .iter()
-                .position(|g| g.name == config::V2_GROUP)
+                .position(|g| g.name == requirements::V2_GROUP)
                 .map_or(status.groups.len(), |i| i + 1);
             status.groups.insert(at, g);
         }
@@ -871,7 +867,10 @@ impl Daemon {
             return;
         }
         self.log_flips(&flips);
-        if flips.iter().any(|f| f.requirement == config::V2_GROUP) {
+        if flips
+            .iter()
+            .any(|f| f.requirement == requirements::V2_GROUP)
+        {
             let changes = tracker.set_groups(self.v2.groups(&self.settings.groups));
             self.boot = crate::check::boot_facts(&self.settings.host, &self.snapshot, tracker);
             self.log_group_changes(

@@ -29,10 +29,10 @@ use std::process::ExitStatus;
 use serde::Serialize;
 
 use crate::check::{GroupCheck, ModuleCheck, Report};
-use crate::config::GroupMode;
 use crate::host::HostRoot;
 use crate::host::persistence::{Block, PersistSource, Persistence};
 use crate::names::ModuleName;
+use crate::requirements::GroupMode;
 use crate::state::ModuleState;
 
 /// The first line of every file `check --fix` writes; a file whose first
@@ -620,8 +620,8 @@ mod tests {
 
     use super::*;
     use crate::check::evaluate;
-    use crate::config::{GroupSpec, resolve_groups};
     use crate::host::take_snapshot;
+    use crate::requirements::GroupSpec;
     use crate::tracker::Tracker;
 
     const DEP_6_1: &str = include_str!("host/fixtures/modules.dep.debian-6.1");
@@ -713,7 +713,7 @@ mod tests {
     }
 
     fn v2() -> Vec<GroupSpec> {
-        resolve_groups(None, true)
+        crate::requirements::resolve(&crate::requirements::GroupSettings::default(), true)
     }
 
     #[test]

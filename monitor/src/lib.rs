@@ -35,6 +35,9 @@ pub mod longhorn;
 pub mod metrics;
 pub mod names;
 pub mod privileges;
+pub mod requirements;
 pub mod source;
 pub mod state;
+#[cfg(any(test, feature = "test-support"))]
+pub mod testing;
 pub mod tracker;

@@ -22,6 +22,7 @@ use kmod_monitor::{
     },
     host::{self, HostRoot},
     longhorn::{self, ClusterSettings, LocalInputs, LonghornMode},
+    requirements,
     tracker::Tracker,
 };
 use monitor_common::DEFAULT_RING_BYTES;
@@ -372,7 +373,7 @@ fn settings(args: RunArgs) -> anyhow::Result<RunSettings> {
         runbook_url: runbook_url
             .or_else(|| f.and_then(|f| f.runbook_url.clone()))
             .unwrap_or_else(|| DEFAULT_RUNBOOK.to_owned()),
-        groups: config::resolve_groups(f, true),
+        groups: requirements::resolve(&f.map(|f| f.groups.clone()).unwrap_or_default(), true),
         cluster: cluster_settings(&common, f, longhorn_grace)?,
         v2_local: local_inputs(&common, f),
         hugepages_flag: common.v2_hugepages_2mi,
@@ -644,7 +645,10 @@ fn check(args: &CheckArgs) -> anyhow::Result<u8> {
     let (view, cluster_note) = read_cluster_once(&cluster, &node)?;
     let v2 = longhorn::decide_v2(local, view.as_ref());
     let hugepages_on = longhorn::decide_hugepages(&v2, local, view.as_ref());
-    let groups = config::resolve_groups(f, v2.enabled == Some(true));
+    let groups = requirements::resolve(
+        &f.map(|f| f.groups.clone()).unwrap_or_default(),
+        v2.enabled == Some(true),
+    );
     let snapshot = host::take_snapshot(&host).context("reading the host")?;
     let tracker = Tracker::new(&snapshot, groups);
     let boot = check::boot_facts(&host, &snapshot, &tracker);

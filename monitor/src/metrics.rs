@@ -565,7 +565,7 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{config::GroupMode, names::ModuleName, tracker::ModuleReport};
+    use crate::{names::ModuleName, requirements::GroupMode, tracker::ModuleReport};
 
     fn report(name: &str, met: bool, modules: &[(&str, ModuleState)]) -> GroupReport {
         GroupReport {

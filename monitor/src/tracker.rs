@@ -21,10 +21,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::Serialize;
 
 use crate::{
-    config::{GroupMode, GroupSpec},
     event::{Actor, Kind, Raw, SourceEvent},
     host::{LoadedModule, ProcModuleState, Snapshot},
     names::ModuleName,
+    requirements::{GroupMode, GroupSpec},
     state::ModuleState,
 };
 

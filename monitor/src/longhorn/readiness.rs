@@ -114,7 +114,7 @@ pub fn judge(
     }
     V2Check {
         enablement: [
-            (crate::config::V2_GROUP, v2),
+            (crate::requirements::V2_GROUP, v2),
             (crate::longhorn::v2::HUGEPAGES_REQUIREMENT, hugepages_on),
         ]
         .into_iter()

@@ -10,8 +10,8 @@ use super::{
     readiness::{self, HugepagesCheck, Readiness},
 };
 use crate::{
-    config::{GroupMode, GroupSpec, V2_GROUP},
     host::HostRoot,
+    requirements::{GroupMode, GroupSpec, V2_GROUP},
     tracker::GroupReport,
 };
 
