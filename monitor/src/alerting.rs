@@ -293,7 +293,7 @@ fn module_line(inputs: &AlertInputs<'_>, m: &crate::tracker::ModuleReport) -> St
             )),
         }
     }
-    let fix = crate::check::remedy(inputs.snapshot, &m.name, m.state);
+    let fix = crate::remedy::remedy(inputs.snapshot, &m.name, m.state);
     line.push_str(&format!(". Fix: {}", fix.explanation));
     if let Some(cmd) = &fix.command {
         line.push_str(&format!("; now: `{cmd}`"));

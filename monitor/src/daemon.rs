@@ -236,12 +236,12 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
         boot_epoch: std::time::SystemTime::now() - Duration::from_nanos(boot_ns_now()),
         log: None,
         active: running.kind,
-        boot: crate::check::BootFacts::default(),
+        boot: crate::remedy::BootFacts::default(),
         privileges,
         drift_check: None,
         v2,
     };
-    d.boot = crate::check::boot_facts(&d.settings.host, &d.snapshot, &tracker);
+    d.boot = crate::remedy::boot_facts(&d.settings.host, &d.snapshot, tracker.groups());
     for w in &d.boot.warnings {
         tracing::warn!(warning = %w, "boot-time module configuration");
     }
@@ -444,7 +444,7 @@ struct Daemon {
     drift_check: Option<DriftCheck>,
     privileges: crate::privileges::Privileges,
     /// Persistence across reboots and other kernels; refreshed on reconcile.
-    boot: crate::check::BootFacts,
+    boot: crate::remedy::BootFacts,
     counts: EventCounts,
     drift_total: u64,
     reconciles: u64,
@@ -547,7 +547,8 @@ impl Daemon {
     fn reconcile_periodic(&mut self, tracker: &Tracker) {
         // modules-load.d and friends change without events; they are a few
         // small files, so re-read them with every reconcile.
-        self.boot = crate::check::boot_facts(&self.settings.host, &self.snapshot, tracker);
+        self.boot =
+            crate::remedy::boot_facts(&self.settings.host, &self.snapshot, tracker.groups());
         self.refresh_hugepages();
         if self.drift_check.is_some() {
             return;
@@ -590,7 +591,8 @@ impl Daemon {
     /// Re-reads /proc/modules and corrects the tracker at once (after a
     /// loss, a source failure, or to settle the start-up snapshot).
     fn reconcile(&mut self, tracker: &mut Tracker, count_as_drift: bool) {
-        self.boot = crate::check::boot_facts(&self.settings.host, &self.snapshot, tracker);
+        self.boot =
+            crate::remedy::boot_facts(&self.settings.host, &self.snapshot, tracker.groups());
         let started = boot_ns_now();
         let Some(loaded) = self.read_loaded() else {
             return;
@@ -707,7 +709,8 @@ impl Daemon {
         let flips = self.v2.decide();
         self.log_flips(&flips);
         let changes = tracker.set_groups(self.v2.groups(&groups));
-        self.boot = crate::check::boot_facts(&self.settings.host, &self.snapshot, tracker);
+        self.boot =
+            crate::remedy::boot_facts(&self.settings.host, &self.snapshot, tracker.groups());
         self.settings.groups = groups;
         self.refresh_hugepages();
         tracing::info!(path = %path.display(), groups = ?tracker.groups().iter().map(|g| &g.name).collect::<Vec<_>>(), "SIGHUP: config reloaded");
@@ -872,7 +875,8 @@ impl Daemon {
             .any(|f| f.requirement == requirements::V2_GROUP)
         {
             let changes = tracker.set_groups(self.v2.groups(&self.settings.groups));
-            self.boot = crate::check::boot_facts(&self.settings.host, &self.snapshot, tracker);
+            self.boot =
+                crate::remedy::boot_facts(&self.settings.host, &self.snapshot, tracker.groups());
             self.log_group_changes(
                 None,
                 &changes,

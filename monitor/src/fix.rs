@@ -689,7 +689,7 @@ mod tests {
             let root = self.root();
             let snapshot = take_snapshot(&root).unwrap();
             let tracker = Tracker::new(&snapshot, groups);
-            let boot = crate::check::boot_facts(&root, &snapshot, &tracker);
+            let boot = crate::remedy::boot_facts(&root, &snapshot, tracker.groups());
             let report = evaluate(&snapshot, &tracker, &boot);
             let persistence: BTreeMap<ModuleName, Persistence> = boot.persistence;
             plan(&report, &persistence, &root)

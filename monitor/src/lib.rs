@@ -35,6 +35,7 @@ pub mod longhorn;
 pub mod metrics;
 pub mod names;
 pub mod privileges;
+pub mod remedy;
 pub mod requirements;
 pub mod source;
 pub mod state;

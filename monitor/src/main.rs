@@ -511,7 +511,7 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
 /// run, after printing the plan), 1 when a modprobe failed.
 fn fix(
     report: &check::Report,
-    boot: &check::BootFacts,
+    boot: &kmod_monitor::remedy::BootFacts,
     host: &HostRoot,
     dry_run: bool,
 ) -> anyhow::Result<u8> {
@@ -651,7 +651,7 @@ fn check(args: &CheckArgs) -> anyhow::Result<u8> {
     );
     let snapshot = host::take_snapshot(&host).context("reading the host")?;
     let tracker = Tracker::new(&snapshot, groups);
-    let boot = check::boot_facts(&host, &snapshot, &tracker);
+    let boot = kmod_monitor::remedy::boot_facts(&host, &snapshot, tracker.groups());
     let mut report = check::evaluate(&snapshot, &tracker, &boot);
     let readiness = longhorn::readiness::read(&host, &snapshot.kernel_release, local.hugepages_2mi);
     let v2_check = longhorn::readiness::judge(v2, hugepages_on, readiness, cluster_note);
