@@ -253,7 +253,7 @@ pub struct AlertInputs<'a> {
     pub groups: &'a [crate::tracker::GroupReport],
     /// For remedies (kernel config of missing modules).
     pub snapshot: &'a crate::host::Snapshot,
-    pub source: &'a crate::daemon::SourceStatus,
+    pub source: &'a crate::status::SourceStatus,
     pub modules_supported: bool,
     /// Events were lost within the last [`LOST_ALERT_FOR`].
     pub lost_recently: bool,
@@ -502,13 +502,13 @@ mod tests {
 mod wanted_tests {
     use super::*;
     use crate::{
-        daemon::SourceStatus,
         event::{Actor, Kind},
         host::Snapshot,
         names::ModuleName,
         requirements::GroupMode,
         source::{ActiveKind, Unavailable},
         state::ModuleState,
+        status::SourceStatus,
         tracker::{GroupReport, LastEvent, ModuleReport},
     };
 

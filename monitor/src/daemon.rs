@@ -12,7 +12,6 @@ use std::{
 };
 
 use anyhow::Context as _;
-use serde::Serialize;
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::watch,
@@ -32,20 +31,18 @@ use crate::{
             RequirementEffect, RequirementFlip, StateChange,
         },
     },
-    host::{
-        self, HostRoot, InitState, Snapshot,
-        persistence::{OtherKernel, Persistence},
-    },
+    host::{self, HostRoot, InitState, Snapshot},
     http,
     longhorn::{
         self, ClusterSettings, ClusterView, LocalInputs,
-        v2::{Flip, HUGEPAGES_REQUIREMENT, V2State, V2Status},
+        v2::{Flip, HUGEPAGES_REQUIREMENT, V2State},
         watch::WatchTarget,
     },
     metrics::Metrics,
     names::ModuleName,
     requirements::{self, GroupSpec},
     source::{self, ActiveKind, RunningSource, SourceMsg, SourceOptions, Unavailable},
+    status::{EventCounts, SourceStatus, Status},
     tracker::{GroupChange, GroupReport, Outcome, Tracker},
 };
 
@@ -100,49 +97,6 @@ struct DriftCheck {
 const CONFIRM_AFTER: Duration = Duration::from_millis(500);
 /// Longest wait between initstate checks of a slow init.
 const CONFIRM_MAX: Duration = Duration::from_secs(5);
-
-/// The event source as /status shows it.
-#[derive(Clone, Debug, Serialize)]
-pub struct SourceStatus {
-    pub active: ActiveKind,
-    pub unavailable: Vec<Unavailable>,
-    pub details: Vec<String>,
-}
-
-/// Event counters as /status shows them.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct EventCounts {
-    pub received: u64,
-    pub lost: u64,
-    pub undecodable: u64,
-    pub by_kind: BTreeMap<&'static str, u64>,
-}
-
-/// The daemon's state for /status, rebuilt after every change.
-#[derive(Clone, Debug, Serialize)]
-pub struct Status {
-    pub version: &'static str,
-    pub kernel_release: String,
-    pub modules_supported: bool,
-    pub host_root: PathBuf,
-    pub source: SourceStatus,
-    pub events: EventCounts,
-    pub drift_total: u64,
-    pub reconciles: u64,
-    pub warnings: Vec<String>,
-    pub groups: Vec<GroupReport>,
-    /// Whether each required module will be there after a reboot, and why.
-    pub persistence: BTreeMap<ModuleName, Persistence>,
-    /// Other installed kernels and the required modules each lacks.
-    pub other_kernels: Vec<OtherKernel>,
-    /// The forensic event log; null when there is none.
-    pub event_log: Option<EventLogStatus>,
-    /// uid, gid and capabilities after the drop.
-    pub privileges: crate::privileges::Privileges,
-    /// V2 enablement (and where it came from), the cluster watch, and V2
-    /// readiness beyond modules.
-    pub v2: V2Status,
-}
 
 /// Runs until SIGTERM/SIGINT.
 ///

@@ -13,7 +13,7 @@ use axum::{
 use tokio::{sync::watch, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
-use crate::{daemon::Status, metrics::Metrics};
+use crate::{metrics::Metrics, status::Status};
 
 #[derive(Clone)]
 struct Shared {

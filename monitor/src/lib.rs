@@ -39,6 +39,7 @@ pub mod remedy;
 pub mod requirements;
 pub mod source;
 pub mod state;
+pub mod status;
 #[cfg(any(test, feature = "test-support"))]
 pub mod testing;
 pub mod tracker;
