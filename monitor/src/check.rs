@@ -1,17 +1,28 @@
-//! `kmod-monitor check`: the one-shot preflight. Reads the host once,
-//! judges every group on its own, and for each unmet module says exactly
-//! how to fix it now and across reboots.
-use std::fmt::Write as _;
+//! `kmod-monitor check`: the one-shot preflight. Reads the settings, the
+//! cluster and the host once, judges every group on its own, and for each
+//! unmet module says exactly how to fix it now and across reboots
+//! (remedies come from [`crate::remedy`]); `--fix` hands them to
+//! [`crate::fix`].
+use std::{fmt::Write as _, time::Duration};
 
 use serde::Serialize;
 
+use anyhow::Context as _;
+
 use crate::{
+    config::{
+        CommonSettings,
+        flags::{CheckFlags, Output},
+        settings,
+    },
     host::{
-        Snapshot,
+        self, HostRoot, Snapshot,
         persistence::{OtherKernel, Persistence},
     },
+    longhorn::{self, ClusterSettings, LonghornMode},
     names::ModuleName,
     remedy::{BootFacts, MODULES_LOAD_FILE, Remedy, remedy},
+    requirements,
     requirements::GroupMode,
     state::ModuleState,
     tracker::{GroupReport, Tracker},
@@ -55,6 +66,123 @@ impl Report {
         u8::from(!self.met)
     }
 }
+
+/// `kmod-monitor check [--fix [--dry-run]]`: reads the settings, the
+/// cluster (once, with a timeout) and the host, prints the report (or
+/// applies the fixes) and returns the exit code: 0 met, 1 not met.
+///
+/// # Errors
+/// Bad flags or config (exit 2 in `main`), an unreadable host.
+pub fn command(flags: &CheckFlags) -> anyhow::Result<u8> {
+    let file = settings::load_file(&flags.common)?;
+    let CommonSettings {
+        config_path: _,
+        host,
+        node_name,
+        groups,
+        v2_local,
+        cluster,
+    } = settings::resolve_common(&flags.common, file.as_ref())?;
+    let (view, cluster_note) = read_cluster_once(&cluster, &node_name)?;
+    let v2 = longhorn::decide_v2(v2_local, view.as_ref());
+    let hugepages_on = longhorn::decide_hugepages(&v2, v2_local, view.as_ref());
+    let groups = requirements::resolve(&groups, v2.enabled == Some(true));
+    let snapshot = host::take_snapshot(&host).context("reading the host")?;
+    let tracker = Tracker::new(&snapshot, groups);
+    let boot = crate::remedy::boot_facts(&host, &snapshot, tracker.groups());
+    let mut report = evaluate(&snapshot, &tracker, &boot);
+    let readiness =
+        longhorn::readiness::read(&host, &snapshot.kernel_release, v2_local.hugepages_2mi);
+    let v2_check = longhorn::readiness::judge(v2, hugepages_on, readiness, cluster_note);
+    report.met &= v2_check.met;
+    report.v2 = Some(v2_check);
+    if flags.fix {
+        return fix(&report, &boot, &host, flags.dry_run);
+    }
+    match flags.output {
+        Output::Text => print!("{}", render_text(&report)),
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&report).context("encoding the report")?
+        ),
+    }
+    Ok(report.exit_code())
+}
+
+/// `check --fix [--dry-run]`: exit 0 when every step succeeded (or, dry
+/// run, after printing the plan), 1 when a modprobe failed.
+fn fix(report: &Report, boot: &BootFacts, host: &HostRoot, dry_run: bool) -> anyhow::Result<u8> {
+    let plan = crate::fix::plan(report, &boot.persistence, host)?;
+    if dry_run {
+        print!("{plan}");
+        return Ok(0);
+    }
+    let root = host.root().to_path_buf();
+    // modprobe must act on the host: through chroot when the host's / is
+    // mounted elsewhere (a container with --host-root).
+    let runner = |argv: &[&str]| {
+        let mut cmd = if root == std::path::Path::new("/") {
+            let mut c = std::process::Command::new(argv[0]);
+            c.args(&argv[1..]);
+            c
+        } else {
+            let mut c = std::process::Command::new("chroot");
+            c.arg(&root).args(argv);
+            c
+        };
+        cmd.status()
+    };
+    let done = crate::fix::apply(&plan, host, &runner)?;
+    print!("{done}");
+    Ok(u8::from(!done.ok()))
+}
+
+/// `check`'s one read of the cluster: the view, and a note on how it was
+/// read (or why not).
+fn read_cluster_once(
+    cluster: &ClusterSettings,
+    node: &str,
+) -> anyhow::Result<(Option<longhorn::ClusterView>, String)> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async {
+        let Some(client) = longhorn::client(cluster).await? else {
+            let why = match cluster.mode {
+                LonghornMode::Off => "not asked (--longhorn off)",
+                LonghornMode::Auto => {
+                    "not asked: not in a cluster (no service account, no kubeconfig)"
+                }
+            };
+            return Ok((None, why.to_owned()));
+        };
+        let target = longhorn::watch::WatchTarget {
+            namespace: cluster.namespace.clone(),
+            node: node.to_owned(),
+        };
+        let view = tokio::time::timeout(
+            CHECK_CLUSTER_TIMEOUT,
+            longhorn::watch::read_once(client, &target),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            let r = format!("no answer from the API server within {CHECK_CLUSTER_TIMEOUT:?}");
+            longhorn::ClusterView {
+                v2_setting: longhorn::Fact::Unknown(r.clone()),
+                hugepage_setting: longhorn::Fact::Unknown(r.clone()),
+                node_opt_out: longhorn::Fact::Unknown(r),
+            }
+        });
+        Ok((
+            Some(view),
+            format!("asked (namespace {}, node {node})", cluster.namespace),
+        ))
+    })
+}
+
+/// How long `check` waits for the API server.
+const CHECK_CLUSTER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Judges `groups` (already resolved) against a snapshot.
 #[must_use]

@@ -493,97 +493,19 @@ mod tests {
     //! Lifecycle tests on a snapshot parsed from a real Debian 6.1 guest
     //! (/proc/modules with dm_crypt, nvme_tcp and vfio_pci loaded, plus that
     //! kernel's modules.builtin and modules.dep).
-    use std::path::Path;
-
     use super::*;
-    use crate::{
-        event::Actor,
-        host::{parse_modules_builtin, parse_modules_dep, parse_proc_modules},
-    };
-
-    fn fixture(name: &str) -> String {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("src/host/fixtures")
-            .join(name);
-        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-    }
+    use crate::testing::{event, group, longhorn_groups, name, snapshot_debian_6_1};
 
     fn n(s: &str) -> ModuleName {
-        ModuleName::parse(s).unwrap()
+        name(s)
     }
 
-    /// The real 6.1 guest: dm_crypt, nvme_tcp, vfio_pci loaded;
-    /// uio_pci_generic available, not loaded.
     fn snapshot_6_1() -> Snapshot {
-        let p = Path::new("fixture");
-        let loaded = parse_proc_modules(&fixture("proc_modules.debian-6.1"), p)
-            .log_and_take()
-            .into_iter()
-            .map(|m| {
-                (
-                    m.name,
-                    LoadedModule {
-                        state: m.state,
-                        taints: m.taints,
-                    },
-                )
-            })
-            .collect();
-        Snapshot {
-            kernel_release: "6.1.0-56-amd64".into(),
-            modules_supported: true,
-            loaded,
-            builtin: parse_modules_builtin(&fixture("modules.builtin.debian-6.1"), p)
-                .log_and_take(),
-            available: parse_modules_dep(&fixture("modules.dep.debian-6.1"), p).log_and_take(),
-            kernel_config: None,
-            modules_dir: None,
-            warnings: Vec::new(),
-        }
-    }
-
-    fn group(name: &str, mode: GroupMode, modules: &[&str]) -> GroupSpec {
-        GroupSpec {
-            name: name.into(),
-            mode,
-            modules: modules.iter().map(|m| n(m)).collect(),
-            severity: "critical".into(),
-            builtin: false,
-        }
-    }
-
-    fn longhorn_groups() -> Vec<GroupSpec> {
-        vec![
-            group("base", GroupMode::AllOf, &["dm_crypt"]),
-            group(
-                "v2-data-engine",
-                GroupMode::AllOf,
-                &["vfio_pci", "uio_pci_generic", "nvme_tcp"],
-            ),
-        ]
+        snapshot_debian_6_1()
     }
 
     fn ev(raw: Raw, module: &str, t: u64) -> SourceEvent {
-        SourceEvent {
-            raw,
-            module: n(module),
-            boot_ns: t,
-            actor: Some(Actor {
-                pid: 100 + u32::try_from(t).unwrap(),
-                tgid: 100 + u32::try_from(t).unwrap(),
-                uid: 0,
-                gid: 0,
-                comm: if matches!(raw, Raw::UnloadBegin | Raw::UnloadResult { .. }) {
-                    "rmmod".into()
-                } else {
-                    "modprobe".into()
-                },
-                cgroup_id: 1,
-            }),
-            taints: 0,
-            wait: false,
-            cpu: Some(0),
-        }
+        event(raw, module, t)
     }
 
     fn met(t: &Tracker, group: &str) -> bool {

@@ -269,6 +269,15 @@ pub struct ConfigInfo {
     pub error: Option<String>,
     /// The enabled groups after the reload.
     pub groups: Vec<String>,
+    /// Keys the file changed that took effect at once.
+    #[serde(default)]
+    pub applied: Vec<String>,
+    /// Keys the file changed that take effect only at the next start.
+    #[serde(default)]
+    pub restart_required: Vec<String>,
+    /// Keys the file changed that a command-line flag still overrides.
+    #[serde(default)]
+    pub overridden: Vec<String>,
 }
 
 /// A torn or unparsable line named by `log_recovered`.

@@ -145,8 +145,9 @@ impl Decision {
     }
 }
 
-/// The inputs that do not come from the cluster.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// The inputs that do not come from the cluster, as the settings resolver
+/// ([`crate::config::settings`]) found them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LocalInputs {
     /// `--v2-data-engine[=bool]`.
     pub flag: Option<bool>,
@@ -154,23 +155,17 @@ pub struct LocalInputs {
     pub file: Option<bool>,
     /// 2 MiB pages V2 needs (`v2_hugepages_2mi`; 0 = do not check).
     pub hugepages_2mi: u64,
+    /// Where `hugepages_2mi` came from: the flag, the file or the default.
+    pub hugepages_source: Source,
 }
 
-impl LocalInputs {
-    /// The flags (`--v2-data-engine`, `--v2-hugepages-2mi`) over the config
-    /// file over the defaults: at start-up and again on every reload.
-    #[must_use]
-    pub fn resolve(
-        v2_flag: Option<bool>,
-        hugepages_flag: Option<u64>,
-        file: Option<&crate::config::FileConfig>,
-    ) -> Self {
+impl Default for LocalInputs {
+    fn default() -> Self {
         Self {
-            flag: v2_flag,
-            file: crate::config::v2_in_file(file),
-            hugepages_2mi: hugepages_flag
-                .or_else(|| file.and_then(|f| f.v2_hugepages_2mi))
-                .unwrap_or(super::readiness::DEFAULT_HUGEPAGES_2MI),
+            flag: None,
+            file: None,
+            hugepages_2mi: super::readiness::DEFAULT_HUGEPAGES_2MI,
+            hugepages_source: Source::Default,
         }
     }
 }
@@ -254,11 +249,11 @@ pub fn decide_hugepages(
         Some(true) => {}
     }
     if local.hugepages_2mi == 0 {
-        return Decision::known(
-            false,
-            Source::Config,
-            "v2_hugepages_2mi = 0 in the config file",
-        );
+        let said = match local.hugepages_source {
+            Source::Flag => "--v2-hugepages-2mi 0 on the command line",
+            _ => "v2_hugepages_2mi = 0 in the config file",
+        };
+        return Decision::known(false, local.hugepages_source, said);
     }
     match cluster.map(|c| &c.hugepage_setting) {
         Some(Fact::Value(on)) => {
@@ -338,6 +333,7 @@ mod tests {
         flag: None,
         file: None,
         hugepages_2mi: 1024,
+        hugepages_source: Source::Default,
     };
 
     #[test]
@@ -470,12 +466,21 @@ mod tests {
         );
         let zero = LocalInputs {
             hugepages_2mi: 0,
+            hugepages_source: Source::Config,
             ..NONE
         };
         assert_eq!(
             outcome(&decide_hugepages(&v2, zero, Some(&on))),
             (Some(false), "config")
         );
+        // The flag's 0 is the flag's, not the file's.
+        let zero_flag = LocalInputs {
+            hugepages_source: Source::Flag,
+            ..zero
+        };
+        let d = decide_hugepages(&v2, zero_flag, Some(&on));
+        assert_eq!(outcome(&d), (Some(false), "flag"));
+        assert!(d.reason.contains("--v2-hugepages-2mi 0"), "{}", d.reason);
         let v2_unknown = decide_v2(NONE, Some(&view(unknown(), Fact::Absent)));
         assert_eq!(decide_hugepages(&v2_unknown, NONE, None).enabled, None);
         let v2_off = decide_v2(NONE, None);

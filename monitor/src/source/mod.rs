@@ -15,11 +15,48 @@ use std::{
     time::Duration,
 };
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::{config::SourceKind, event::SourceEvent, host::HostRoot};
+use crate::{event::SourceEvent, host::HostRoot};
+
+/// Which event source the daemon uses.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, clap::ValueEnum, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    /// eBPF if it attaches, else uevent, else poll.
+    #[default]
+    Auto,
+    /// eBPF programs on the module tracepoints.
+    Ebpf,
+    /// Kernel uevents over netlink.
+    Uevent,
+    /// Re-reading /proc/modules every `poll_interval`.
+    Poll,
+}
+
+impl SourceKind {
+    /// The lower-case name used in the config file, on the command line and
+    /// in output.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Ebpf => "ebpf",
+            Self::Uevent => "uevent",
+            Self::Poll => "poll",
+        }
+    }
+}
+
+impl std::fmt::Display for SourceKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// Capacity of the queue between a source and the daemon. A full queue
 /// makes the eBPF reader wait, so the ring buffer (counted in-kernel)

@@ -1,5 +1,8 @@
-//! The TOML config file: parsed, then validated once into [`FileConfig`], and
-//! resolved with the command line into the enabled requirement groups.
+//! The TOML config file: parsed, then validated key by key into
+//! [`FileConfig`] with the validators the flags use ([`super::validate`]),
+//! so every error names the file, the line (and, for TOML errors, the
+//! column) and the key. The settings resolver ([`super::settings`]) merges
+//! it with the flags; the groups become [`crate::requirements`].
 //!
 //! # Format
 //! Every key is optional; command-line flags override the daemon settings.
@@ -57,60 +60,22 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::io;
-use std::net::{AddrParseError, SocketAddr};
+use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use toml::Spanned;
 
-use crate::forensic::{FsyncPolicy, MIN_MAX_BYTES};
+use super::validate;
+use crate::forensic::FsyncPolicy;
 use crate::names::{ModuleName, NameError};
 use crate::requirements::{
     BASE_GROUP, BuiltinGroupSettings, DEFAULT_SEVERITY, GroupMode, GroupSettings, GroupSpec,
     UserGroup, V2_GROUP,
 };
-
-/// The smallest ring buffer accepted: one page.
-pub const MIN_RING_BUFFER_SIZE: u32 = 4096;
-
-/// Which event source the daemon uses.
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, clap::ValueEnum, Serialize, Deserialize,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum SourceKind {
-    /// eBPF if it attaches, else uevent, else poll.
-    #[default]
-    Auto,
-    /// eBPF programs on the module tracepoints.
-    Ebpf,
-    /// Kernel uevents over netlink.
-    Uevent,
-    /// Re-reading /proc/modules every `poll_interval`.
-    Poll,
-}
-
-impl SourceKind {
-    /// The lower-case name used in the config file, on the command line and
-    /// in output.
-    #[must_use]
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Self::Auto => "auto",
-            Self::Ebpf => "ebpf",
-            Self::Uevent => "uevent",
-            Self::Poll => "poll",
-        }
-    }
-}
-
-impl fmt::Display for SourceKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+use crate::source::SourceKind;
 
 /// The `event_log` key: a file, or `""` for none.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -255,69 +220,17 @@ pub enum ConfigProblem {
         /// The value as written.
         severity: String,
     },
-    /// `ring_buffer_size` is not a power of two of at least a page.
-    #[error("ring_buffer_size = {value} is not a power of two >= {MIN_RING_BUFFER_SIZE}")]
-    RingBufferSize {
-        /// The value as written.
-        value: u32,
-    },
-    /// An interval of zero seconds.
-    #[error("{key} = 0: must be at least 1 second")]
-    ZeroInterval {
-        /// `reconcile_interval`, `poll_interval` or `alert_resend_interval`.
-        key: &'static str,
-    },
-    /// `listen` is not `IP:port`.
-    #[error("listen = {value:?} is not an IP address and port ({error})")]
-    Listen {
-        /// The value as written.
-        value: String,
-        /// Why it does not parse.
-        error: AddrParseError,
-    },
-    /// `host_root` is relative or empty.
-    #[error("host_root = {value:?} is not an absolute path")]
-    HostRoot {
-        /// The value as written.
-        value: String,
-    },
-    /// An `alertmanager` entry that is not an http URL.
-    #[error("alertmanager = {value:?}: {problem}")]
-    AlertmanagerUrl {
-        /// The value as written.
-        value: String,
-        /// Why it cannot be used.
-        problem: String,
-    },
-    /// `node_name` or `runbook_url` is empty or has control characters.
-    #[error("{key} = {value:?} must be non-empty text on one line")]
-    Text {
+    /// A key's value that its validator ([`super::validate`]) rejects; the
+    /// problem is worded as for the matching flag.
+    #[error("{key} = {value}: {problem}")]
+    Invalid {
         /// The key.
         key: &'static str,
-        /// The value as written.
-        value: String,
+        /// The value as written (strings quoted).
+        value: Box<str>,
+        /// What is wrong with it.
+        problem: Box<str>,
     },
-    /// `kubeconfig` is not an absolute path.
-    #[error("kubeconfig = {value:?} is not an absolute path")]
-    Kubeconfig {
-        /// The value as written.
-        value: String,
-    },
-    /// `event_log` is neither an absolute path nor `""`.
-    #[error("event_log = {value:?} is not an absolute path (or \"\" for no event log)")]
-    EventLogPath {
-        /// The value as written.
-        value: String,
-    },
-    /// `event_log_max_bytes` below the minimum.
-    #[error("event_log_max_bytes = {value} is less than {MIN_MAX_BYTES}")]
-    EventLogMaxBytes {
-        /// The value as written.
-        value: u64,
-    },
-    /// `event_log_keep = 0`.
-    #[error("event_log_keep = 0: keep at least 1 rotated file")]
-    EventLogKeep,
     /// `v2_data_engine = true` and `[groups.v2-data-engine] enabled = false`.
     #[error("[groups.{V2_GROUP}] enabled = false contradicts v2_data_engine = true")]
     V2Conflict,
@@ -398,12 +311,91 @@ pub fn parse_config(text: &str, origin: &Path) -> Result<FileConfig, ConfigError
     located.validate(raw)
 }
 
-/// What the file says about the V2 data engine: `v2_data_engine` or
-/// `[groups.v2-data-engine] enabled` (validation rejects a contradiction).
-#[must_use]
-pub fn v2_in_file(file: Option<&FileConfig>) -> Option<bool> {
-    let f = file?;
-    f.v2_data_engine.or(f.groups.v2.enabled)
+impl FileConfig {
+    /// What the file says about the V2 data engine: `v2_data_engine` or
+    /// `[groups.v2-data-engine] enabled` (validation rejects a
+    /// contradiction).
+    #[must_use]
+    pub fn v2_switch(&self) -> Option<bool> {
+        self.v2_data_engine.or(self.groups.v2.enabled)
+    }
+
+    /// The keys whose value differs between `old` and `new` (a missing
+    /// file sets no key), named as in the file; `groups` stands for every
+    /// `[groups.*]` table.
+    #[must_use]
+    pub fn changed_keys(old: Option<&Self>, new: Option<&Self>) -> Vec<&'static str> {
+        let none = Self::default();
+        let Self {
+            origin: _,
+            listen,
+            source,
+            reconcile_interval,
+            poll_interval,
+            ring_buffer_size,
+            host_root,
+            v2_data_engine,
+            alertmanager,
+            alert_resend_interval,
+            node_name,
+            runbook_url,
+            event_log,
+            fsync,
+            event_log_max_bytes,
+            event_log_keep,
+            longhorn,
+            longhorn_namespace,
+            kubeconfig,
+            longhorn_grace,
+            v2_hugepages_2mi,
+            groups,
+        } = old.unwrap_or(&none);
+        let new = new.unwrap_or(&none);
+        [
+            ("listen", *listen != new.listen),
+            ("source", *source != new.source),
+            (
+                "reconcile_interval",
+                *reconcile_interval != new.reconcile_interval,
+            ),
+            ("poll_interval", *poll_interval != new.poll_interval),
+            (
+                "ring_buffer_size",
+                *ring_buffer_size != new.ring_buffer_size,
+            ),
+            ("host_root", *host_root != new.host_root),
+            ("v2_data_engine", *v2_data_engine != new.v2_data_engine),
+            ("alertmanager", *alertmanager != new.alertmanager),
+            (
+                "alert_resend_interval",
+                *alert_resend_interval != new.alert_resend_interval,
+            ),
+            ("node_name", *node_name != new.node_name),
+            ("runbook_url", *runbook_url != new.runbook_url),
+            ("event_log", *event_log != new.event_log),
+            ("fsync", *fsync != new.fsync),
+            (
+                "event_log_max_bytes",
+                *event_log_max_bytes != new.event_log_max_bytes,
+            ),
+            ("event_log_keep", *event_log_keep != new.event_log_keep),
+            ("longhorn", *longhorn != new.longhorn),
+            (
+                "longhorn_namespace",
+                *longhorn_namespace != new.longhorn_namespace,
+            ),
+            ("kubeconfig", *kubeconfig != new.kubeconfig),
+            ("longhorn_grace", *longhorn_grace != new.longhorn_grace),
+            (
+                "v2_hugepages_2mi",
+                *v2_hugepages_2mi != new.v2_hugepages_2mi,
+            ),
+            ("groups", *groups != new.groups),
+        ]
+        .into_iter()
+        .filter_map(|(key, changed)| changed.then_some(key))
+        .collect()
+    }
 }
 
 /// The file as TOML gives it, with spans for line numbers.
@@ -430,7 +422,7 @@ struct RawFile {
     longhorn_namespace: Option<Spanned<String>>,
     kubeconfig: Option<Spanned<String>>,
     longhorn_grace: Option<Spanned<u64>>,
-    v2_hugepages_2mi: Option<u64>,
+    v2_hugepages_2mi: Option<Spanned<u64>>,
     #[serde(default)]
     groups: BTreeMap<Spanned<String>, RawGroup>,
 }
@@ -443,32 +435,6 @@ struct RawGroup {
     all_of: Option<Spanned<Vec<Spanned<String>>>>,
     any_of: Option<Spanned<Vec<Spanned<String>>>>,
     severity: Option<Spanned<String>>,
-}
-
-/// Parses an Alertmanager base URL (`http://host:9093`, optionally with a
-/// path prefix). Shared with the `--alertmanager` flag.
-///
-/// # Errors
-/// A message saying what is wrong with the URL.
-pub fn parse_alertmanager_url(text: &str) -> Result<reqwest::Url, String> {
-    let url = reqwest::Url::parse(text).map_err(|e| format!("not a URL ({e})"))?;
-    match url.scheme() {
-        "http" => {}
-        "https" => {
-            return Err(
-                "https is not supported by this build; use http (e.g. to a TLS-terminating sidecar or the in-cluster service)"
-                    .to_owned(),
-            );
-        }
-        other => return Err(format!("scheme {other:?} is not http")),
-    }
-    if url.host_str().is_none() {
-        return Err("has no host".to_owned());
-    }
-    if url.query().is_some() || url.fragment().is_some() {
-        return Err("must not have a query or fragment".to_owned());
-    }
-    Ok(url)
 }
 
 /// Turns byte spans of one file into line numbers and errors.
@@ -524,113 +490,62 @@ impl Locator<'_> {
             v2_hugepages_2mi,
             groups: raw_groups,
         } = raw;
-        let longhorn_namespace = self.text(longhorn_namespace, "longhorn_namespace")?;
-        let kubeconfig = kubeconfig
-            .map(|value| {
-                let text = value.get_ref();
-                if Path::new(text).is_absolute() && !text.chars().any(char::is_control) {
-                    Ok(PathBuf::from(text))
-                } else {
-                    Err(self.error(
-                        &value.span(),
-                        ConfigProblem::Kubeconfig {
-                            value: text.clone(),
-                        },
-                    ))
-                }
-            })
-            .transpose()?;
-        let longhorn_grace = self.interval(longhorn_grace, "longhorn_grace")?;
+        let longhorn_namespace = self.check_text(
+            longhorn_namespace,
+            "longhorn_namespace",
+            validate::namespace,
+        )?;
+        let kubeconfig = self.check_path(kubeconfig, "kubeconfig")?;
+        let longhorn_grace =
+            self.check(longhorn_grace, "longhorn_grace", validate::longhorn_grace)?;
         let event_log = event_log
             .map(|value| {
-                let text = value.get_ref();
-                if text.is_empty() {
-                    Ok(EventLogPath::Off)
-                } else if Path::new(text).is_absolute() && !text.chars().any(char::is_control) {
-                    Ok(EventLogPath::At(PathBuf::from(text)))
-                } else {
-                    Err(self.error(
-                        &value.span(),
-                        ConfigProblem::EventLogPath {
-                            value: text.clone(),
-                        },
-                    ))
+                if value.get_ref().is_empty() {
+                    return Ok(EventLogPath::Off);
                 }
+                self.check_str(&value, "event_log", |text| {
+                    validate::absolute_path(Path::new(text))
+                        .map_err(|p| format!("{p} (or \"\" for no event log)"))
+                })
+                .map(EventLogPath::At)
             })
             .transpose()?;
-        let event_log_max_bytes = event_log_max_bytes
-            .map(|v| match *v.get_ref() {
-                value if value < MIN_MAX_BYTES => {
-                    Err(self.error(&v.span(), ConfigProblem::EventLogMaxBytes { value }))
-                }
-                value => Ok(value),
-            })
-            .transpose()?;
-        let event_log_keep = event_log_keep
-            .map(|v| match *v.get_ref() {
-                0 => Err(self.error(&v.span(), ConfigProblem::EventLogKeep)),
-                keep => Ok(keep),
-            })
-            .transpose()?;
+        let event_log_max_bytes = self.check(
+            event_log_max_bytes,
+            "event_log_max_bytes",
+            validate::event_log_max_bytes,
+        )?;
+        let event_log_keep =
+            self.check(event_log_keep, "event_log_keep", validate::event_log_keep)?;
         let alertmanager = alertmanager
             .into_iter()
-            .map(|value| {
-                parse_alertmanager_url(value.get_ref()).map_err(|problem| {
-                    self.error(
-                        &value.span(),
-                        ConfigProblem::AlertmanagerUrl {
-                            value: value.get_ref().clone(),
-                            problem,
-                        },
-                    )
-                })
-            })
+            .map(|value| self.check_str(&value, "alertmanager", validate::alertmanager_url))
             .collect::<Result<Vec<_>, _>>()?;
-        let alert_resend_interval =
-            self.interval(alert_resend_interval, "alert_resend_interval")?;
-        let node_name = self.text(node_name, "node_name")?;
-        let runbook_url = self.text(runbook_url, "runbook_url")?;
-
-        let listen = listen
-            .map(|value| {
-                value.get_ref().parse::<SocketAddr>().map_err(|error| {
-                    self.error(
-                        &value.span(),
-                        ConfigProblem::Listen {
-                            value: value.get_ref().clone(),
-                            error,
-                        },
-                    )
-                })
-            })
-            .transpose()?;
-        let reconcile_interval = self.interval(reconcile_interval, "reconcile_interval")?;
-        let poll_interval = self.interval(poll_interval, "poll_interval")?;
-        let ring_buffer_size = ring_buffer_size
-            .map(|size| {
-                let value = *size.get_ref();
-                if value >= MIN_RING_BUFFER_SIZE && value.is_power_of_two() {
-                    Ok(value)
-                } else {
-                    Err(self.error(&size.span(), ConfigProblem::RingBufferSize { value }))
-                }
-            })
-            .transpose()?;
-        let host_root = host_root
-            .map(|root| {
-                let path = PathBuf::from(root.get_ref());
-                if path.is_absolute() {
-                    Ok(path)
-                } else {
-                    Err(self.error(
-                        &root.span(),
-                        ConfigProblem::HostRoot {
-                            value: root.get_ref().clone(),
-                        },
-                    ))
-                }
-            })
-            .transpose()?;
+        let alert_resend_interval = self.check(
+            alert_resend_interval,
+            "alert_resend_interval",
+            validate::alert_resend_interval,
+        )?;
+        let node_name = self.check_text(node_name, "node_name", validate::one_line)?;
+        let runbook_url = self.check_text(runbook_url, "runbook_url", validate::one_line)?;
+        let listen = self.check_text(listen, "listen", validate::listen)?;
+        let reconcile_interval = self.check(
+            reconcile_interval,
+            "reconcile_interval",
+            validate::reconcile_interval,
+        )?;
+        let poll_interval = self.check(poll_interval, "poll_interval", validate::poll_interval)?;
+        let ring_buffer_size = self.check(
+            ring_buffer_size,
+            "ring_buffer_size",
+            validate::ring_buffer_size,
+        )?;
+        let host_root = self.check_path(host_root, "host_root")?;
+        let v2_hugepages_2mi = self.check(
+            v2_hugepages_2mi,
+            "v2_hugepages_2mi",
+            validate::v2_hugepages_2mi,
+        )?;
 
         let mut base_group = BuiltinGroupSettings::default();
         let mut v2_group = BuiltinGroupSettings::default();
@@ -683,36 +598,70 @@ impl Locator<'_> {
         })
     }
 
-    fn text(
+    /// Runs a number's validator; an error carries the key and the line.
+    fn check<T, U, E>(
+        &self,
+        value: Option<Spanned<T>>,
+        key: &'static str,
+        validator: impl Fn(T) -> Result<U, E>,
+    ) -> Result<Option<U>, ConfigError>
+    where
+        T: Copy + fmt::Display,
+        E: fmt::Display,
+    {
+        let Some(value) = value else { return Ok(None) };
+        let raw = *value.get_ref();
+        validator(raw).map(Some).map_err(|problem| {
+            self.error(
+                &value.span(),
+                ConfigProblem::Invalid {
+                    key,
+                    value: raw.to_string().into(),
+                    problem: problem.to_string().into(),
+                },
+            )
+        })
+    }
+
+    /// Runs a string's validator; an error carries the key, the quoted
+    /// value and the line.
+    fn check_str<U>(
+        &self,
+        value: &Spanned<String>,
+        key: &'static str,
+        validator: impl Fn(&str) -> Result<U, String>,
+    ) -> Result<U, ConfigError> {
+        validator(value.get_ref()).map_err(|problem| {
+            self.error(
+                &value.span(),
+                ConfigProblem::Invalid {
+                    key,
+                    value: format!("{:?}", value.get_ref()).into(),
+                    problem: problem.into(),
+                },
+            )
+        })
+    }
+
+    /// [`Self::check_str`] for a key that may be absent.
+    fn check_text<U>(
         &self,
         value: Option<Spanned<String>>,
         key: &'static str,
-    ) -> Result<Option<String>, ConfigError> {
-        let Some(value) = value else { return Ok(None) };
-        let text = value.get_ref();
-        if text.trim().is_empty() || text.chars().any(char::is_control) {
-            return Err(self.error(
-                &value.span(),
-                ConfigProblem::Text {
-                    key,
-                    value: text.clone(),
-                },
-            ));
-        }
-        Ok(Some(value.into_inner()))
+        validator: impl Fn(&str) -> Result<U, String>,
+    ) -> Result<Option<U>, ConfigError> {
+        value
+            .map(|v| self.check_str(&v, key, validator))
+            .transpose()
     }
 
-    fn interval(
+    /// An absolute path key.
+    fn check_path(
         &self,
-        seconds: Option<Spanned<u64>>,
+        value: Option<Spanned<String>>,
         key: &'static str,
-    ) -> Result<Option<Duration>, ConfigError> {
-        seconds
-            .map(|s| match *s.get_ref() {
-                0 => Err(self.error(&s.span(), ConfigProblem::ZeroInterval { key })),
-                n => Ok(Duration::from_secs(n)),
-            })
-            .transpose()
+    ) -> Result<Option<PathBuf>, ConfigError> {
+        self.check_text(value, key, |text| validate::absolute_path(Path::new(text)))
     }
 
     fn check_group_name(&self, name: &Spanned<String>) -> Result<(), ConfigError> {
@@ -1037,7 +986,7 @@ severity = "warning"       # default "critical"; free-form label for alerts
             }]
         );
         // base off, v2 on by the file, then the any_of group.
-        assert_eq!(v2_in_file(Some(&c)), Some(true));
+        assert_eq!(c.v2_switch(), Some(true));
         let resolved = resolve_groups(Some(&c), true);
         assert_eq!(group_names(&resolved), ["v2-data-engine", "spdk-driver"]);
     }
@@ -1197,16 +1146,16 @@ severity = "warning"       # default "critical"; free-form label for alerts
 
     #[test]
     fn ring_buffer_size_must_be_page_power_of_two() {
-        for bad in [0_u32, 1000, 2048, 262_145] {
+        for bad in [0_u32, 1000, 2048, 262_145, 1 << 29, 1 << 31] {
             let err = error_at(&format!("\nring_buffer_size = {bad}\n"), 2);
             assert!(
                 err.to_string().ends_with(&format!(
-                    "ring_buffer_size = {bad} is not a power of two >= 4096"
+                    "ring_buffer_size = {bad}: must be a power of two of at least 4096 and at most 268435456 bytes"
                 )),
                 "{err}"
             );
         }
-        for good in [4096_u32, 1 << 20, 1 << 31] {
+        for good in [4096_u32, 1 << 20, 1 << 28] {
             let c = parse(&format!("ring_buffer_size = {good}")).unwrap();
             assert_eq!(c.ring_buffer_size, Some(good));
         }
@@ -1231,7 +1180,7 @@ severity = "warning"       # default "critical"; free-form label for alerts
         let err = error_at("listen = \"localhost:9469\"\n", 1);
         assert!(
             err.to_string()
-                .contains("listen = \"localhost:9469\" is not an IP address and port"),
+                .contains("listen = \"localhost:9469\": not an IP address and port"),
             "{err}"
         );
         let ok = parse("listen = \"[::1]:9469\"\n").unwrap();
@@ -1240,7 +1189,7 @@ severity = "warning"       # default "critical"; free-form label for alerts
         let err = error_at("\nhost_root = \"host\"\n", 2);
         assert!(
             err.to_string()
-                .ends_with("host_root = \"host\" is not an absolute path"),
+                .ends_with("host_root = \"host\": is not an absolute path"),
             "{err}"
         );
 
@@ -1265,7 +1214,7 @@ severity = "warning"       # default "critical"; free-form label for alerts
         let err = error_at("\nevent_log = \"events.jsonl\"\n", 2);
         assert!(
             err.to_string().ends_with(
-                "event_log = \"events.jsonl\" is not an absolute path (or \"\" for no event log)"
+                "event_log = \"events.jsonl\": is not an absolute path (or \"\" for no event log)"
             ),
             "{err}"
         );
@@ -1276,8 +1225,9 @@ severity = "warning"       # default "critical"; free-form label for alerts
         );
         let err = error_at("event_log_max_bytes = 100\n", 1);
         assert!(
-            err.to_string()
-                .ends_with("event_log_max_bytes = 100 is less than 4096"),
+            err.to_string().ends_with(
+                "event_log_max_bytes = 100: must be at least 4096 and at most 68719476736 bytes"
+            ),
             "{err}"
         );
         let err = error_at("\n\nevent_log_keep = 0\n", 3);
@@ -1345,19 +1295,18 @@ severity = "warning"       # default "critical"; free-form label for alerts
     fn resolve_v2_switches() {
         // The file's answer, for crate::longhorn::decide_v2.
         let by_key = parse("v2_data_engine = true").unwrap();
-        assert_eq!(v2_in_file(Some(&by_key)), Some(true));
+        assert_eq!(by_key.v2_switch(), Some(true));
         let by_table =
             parse("[groups.v2-data-engine]\nenabled = true\nseverity = \"page\"\n").unwrap();
-        assert_eq!(v2_in_file(Some(&by_table)), Some(true));
+        assert_eq!(by_table.v2_switch(), Some(true));
         let groups = resolve_groups(Some(&by_table), true);
         assert_eq!(group_names(&groups), ["base", "v2-data-engine"]);
         assert_eq!(groups[1].severity, "page");
         let off = parse("[groups.v2-data-engine]\nenabled = false\n").unwrap();
-        assert_eq!(v2_in_file(Some(&off)), Some(false));
+        assert_eq!(off.v2_switch(), Some(false));
         let no = parse("v2_data_engine = false").unwrap();
-        assert_eq!(v2_in_file(Some(&no)), Some(false));
-        assert_eq!(v2_in_file(Some(&parse("").unwrap())), None);
-        assert_eq!(v2_in_file(None), None);
+        assert_eq!(no.v2_switch(), Some(false));
+        assert_eq!(parse("").unwrap().v2_switch(), None);
         // The decision, not the file, switches the group.
         assert_eq!(group_names(&resolve_groups(Some(&by_key), false)), ["base"]);
         assert_eq!(

@@ -1,0 +1,592 @@
+//! The one place settings are resolved: command-line flag over config-file
+//! key over default, each value checked by the same validator
+//! ([`super::validate`]) wherever it came from. `run`, `check` and the
+//! daemon's SIGHUP reload all go through [`resolve_common`] /
+//! [`resolve_run`], so they cannot disagree.
+//!
+//! On SIGHUP, [`reload`] resolves again with the same flags and the new
+//! file and sorts every key the file changed into: applied now, needing a
+//! restart, or overridden by a flag (the flag still wins).
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use super::{
+    file::{ConfigError, EventLogPath, FileConfig, load_config},
+    flags::{CommonFlags, RunFlags},
+    validate,
+};
+use crate::{
+    forensic::{self, EventLogSettings, FsyncPolicy},
+    host::HostRoot,
+    longhorn::{self, ClusterSettings, LocalInputs, Source},
+    privileges::{PrivilegeError, User},
+    requirements::GroupSettings,
+    source::SourceKind,
+};
+
+/// `listen` when neither flag nor file sets it.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:9469";
+/// `reconcile_interval`, seconds.
+pub const DEFAULT_RECONCILE_INTERVAL_SECS: u64 = 60;
+/// `poll_interval`, seconds.
+pub const DEFAULT_POLL_INTERVAL_SECS: u64 = 1;
+/// `alert_resend_interval`, seconds.
+pub const DEFAULT_ALERT_RESEND_SECS: u64 = 60;
+/// `longhorn_grace`, seconds.
+pub const DEFAULT_LONGHORN_GRACE_SECS: u64 = 300;
+/// `runbook_url`: the README's runbook.
+pub const DEFAULT_RUNBOOK_URL: &str =
+    "https://github.com/kmod-monitor/kmod-monitor/blob/main/README.md";
+
+/// A flag's value that its validator rejects, or a config file that cannot
+/// be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    /// `--flag VALUE: problem`.
+    #[error("{flag} {value}: {problem}")]
+    Flag {
+        /// The flag, with its dashes.
+        flag: &'static str,
+        /// The value as given.
+        value: String,
+        /// What is wrong with it (the same words as for the file's key).
+        problem: String,
+    },
+    /// The config file.
+    #[error(transparent)]
+    File(#[from] ConfigError),
+    /// `--user`.
+    #[error("--user: {0}")]
+    User(#[from] PrivilegeError),
+}
+
+/// What `run` and `check` share: where to look and what to require.
+#[derive(Clone, Debug)]
+pub struct CommonSettings {
+    /// `--config`, if given.
+    pub config_path: Option<PathBuf>,
+    pub host: HostRoot,
+    /// The alerts' `instance` label, the event log's `host`, and the Node
+    /// the cluster watch follows.
+    pub node_name: String,
+    /// The built-in groups' switches and the user's groups.
+    pub groups: GroupSettings,
+    /// The V2 inputs that are not the cluster's (flag, file, hugepages).
+    pub v2_local: LocalInputs,
+    /// The cluster watch.
+    pub cluster: ClusterSettings,
+}
+
+/// Everything `run` needs, validated.
+#[derive(Clone, Debug)]
+pub struct RunSettings {
+    pub common: CommonSettings,
+    pub listen: SocketAddr,
+    pub source: SourceKind,
+    pub reconcile_interval: Duration,
+    pub poll_interval: Duration,
+    pub ring_buffer_bytes: u32,
+    /// Alertmanager base URLs; empty = no push.
+    pub alertmanager: Vec<reqwest::Url>,
+    pub alert_resend_interval: Duration,
+    pub runbook_url: String,
+    /// `--user`: who to become after attaching.
+    pub user: Option<User>,
+    /// `--keep-privileges`: skip the drop.
+    pub keep_privileges: bool,
+    /// The forensic event log; `None` = no log.
+    pub event_log: Option<EventLogSettings>,
+    /// What these were resolved from, for SIGHUP.
+    pub inputs: Inputs,
+}
+
+/// The flags and the file a [`RunSettings`] came from.
+#[derive(Clone, Debug, Default)]
+pub struct Inputs {
+    pub flags: RunFlags,
+    pub file: Option<FileConfig>,
+}
+
+/// Reads `--config`, if given.
+///
+/// # Errors
+/// The file cannot be read or is invalid (file, line, problem).
+pub fn load_file(flags: &CommonFlags) -> Result<Option<FileConfig>, ConfigError> {
+    flags.config.as_deref().map(load_config).transpose()
+}
+
+fn flag_error(flag: &'static str, value: impl std::fmt::Display, problem: String) -> SettingsError {
+    SettingsError::Flag {
+        flag,
+        value: value.to_string(),
+        problem,
+    }
+}
+
+/// A number flag through its validator.
+fn checked<T, U>(
+    flag: &'static str,
+    value: Option<T>,
+    validator: impl Fn(T) -> Result<U, String>,
+) -> Result<Option<U>, SettingsError>
+where
+    T: Copy + std::fmt::Display,
+{
+    value
+        .map(|v| validator(v).map_err(|problem| flag_error(flag, v, problem)))
+        .transpose()
+}
+
+/// A text flag through its validator (the value shown quoted).
+fn checked_text<U>(
+    flag: &'static str,
+    value: Option<&str>,
+    validator: impl Fn(&str) -> Result<U, String>,
+) -> Result<Option<U>, SettingsError> {
+    value
+        .map(|v| validator(v).map_err(|problem| flag_error(flag, format!("{v:?}"), problem)))
+        .transpose()
+}
+
+/// A path flag: made absolute, then checked like the file's key.
+fn checked_path(
+    flag: &'static str,
+    value: Option<&std::path::Path>,
+) -> Result<Option<PathBuf>, SettingsError> {
+    value
+        .map(|p| {
+            validate::flag_path(p)
+                .map_err(|problem| flag_error(flag, format!("{:?}", p.display()), problem))
+        })
+        .transpose()
+}
+
+/// Resolves what `run` and `check` share.
+///
+/// # Errors
+/// A flag its validator rejects.
+pub fn resolve_common(
+    flags: &CommonFlags,
+    file: Option<&FileConfig>,
+) -> Result<CommonSettings, SettingsError> {
+    let CommonFlags {
+        config,
+        v2_data_engine,
+        longhorn,
+        kubeconfig,
+        longhorn_namespace,
+        v2_hugepages_2mi,
+        node_name,
+        host_root,
+    } = flags;
+    let host = HostRoot::new(
+        checked_path("--host-root", host_root.as_deref())?
+            .or_else(|| file.and_then(|f| f.host_root.clone()))
+            .unwrap_or_else(|| PathBuf::from("/")),
+    );
+    // $NODE_NAME may be set but empty (an unset downward-API field): that
+    // is no answer, not an error.
+    let node_flag = node_name.as_deref().filter(|n| !n.trim().is_empty());
+    let node_name = checked_text("--node-name", node_flag, validate::one_line)?
+        .or_else(|| file.and_then(|f| f.node_name.clone()))
+        .or_else(|| hostname(&host))
+        .unwrap_or_else(|| "unknown".to_owned());
+    let hugepages_flag = checked(
+        "--v2-hugepages-2mi",
+        *v2_hugepages_2mi,
+        validate::v2_hugepages_2mi,
+    )?;
+    let (hugepages_2mi, hugepages_source) =
+        match (hugepages_flag, file.and_then(|f| f.v2_hugepages_2mi)) {
+            (Some(pages), _) => (pages, Source::Flag),
+            (None, Some(pages)) => (pages, Source::Config),
+            (None, None) => (longhorn::readiness::DEFAULT_HUGEPAGES_2MI, Source::Default),
+        };
+    let namespace = checked_text(
+        "--longhorn-namespace",
+        longhorn_namespace.as_deref(),
+        validate::namespace,
+    )?
+    .or_else(|| file.and_then(|f| f.longhorn_namespace.clone()))
+    .unwrap_or_else(|| longhorn::DEFAULT_NAMESPACE.to_owned());
+    Ok(CommonSettings {
+        config_path: config.clone(),
+        host,
+        node_name,
+        groups: file.map(|f| f.groups.clone()).unwrap_or_default(),
+        v2_local: LocalInputs {
+            flag: *v2_data_engine,
+            file: file.and_then(FileConfig::v2_switch),
+            hugepages_2mi,
+            hugepages_source,
+        },
+        cluster: ClusterSettings {
+            mode: longhorn
+                .or_else(|| file.and_then(|f| f.longhorn))
+                .unwrap_or_default(),
+            kubeconfig: checked_path("--kubeconfig", kubeconfig.as_deref())?
+                .or_else(|| file.and_then(|f| f.kubeconfig.clone())),
+            namespace,
+            grace: file
+                .and_then(|f| f.longhorn_grace)
+                .unwrap_or(Duration::from_secs(DEFAULT_LONGHORN_GRACE_SECS)),
+        },
+    })
+}
+
+/// The host's hostname (under the host root), when it has one.
+fn hostname(host: &HostRoot) -> Option<String> {
+    std::fs::read_to_string(host.root().join("proc/sys/kernel/hostname"))
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty() && !s.chars().any(char::is_control))
+}
+
+/// Whether this process runs as root (the event log's default depends on it).
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Resolves `run`'s settings.
+///
+/// # Errors
+/// A flag its validator rejects, or an unknown `--user`.
+pub fn resolve_run(
+    flags: &RunFlags,
+    file: Option<FileConfig>,
+) -> Result<RunSettings, SettingsError> {
+    let f = file.as_ref();
+    let RunFlags {
+        common,
+        listen,
+        source,
+        reconcile_interval,
+        poll_interval,
+        ring_buffer_size,
+        alertmanager,
+        alert_resend_interval,
+        longhorn_grace,
+        runbook_url,
+        user,
+        keep_privileges,
+        event_log,
+        no_event_log,
+        fsync,
+        event_log_max_bytes,
+        event_log_keep,
+        log_format: _,
+    } = flags;
+    let mut common_settings = resolve_common(common, f)?;
+    if let Some(grace) = checked(
+        "--longhorn-grace",
+        *longhorn_grace,
+        validate::longhorn_grace,
+    )? {
+        common_settings.cluster.grace = grace;
+    }
+    let alertmanager = if alertmanager.is_empty() {
+        f.map(|f| f.alertmanager.clone()).unwrap_or_default()
+    } else {
+        alertmanager
+            .iter()
+            .map(|url| {
+                validate::alertmanager_url(url)
+                    .map_err(|problem| flag_error("--alertmanager", format!("{url:?}"), problem))
+            })
+            .collect::<Result<_, _>>()?
+    };
+    let event_log = resolve_event_log(
+        EventLogFlags {
+            path: event_log.as_deref(),
+            off: *no_event_log,
+            fsync: *fsync,
+            max_bytes: *event_log_max_bytes,
+            keep: *event_log_keep,
+        },
+        f,
+    )?;
+    Ok(RunSettings {
+        common: common_settings,
+        listen: match checked_text("--listen", listen.as_deref(), validate::listen)? {
+            Some(addr) => addr,
+            None => match f.and_then(|f| f.listen) {
+                Some(addr) => addr,
+                None => validate::listen(DEFAULT_LISTEN)
+                    .map_err(|problem| flag_error("--listen", DEFAULT_LISTEN, problem))?,
+            },
+        },
+        source: source
+            .or_else(|| f.and_then(|f| f.source))
+            .unwrap_or_default(),
+        reconcile_interval: checked(
+            "--reconcile-interval",
+            *reconcile_interval,
+            validate::reconcile_interval,
+        )?
+        .or_else(|| f.and_then(|f| f.reconcile_interval))
+        .unwrap_or(Duration::from_secs(DEFAULT_RECONCILE_INTERVAL_SECS)),
+        poll_interval: checked("--poll-interval", *poll_interval, validate::poll_interval)?
+            .or_else(|| f.and_then(|f| f.poll_interval))
+            .unwrap_or(Duration::from_secs(DEFAULT_POLL_INTERVAL_SECS)),
+        ring_buffer_bytes: checked(
+            "--ring-buffer-size",
+            *ring_buffer_size,
+            validate::ring_buffer_size,
+        )?
+        .or_else(|| f.and_then(|f| f.ring_buffer_size))
+        .unwrap_or(monitor_common::DEFAULT_RING_BYTES),
+        alertmanager,
+        alert_resend_interval: checked(
+            "--alert-resend-interval",
+            *alert_resend_interval,
+            validate::alert_resend_interval,
+        )?
+        .or_else(|| f.and_then(|f| f.alert_resend_interval))
+        .unwrap_or(Duration::from_secs(DEFAULT_ALERT_RESEND_SECS)),
+        runbook_url: checked_text("--runbook-url", runbook_url.as_deref(), validate::one_line)?
+            .or_else(|| f.and_then(|f| f.runbook_url.clone()))
+            .unwrap_or_else(|| DEFAULT_RUNBOOK_URL.to_owned()),
+        user: user.as_deref().map(User::resolve).transpose()?,
+        keep_privileges: *keep_privileges,
+        event_log,
+        inputs: Inputs {
+            flags: flags.clone(),
+            file,
+        },
+    })
+}
+
+/// The run flags about the event log.
+struct EventLogFlags<'a> {
+    path: Option<&'a std::path::Path>,
+    off: bool,
+    fsync: Option<FsyncPolicy>,
+    max_bytes: Option<u64>,
+    keep: Option<u32>,
+}
+
+/// Flags over the config file over defaults; `None` = no event log.
+fn resolve_event_log(
+    flags: EventLogFlags<'_>,
+    file: Option<&FileConfig>,
+) -> Result<Option<EventLogSettings>, SettingsError> {
+    let EventLogFlags {
+        path,
+        off,
+        fsync,
+        max_bytes,
+        keep,
+    } = flags;
+    let max_bytes = checked(
+        "--event-log-max-bytes",
+        max_bytes,
+        validate::event_log_max_bytes,
+    )?
+    .or_else(|| file.and_then(|f| f.event_log_max_bytes))
+    .unwrap_or(forensic::DEFAULT_MAX_BYTES);
+    let keep = checked("--event-log-keep", keep, validate::event_log_keep)?
+        .or_else(|| file.and_then(|f| f.event_log_keep))
+        .unwrap_or(forensic::DEFAULT_KEEP);
+    let path = if off {
+        None
+    } else if let Some(p) = path {
+        if p.as_os_str().is_empty() {
+            None
+        } else {
+            checked_path("--event-log", Some(p))?
+        }
+    } else {
+        match file.and_then(|f| f.event_log.clone()) {
+            Some(EventLogPath::Off) => None,
+            Some(EventLogPath::At(p)) => Some(p),
+            None => is_root().then(|| PathBuf::from(forensic::DEFAULT_PATH)),
+        }
+    };
+    Ok(path.map(|path| EventLogSettings {
+        path,
+        fsync: fsync
+            .or_else(|| file.and_then(|f| f.fsync))
+            .unwrap_or_default(),
+        max_bytes,
+        keep,
+    }))
+}
+
+/// What a config-file key's change does on SIGHUP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnReload {
+    /// Applied at once.
+    Live,
+    /// Takes effect at the next start.
+    Restart,
+}
+
+/// One config-file key: its flag (if any) and what a SIGHUP does with it.
+#[derive(Clone, Copy, Debug)]
+pub struct Key {
+    pub name: &'static str,
+    pub flag: Option<&'static str>,
+    pub on_reload: OnReload,
+}
+
+const fn key(name: &'static str, flag: Option<&'static str>, on_reload: OnReload) -> Key {
+    Key {
+        name,
+        flag,
+        on_reload,
+    }
+}
+
+/// Every config-file key. `groups` stands for all `[groups.*]` tables.
+pub const KEYS: &[Key] = &[
+    key("listen", Some("--listen"), OnReload::Restart),
+    key("source", Some("--source"), OnReload::Restart),
+    key(
+        "reconcile_interval",
+        Some("--reconcile-interval"),
+        OnReload::Live,
+    ),
+    key("poll_interval", Some("--poll-interval"), OnReload::Restart),
+    key(
+        "ring_buffer_size",
+        Some("--ring-buffer-size"),
+        OnReload::Restart,
+    ),
+    key("host_root", Some("--host-root"), OnReload::Restart),
+    key("v2_data_engine", Some("--v2-data-engine"), OnReload::Live),
+    key("alertmanager", Some("--alertmanager"), OnReload::Restart),
+    key(
+        "alert_resend_interval",
+        Some("--alert-resend-interval"),
+        OnReload::Restart,
+    ),
+    key("node_name", Some("--node-name"), OnReload::Restart),
+    key("runbook_url", Some("--runbook-url"), OnReload::Live),
+    key("event_log", Some("--event-log"), OnReload::Restart),
+    key("fsync", Some("--fsync"), OnReload::Restart),
+    key(
+        "event_log_max_bytes",
+        Some("--event-log-max-bytes"),
+        OnReload::Restart,
+    ),
+    key(
+        "event_log_keep",
+        Some("--event-log-keep"),
+        OnReload::Restart,
+    ),
+    key("longhorn", Some("--longhorn"), OnReload::Restart),
+    key(
+        "longhorn_namespace",
+        Some("--longhorn-namespace"),
+        OnReload::Restart,
+    ),
+    key("kubeconfig", Some("--kubeconfig"), OnReload::Restart),
+    key("longhorn_grace", Some("--longhorn-grace"), OnReload::Live),
+    key(
+        "v2_hugepages_2mi",
+        Some("--v2-hugepages-2mi"),
+        OnReload::Live,
+    ),
+    key("groups", None, OnReload::Live),
+];
+
+/// Whether the flag of config key `name` was given on the command line.
+fn flag_given(flags: &RunFlags, name: &str) -> bool {
+    let RunFlags {
+        common,
+        listen,
+        source,
+        reconcile_interval,
+        poll_interval,
+        ring_buffer_size,
+        alertmanager,
+        alert_resend_interval,
+        longhorn_grace,
+        runbook_url,
+        user: _,
+        keep_privileges: _,
+        event_log,
+        no_event_log,
+        fsync,
+        event_log_max_bytes,
+        event_log_keep,
+        log_format: _,
+    } = flags;
+    let CommonFlags {
+        config: _,
+        v2_data_engine,
+        longhorn,
+        kubeconfig,
+        longhorn_namespace,
+        v2_hugepages_2mi,
+        node_name,
+        host_root,
+    } = common;
+    match name {
+        "listen" => listen.is_some(),
+        "source" => source.is_some(),
+        "reconcile_interval" => reconcile_interval.is_some(),
+        "poll_interval" => poll_interval.is_some(),
+        "ring_buffer_size" => ring_buffer_size.is_some(),
+        "host_root" => host_root.is_some(),
+        "v2_data_engine" => v2_data_engine.is_some(),
+        "alertmanager" => !alertmanager.is_empty(),
+        "alert_resend_interval" => alert_resend_interval.is_some(),
+        "node_name" => node_name.as_deref().is_some_and(|n| !n.trim().is_empty()),
+        "runbook_url" => runbook_url.is_some(),
+        "event_log" => event_log.is_some() || *no_event_log,
+        "fsync" => fsync.is_some(),
+        "event_log_max_bytes" => event_log_max_bytes.is_some(),
+        "event_log_keep" => event_log_keep.is_some(),
+        "longhorn" => longhorn.is_some(),
+        "longhorn_namespace" => longhorn_namespace.is_some(),
+        "kubeconfig" => kubeconfig.is_some(),
+        "longhorn_grace" => longhorn_grace.is_some(),
+        "v2_hugepages_2mi" => v2_hugepages_2mi.is_some(),
+        _ => false,
+    }
+}
+
+/// A SIGHUP's outcome: the new settings, and every key the file changed,
+/// sorted by what happens to it.
+#[derive(Clone, Debug)]
+pub struct Reload {
+    pub settings: RunSettings,
+    /// Changed and applied now.
+    pub applied: Vec<&'static str>,
+    /// Changed, but only a restart applies them.
+    pub restart: Vec<&'static str>,
+    /// Changed, but a flag on the command line still decides them.
+    pub overridden: Vec<&'static str>,
+}
+
+/// Resolves the settings again from the original flags and the `new` file,
+/// and sorts the keys that changed since `old`.
+///
+/// # Errors
+/// As [`resolve_run`] (a flag that was valid stays valid, so in practice
+/// none).
+pub fn reload(old: &Inputs, new: FileConfig) -> Result<Reload, SettingsError> {
+    let changed = FileConfig::changed_keys(old.file.as_ref(), Some(&new));
+    let mut applied = Vec::new();
+    let mut restart = Vec::new();
+    let mut overridden = Vec::new();
+    for name in changed {
+        let Some(k) = KEYS.iter().find(|k| k.name == name) else {
+            continue;
+        };
+        if flag_given(&old.flags, k.name) {
+            overridden.push(k.name);
+        } else if k.on_reload == OnReload::Live {
+            applied.push(k.name);
+        } else {
+            restart.push(k.name);
+        }
+    }
+    Ok(Reload {
+        settings: resolve_run(&old.flags, Some(new))?,
+        applied,
+        restart,
+        overridden,
+    })
+}

@@ -1,0 +1,216 @@
+//! Applying what the source sends: module events, alias requests, losses
+//! and undecodable records; the start-up drain that sorts buffered events
+//! into history and live ones; and the initstate check for modules that
+//! stay `loading` on kernels without syscall tracepoints.
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::{Daemon, is_event, records};
+use crate::{
+    event::{Kind, Raw, SourceEvent, boot_ns_now},
+    forensic::{RecordKind, actor},
+    host::{self, InitState},
+    source::{RunningSource, SourceMsg},
+    tracker::Outcome,
+};
+
+/// How long a module may stay `loading` before /sys/module/<m>/initstate
+/// is consulted (kernels without syscall tracepoints, uevent source).
+const CONFIRM_AFTER: Duration = Duration::from_millis(500);
+/// Longest wait between initstate checks of a slow init.
+const CONFIRM_MAX: Duration = Duration::from_secs(5);
+
+impl Daemon {
+    /// Start-up step 3: what the source buffered while the snapshot was
+    /// read. Events from before the snapshot are history; an event that
+    /// raced the read triggers a silent settling reconcile.
+    pub(super) fn drain_startup(
+        &mut self,
+        running: &mut RunningSource,
+        snap_start: u64,
+        snap_end: u64,
+    ) {
+        let mut in_window = false;
+        while let Ok(msg) = running.rx.try_recv() {
+            if let Some(ev) = is_event(&msg) {
+                if ev.boot_ns < snap_start {
+                    let kind = self.tracker.record_historical(ev);
+                    self.count(kind);
+                    if let Some(kind) = kind {
+                        self.record_historical(ev, kind);
+                    }
+                    continue;
+                }
+                in_window |= ev.boot_ns <= snap_end;
+            }
+            self.handle(msg);
+        }
+        if in_window {
+            // An event raced the snapshot read: settle against a fresh read.
+            self.reconcile_now(false);
+        }
+    }
+
+    fn count(&mut self, kind: Option<Kind>) {
+        self.counts.received += 1;
+        if let Some(kind) = kind {
+            *self.counts.by_kind.entry(kind.as_str()).or_default() += 1;
+        }
+    }
+
+    /// Applies one message from the source.
+    pub(super) fn handle(&mut self, msg: SourceMsg) {
+        match msg {
+            SourceMsg::Event(ev) => {
+                let outcome = self.tracker.apply(&ev);
+                let latency_ns = boot_ns_now().saturating_sub(ev.boot_ns);
+                #[expect(
+                    clippy::cast_precision_loss,
+                    reason = "a latency in seconds for a histogram"
+                )]
+                let latency = latency_ns as f64 / 1e9;
+                self.metrics.on_event(&outcome, Some(latency));
+                self.count(outcome.kind);
+                self.trigger_boot_ns = Some(ev.boot_ns);
+                trace_outcome(&outcome, &ev);
+                let source = self.active.as_str();
+                self.record_outcome(&ev, &outcome, source);
+            }
+            SourceMsg::AliasRequest { alias } => {
+                self.count(Some(Kind::Request));
+                self.metrics.on_alias_request();
+                tracing::debug!(%alias, "module_request for an alias");
+            }
+            SourceMsg::Lost { total } => {
+                self.append(records::events_lost(
+                    self.active.as_str(),
+                    Some(total),
+                    None,
+                    boot_ns_now(),
+                ));
+                self.counts.lost = total;
+                self.metrics.set_lost_total(total);
+                self.lost_at = Some(Instant::now());
+                tracing::error!(
+                    lost_total = total,
+                    "module events were lost; reconciling now"
+                );
+                self.reconcile_now(true);
+            }
+            SourceMsg::Undecodable { reason } => {
+                self.append(records::events_lost(
+                    self.active.as_str(),
+                    None,
+                    Some(format!("undecodable event: {reason}")),
+                    boot_ns_now(),
+                ));
+                self.counts.undecodable += 1;
+                self.metrics.add_lost(1);
+                self.lost_at = Some(Instant::now());
+                tracing::error!(%reason, "undecodable event from the kernel; reconciling now");
+                self.reconcile_now(true);
+            }
+        }
+    }
+
+    /// The record of one applied event (when it meant something), then one
+    /// `requirement_change` per group it flipped.
+    fn record_outcome(&mut self, ev: &SourceEvent, o: &Outcome, source: &str) {
+        if self.log.is_none() {
+            return;
+        }
+        let Some(kind) = o.kind else { return };
+        let actor = self.enrich(ev);
+        let r = records::event_record(&self.tracker, ev, kind, Some(o), actor, source);
+        self.append(r);
+        for r in records::group_changes(
+            Some(&o.module),
+            &o.group_changes,
+            RecordKind::of_event(kind),
+            ev.boot_ns,
+        ) {
+            self.append(r);
+        }
+    }
+
+    /// An event from before the snapshot: history only, no state change.
+    fn record_historical(&mut self, ev: &SourceEvent, kind: Kind) {
+        if self.log.is_none() {
+            return;
+        }
+        let actor = self.enrich(ev);
+        let r = records::event_record(&self.tracker, ev, kind, None, actor, self.active.as_str());
+        self.append(r);
+    }
+
+    /// The event's actor, enriched from /proc/<tgid> (a few small procfs
+    /// reads, done now so the process is still likely to exist).
+    fn enrich(&self, ev: &SourceEvent) -> Option<crate::forensic::record::ActorInfo> {
+        ev.actor
+            .as_ref()
+            .map(|a| actor::enrich(&self.settings.common.host, a))
+    }
+
+    /// Arms the initstate check while some module is `loading`.
+    pub(super) fn schedule_confirm(&mut self) {
+        if self.tracker.loading().next().is_none() {
+            self.confirm = None;
+        } else if self.confirm.is_none() {
+            self.confirm = Some((Instant::now() + CONFIRM_AFTER, CONFIRM_AFTER));
+        }
+    }
+
+    /// Asks /sys/module/<m>/initstate about modules still `loading`.
+    pub(super) fn confirm_loading(&mut self) {
+        let loading: Vec<_> = self.tracker.loading().cloned().collect();
+        let mut still = false;
+        for name in loading {
+            let raw = match host::read_initstate(&self.settings.common.host, &name) {
+                Ok(Some(InitState::Live)) => Raw::Present,
+                Ok(Some(InitState::Coming)) => {
+                    still = true;
+                    continue;
+                }
+                Ok(Some(InitState::Going) | None) => Raw::Absent,
+                Err(e) => {
+                    tracing::warn!(module = %name, error = %e, "reading initstate failed");
+                    still = true;
+                    continue;
+                }
+            };
+            let ev = SourceEvent::observed(raw, name, boot_ns_now());
+            let outcome = self.tracker.apply(&ev);
+            self.count(outcome.kind);
+            trace_outcome(&outcome, &ev);
+            self.record_outcome(&ev, &outcome, "initstate");
+        }
+        self.confirm = still.then(|| {
+            let back_off = self
+                .confirm
+                .map_or(CONFIRM_AFTER, |(_, d)| (d * 2).min(CONFIRM_MAX));
+            (Instant::now() + back_off, back_off)
+        });
+    }
+}
+
+/// The daemon's log line for a required module's event, and for each group
+/// it flipped.
+fn trace_outcome(o: &Outcome, ev: &SourceEvent) {
+    if let Some(kind) = o.kind
+        && o.required
+    {
+        let actor = ev.actor.as_ref();
+        tracing::info!(
+            module = %o.module,
+            event = %kind,
+            from = %o.from,
+            to = %o.to,
+            pid = actor.map(|a| a.tgid),
+            comm = actor.map(|a| a.comm.as_str()),
+            uid = actor.map(|a| a.uid),
+            "required module event"
+        );
+    }
+    super::reconcile::trace_group_changes(o);
+}

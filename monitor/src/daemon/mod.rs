@@ -1,0 +1,442 @@
+//! `kmod-monitor run`: start-up, the event loop and shutdown.
+//!
+//! Start-up is three steps, in this order so nothing is missed:
+//! 1. attach the event source (and drop privileges);
+//! 2. take the host snapshot, bracketed by boot-clock readings;
+//! 3. apply what the source buffered meanwhile: events older than the
+//!    snapshot are history only, events that raced it trigger a settling
+//!    reconcile.
+//!
+//! Then the loop takes events, timers, signals and cluster changes, and
+//! after each publishes the new state. The other concerns have their own
+//! files: [`events`] applies source messages, [`reconcile`] compares with
+//! /proc/modules, [`reload`] handles SIGHUP and cluster changes,
+//! [`publish`] fans the state out to /status, metrics and alerts, and
+//! [`records`] builds the forensic records.
+mod events;
+mod publish;
+mod reconcile;
+pub mod records;
+mod reload;
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::watch,
+    time::Instant,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    alerting::{self, AlertSettings, LOST_ALERT_FOR, WantedSet},
+    config::RunSettings,
+    event::boot_ns_now,
+    forensic::{self, EventLog, EventLogStatus, Record, RecordKind},
+    host::{self, Snapshot},
+    http,
+    longhorn::{self, ClusterView, v2::V2State, watch::WatchTarget},
+    metrics::Metrics,
+    privileges::Privileges,
+    remedy::BootFacts,
+    requirements,
+    source::{self, ActiveKind, RunningSource, SourceKind, SourceMsg, SourceOptions, Unavailable},
+    status::EventCounts,
+    tracker::{GroupReport, Tracker},
+};
+
+/// The daemon's state between events.
+struct Daemon {
+    settings: RunSettings,
+    tracker: Tracker,
+    /// The start-up snapshot: kernel config and module files for remedies.
+    snapshot: Snapshot,
+    counts: EventCounts,
+    /// The periodic reconcile's pending second look, and its counters.
+    reconciler: reconcile::Reconciler,
+    /// Next initstate check and the back-off that led to it.
+    confirm: Option<(Instant, Duration)>,
+    /// Persistence across reboots and other kernels; refreshed on reconcile.
+    boot: BootFacts,
+    warnings: Vec<String>,
+    metrics: Arc<Metrics>,
+    wanted_tx: watch::Sender<Arc<WantedSet>>,
+    /// When events were last lost (drives the events-lost alert).
+    lost_at: Option<Instant>,
+    /// Timestamp of the latest event, for alert latency.
+    trigger_boot_ns: Option<u64>,
+    /// Wall-clock time of CLOCK_BOOTTIME zero.
+    boot_epoch: std::time::SystemTime,
+    /// The forensic event log, if any.
+    log: Option<EventLog>,
+    /// The source in use (named in event records).
+    active: ActiveKind,
+    /// uid, gid and capabilities after the drop.
+    privileges: Privileges,
+    /// V2 enablement, the cluster view, hugepages.
+    v2: V2State,
+}
+
+/// Runs until SIGTERM/SIGINT.
+///
+/// # Errors
+/// When no source can start (or the requested one cannot), the snapshot
+/// cannot be taken, or the listener cannot bind.
+pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
+    let cancel = CancellationToken::new();
+    let opts = SourceOptions {
+        host: settings.common.host.clone(),
+        ring_buffer_bytes: settings.ring_buffer_bytes,
+        poll_interval: settings.poll_interval,
+    };
+    // 1. Attach first, so nothing that happens during the snapshot is missed.
+    let mut running = source::start(settings.source, &opts)
+        .await
+        .map_err(|reasons| no_source_error(settings.source, &reasons))?;
+    for u in &running.unavailable {
+        tracing::warn!(source = %u.source, reason = %u.reason, "event source unavailable");
+    }
+    tracing::info!(source = %running.kind, details = ?running.details, "event source active");
+    let privileges = drop_privileges(&settings)?;
+    // The cluster watch (no capability needed; the token is a file).
+    let client = longhorn::client(&settings.common.cluster).await?;
+    // 2. Snapshot, bracketed by boot-clock readings.
+    let snap_start = boot_ns_now();
+    let snapshot =
+        host::take_snapshot(&settings.common.host).context("taking the start-up snapshot")?;
+    let snap_end = boot_ns_now();
+    log_snapshot(&snapshot);
+    let v2 = V2State::new(
+        settings.common.v2_local,
+        match (&client, settings.common.cluster.mode) {
+            (Some(_), _) => Ok(()),
+            (None, longhorn::LonghornMode::Off) => Err("--longhorn off".to_owned()),
+            (None, longhorn::LonghornMode::Auto) => {
+                Err("not in a cluster: no service account and no kubeconfig".to_owned())
+            }
+        },
+        settings.common.cluster.namespace.clone(),
+        settings.common.node_name.clone(),
+        settings.common.cluster.grace,
+        &settings.common.host,
+        &snapshot.kernel_release,
+    );
+    let mut cluster_rx = client.map(|c| {
+        longhorn::watch::spawn(
+            c,
+            &WatchTarget {
+                namespace: settings.common.cluster.namespace.clone(),
+                node: settings.common.node_name.clone(),
+            },
+            cancel.clone(),
+        )
+    });
+    let groups = requirements::resolve(&settings.common.groups, v2.v2.enabled == Some(true));
+    let tracker = Tracker::new(&snapshot, groups);
+    let metrics = Arc::new(Metrics::new(&snapshot.kernel_release));
+    let (wanted_tx, wanted_rx) = watch::channel(Arc::new(WantedSet::default()));
+    let boot = crate::remedy::boot_facts(&settings.common.host, &snapshot, tracker.groups());
+    for w in &boot.warnings {
+        tracing::warn!(warning = %w, "boot-time module configuration");
+    }
+    let mut d = Daemon {
+        counts: EventCounts::default(),
+        reconciler: reconcile::Reconciler::default(),
+        warnings: snapshot.warnings.clone(),
+        snapshot,
+        tracker,
+        settings,
+        confirm: None,
+        metrics: Arc::clone(&metrics),
+        wanted_tx,
+        lost_at: None,
+        trigger_boot_ns: None,
+        boot_epoch: std::time::SystemTime::now() - Duration::from_nanos(boot_ns_now()),
+        log: None,
+        active: running.kind,
+        boot,
+        privileges,
+        v2,
+    };
+    // The event log starts with who we are and what the snapshot saw,
+    // before any event is applied.
+    d.open_event_log(snap_end)?;
+    // 3. Apply what the source buffered meanwhile.
+    d.drain_startup(&mut running, snap_start, snap_end);
+    for g in d.tracker.report() {
+        log_group(&g);
+    }
+    let (status_tx, status_rx) = watch::channel(Arc::new(d.status(&running)));
+    d.publish(&running, &status_tx);
+    let pusher = (!d.settings.alertmanager.is_empty()).then(|| {
+        tracing::info!(alertmanager = ?d.settings.alertmanager.iter().map(reqwest::Url::as_str).collect::<Vec<_>>(), "pushing alerts");
+        alerting::spawn(
+            AlertSettings {
+                urls: d.settings.alertmanager.clone(),
+                resend_interval: d.settings.alert_resend_interval,
+            },
+            wanted_rx,
+            Arc::clone(&metrics),
+            cancel.clone(),
+        )
+    });
+    let server = http::serve(
+        d.settings.listen,
+        status_rx,
+        Arc::clone(&metrics),
+        cancel.clone(),
+    )
+    .await
+    .with_context(|| format!("listening on {}", d.settings.listen))?;
+    tracing::info!(listen = %d.settings.listen, "serving /status and /healthz");
+
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let mut reconcile = reconcile_timer(d.settings.reconcile_interval);
+    let mut log_status = d.log.as_ref().map(EventLog::subscribe);
+    let stop_reason = loop {
+        d.schedule_confirm();
+        let confirm_at = d.confirm.map(|(at, _)| at);
+        let lost_alert_ends = d.lost_at.map(|at| at + LOST_ALERT_FOR);
+        let drift_at = d.reconciler.second_look_at();
+        let grace_at = d.v2.grace_ends().map(Instant::from_std);
+        tokio::select! {
+            () = sleep_until(lost_alert_ends) => d.lost_at = None,
+            _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break "SIGTERM"; }
+            _ = sigint.recv() => { tracing::info!("SIGINT: stopping"); break "SIGINT"; }
+            _ = sighup.recv() => {
+                let before = d.settings.reconcile_interval;
+                d.reload();
+                if d.settings.reconcile_interval != before {
+                    reconcile = reconcile_timer(d.settings.reconcile_interval);
+                }
+            }
+            // The writer's state changed (degraded, written): republish.
+            () = status_changed(&mut log_status) => {}
+            () = sleep_until(confirm_at) => d.confirm_loading(),
+            _ = reconcile.tick() => d.reconcile_first_look(),
+            () = sleep_until(drift_at) => d.reconcile_second_look(),
+            Some(view) = cluster_changed(&mut cluster_rx) => d.on_view(view),
+            // The unreadable-cluster alert is due: republish.
+            () = sleep_until(grace_at) => {}
+            msg = running.rx.recv() => match msg {
+                Some(msg) => {
+                    d.handle(msg);
+                    // Take what else is queued before publishing once.
+                    while let Ok(msg) = running.rx.try_recv() {
+                        d.handle(msg);
+                    }
+                }
+                None => {
+                    running = fall_back(&running, &opts).await?;
+                    d.active = running.kind;
+                    d.reconcile_now(true);
+                }
+            },
+        }
+        d.publish(&running, &status_tx);
+    };
+    d.close_event_log(stop_reason);
+    cancel.cancel();
+    if let Some(p) = pusher
+        && let Err(e) = p.await
+    {
+        tracing::warn!(error = %e, "alert pusher ended abnormally");
+    }
+    drop(running);
+    if let Err(e) = server.await {
+        tracing::warn!(error = %e, "HTTP server task ended abnormally");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// The periodic reconcile's timer, first tick one interval from now.
+fn reconcile_timer(every: Duration) -> tokio::time::Interval {
+    let mut timer = tokio::time::interval_at(Instant::now() + every, every);
+    timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    timer
+}
+
+/// Drops every capability (and switches user) now that the source is
+/// attached, before any other thread exists: capabilities are per thread,
+/// and the event log's writer and the HTTP client's pool come later.
+fn drop_privileges(settings: &RunSettings) -> anyhow::Result<Privileges> {
+    if settings.keep_privileges {
+        tracing::warn!("--keep-privileges: running with every capability the process was given");
+        return Ok(crate::privileges::current(false));
+    }
+    let p = crate::privileges::drop_all(settings.user.as_ref())
+        .context("dropping privileges after attaching")?;
+    tracing::info!(uid = p.uid, gid = p.gid, effective = ?p.effective, notes = ?p.notes, "privileges dropped");
+    Ok(p)
+}
+
+fn log_snapshot(snapshot: &Snapshot) {
+    for w in &snapshot.warnings {
+        tracing::warn!(warning = %w, "snapshot");
+    }
+    if !snapshot.modules_supported {
+        tracing::warn!(
+            kernel = %snapshot.kernel_release,
+            "this kernel has no loadable-module support (CONFIG_MODULES off): only built-in modules can satisfy a requirement"
+        );
+    }
+}
+
+impl Daemon {
+    /// Opens the forensic log (if configured) and writes `monitor_start`
+    /// and `snapshot`.
+    fn open_event_log(&mut self, snapshot_ns: u64) -> anyhow::Result<()> {
+        let Some(log_settings) = self.settings.event_log.clone() else {
+            tracing::info!(
+                "no forensic event log (--no-event-log, event_log = \"\", or not root and no --event-log)"
+            );
+            return Ok(());
+        };
+        let path = log_settings.path.clone();
+        let log = EventLog::open(
+            log_settings,
+            forensic::read_boot_id(&self.settings.common.host),
+            self.settings.common.node_name.clone(),
+        )?;
+        tracing::info!(path = %path.display(), "forensic event log open");
+        self.log = Some(log);
+        let config_path = self.settings.common.config_path.clone();
+        let config_bytes = config_path.as_ref().and_then(|p| std::fs::read(p).ok());
+        let start = records::start(
+            &self.tracker,
+            &self.snapshot,
+            &records::StartInfo {
+                source: self.active.as_str(),
+                pid: std::process::id(),
+                config_file: config_path.map(|p| p.display().to_string()),
+                config_bytes: config_bytes.as_deref(),
+                now_ns: boot_ns_now(),
+                snapshot_ns,
+            },
+        );
+        for r in start {
+            self.append(r);
+        }
+        Ok(())
+    }
+
+    /// Writes `monitor_stop` and closes the log, waiting a bounded time for
+    /// the writer.
+    fn close_event_log(&mut self, reason: &str) {
+        if let Some(mut log) = self.log.take() {
+            let mut r = Record::new(RecordKind::MonitorStop, boot_ns_now());
+            r.reason = Some(reason.to_owned());
+            log.append(r);
+            let status = log.close(forensic::CLOSE_TIMEOUT);
+            if status.pending > 0 {
+                tracing::error!(
+                    unwritten = status.pending,
+                    "event log: records left unwritten at stop"
+                );
+            }
+        }
+    }
+
+    /// Hands a record to the event log, if there is one (never blocks).
+    fn append(&mut self, record: Record) {
+        if let Some(log) = &mut self.log {
+            log.append(record);
+        }
+    }
+}
+
+/// The source stopped: start the next one that works and say so.
+async fn fall_back(dead: &RunningSource, opts: &SourceOptions) -> anyhow::Result<RunningSource> {
+    let reason = format!("{} source stopped unexpectedly", dead.kind);
+    tracing::error!(%reason, "falling back to a slower source");
+    let order = match dead.kind {
+        ActiveKind::Ebpf => SourceKind::Auto,
+        ActiveKind::Uevent | ActiveKind::Poll => SourceKind::Poll,
+    };
+    let mut next = source::start(order, opts)
+        .await
+        .map_err(|reasons| no_source_error(order, &reasons))?;
+    if next.kind == dead.kind {
+        next = source::start(SourceKind::Poll, opts)
+            .await
+            .map_err(|reasons| no_source_error(SourceKind::Poll, &reasons))?;
+    }
+    next.unavailable.insert(
+        0,
+        Unavailable {
+            source: dead.kind,
+            reason,
+        },
+    );
+    Ok(next)
+}
+
+/// The cluster watch's next view; never without a watch (or once it ended).
+async fn cluster_changed(rx: &mut Option<watch::Receiver<ClusterView>>) -> Option<ClusterView> {
+    match rx {
+        Some(r) => {
+            if r.changed().await.is_err() {
+                *rx = None;
+                return None;
+            }
+            Some(r.borrow_and_update().clone())
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves when the event log's status changes; never without a log.
+async fn status_changed(rx: &mut Option<watch::Receiver<EventLogStatus>>) {
+    match rx {
+        Some(rx) => {
+            if rx.changed().await.is_err() {
+                // The writer is gone; nothing more will change.
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn no_source_error(wanted: SourceKind, reasons: &[Unavailable]) -> anyhow::Error {
+    let list = reasons
+        .iter()
+        .map(|u| format!("{}: {}", u.source, u.reason))
+        .collect::<Vec<_>>()
+        .join("; ");
+    anyhow::anyhow!("event source {wanted} could not start ({list})")
+}
+
+/// One line per group: met, or not and why.
+fn log_group(g: &GroupReport) {
+    let modules = g
+        .modules
+        .iter()
+        .map(|m| format!("{}={}", m.name, m.state))
+        .collect::<Vec<_>>()
+        .join(" ");
+    if g.met {
+        tracing::info!(group = %g.name, %modules, "requirement met");
+    } else {
+        tracing::error!(group = %g.name, severity = %g.severity, %modules, "requirement NOT met");
+    }
+}
+
+/// What `msg` was about, for the start-up drain.
+const fn is_event(msg: &SourceMsg) -> Option<&crate::event::SourceEvent> {
+    match msg {
+        SourceMsg::Event(ev) => Some(ev),
+        _ => None,
+    }
+}

@@ -1,0 +1,105 @@
+//! Fan-out after every change: the /status document, the metrics and the
+//! set of alerts the pusher should hold firing. Everything here reads the
+//! daemon's state; nothing changes it.
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use super::Daemon;
+use crate::{
+    alerting::{self, AlertInputs, WantedSet},
+    forensic::EventLog,
+    requirements::{self, V2_GROUP},
+    source::RunningSource,
+    status::{SourceStatus, Status},
+};
+
+impl Daemon {
+    /// Publishes the new state to /status, the metrics and the alert pusher.
+    pub(super) fn publish(&self, running: &RunningSource, status_tx: &watch::Sender<Arc<Status>>) {
+        let mut status = self.status(running);
+        let severity = requirements::v2_severity(self.tracker.groups());
+        if let Some(g) = self.v2.hugepages_group(severity) {
+            // Right after the V2 group it belongs with.
+            let at = status
+                .groups
+                .iter()
+                .position(|g| g.name == V2_GROUP)
+                .map_or(status.groups.len(), |i| i + 1);
+            status.groups.insert(at, g);
+        }
+        self.metrics
+            .set_enabled(status.v2.enablement.iter().map(|(name, d)| (*name, d)));
+        self.metrics.set_cluster_readable(self.v2.readable());
+        self.metrics
+            .set_hugepages(self.v2.readiness.hugepages.pool.as_ref());
+        let now_unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        self.metrics.set_groups(&status.groups, now_unix);
+        self.metrics.set_persistent(
+            status
+                .persistence
+                .iter()
+                .map(|(m, p)| (m.as_str(), p.persistent)),
+        );
+        self.metrics.set_source(running.kind);
+        self.metrics.set_lost_total(running.lost());
+        if let Some(log) = &status.event_log {
+            self.metrics.set_event_log(log.degraded, log.write_errors);
+        }
+        let alerts = alerting::wanted_alerts(&AlertInputs {
+            instance: &self.settings.common.node_name,
+            runbook_url: &self.settings.runbook_url,
+            groups: &status.groups,
+            snapshot: &self.snapshot,
+            source: &status.source,
+            modules_supported: status.modules_supported,
+            lost_recently: self.lost_at.is_some(),
+            lost_total: status.events.lost,
+            boot_epoch: self.boot_epoch,
+            hugepages_short: self.v2.hugepages_short(),
+            cluster_unreadable: self.v2.unreadable_alert(),
+            hugepages_severity: severity,
+        });
+        let trigger = self.trigger_boot_ns;
+        self.wanted_tx.send_if_modified(|w| {
+            if w.alerts == alerts {
+                return false;
+            }
+            *w = Arc::new(WantedSet {
+                alerts,
+                trigger_boot_ns: trigger,
+            });
+            true
+        });
+        status_tx.send_replace(Arc::new(status));
+    }
+
+    /// The /status document for the state now.
+    pub(super) fn status(&self, running: &RunningSource) -> Status {
+        let mut events = self.counts.clone();
+        events.lost = events.lost.max(running.lost());
+        Status {
+            version: env!("CARGO_PKG_VERSION"),
+            kernel_release: self.snapshot.kernel_release.clone(),
+            modules_supported: self.tracker.modules_supported(),
+            host_root: self.settings.common.host.root().to_path_buf(),
+            source: SourceStatus {
+                active: running.kind,
+                unavailable: running.unavailable.clone(),
+                details: running.details.clone(),
+            },
+            events,
+            drift_total: self.reconciler.drift_total,
+            reconciles: self.reconciler.reconciles,
+            warnings: self.warnings.clone(),
+            groups: self.tracker.report(),
+            persistence: self.boot.persistence.clone(),
+            other_kernels: self.boot.other_kernels.clone(),
+            event_log: self.log.as_ref().map(EventLog::status),
+            privileges: self.privileges.clone(),
+            v2: self.v2.status(),
+        }
+    }
+}

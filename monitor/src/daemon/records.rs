@@ -1,0 +1,473 @@
+//! The forensic records the daemon writes, built from what the tracker and
+//! the cluster state say. Pure: no I/O, no clock reads (the caller passes
+//! every timestamp and the already-enriched actor), so each builder is
+//! unit-tested here.
+use crate::{
+    event::{Kind, SourceEvent, taint_letters},
+    forensic::{
+        Record, RecordKind,
+        chain::{canonical, sha256_hex},
+        record::{
+            ActorInfo, ConfigInfo, EnablementInfo, ModuleInfo, ModuleStateInfo, MonitorInfo,
+            RequirementEffect, RequirementFlip, StateChange,
+        },
+    },
+    host::Snapshot,
+    longhorn::v2::Flip,
+    names::ModuleName,
+    requirements::GroupSpec,
+    tracker::{GroupChange, Outcome, Tracker},
+};
+
+/// `{name, taints}` of a record about a module.
+#[must_use]
+pub fn module_info(name: &ModuleName, taints: Option<String>) -> ModuleInfo {
+    ModuleInfo {
+        name: name.to_string(),
+        taints,
+    }
+}
+
+/// The enabled groups' names.
+#[must_use]
+pub fn group_names(tracker: &Tracker) -> Vec<String> {
+    tracker.groups().iter().map(|g| g.name.clone()).collect()
+}
+
+/// Each enabled group that holds `module`, with its verdict now and whether
+/// `changes` flipped it; nothing for a module no group requires.
+#[must_use]
+pub fn effects(
+    tracker: &Tracker,
+    module: &ModuleName,
+    changes: &[GroupChange],
+) -> Vec<RequirementEffect> {
+    if !tracker.is_required(module) {
+        return Vec::new();
+    }
+    tracker
+        .report()
+        .into_iter()
+        .filter(|g| g.modules.iter().any(|m| &m.name == module))
+        .map(|g| RequirementEffect {
+            changed: changes.iter().any(|c| c.group == g.name),
+            name: g.name,
+            met: g.met,
+        })
+        .collect()
+}
+
+/// Every group's verdict now; `changes` marks the ones that just flipped.
+#[must_use]
+pub fn all_effects(tracker: &Tracker, changes: &[GroupChange]) -> Vec<RequirementEffect> {
+    tracker
+        .report()
+        .into_iter()
+        .map(|g| RequirementEffect {
+            changed: changes.iter().any(|c| c.group == g.name),
+            name: g.name,
+            met: g.met,
+        })
+        .collect()
+}
+
+/// A module event's record: the module, the actor (enriched by the caller),
+/// the state change and the groups it touches. `outcome` is `None` for an
+/// event from before the snapshot, which changed no state.
+#[must_use]
+pub fn event_record(
+    tracker: &Tracker,
+    ev: &SourceEvent,
+    kind: Kind,
+    outcome: Option<&Outcome>,
+    actor: Option<ActorInfo>,
+    source: &str,
+) -> Record {
+    let mut r = Record::new(RecordKind::of_event(kind), ev.boot_ns);
+    // Only eBPF's module_load carries taints.
+    let taints = (kind == Kind::Load && ev.actor.is_some()).then(|| taint_letters(ev.taints));
+    r.module = Some(module_info(&ev.module, taints));
+    r.actor = actor;
+    r.source = Some(source.to_owned());
+    match outcome {
+        Some(o) => {
+            r.state = Some(StateChange {
+                from: o.from.to_string(),
+                to: o.to.to_string(),
+            });
+            r.requirements = effects(tracker, &o.module, &o.group_changes);
+        }
+        None => r.historical = true,
+    }
+    r
+}
+
+/// One `requirement_change` per flipped group, caused by `cause` (the kind
+/// of the record just before them).
+#[must_use]
+pub fn group_changes(
+    module: Option<&ModuleName>,
+    changes: &[GroupChange],
+    cause: RecordKind,
+    boot_ns: u64,
+) -> Vec<Record> {
+    changes
+        .iter()
+        .map(|c| {
+            let mut r = Record::new(RecordKind::RequirementChange, boot_ns);
+            r.module = module.map(|m| module_info(m, None));
+            r.requirement = Some(RequirementFlip {
+                name: c.group.clone(),
+                was: !c.met,
+                met: c.met,
+            });
+            r.cause = Some(cause);
+            r
+        })
+        .collect()
+}
+
+/// A `drift` record: the reconcile found `o.module` in another state than
+/// tracked and corrected it.
+#[must_use]
+pub fn drift(tracker: &Tracker, o: &Outcome, boot_ns: u64) -> Record {
+    let mut r = Record::new(RecordKind::Drift, boot_ns);
+    r.module = Some(module_info(&o.module, None));
+    r.source = Some("reconcile".to_owned());
+    r.state = Some(StateChange {
+        from: o.from.to_string(),
+        to: o.to.to_string(),
+    });
+    r.requirements = effects(tracker, &o.module, &o.group_changes);
+    r
+}
+
+/// `events_lost`, with the source's running total or the reason a record
+/// could not be decoded.
+#[must_use]
+pub fn events_lost(
+    source: &str,
+    lost_total: Option<u64>,
+    reason: Option<String>,
+    boot_ns: u64,
+) -> Record {
+    let mut r = Record::new(RecordKind::EventsLost, boot_ns);
+    r.lost_total = lost_total;
+    r.reason = reason;
+    r.source = Some(source.to_owned());
+    r
+}
+
+/// A `requirement_enablement` record for one flip.
+#[must_use]
+pub fn enablement(flip: &Flip, boot_ns: u64) -> Record {
+    let mut r = Record::new(RecordKind::RequirementEnablement, boot_ns);
+    r.enablement = Some(EnablementInfo {
+        requirement: flip.requirement.to_owned(),
+        was: flip.was.enabled,
+        enabled: flip.now.enabled,
+        source: flip.now.source.as_str().to_owned(),
+        reason: flip.now.reason.clone(),
+    });
+    r
+}
+
+/// A `requirement_change` of a requirement without modules (the hugepage
+/// pool), with the reason in words.
+#[must_use]
+pub fn requirement_flip(name: &str, was: bool, met: bool, reason: String, boot_ns: u64) -> Record {
+    let mut r = Record::new(RecordKind::RequirementChange, boot_ns);
+    r.requirement = Some(RequirementFlip {
+        name: name.to_owned(),
+        was,
+        met,
+    });
+    r.reason = Some(reason);
+    r
+}
+
+/// The config file and the SHA-256 of `bytes` (its content, when it could
+/// be read); without them, the SHA-256 of the resolved groups' canonical
+/// JSON. Returns `(file, digest, what the digest is of)`.
+#[must_use]
+pub fn config_digest(
+    file: Option<String>,
+    bytes: Option<&[u8]>,
+    groups: &[GroupSpec],
+) -> (Option<String>, String, &'static str) {
+    if let Some(bytes) = bytes {
+        return (file, sha256_hex(bytes), "file");
+    }
+    let groups = serde_json::to_value(groups).map_or_else(|_| String::new(), |v| canonical(&v));
+    (file, sha256_hex(groups.as_bytes()), "groups")
+}
+
+/// Who started, with what (the caller fills in the version, pid, source
+/// and digest).
+pub struct StartInfo<'a> {
+    pub source: &'a str,
+    pub pid: u32,
+    pub config_file: Option<String>,
+    pub config_bytes: Option<&'a [u8]>,
+    pub now_ns: u64,
+    pub snapshot_ns: u64,
+}
+
+/// `monitor_start` then `snapshot`: who we are and what start-up saw
+/// (every required module once, with its taints, and every group).
+#[must_use]
+pub fn start(tracker: &Tracker, snapshot: &Snapshot, info: &StartInfo<'_>) -> [Record; 2] {
+    let StartInfo {
+        source,
+        pid,
+        config_file,
+        config_bytes,
+        now_ns,
+        snapshot_ns,
+    } = info;
+    let (config_file, config_digest, config_digest_of) =
+        config_digest(config_file.clone(), *config_bytes, tracker.groups());
+    let mut start = Record::new(RecordKind::MonitorStart, *now_ns);
+    start.monitor = Some(MonitorInfo {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        kernel_release: snapshot.kernel_release.clone(),
+        source: (*source).to_owned(),
+        pid: *pid,
+        groups: group_names(tracker),
+        config_file,
+        config_digest,
+        config_digest_of: config_digest_of.to_owned(),
+    });
+    let report = tracker.report();
+    let mut snap = Record::new(RecordKind::Snapshot, *snapshot_ns);
+    for m in report.iter().flat_map(|g| &g.modules) {
+        if snap.modules.iter().any(|s| s.name == m.name.as_str()) {
+            continue;
+        }
+        snap.modules.push(ModuleStateInfo {
+            name: m.name.to_string(),
+            state: m.state.to_string(),
+            taints: snapshot.loaded.get(&m.name).map(|l| l.taints.clone()),
+        });
+    }
+    snap.requirements = all_effects(tracker, &[]);
+    [start, snap]
+}
+
+/// What a SIGHUP did with the file: taken (and which keys did what), or
+/// rejected with the error.
+pub struct ReloadInfo<'a> {
+    pub file: String,
+    pub digest: Option<String>,
+    pub outcome: Result<ReloadKeys<'a>, String>,
+}
+
+/// The keys a taken reload changed, sorted by what happened to them.
+pub struct ReloadKeys<'a> {
+    pub applied: &'a [&'static str],
+    pub restart_required: &'a [&'static str],
+    pub overridden: &'a [&'static str],
+    /// The groups it flipped.
+    pub changes: &'a [GroupChange],
+}
+
+/// A `config_reload` record.
+#[must_use]
+pub fn config_reload(tracker: &Tracker, info: ReloadInfo<'_>, boot_ns: u64) -> Record {
+    let ReloadInfo {
+        file,
+        digest,
+        outcome,
+    } = info;
+    let owned = |keys: &[&'static str]| keys.iter().map(|k| (*k).to_owned()).collect();
+    let mut r = Record::new(RecordKind::ConfigReload, boot_ns);
+    match outcome {
+        Ok(ReloadKeys {
+            applied,
+            restart_required,
+            overridden,
+            changes,
+        }) => {
+            r.config = Some(ConfigInfo {
+                file,
+                digest,
+                accepted: true,
+                error: None,
+                groups: group_names(tracker),
+                applied: owned(applied),
+                restart_required: owned(restart_required),
+                overridden: owned(overridden),
+            });
+            r.requirements = all_effects(tracker, changes);
+        }
+        Err(error) => {
+            r.config = Some(ConfigInfo {
+                file,
+                digest,
+                accepted: false,
+                error: Some(error),
+                groups: group_names(tracker),
+                applied: Vec::new(),
+                restart_required: Vec::new(),
+                overridden: Vec::new(),
+            });
+        }
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        event::Raw,
+        testing::{event, longhorn_groups, name, snapshot_debian_6_1},
+    };
+
+    #[test]
+    fn an_unload_record_names_the_change_and_the_group_it_broke() {
+        let mut t = Tracker::new(&snapshot_debian_6_1(), longhorn_groups());
+        let ev = event(Raw::Free, "nvme_tcp", 7);
+        let o = t.apply(&ev);
+        let kind = o.kind.unwrap();
+        let r = event_record(&t, &ev, kind, Some(&o), None, "ebpf");
+        assert_eq!(r.kind, RecordKind::ModuleUnload);
+        assert_eq!(r.boot_ns, 7);
+        assert_eq!(r.source.as_deref(), Some("ebpf"));
+        assert_eq!(
+            r.state,
+            Some(StateChange {
+                from: "loaded".into(),
+                to: "available".into()
+            })
+        );
+        assert_eq!(
+            r.requirements,
+            [RequirementEffect {
+                name: "v2-data-engine".into(),
+                met: false,
+                changed: false,
+            }],
+            "uio_pci_generic is not loaded in the fixture, so V2 was already unmet"
+        );
+        assert!(!r.historical);
+        // The group changes follow, caused by this record's kind.
+        let flips = group_changes(Some(&o.module), &o.group_changes, r.kind, 7);
+        assert_eq!(flips.len(), o.group_changes.len());
+    }
+
+    #[test]
+    fn breaking_base_yields_one_change_record_with_its_cause() {
+        let mut t = Tracker::new(&snapshot_debian_6_1(), longhorn_groups());
+        let o = t.apply(&event(Raw::Free, "dm_crypt", 9));
+        let flips = group_changes(
+            Some(&o.module),
+            &o.group_changes,
+            RecordKind::ModuleUnload,
+            9,
+        );
+        assert_eq!(flips.len(), 1);
+        let f = &flips[0];
+        assert_eq!(f.kind, RecordKind::RequirementChange);
+        assert_eq!(
+            f.requirement,
+            Some(RequirementFlip {
+                name: "base".into(),
+                was: true,
+                met: false
+            })
+        );
+        assert_eq!(f.cause, Some(RecordKind::ModuleUnload));
+        assert_eq!(f.module.as_ref().map(|m| m.name.as_str()), Some("dm_crypt"));
+    }
+
+    #[test]
+    fn history_and_unrequired_modules() {
+        let t = Tracker::new(&snapshot_debian_6_1(), longhorn_groups());
+        let ev = event(Raw::Request, "dm_crypt", 1);
+        let r = event_record(&t, &ev, Kind::Request, None, None, "ebpf");
+        assert!(r.historical);
+        assert_eq!(r.state, None);
+        assert!(effects(&t, &name("nbd"), &[]).is_empty());
+    }
+
+    #[test]
+    fn start_lists_each_required_module_once_with_taints() {
+        let snapshot = snapshot_debian_6_1();
+        let t = Tracker::new(&snapshot, longhorn_groups());
+        let [start, snap] = start(
+            &t,
+            &snapshot,
+            &StartInfo {
+                source: "poll",
+                pid: 42,
+                config_file: None,
+                config_bytes: None,
+                now_ns: 2,
+                snapshot_ns: 1,
+            },
+        );
+        let m = start.monitor.unwrap();
+        assert_eq!(m.groups, ["base", "v2-data-engine"]);
+        assert_eq!(m.config_digest_of, "groups");
+        assert_eq!(m.pid, 42);
+        let names: Vec<&str> = snap.modules.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["dm_crypt", "vfio_pci", "uio_pci_generic", "nvme_tcp"]
+        );
+        assert_eq!(snap.modules[0].taints.as_deref(), Some(""));
+        assert_eq!(snap.modules[2].taints, None, "not loaded");
+        assert_eq!(snap.boot_ns, 1);
+        assert_eq!(snap.requirements.len(), 2);
+    }
+
+    #[test]
+    fn config_digest_is_of_the_file_when_read() {
+        let groups = longhorn_groups();
+        let (_, by_file, of) = config_digest(Some("/c".into()), Some(b"x"), &groups);
+        assert_eq!(of, "file");
+        assert_eq!(by_file, sha256_hex(b"x"));
+        let (_, by_groups, of) = config_digest(Some("/c".into()), None, &groups);
+        assert_eq!(of, "groups");
+        assert_ne!(by_groups, by_file);
+    }
+
+    #[test]
+    fn a_reload_record_says_what_each_key_did() {
+        let t = Tracker::new(&snapshot_debian_6_1(), longhorn_groups());
+        let r = config_reload(
+            &t,
+            ReloadInfo {
+                file: "/etc/k.toml".into(),
+                digest: Some("d".into()),
+                outcome: Ok(ReloadKeys {
+                    applied: &["reconcile_interval"],
+                    restart_required: &["listen"],
+                    overridden: &["source"],
+                    changes: &[],
+                }),
+            },
+            5,
+        );
+        let c = r.config.unwrap();
+        assert!(c.accepted);
+        assert_eq!(c.applied, ["reconcile_interval"]);
+        assert_eq!(c.restart_required, ["listen"]);
+        assert_eq!(c.overridden, ["source"]);
+        assert_eq!(r.requirements.len(), 2);
+        let rejected = config_reload(
+            &t,
+            ReloadInfo {
+                file: "/etc/k.toml".into(),
+                digest: None,
+                outcome: Err("line 1: bad".into()),
+            },
+            6,
+        );
+        let c = rejected.config.unwrap();
+        assert!(!c.accepted);
+        assert_eq!(c.error.as_deref(), Some("line 1: bad"));
+        assert!(c.applied.is_empty() && rejected.requirements.is_empty());
+    }
+}
