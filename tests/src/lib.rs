@@ -583,6 +583,24 @@ pub fn check(host: &FakeHost, extra: &[OsString]) -> Finished {
     kmod_monitor(&args)
 }
 
+/// `log show --json EXTRA... LOG`: the records of an event log, each line
+/// parsed.
+///
+/// # Panics
+/// When `log show` fails or prints a line that is not JSON.
+#[must_use]
+pub fn log_records(log: &Path, extra: &[OsString]) -> Vec<Value> {
+    let mut a = Vec::from(args!["log", "show", "--json"]);
+    a.extend(extra.iter().cloned());
+    a.push(log.into());
+    let out = kmod_monitor(&a);
+    out.expect_code(0);
+    out.stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}\n{out}")))
+        .collect()
+}
+
 /// A free loopback port right now (it may be taken before it is used;
 /// [`Daemon::start`] retries on a bind failure).
 ///

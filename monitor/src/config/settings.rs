@@ -590,3 +590,141 @@ pub fn reload(old: &Inputs, new: FileConfig) -> Result<Reload, SettingsError> {
         overridden,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::config::parse_config;
+
+    /// `run`'s flags as clap parses them.
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        flags: RunFlags,
+    }
+
+    fn flags(args: &[&str]) -> RunFlags {
+        Cli::try_parse_from(std::iter::once("run").chain(args.iter().copied()))
+            .unwrap()
+            .flags
+    }
+
+    /// Every key set, as in the README's example.
+    const FULL: &str = r#"
+listen = "127.0.0.1:9469"
+source = "poll"
+reconcile_interval = 61
+poll_interval = 2
+ring_buffer_size = 8192
+host_root = "/host"
+v2_data_engine = true
+alertmanager = ["http://am:9093"]
+alert_resend_interval = 30
+node_name = "n1"
+runbook_url = "http://r"
+event_log = "/var/log/k.jsonl"
+fsync = "always"
+event_log_max_bytes = 8192
+event_log_keep = 2
+longhorn = "off"
+longhorn_namespace = "lh"
+kubeconfig = "/k"
+longhorn_grace = 5
+v2_hugepages_2mi = 8
+[groups.g]
+all_of = ["nbd"]
+"#;
+
+    #[test]
+    fn every_key_is_known_and_every_flag_is_seen() {
+        let full = parse_config(FULL, std::path::Path::new("/c")).unwrap();
+        let changed = FileConfig::changed_keys(None, Some(&full));
+        let known: Vec<&str> = KEYS.iter().map(|k| k.name).collect();
+        assert_eq!(
+            changed, known,
+            "KEYS lists exactly the file's keys, in order"
+        );
+        let all = flags(&[
+            "--listen=127.0.0.1:1",
+            "--source=poll",
+            "--reconcile-interval=1",
+            "--poll-interval=1",
+            "--ring-buffer-size=4096",
+            "--host-root=/h",
+            "--v2-data-engine",
+            "--alertmanager=http://a:1",
+            "--alert-resend-interval=1",
+            "--node-name=n",
+            "--runbook-url=u",
+            "--event-log=/e",
+            "--fsync=always",
+            "--event-log-max-bytes=4096",
+            "--event-log-keep=1",
+            "--longhorn=off",
+            "--longhorn-namespace=n",
+            "--kubeconfig=/k",
+            "--longhorn-grace=1",
+            "--v2-hugepages-2mi=1",
+        ]);
+        for k in KEYS {
+            assert_eq!(flag_given(&all, k.name), k.flag.is_some(), "{}", k.name);
+            assert!(!flag_given(&RunFlags::default(), k.name), "{}", k.name);
+        }
+    }
+
+    #[test]
+    fn flag_over_file_over_default() {
+        let file = parse_config(
+            "reconcile_interval = 7\npoll_interval = 3\n",
+            std::path::Path::new("/c"),
+        )
+        .unwrap();
+        let s = resolve_run(&flags(&["--reconcile-interval=9"]), Some(file)).unwrap();
+        assert_eq!(s.reconcile_interval, Duration::from_secs(9));
+        assert_eq!(s.poll_interval, Duration::from_secs(3));
+        assert_eq!(
+            s.alert_resend_interval,
+            Duration::from_secs(DEFAULT_ALERT_RESEND_SECS)
+        );
+        assert_eq!(s.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(s.common.v2_local.hugepages_source, Source::Default);
+    }
+
+    #[test]
+    fn a_bad_flag_names_itself_with_the_file_keys_words() {
+        let err = resolve_run(&flags(&["--ring-buffer-size=1000"]), None).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "--ring-buffer-size 1000: must be a power of two of at least 4096 and at most 268435456 bytes"
+        );
+        let err = resolve_run(&flags(&["--longhorn-namespace=A_B"]), None).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("--longhorn-namespace \"A_B\": not a Kubernetes namespace name"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn reload_sorts_changed_keys() {
+        let old_file =
+            parse_config("reconcile_interval = 60\n", std::path::Path::new("/c")).unwrap();
+        let old = Inputs {
+            flags: flags(&["--source=poll"]),
+            file: Some(old_file),
+        };
+        let new = parse_config(
+            "reconcile_interval = 1\nsource = \"uevent\"\nlisten = \"127.0.0.1:2\"\n",
+            std::path::Path::new("/c"),
+        )
+        .unwrap();
+        let r = reload(&old, new).unwrap();
+        assert_eq!(r.applied, ["reconcile_interval"]);
+        assert_eq!(r.restart, ["listen"]);
+        assert_eq!(r.overridden, ["source"]);
+        assert_eq!(r.settings.reconcile_interval, Duration::from_secs(1));
+        assert_eq!(r.settings.source, SourceKind::Poll, "the flag still wins");
+    }
+}

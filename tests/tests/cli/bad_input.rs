@@ -195,3 +195,46 @@ fn unknown_flag_values_are_usage_errors() {
     .expect_code(2)
     .stderr_has(&["--source", "kprobe"]);
 }
+
+#[test]
+fn an_invalid_namespace_is_rejected_alike_from_the_flag_and_the_file() {
+    let host = FakeHost::debian_6_1();
+    let bad = "Longhorn_System";
+    let from_flag = check(&host, &args!["--longhorn-namespace", bad]);
+    let config = host.config(&format!("\nlonghorn_namespace = {bad:?}\n"));
+    let from_file = check(&host, &args!["--config", &config]);
+    from_flag
+        .expect_code(2)
+        .stderr_has(&[&format!("--longhorn-namespace {bad:?}: ")]);
+    from_file.expect_code(2).stderr_has(&[
+        &config.display().to_string(),
+        "line 2",
+        &format!("longhorn_namespace = {bad:?}: "),
+    ]);
+    // The same words after the value, whichever input said it.
+    let problem = |out: &Finished| {
+        let needle = format!("{bad:?}: ");
+        let at = out.stderr.find(&needle).map_or(0, |i| i + needle.len());
+        out.stderr[at..].trim().to_owned()
+    };
+    assert_eq!(problem(&from_flag), problem(&from_file));
+    assert!(
+        problem(&from_flag).starts_with("not a Kubernetes namespace name"),
+        "{from_flag}"
+    );
+}
+
+#[test]
+fn intervals_too_large_for_a_timer_are_rejected_not_a_panic() {
+    let host = FakeHost::debian_6_1();
+    for flag in [
+        "--reconcile-interval",
+        "--poll-interval",
+        "--alert-resend-interval",
+        "--longhorn-grace",
+    ] {
+        let out = run(&host, &args![flag, "18446744073709551615"]);
+        out.assert_no_panic();
+        out.expect_code(2).stderr_has(&[flag, "must be at most"]);
+    }
+}

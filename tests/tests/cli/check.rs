@@ -507,3 +507,39 @@ fn host_root_may_come_from_the_config_file() {
         "--host-root wins over host_root"
     );
 }
+
+#[test]
+fn a_hugepage_requirement_switched_off_by_the_flag_says_so() {
+    let host = FakeHost::debian_6_1();
+    let report = check_json(
+        &host,
+        &args![
+            "--v2-data-engine",
+            "--v2-hugepages-2mi",
+            "0",
+            "--longhorn",
+            "off"
+        ],
+        1,
+    );
+    let hugepages = &report["v2"]["enablement"]["v2-hugepages"];
+    assert_eq!(hugepages["enabled"], false, "{}", pretty(&report["v2"]));
+    assert_eq!(hugepages["source"], "flag", "{}", pretty(hugepages));
+    assert!(
+        hugepages["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("--v2-hugepages-2mi 0")),
+        "{}",
+        pretty(hugepages)
+    );
+    let config = host.config("v2_hugepages_2mi = 0\n");
+    let report = check_json(
+        &host,
+        &args!["--v2-data-engine", "--config", &config, "--longhorn", "off"],
+        1,
+    );
+    assert_eq!(
+        report["v2"]["enablement"]["v2-hugepages"]["source"],
+        "config"
+    );
+}

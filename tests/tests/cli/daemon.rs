@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use kmod_monitor_tests::{
-    DEBIAN_6_1, DEV_6_18, Daemon, FakeHost, args, group, group_names, keys, met, module, pretty,
-    state_of,
+    DEBIAN_6_1, DEV_6_18, Daemon, FakeHost, args, group, group_names, keys, log_records, met,
+    module, pretty, state_of,
 };
 use rustix::process::Signal;
 use serde_json::{Value, json};
@@ -229,6 +229,54 @@ fn sighup_reloads_the_config_and_keeps_it_when_the_new_one_is_bad() {
         "the old groups are kept"
     );
     assert_eq!(group(&status, "spdk-driver")["severity"], "warning");
+}
+
+#[test]
+fn sighup_applies_live_keys_and_names_the_ones_that_need_a_restart() {
+    let host = FakeHost::debian_6_1();
+    let config = host.config("reconcile_interval = 3600\n");
+    let log = host.join("events.jsonl");
+    let mut daemon = polling(&host, &args!["--config", &config, "--event-log", &log]);
+    let reconciles = |s: &Value| s["reconciles"].as_u64().unwrap_or_default();
+    std::thread::sleep(Duration::from_millis(2500));
+    let before = reconciles(&daemon.status());
+    assert_eq!(before, 0, "no reconcile within the first hour: {before}");
+
+    // reconcile_interval applies live; event_log_keep needs a restart;
+    // source is decided by the --source flag, which still wins.
+    host.config("reconcile_interval = 1\nevent_log_keep = 3\nsource = \"uevent\"\n");
+    daemon.signal(Signal::HUP);
+    daemon.wait_for(
+        "a reconcile every second after the reload",
+        FOLLOW * 2,
+        |s| reconciles(s) >= 2,
+    );
+    let stderr = daemon.wait_for_stderr("take effect only after a restart", FOLLOW);
+    assert!(stderr.contains("event_log_keep"), "{daemon}");
+    assert_eq!(
+        daemon.status()["source"]["active"],
+        "poll",
+        "the flag still decides the source"
+    );
+    let reloads: Vec<Value> = log_records(&log, &args!["--kind", "config_reload"]);
+    let [reload] = reloads.as_slice() else {
+        panic!("one config_reload record expected: {reloads:?}");
+    };
+    let c = &reload["config"];
+    assert_eq!(c["accepted"], true, "{}", pretty(reload));
+    assert_eq!(
+        c["applied"],
+        json!(["reconcile_interval"]),
+        "{}",
+        pretty(reload)
+    );
+    assert_eq!(
+        c["restart_required"],
+        json!(["event_log_keep"]),
+        "{}",
+        pretty(reload)
+    );
+    assert_eq!(c["overridden"], json!(["source"]), "{}", pretty(reload));
 }
 
 /// Sends `signal` to a running daemon and expects exit 0 within [`STOP`]:

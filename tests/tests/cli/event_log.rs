@@ -15,7 +15,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use kmod_monitor_tests::{Daemon, FakeHost, Finished, args, kmod_monitor, met, pretty};
+use kmod_monitor_tests::{
+    Daemon, FakeHost, Finished, args, kmod_monitor, log_records, met, pretty,
+};
 use rustix::process::Signal;
 use serde_json::Value;
 
@@ -40,19 +42,6 @@ fn logging(host: &FakeHost, log: &Path, extra: &[std::ffi::OsString]) -> Daemon 
 
 fn verify(log: &Path) -> Finished {
     kmod_monitor(&args!["log", "verify", log])
-}
-
-/// `log show --json EXTRA... LOG`, each line parsed.
-fn records(log: &Path, extra: &[std::ffi::OsString]) -> Vec<Value> {
-    let mut a = Vec::from(args!["log", "show", "--json"]);
-    a.extend(extra.iter().cloned());
-    a.push(log.into());
-    let out = kmod_monitor(&a);
-    out.expect_code(0);
-    out.stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}\n{out}")))
-        .collect()
 }
 
 fn stop(mut daemon: Daemon) {
@@ -139,7 +128,7 @@ fn an_unload_is_logged_verified_and_shown() {
         "--module filters: {shown}"
     );
 
-    let all = records(&log, &[]);
+    let all = log_records(&log, &[]);
     let kinds: Vec<&str> = all.iter().filter_map(|r| r["kind"].as_str()).collect();
     assert_eq!(
         kinds,
@@ -201,7 +190,7 @@ fn an_unload_is_logged_verified_and_shown() {
         }
     }
 
-    let only = records(
+    let only = log_records(
         &log,
         &args![
             "--kind",
@@ -286,7 +275,7 @@ fn sigkill_mid_burst_keeps_complete_records_and_the_restart_recovers_the_torn_li
         );
     }
     let torn_line = complete as u64 + 1;
-    let last_good = records(&log, &[]).last().cloned().unwrap_or_default();
+    let last_good = log_records(&log, &[]).last().cloned().unwrap_or_default();
 
     // Restart on the same log: it reports the torn line and carries on.
     let daemon = logging(&host, &log, &args!["--config", &config]);
@@ -306,7 +295,7 @@ fn sigkill_mid_burst_keeps_complete_records_and_the_restart_recovers_the_torn_li
         "verify should report exactly the recovered torn line: {out}"
     );
     assert_eq!(out.stdout.matches("torn line").count(), 1, "{out}");
-    let recovered = records(&log, &args!["--kind", "log_recovered"]);
+    let recovered = log_records(&log, &args!["--kind", "log_recovered"]);
     assert_eq!(recovered.len(), 1, "{recovered:?}");
     let r = &recovered[0];
     assert_eq!(
@@ -321,7 +310,7 @@ fn sigkill_mid_burst_keeps_complete_records_and_the_restart_recovers_the_torn_li
         r["prev_hash"], last_good["hash"],
         "the chain continues from the last good record"
     );
-    let after: Vec<Value> = records(&log, &[])
+    let after: Vec<Value> = log_records(&log, &[])
         .into_iter()
         .filter(|x| x["seq"].as_u64() > r["seq"].as_u64())
         .collect();
@@ -448,7 +437,7 @@ fn a_full_disk_degrades_the_log_and_writing_resumes() {
 
     let out = verify(&log);
     out.expect_code(0);
-    let all = records(&log, &[]);
+    let all = log_records(&log, &[]);
     let reloads = all.iter().filter(|r| r["kind"] == "config_reload").count();
     assert!(
         reloads >= 3,
