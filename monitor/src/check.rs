@@ -1,8 +1,8 @@
 //! `kmod-monitor check`: the one-shot preflight. Reads the settings, the
 //! cluster and the host once, judges every group on its own, and for each
 //! unmet module says exactly how to fix it now and across reboots
-//! (remedies come from [`crate::remedy`]); `--fix` hands them to
-//! [`crate::fix`].
+//! (remedies come from [`crate::remedy`]). `--fix` ([`crate::fix`]) acts
+//! on the same evaluation.
 use std::{fmt::Write as _, time::Duration};
 
 use serde::Serialize;
@@ -12,7 +12,7 @@ use anyhow::Context as _;
 use crate::{
     config::{
         CommonSettings,
-        flags::{CheckFlags, Output},
+        flags::{CommonFlags, Output},
         settings,
     },
     host::{
@@ -67,14 +67,22 @@ impl Report {
     }
 }
 
-/// `kmod-monitor check [--fix [--dry-run]]`: reads the settings, the
-/// cluster (once, with a timeout) and the host, prints the report (or
-/// applies the fixes) and returns the exit code: 0 met, 1 not met.
+/// The node judged once: the report (groups, V2 readiness, other kernels)
+/// and what it was judged from, for `check` to print and `check --fix` to
+/// act on.
+pub struct Evaluation {
+    pub report: Report,
+    pub boot: BootFacts,
+    pub host: HostRoot,
+}
+
+/// Reads the settings, the cluster (once, with a timeout) and the host,
+/// and judges every group on its own.
 ///
 /// # Errors
 /// Bad flags or config (exit 2 in `main`), an unreadable host.
-pub fn command(flags: &CheckFlags) -> anyhow::Result<u8> {
-    let file = settings::load_file(&flags.common)?;
+pub fn evaluate_node(flags: &CommonFlags) -> anyhow::Result<Evaluation> {
+    let file = settings::load_file(flags)?;
     let CommonSettings {
         config_path: _,
         host,
@@ -82,7 +90,7 @@ pub fn command(flags: &CheckFlags) -> anyhow::Result<u8> {
         groups,
         v2_local,
         cluster,
-    } = settings::resolve_common(&flags.common, file.as_ref())?;
+    } = settings::resolve_common(flags, file.as_ref())?;
     let (view, cluster_note) = read_cluster_once(&cluster, &node_name)?;
     let v2 = longhorn::decide_v2(v2_local, view.as_ref());
     let hugepages_on = longhorn::decide_hugepages(&v2, v2_local, view.as_ref());
@@ -96,10 +104,16 @@ pub fn command(flags: &CheckFlags) -> anyhow::Result<u8> {
     let v2_check = longhorn::readiness::judge(v2, hugepages_on, readiness, cluster_note);
     report.met &= v2_check.met;
     report.v2 = Some(v2_check);
-    if flags.fix {
-        return fix(&report, &boot, &host, flags.dry_run);
-    }
-    match flags.output {
+    Ok(Evaluation { report, boot, host })
+}
+
+/// `kmod-monitor check`: prints the report; exit code 0 met, 1 not met.
+///
+/// # Errors
+/// As [`evaluate_node`], or the report cannot be encoded.
+pub fn command(common: &CommonFlags, output: Output) -> anyhow::Result<u8> {
+    let Evaluation { report, .. } = evaluate_node(common)?;
+    match output {
         Output::Text => print!("{}", render_text(&report)),
         Output::Json => println!(
             "{}",
@@ -107,34 +121,6 @@ pub fn command(flags: &CheckFlags) -> anyhow::Result<u8> {
         ),
     }
     Ok(report.exit_code())
-}
-
-/// `check --fix [--dry-run]`: exit 0 when every step succeeded (or, dry
-/// run, after printing the plan), 1 when a modprobe failed.
-fn fix(report: &Report, boot: &BootFacts, host: &HostRoot, dry_run: bool) -> anyhow::Result<u8> {
-    let plan = crate::fix::plan(report, &boot.persistence, host)?;
-    if dry_run {
-        print!("{plan}");
-        return Ok(0);
-    }
-    let root = host.root().to_path_buf();
-    // modprobe must act on the host: through chroot when the host's / is
-    // mounted elsewhere (a container with --host-root).
-    let runner = |argv: &[&str]| {
-        let mut cmd = if root == std::path::Path::new("/") {
-            let mut c = std::process::Command::new(argv[0]);
-            c.args(&argv[1..]);
-            c
-        } else {
-            let mut c = std::process::Command::new("chroot");
-            c.arg(&root).args(argv);
-            c
-        };
-        cmd.status()
-    };
-    let done = crate::fix::apply(&plan, host, &runner)?;
-    print!("{done}");
-    Ok(u8::from(!done.ok()))
 }
 
 /// `check`'s one read of the cluster: the view, and a note on how it was

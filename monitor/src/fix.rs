@@ -28,12 +28,47 @@ use std::process::ExitStatus;
 
 use serde::Serialize;
 
-use crate::check::{GroupCheck, ModuleCheck, Report};
+use crate::check::{Evaluation, GroupCheck, ModuleCheck, Report};
+use crate::config::flags::CommonFlags;
 use crate::host::HostRoot;
 use crate::host::persistence::{Block, PersistSource, Persistence};
 use crate::names::ModuleName;
 use crate::requirements::GroupMode;
 use crate::state::ModuleState;
+
+/// `kmod-monitor check --fix [--dry-run]`: evaluates the node as `check`
+/// does, then prints the plan (dry run, exit 0) or carries it out (exit 0
+/// when every step succeeded, 1 when one failed). `modprobe` acts on the
+/// host: through `chroot` when the host's `/` is mounted elsewhere (a
+/// container with `--host-root`).
+///
+/// # Errors
+/// As [`crate::check::evaluate_node`], or the plan or the file cannot be
+/// made.
+pub fn command(common: &CommonFlags, dry_run: bool) -> anyhow::Result<u8> {
+    let Evaluation { report, boot, host } = crate::check::evaluate_node(common)?;
+    let plan = plan(&report, &boot.persistence, &host)?;
+    if dry_run {
+        print!("{plan}");
+        return Ok(0);
+    }
+    let root = host.root().to_path_buf();
+    let runner = |argv: &[&str]| {
+        let mut cmd = if root == Path::new("/") {
+            let mut c = std::process::Command::new(argv[0]);
+            c.args(&argv[1..]);
+            c
+        } else {
+            let mut c = std::process::Command::new("chroot");
+            c.arg(&root).args(argv);
+            c
+        };
+        cmd.status()
+    };
+    let done = apply(&plan, &host, &runner)?;
+    print!("{done}");
+    Ok(u8::from(!done.ok()))
+}
 
 /// The first line of every file `check --fix` writes; a file whose first
 /// line does not start with [`MANAGED_MARK`] is not kmod-monitor's.

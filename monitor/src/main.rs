@@ -12,7 +12,7 @@ use kmod_monitor::{
         flags::{CheckFlags, LogFormat, RunFlags},
         settings,
     },
-    daemon,
+    daemon, fix,
     forensic::{
         show::{self, Filter, ShowError},
         verify,
@@ -80,7 +80,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(flags) => run(*flags),
-        Command::Check(flags) => check::command(&flags),
+        Command::Check(flags) if flags.fix => fix::command(&flags.common, flags.dry_run),
+        Command::Check(flags) => check::command(&flags.common, flags.output),
         Command::Log(LogCommand::Verify { paths }) => log_verify(&paths),
         Command::Log(LogCommand::Show(args)) => log_show(args),
     };

@@ -13,6 +13,7 @@
 //! - `prometheus`: /metrics, the shipped rules and alert delivery against
 //!   the real Prometheus and Alertmanager.
 //! - `deploy`: the Kubernetes manifests and systemd unit, validated.
+//! - `layers`: the daemon's modules use only their own layer or lower ones.
 //! - `longhorn`: the cluster watch (V2 enablement from Longhorn's setting and
 //!   the node label) against an in-test list+watch API server; hugepages.
 mod bad_input;
@@ -20,6 +21,7 @@ mod check;
 mod daemon;
 mod deploy;
 mod event_log;
+mod layers;
 mod longhorn;
 mod persistence;
 mod prometheus;
