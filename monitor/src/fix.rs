@@ -657,6 +657,7 @@ mod tests {
     use crate::check::evaluate;
     use crate::host::take_snapshot;
     use crate::requirements::GroupSpec;
+    use crate::testing::{DEBIAN_6_1 as REL, FakeHost, name};
     use crate::tracker::Tracker;
 
     const DEP_6_1: &str = include_str!("host/fixtures/modules.dep.debian-6.1");
@@ -666,56 +667,42 @@ mod tests {
         include_str!("host/fixtures/persistence/etc-modules.debian-12");
     const CIS_NODE: &str =
         include_str!("host/fixtures/persistence/modprobe.d-cis-hardening.conf.node");
-    const REL: &str = "6.1.0-56-amd64";
-
-    fn name(s: &str) -> ModuleName {
-        ModuleName::parse(s).unwrap()
-    }
 
     /// A Debian 12 node (kernel 6.1, stock /etc/modules and its link) whose
     /// /proc/modules is the real one minus `unloaded`.
     struct Node {
-        dir: tempfile::TempDir,
+        fake: FakeHost,
     }
 
     impl Node {
         fn new(unloaded: &[&str]) -> Self {
-            let node = Self {
-                dir: tempfile::tempdir().unwrap(),
-            };
-            node.write("proc/sys/kernel/osrelease", &format!("{REL}\n"));
-            node.write(
-                "proc/cmdline",
-                "BOOT_IMAGE=/boot/vmlinuz-6.1.0-56-amd64 ro quiet\n",
-            );
-            node.write(&format!("lib/modules/{REL}/modules.dep"), DEP_6_1);
-            node.write(&format!("lib/modules/{REL}/modules.builtin"), BUILTIN_6_1);
-            node.write("etc/modules", ETC_MODULES_DEBIAN);
-            std::os::unix::fs::symlink("../modules", node.path("etc/modules-load.d/modules.conf"))
-                .unwrap();
+            let fake = FakeHost::with_release(REL);
+            fake.write(format!("lib/modules/{REL}/modules.dep"), DEP_6_1)
+                .write(format!("lib/modules/{REL}/modules.builtin"), BUILTIN_6_1)
+                .write("etc/modules", ETC_MODULES_DEBIAN)
+                .link("../modules", "etc/modules-load.d/modules.conf");
             let proc_modules: String = PROC_MODULES_6_1
                 .lines()
                 .filter(|l| !unloaded.contains(&l.split(' ').next().unwrap_or("")))
                 .map(|l| format!("{l}\n"))
                 .collect();
-            node.write("proc/modules", &proc_modules);
-            node
+            fake.write("proc/modules", &proc_modules);
+            Self { fake }
         }
 
         fn write(&self, rel: &str, content: &str) {
-            let path = self.path(rel);
-            fs::create_dir_all(path.parent().unwrap()).unwrap();
-            fs::write(path, content).unwrap();
+            self.fake.write(rel, content);
         }
 
+        /// `rel` under the root, its parent directory created.
         fn path(&self, rel: &str) -> PathBuf {
-            let path = self.dir.path().join(rel);
+            let path = self.fake.join(rel);
             fs::create_dir_all(path.parent().unwrap()).unwrap();
             path
         }
 
         fn root(&self) -> HostRoot {
-            HostRoot::new(self.dir.path())
+            self.fake.root()
         }
 
         /// `check` and the persistence of every required module, as the

@@ -162,10 +162,7 @@ impl<'de> serde::Deserialize<'de> for ModuleName {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn name(s: &str) -> ModuleName {
-        ModuleName::parse(s).unwrap()
-    }
+    use crate::testing::name;
 
     #[test]
     fn dash_and_underscore_are_the_same_module() {

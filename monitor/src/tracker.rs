@@ -494,19 +494,9 @@ mod tests {
     //! (/proc/modules with dm_crypt, nvme_tcp and vfio_pci loaded, plus that
     //! kernel's modules.builtin and modules.dep).
     use super::*;
-    use crate::testing::{event, group, longhorn_groups, name, snapshot_debian_6_1};
-
-    fn n(s: &str) -> ModuleName {
-        name(s)
-    }
-
-    fn snapshot_6_1() -> Snapshot {
-        snapshot_debian_6_1()
-    }
-
-    fn ev(raw: Raw, module: &str, t: u64) -> SourceEvent {
-        event(raw, module, t)
-    }
+    use crate::testing::{
+        event as ev, group, longhorn_groups, name as n, snapshot_debian_6_1 as snapshot_6_1,
+    };
 
     fn met(t: &Tracker, group: &str) -> bool {
         t.report().iter().find(|g| g.name == group).unwrap().met

@@ -105,10 +105,7 @@ pub fn parse_modules_dep(text: &str, path: &Path) -> Parsed<BTreeMap<ModuleName,
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn name(s: &str) -> ModuleName {
-        ModuleName::parse(s).unwrap()
-    }
+    use crate::testing::name;
 
     #[test]
     fn builtin_lines() {

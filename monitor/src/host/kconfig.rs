@@ -266,10 +266,7 @@ mod tests {
     use std::io::Write;
 
     use super::*;
-
-    fn name(s: &str) -> ModuleName {
-        ModuleName::parse(s).unwrap()
-    }
+    use crate::testing::name;
 
     fn parse(text: &str) -> Parsed<KernelConfig> {
         parse_kernel_config(text, Path::new("/boot/config-x"))

@@ -902,10 +902,11 @@ fn other_kernel(host: &HostRoot, release: String, modules: &[ModuleName]) -> Opt
 
 #[cfg(test)]
 mod tests {
-    use std::os::unix::fs::symlink;
-
     use super::*;
-    use crate::host::take_snapshot;
+    use crate::{
+        host::take_snapshot,
+        testing::{DEBIAN_6_1 as REL_6_1, DEBIAN_6_12 as REL_6_12, FakeHost, name},
+    };
 
     // Real files: see fixtures/persistence/README.md for where each is from.
     const ETC_MODULES_DEBIAN: &str = include_str!("fixtures/persistence/etc-modules.debian-12");
@@ -929,34 +930,26 @@ mod tests {
     const BUILTIN_6_1: &str = include_str!("fixtures/modules.builtin.debian-6.1");
     const DEP_6_12: &str = include_str!("fixtures/modules.dep.debian-6.12");
     const BUILTIN_6_12: &str = include_str!("fixtures/modules.builtin.debian-6.12");
-    const REL_6_1: &str = "6.1.0-56-amd64";
-    const REL_6_12: &str = "6.12.117+deb13-amd64";
     const CMDLINE: &str = "BOOT_IMAGE=/boot/vmlinuz-6.1.0-56-amd64 \
         root=UUID=5d6b1e4c-7d0a-4b8e-9a57-2f8f1c2d3e4f ro quiet rd.modules-load=nvme_tcp \
         \"modprobe.blacklist=evbug,snd_pcsp\" module_blacklist=floppy\n";
 
-    fn name(s: &str) -> ModuleName {
-        ModuleName::parse(s).unwrap()
-    }
-
-    /// A Debian 12 host root (kernel 6.1) in a temporary directory.
+    /// A Debian 12 host root (kernel 6.1): the shared fake host with
+    /// this module's constructors.
     struct Host {
-        dir: tempfile::TempDir,
+        fake: FakeHost,
     }
 
     impl Host {
         fn debian_6_1() -> Self {
-            let host = Self {
-                dir: tempfile::tempdir().unwrap(),
-            };
-            host.write("proc/sys/kernel/osrelease", &format!("{REL_6_1}\n"));
-            host.write(&format!("lib/modules/{REL_6_1}/modules.dep"), DEP_6_1);
-            host.write(
-                &format!("lib/modules/{REL_6_1}/modules.builtin"),
-                BUILTIN_6_1,
-            );
-            host.write("proc/modules", "");
-            host
+            let fake = FakeHost::with_release(REL_6_1);
+            fake.write(format!("lib/modules/{REL_6_1}/modules.dep"), DEP_6_1)
+                .write(
+                    format!("lib/modules/{REL_6_1}/modules.builtin"),
+                    BUILTIN_6_1,
+                )
+                .write("proc/modules", "");
+            Self { fake }
         }
 
         /// Debian's stock files: /etc/modules with only its header and the
@@ -985,23 +978,19 @@ mod tests {
         }
 
         fn write(&self, rel: &str, content: &str) {
-            let path = self.dir.path().join(rel);
-            fs::create_dir_all(path.parent().unwrap()).unwrap();
-            fs::write(path, content).unwrap();
+            self.fake.write(rel, content);
         }
 
         fn link(&self, target: &str, rel: &str) {
-            let path = self.dir.path().join(rel);
-            fs::create_dir_all(path.parent().unwrap()).unwrap();
-            symlink(target, path).unwrap();
+            self.fake.link(target, rel);
         }
 
         fn root(&self) -> HostRoot {
-            HostRoot::new(self.dir.path())
+            self.fake.root()
         }
 
         fn path(&self, rel: &str) -> PathBuf {
-            self.dir.path().join(rel)
+            self.fake.join(rel)
         }
 
         fn judge(&self, module: &str) -> Persistence {
@@ -1340,6 +1329,7 @@ mod tests {
     #[test]
     fn a_missing_command_line_is_a_warning() {
         let host = Host::debian_6_1();
+        fs::remove_file(host.path("proc/cmdline")).unwrap();
         let config = read_persistence_config(&host.root());
         assert_eq!(config.warnings().len(), 1);
         assert!(config.warnings()[0].contains("proc/cmdline does not exist"));

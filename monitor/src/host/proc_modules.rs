@@ -175,10 +175,7 @@ pub fn read_proc_modules(root: &HostRoot) -> Result<Option<Vec<ProcModule>>, Hos
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn name(s: &str) -> ModuleName {
-        ModuleName::parse(s).unwrap()
-    }
+    use crate::testing::name;
 
     fn parse(text: &str) -> Parsed<Vec<ProcModule>> {
         parse_proc_modules(text, Path::new("/host/proc/modules"))

@@ -287,6 +287,7 @@ mod tests {
     use std::path::Path;
 
     use super::*;
+    use crate::testing::{DEBIAN_6_1 as REL_6_1, DEBIAN_6_12 as REL_6_12, FakeHost, name};
 
     const PROC_MODULES_6_1: &str = include_str!("fixtures/proc_modules.debian-6.1");
     const PROC_MODULES_6_12: &str = include_str!("fixtures/proc_modules.debian-6.12");
@@ -297,54 +298,14 @@ mod tests {
     const CONFIG_6_1: &str = include_str!("fixtures/config.debian-6.1");
     const CONFIG_DEV: &[u8] = include_bytes!("fixtures/config.gz.dev-6.18");
 
-    const REL_6_1: &str = "6.1.0-56-amd64";
-    const REL_6_12: &str = "6.12.117+deb13-amd64";
-
-    /// A host root in a temporary directory.
-    struct FakeHost {
-        dir: tempfile::TempDir,
-    }
-
-    impl FakeHost {
-        fn new(release: &str) -> Self {
-            let host = Self {
-                dir: tempfile::tempdir().unwrap(),
-            };
-            host.write("proc/sys/kernel/osrelease", format!("{release}\n"));
-            host
-        }
-
-        fn write(&self, rel: &str, content: impl AsRef<[u8]>) -> &Self {
-            let path = self.dir.path().join(rel);
-            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-            std::fs::write(path, content).unwrap();
-            self
-        }
-
-        fn root(&self) -> HostRoot {
-            HostRoot::new(self.dir.path())
-        }
-
-        fn path(&self, rel: &str) -> String {
-            self.dir.path().join(rel).display().to_string()
-        }
-    }
-
-    fn name(s: &str) -> ModuleName {
-        ModuleName::parse(s).unwrap()
+    /// `rel` under the root, as messages show it.
+    fn shown(host: &FakeHost, rel: &str) -> String {
+        host.join(rel).display().to_string()
     }
 
     /// A Debian 12 node: /lib/modules, /boot/config.
     fn debian_6_1() -> FakeHost {
-        let host = FakeHost::new(REL_6_1);
-        host.write("proc/modules", PROC_MODULES_6_1)
-            .write(
-                &format!("lib/modules/{REL_6_1}/modules.builtin"),
-                BUILTIN_6_1,
-            )
-            .write(&format!("lib/modules/{REL_6_1}/modules.dep"), DEP_6_1)
-            .write(&format!("boot/config-{REL_6_1}"), CONFIG_6_1);
-        host
+        FakeHost::debian_6_1()
     }
 
     #[test]
@@ -356,7 +317,7 @@ mod tests {
         assert!(snap.modules_supported);
         assert_eq!(
             snap.modules_dir.as_deref(),
-            Some(Path::new(&host.path(&format!("lib/modules/{REL_6_1}"))))
+            Some(Path::new(&shown(&host, &format!("lib/modules/{REL_6_1}"))))
         );
         assert_eq!(snap.loaded.len(), 17);
         assert_eq!(snap.builtin.len(), 186);
@@ -378,25 +339,26 @@ mod tests {
 
     #[test]
     fn merged_usr_layout_debian_6_12() {
-        let host = FakeHost::new(REL_6_12);
+        let host = FakeHost::with_release(REL_6_12);
         host.write("proc/modules", PROC_MODULES_6_12)
             .write(
-                &format!("usr/lib/modules/{REL_6_12}/modules.builtin"),
+                format!("usr/lib/modules/{REL_6_12}/modules.builtin"),
                 BUILTIN_6_12,
             )
-            .write(&format!("usr/lib/modules/{REL_6_12}/modules.dep"), DEP_6_12);
+            .write(format!("usr/lib/modules/{REL_6_12}/modules.dep"), DEP_6_12);
         let snap = take_snapshot(&host.root()).unwrap();
         assert_eq!(
             snap.modules_dir.as_deref(),
-            Some(Path::new(
-                &host.path(&format!("usr/lib/modules/{REL_6_12}"))
-            ))
+            Some(Path::new(&shown(
+                &host,
+                &format!("usr/lib/modules/{REL_6_12}")
+            )))
         );
         // No config anywhere: one warning naming both places looked at.
         assert!(snap.kernel_config.is_none());
         assert_eq!(snap.warnings.len(), 1, "{:?}", snap.warnings);
-        assert!(snap.warnings[0].contains(&host.path("proc/config.gz")));
-        assert!(snap.warnings[0].contains(&host.path(&format!("boot/config-{REL_6_12}"))));
+        assert!(snap.warnings[0].contains(&shown(&host, "proc/config.gz")));
+        assert!(snap.warnings[0].contains(&shown(&host, &format!("boot/config-{REL_6_12}"))));
         assert!(snap.modules_supported);
         assert_eq!(snap.classify(&name("nvme_keyring")), ModuleState::Loaded);
         assert_eq!(
@@ -413,27 +375,28 @@ mod tests {
 
     #[test]
     fn lib_without_modules_dep_falls_through_to_usr_lib() {
-        let host = FakeHost::new(REL_6_12);
+        let host = FakeHost::with_release(REL_6_12);
         host.write("proc/modules", PROC_MODULES_6_12)
-            .write(&format!("lib/modules/{REL_6_12}/leftover"), "")
+            .write(format!("lib/modules/{REL_6_12}/leftover"), "")
             .write(
-                &format!("usr/lib/modules/{REL_6_12}/modules.builtin"),
+                format!("usr/lib/modules/{REL_6_12}/modules.builtin"),
                 BUILTIN_6_12,
             )
-            .write(&format!("usr/lib/modules/{REL_6_12}/modules.dep"), DEP_6_12);
+            .write(format!("usr/lib/modules/{REL_6_12}/modules.dep"), DEP_6_12);
         let snap = take_snapshot(&host.root()).unwrap();
         assert_eq!(
             snap.modules_dir.as_deref(),
-            Some(Path::new(
-                &host.path(&format!("usr/lib/modules/{REL_6_12}"))
-            ))
+            Some(Path::new(&shown(
+                &host,
+                &format!("usr/lib/modules/{REL_6_12}")
+            )))
         );
         assert_eq!(snap.available.len(), 4230);
     }
 
     #[test]
     fn modules_off_kernel_is_builtin_or_missing() {
-        let host = FakeHost::new("6.18.44-fc-v657");
+        let host = FakeHost::with_release("6.18.44-fc-v657");
         host.write("proc/config.gz", CONFIG_DEV);
         let snap = take_snapshot(&host.root()).unwrap();
         assert!(!snap.modules_supported);
@@ -444,7 +407,7 @@ mod tests {
         assert_eq!(snap.builtin, BTreeSet::from([name("fuse")]));
         assert_eq!(snap.warnings.len(), 1, "{:?}", snap.warnings);
         assert!(snap.warnings[0].contains("known modules only"));
-        assert!(snap.warnings[0].contains(&host.path("proc/config.gz")));
+        assert!(snap.warnings[0].contains(&shown(&host, "proc/config.gz")));
 
         assert_eq!(snap.classify(&name("fuse")), ModuleState::Builtin);
         for module in ["dm_crypt", "nvme_tcp", "vfio_pci", "uio_pci_generic", "x"] {
@@ -459,10 +422,10 @@ mod tests {
     #[test]
     fn modules_vanished_after_upgrade_is_a_warning() {
         // Running 6.1.0-56, but only a newer kernel's modules are on disk.
-        let host = FakeHost::new(REL_6_1);
+        let host = FakeHost::with_release(REL_6_1);
         host.write("proc/modules", PROC_MODULES_6_1)
             .write("lib/modules/6.1.0-57-amd64/modules.dep", DEP_6_1)
-            .write(&format!("boot/config-{REL_6_1}"), CONFIG_6_1);
+            .write(format!("boot/config-{REL_6_1}"), CONFIG_6_1);
         let snap = take_snapshot(&host.root()).unwrap();
         assert!(snap.modules_supported);
         assert_eq!(snap.modules_dir, None);
@@ -473,8 +436,8 @@ mod tests {
             .find(|w| w.contains("no module directory"))
             .expect("a warning about the module directory");
         assert!(vanished.contains(REL_6_1), "{vanished}");
-        assert!(vanished.contains(&host.path(&format!("lib/modules/{REL_6_1}"))));
-        assert!(vanished.contains(&host.path(&format!("usr/lib/modules/{REL_6_1}"))));
+        assert!(vanished.contains(&shown(&host, &format!("lib/modules/{REL_6_1}"))));
+        assert!(vanished.contains(&shown(&host, &format!("usr/lib/modules/{REL_6_1}"))));
         // What is loaded is still known; what is not cannot be loaded.
         assert_eq!(snap.classify(&name("dm_crypt")), ModuleState::Loaded);
         assert_eq!(
@@ -485,11 +448,11 @@ mod tests {
 
     #[test]
     fn missing_modules_dep_and_builtin_are_warnings() {
-        let host = FakeHost::new(REL_6_1);
+        let host = FakeHost::with_release(REL_6_1);
         host.write("proc/modules", PROC_MODULES_6_1)
-            .write(&format!("lib/modules/{REL_6_1}/kernel/README"), "");
+            .write(format!("lib/modules/{REL_6_1}/kernel/README"), "");
         let snap = take_snapshot(&host.root()).unwrap();
-        let dir = host.path(&format!("lib/modules/{REL_6_1}"));
+        let dir = shown(&host, &format!("lib/modules/{REL_6_1}"));
         assert!(
             snap.warnings
                 .iter()
@@ -564,14 +527,14 @@ mod tests {
             snap.warnings,
             [format!(
                 "{} line 18: expected 6 or 7 fields, found 2 (line skipped)",
-                host.path("proc/modules")
+                shown(&host, "proc/modules")
             )]
         );
     }
 
     #[test]
     fn proc_modules_without_config_modules_is_flagged() {
-        let host = FakeHost::new("6.18.44");
+        let host = FakeHost::with_release("6.18.44");
         host.write("proc/config.gz", CONFIG_DEV).write(
             "proc/modules",
             "dm_crypt 61440 0 - Live 0x0000000000000000\n",
@@ -589,13 +552,13 @@ mod tests {
 
     #[test]
     fn config_modules_without_proc_modules_is_flagged() {
-        let host = FakeHost::new(REL_6_1);
-        host.write(&format!("boot/config-{REL_6_1}"), CONFIG_6_1)
+        let host = FakeHost::with_release(REL_6_1);
+        host.write(format!("boot/config-{REL_6_1}"), CONFIG_6_1)
             .write(
-                &format!("lib/modules/{REL_6_1}/modules.builtin"),
+                format!("lib/modules/{REL_6_1}/modules.builtin"),
                 BUILTIN_6_1,
             )
-            .write(&format!("lib/modules/{REL_6_1}/modules.dep"), DEP_6_1);
+            .write(format!("lib/modules/{REL_6_1}/modules.dep"), DEP_6_1);
         let snap = take_snapshot(&host.root()).unwrap();
         assert!(snap.modules_supported);
         assert!(snap.loaded.is_empty());
@@ -611,19 +574,19 @@ mod tests {
 
     #[test]
     fn fatal_errors_name_the_path() {
-        let host = FakeHost::new(REL_6_1);
-        std::fs::remove_file(host.dir.path().join("proc/sys/kernel/osrelease")).unwrap();
+        let host = FakeHost::with_release(REL_6_1);
+        std::fs::remove_file(host.join("proc/sys/kernel/osrelease")).unwrap();
         let err = take_snapshot(&host.root()).unwrap_err().to_string();
         assert!(
-            err.starts_with(&host.path("proc/sys/kernel/osrelease")),
+            err.starts_with(&shown(&host, "proc/sys/kernel/osrelease")),
             "{err}"
         );
 
         // /proc/modules present but unreadable (here: a directory).
-        let host = FakeHost::new(REL_6_1);
-        std::fs::create_dir_all(host.dir.path().join("proc/modules")).unwrap();
+        let host = FakeHost::with_release(REL_6_1);
+        std::fs::create_dir_all(host.join("proc/modules")).unwrap();
         let err = take_snapshot(&host.root()).unwrap_err().to_string();
-        assert!(err.starts_with(&host.path("proc/modules")), "{err}");
+        assert!(err.starts_with(&shown(&host, "proc/modules")), "{err}");
     }
 
     #[test]
@@ -646,7 +609,7 @@ mod tests {
         assert_eq!(loaded.len(), 3);
         assert_eq!(loaded[&name("slowinit")].state, ProcModuleState::Unloading);
 
-        let empty = FakeHost::new("6.18.44");
+        let empty = FakeHost::with_release("6.18.44");
         assert_eq!(read_loaded(&empty.root()).unwrap(), None);
     }
 }

@@ -1,8 +1,14 @@
 //! Test support shared by the unit tests and the integration-test crate
-//! (feature `test-support`): short constructors for validated values, and
-//! the real Debian 6.1 guest's module state as a snapshot. Nothing here is
-//! used by the daemon itself.
+//! (feature `test-support`): short constructors for validated values, the
+//! real Debian 6.1 guest's module state as a snapshot, and [`FakeHost`],
+//! the one fake host root. Nothing here is used by the daemon itself.
+mod fake_host;
+
 use std::path::Path;
+
+pub use fake_host::{
+    DEBIAN_6_1, DEBIAN_6_12, DEV_6_18, FakeHost, fixture, fixture_path, fixture_text,
+};
 
 use crate::{
     event::{Actor, Raw, SourceEvent},
@@ -10,9 +16,6 @@ use crate::{
     names::ModuleName,
     requirements::{GroupMode, GroupSpec},
 };
-
-/// `uname -r` of the Debian 12 guest the 6.1 fixtures come from.
-pub const DEBIAN_6_1: &str = "6.1.0-56-amd64";
 
 /// A module name known to be valid; panics otherwise (test input).
 ///
@@ -29,7 +32,7 @@ pub fn name(s: &str) -> ModuleName {
 #[must_use]
 pub fn snapshot_debian_6_1() -> Snapshot {
     let p = Path::new("fixture");
-    let loaded = parse_proc_modules(include_str!("host/fixtures/proc_modules.debian-6.1"), p)
+    let loaded = parse_proc_modules(include_str!("../host/fixtures/proc_modules.debian-6.1"), p)
         .log_and_take()
         .into_iter()
         .map(|m| {
@@ -46,9 +49,12 @@ pub fn snapshot_debian_6_1() -> Snapshot {
         kernel_release: DEBIAN_6_1.into(),
         modules_supported: true,
         loaded,
-        builtin: parse_modules_builtin(include_str!("host/fixtures/modules.builtin.debian-6.1"), p)
-            .log_and_take(),
-        available: parse_modules_dep(include_str!("host/fixtures/modules.dep.debian-6.1"), p)
+        builtin: parse_modules_builtin(
+            include_str!("../host/fixtures/modules.builtin.debian-6.1"),
+            p,
+        )
+        .log_and_take(),
+        available: parse_modules_dep(include_str!("../host/fixtures/modules.dep.debian-6.1"), p)
             .log_and_take(),
         kernel_config: None,
         modules_dir: None,
