@@ -108,6 +108,30 @@ impl ModuleEvent {
     };
 }
 
+// The layout both sides rely on, checked where both compile it: 136 bytes,
+// 8-aligned, no padding, and the offsets the decoder reads. A field added or
+// moved without updating the decoder fails the build, not a guest.
+const _: () = {
+    use core::mem::{align_of, offset_of, size_of};
+    assert!(size_of::<ModuleEvent>() == 136);
+    assert!(align_of::<ModuleEvent>() == 8);
+    assert!(offset_of!(ModuleEvent, kind) == 0);
+    assert!(offset_of!(ModuleEvent, cpu) == 4);
+    assert!(offset_of!(ModuleEvent, boot_ns) == 8);
+    assert!(offset_of!(ModuleEvent, cgroup_id) == 16);
+    assert!(offset_of!(ModuleEvent, pid) == 24);
+    assert!(offset_of!(ModuleEvent, tgid) == 28);
+    assert!(offset_of!(ModuleEvent, uid) == 32);
+    assert!(offset_of!(ModuleEvent, gid) == 36);
+    assert!(offset_of!(ModuleEvent, taints) == 40);
+    assert!(offset_of!(ModuleEvent, wait) == 44);
+    assert!(offset_of!(ModuleEvent, ret) == 48);
+    assert!(offset_of!(ModuleEvent, comm) == 56);
+    assert!(offset_of!(ModuleEvent, name) == 56 + COMM_LEN);
+    assert!(size_of::<FieldOffset>() == 8);
+    assert!(size_of::<TracepointLayout>() == 8 * size_of::<FieldOffset>());
+};
+
 /// Where a field lives inside a tracepoint record. For `__data_loc` fields
 /// `offset` is the offset of the 32-bit location word (low 16 bits: offset
 /// of the data from the record start; high 16 bits: its length).
@@ -157,7 +181,7 @@ mod user {
     use super::{ModuleEvent, TracepointLayout};
 
     // SAFETY: both are #[repr(C)], made only of integers and byte arrays,
-    // have no padding (asserted in the daemon's tests) and every bit pattern
+    // have no padding (asserted at compile time above) and every bit pattern
     // is valid.
     unsafe impl aya::Pod for ModuleEvent {}
     // SAFETY: as above; TracepointLayout is u32 pairs only.

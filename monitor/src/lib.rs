@@ -2,26 +2,39 @@
 //! module tracepoints (or uevents, or polling), and reports per requirement
 //! group whether the node is fit.
 //!
-//! Layout, one concern per module:
-//! - [`names`]: module-name validation and normalisation (`-` == `_`).
-//! - [`host`]: everything read from the host (or `--host-root`): /proc/modules,
-//!   modules.builtin, modules.dep, kernel config, initstate; the start-up
-//!   snapshot.
-//! - [`config`]: the TOML config file, validated into requirement groups.
-//! - [`state`]: the per-module state vocabulary.
-//! - [`event`]: the decoded module event every source produces.
-//! - [`tracker`]: pure state machine: snapshot + events -> module states and
-//!   group results.
-//! - [`source`]: event sources (eBPF, uevent, poll) and the fallback between them.
-//! - [`daemon`]: `run`: attach, snapshot, apply, reconcile, signals, reload.
-//! - [`privileges`]: dropping capabilities (and the user) after attach.
-//! - [`http`]: /status, /healthz and /metrics.
-//! - [`metrics`]: the Prometheus metrics contract.
-//! - [`check`]: the one-shot preflight and its remedies.
-//! - [`alerting`]: the Alertmanager push and the alerts it sends.
-//! - [`forensic`]: the tamper-evident event log, `log verify` and `log show`.
-//! - [`longhorn`]: V2 enablement from the cluster (Longhorn setting, node
-//!   label) and V2 readiness beyond modules (hugepages, CPU, kernel).
+//! Data flows one way: kernel → [`source`] → [`tracker`] → [`status`],
+//! [`metrics`], [`alerting`], [`forensic`] log; the cluster watch
+//! ([`longhorn`]) beside it decides what is required. Modules are layered;
+//! each uses only its own layer or lower ones (`tests/cli/layers.rs` checks
+//! it):
+//!
+//! 1. Vocabulary.
+//!    - [`names`]: module-name validation and normalisation (`-` == `_`).
+//!    - [`state`]: the per-module state vocabulary.
+//!    - [`event`]: the decoded module event every source produces.
+//!    - [`requirements`]: requirement groups, the built-in ones, resolution.
+//!    - [`privileges`]: dropping capabilities (and the user) after attach.
+//! 2. Facts and judgement.
+//!    - [`host`]: everything read from the host (or `--host-root`):
+//!      /proc/modules, modules.builtin, modules.dep, kernel config,
+//!      initstate, boot-time configuration; the start-up snapshot.
+//!    - [`tracker`]: pure state machine: snapshot + events → module states
+//!      and group results.
+//!    - [`remedy`]: what fixes a module now and after a reboot.
+//! 3. Inputs and record.
+//!    - [`source`]: event sources (eBPF, uevent, poll) and the fallback.
+//!    - [`longhorn`]: V2 enablement from the cluster and V2 readiness.
+//!    - [`forensic`]: the tamper-evident event log, `log verify`, `log show`.
+//! 4. Outputs and settings.
+//!    - [`status`]: the /status contract (data only).
+//!    - [`metrics`]: the Prometheus metrics contract.
+//!    - [`alerting`]: the alerts and the Alertmanager push.
+//!    - [`http`]: /status, /healthz and /metrics.
+//!    - [`config`]: flags, the config file, validators, the one resolver.
+//! 5. Commands.
+//!    - [`daemon`]: `run`: attach, snapshot, apply, reconcile, reload, publish.
+//!    - [`check`]: the one-shot preflight.
+//!    - [`fix`]: `check --fix`.
 pub mod alerting;
 pub mod check;
 pub mod config;

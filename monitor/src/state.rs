@@ -1,5 +1,5 @@
-//! The vocabulary of module and group states shared by the tracker, the
-//! HTTP API, `check` and (later) metrics.
+//! The vocabulary of module states shared by the tracker, /status,
+//! `check`, the metrics and the alerts.
 use serde::Serialize;
 
 /// Where one module stands on this node.

@@ -1,6 +1,8 @@
 //! The requirement tracker: a pure state machine that starts from a host
 //! snapshot, applies module events in order, and says for every module and
-//! requirement group where the node stands. No I/O happens here.
+//! requirement group where the node stands. No I/O happens here: the only
+//! thing read from outside is the boot clock, to stamp `applied_ns` (when
+//! an event was applied) for the detection latency.
 //!
 //! The kernel's module lifecycle, as the eBPF source reports it:
 //!
