@@ -2,7 +2,7 @@
 //! one resolver that turns both into the settings the program runs on.
 //!
 //! - [`flags`]: the flags as clap parses them (every one optional).
-//! - [`file`]: the config file, parsed and checked key by key, with errors
+//! - [`mod@file`]: the config file, parsed and checked key by key, with errors
 //!   that name the file, line and column.
 //! - [`validate`]: one validator per setting, shared by flag and key.
 //! - [`settings`]: flag over file over default, once, for `run`, `check`

@@ -9,9 +9,9 @@
 //!
 //! Then the loop takes events, timers, signals and cluster changes, and
 //! after each publishes the new state. The other concerns have their own
-//! files: [`events`] applies source messages, [`reconcile`] compares with
-//! /proc/modules, [`reload`] handles SIGHUP and cluster changes,
-//! [`publish`] fans the state out to /status, metrics and alerts, and
+//! files: `events.rs` applies source messages, `reconcile.rs` compares
+//! with /proc/modules, `reload.rs` handles SIGHUP and cluster changes,
+//! `publish.rs` fans the state out to /status, metrics and alerts, and
 //! [`records`] builds the forensic records.
 mod events;
 mod publish;
