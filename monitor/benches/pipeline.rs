@@ -134,6 +134,7 @@ fn pipeline(c: &mut Criterion) {
                     fsync: FsyncPolicy::Interval,
                     max_bytes: 64 * 1024 * 1024,
                     keep: 2,
+                    buffer_bytes: forensic::DEFAULT_BUFFER_BYTES,
                 },
                 "bench-boot".into(),
                 "bench-host".into(),

@@ -56,6 +56,47 @@ pub struct AlertSettings {
     /// Alertmanager base URLs.
     pub urls: Vec<reqwest::Url>,
     pub resend_interval: Duration,
+    /// How to reach them: TLS trust, credentials, timeout.
+    pub client: AlertClient,
+}
+
+/// Default per-request timeout towards an Alertmanager, seconds
+/// (Prometheus's `alertmanager_config.timeout` default).
+pub const DEFAULT_ALERTMANAGER_TIMEOUT_SECS: u64 = 10;
+
+/// How the pusher talks to Alertmanager, as Prometheus users configure it
+/// in `alertmanager_config`: a CA for https, and a bearer token or basic
+/// auth read from files (never from the command line, where `ps` shows
+/// them).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AlertClient {
+    /// PEM CA bundle for https targets; `None` = the built-in web roots.
+    pub ca_file: Option<std::path::PathBuf>,
+    pub auth: Option<AlertAuth>,
+    /// Per-request timeout, connection included.
+    pub timeout: Duration,
+}
+
+impl Default for AlertClient {
+    fn default() -> Self {
+        Self {
+            ca_file: None,
+            auth: None,
+            timeout: Duration::from_secs(DEFAULT_ALERTMANAGER_TIMEOUT_SECS),
+        }
+    }
+}
+
+/// Credentials for Alertmanager; the secrets stay in their files.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AlertAuth {
+    /// `Authorization: Bearer <file's content>`.
+    Bearer { token_file: std::path::PathBuf },
+    /// `Authorization: Basic`, the password from a file.
+    Basic {
+        username: String,
+        password_file: std::path::PathBuf,
+    },
 }
 
 /// One alert as the v2 API takes it.

@@ -27,6 +27,13 @@
 //! kubeconfig = "/etc/kmod-monitor/kubeconfig"  # absolute; default: in-cluster, $KUBECONFIG, ~/.kube/config
 //! longhorn_grace = 300       # seconds the cluster may be unreadable before the alert, > 0
 //! v2_hugepages_2mi = 1024    # 2 MiB hugepages V2 needs; 0 = do not check
+//! web_config_file = "/etc/kmod-monitor/web.yml"  # TLS and basic auth (exporter-toolkit format)
+//! event_log_buffer_bytes = 8388608  # most bytes of records waiting for the disk
+//! alertmanager_ca_file = "/etc/kmod-monitor/am-ca.pem"  # CA for https Alertmanagers
+//! alertmanager_bearer_token_file = "/etc/kmod-monitor/am-token"  # or basic auth:
+//! # alertmanager_basic_auth_username = "kmod"
+//! # alertmanager_basic_auth_password_file = "/etc/kmod-monitor/am-password"
+//! alertmanager_timeout = 10  # seconds per request, connection included
 //!
 //! [groups.base]              # built-in; may be switched off
 //! enabled = false
@@ -105,7 +112,7 @@ pub struct FileConfig {
     pub host_root: Option<PathBuf>,
     /// `v2_data_engine`: switches the v2-data-engine group on.
     pub v2_data_engine: Option<bool>,
-    /// `alertmanager`: base URLs of Alertmanagers to push to (http only).
+    /// `alertmanager`: base URLs of Alertmanagers to push to (http or https).
     pub alertmanager: Vec<reqwest::Url>,
     /// `alert_resend_interval`: re-send period of firing alerts; > 0.
     pub alert_resend_interval: Option<Duration>,
@@ -132,6 +139,21 @@ pub struct FileConfig {
     pub longhorn_grace: Option<Duration>,
     /// `v2_hugepages_2mi`: 2 MiB hugepages V2 needs; 0 = do not check.
     pub v2_hugepages_2mi: Option<u64>,
+    /// `web_config_file`: TLS and basic auth for the HTTP listener, in the
+    /// exporter-toolkit format; absolute.
+    pub web_config_file: Option<PathBuf>,
+    /// `event_log_buffer_bytes`: most bytes of records waiting for the disk.
+    pub event_log_buffer_bytes: Option<u64>,
+    /// `alertmanager_ca_file`: PEM CA bundle for https Alertmanagers.
+    pub alertmanager_ca_file: Option<PathBuf>,
+    /// `alertmanager_bearer_token_file`: the bearer token's file.
+    pub alertmanager_bearer_token_file: Option<PathBuf>,
+    /// `alertmanager_basic_auth_username`.
+    pub alertmanager_basic_auth_username: Option<String>,
+    /// `alertmanager_basic_auth_password_file`: the password's file.
+    pub alertmanager_basic_auth_password_file: Option<PathBuf>,
+    /// `alertmanager_timeout`: per-request timeout, connection included.
+    pub alertmanager_timeout: Option<Duration>,
     /// `[groups.*]`: the built-in groups' switches and the user's groups.
     pub groups: GroupSettings,
 }
@@ -348,6 +370,13 @@ impl FileConfig {
             kubeconfig,
             longhorn_grace,
             v2_hugepages_2mi,
+            web_config_file,
+            event_log_buffer_bytes,
+            alertmanager_ca_file,
+            alertmanager_bearer_token_file,
+            alertmanager_basic_auth_username,
+            alertmanager_basic_auth_password_file,
+            alertmanager_timeout,
             groups,
         } = old.unwrap_or(&none);
         let new = new.unwrap_or(&none);
@@ -390,6 +419,31 @@ impl FileConfig {
                 "v2_hugepages_2mi",
                 *v2_hugepages_2mi != new.v2_hugepages_2mi,
             ),
+            ("web_config_file", *web_config_file != new.web_config_file),
+            (
+                "event_log_buffer_bytes",
+                *event_log_buffer_bytes != new.event_log_buffer_bytes,
+            ),
+            (
+                "alertmanager_ca_file",
+                *alertmanager_ca_file != new.alertmanager_ca_file,
+            ),
+            (
+                "alertmanager_bearer_token_file",
+                *alertmanager_bearer_token_file != new.alertmanager_bearer_token_file,
+            ),
+            (
+                "alertmanager_basic_auth_username",
+                *alertmanager_basic_auth_username != new.alertmanager_basic_auth_username,
+            ),
+            (
+                "alertmanager_basic_auth_password_file",
+                *alertmanager_basic_auth_password_file != new.alertmanager_basic_auth_password_file,
+            ),
+            (
+                "alertmanager_timeout",
+                *alertmanager_timeout != new.alertmanager_timeout,
+            ),
             ("groups", *groups != new.groups),
         ]
         .into_iter()
@@ -423,6 +477,13 @@ struct RawFile {
     kubeconfig: Option<Spanned<String>>,
     longhorn_grace: Option<Spanned<u64>>,
     v2_hugepages_2mi: Option<Spanned<u64>>,
+    web_config_file: Option<Spanned<String>>,
+    event_log_buffer_bytes: Option<Spanned<u64>>,
+    alertmanager_ca_file: Option<Spanned<String>>,
+    alertmanager_bearer_token_file: Option<Spanned<String>>,
+    alertmanager_basic_auth_username: Option<Spanned<String>>,
+    alertmanager_basic_auth_password_file: Option<Spanned<String>>,
+    alertmanager_timeout: Option<Spanned<u64>>,
     #[serde(default)]
     groups: BTreeMap<Spanned<String>, RawGroup>,
 }
@@ -488,6 +549,13 @@ impl Locator<'_> {
             kubeconfig,
             longhorn_grace,
             v2_hugepages_2mi,
+            web_config_file,
+            event_log_buffer_bytes,
+            alertmanager_ca_file,
+            alertmanager_bearer_token_file,
+            alertmanager_basic_auth_username,
+            alertmanager_basic_auth_password_file,
+            alertmanager_timeout,
             groups: raw_groups,
         } = raw;
         let longhorn_namespace = self.check_text(
@@ -546,6 +614,31 @@ impl Locator<'_> {
             "v2_hugepages_2mi",
             validate::v2_hugepages_2mi,
         )?;
+        let web_config_file = self.check_path(web_config_file, "web_config_file")?;
+        let event_log_buffer_bytes = self.check(
+            event_log_buffer_bytes,
+            "event_log_buffer_bytes",
+            validate::event_log_buffer_bytes,
+        )?;
+        let alertmanager_ca_file = self.check_path(alertmanager_ca_file, "alertmanager_ca_file")?;
+        let alertmanager_bearer_token_file = self.check_path(
+            alertmanager_bearer_token_file,
+            "alertmanager_bearer_token_file",
+        )?;
+        let alertmanager_basic_auth_username = self.check_text(
+            alertmanager_basic_auth_username,
+            "alertmanager_basic_auth_username",
+            validate::one_line,
+        )?;
+        let alertmanager_basic_auth_password_file = self.check_path(
+            alertmanager_basic_auth_password_file,
+            "alertmanager_basic_auth_password_file",
+        )?;
+        let alertmanager_timeout = self.check(
+            alertmanager_timeout,
+            "alertmanager_timeout",
+            validate::alertmanager_timeout,
+        )?;
 
         let mut base_group = BuiltinGroupSettings::default();
         let mut v2_group = BuiltinGroupSettings::default();
@@ -590,6 +683,13 @@ impl Locator<'_> {
             kubeconfig,
             longhorn_grace,
             v2_hugepages_2mi,
+            web_config_file,
+            event_log_buffer_bytes,
+            alertmanager_ca_file,
+            alertmanager_bearer_token_file,
+            alertmanager_basic_auth_username,
+            alertmanager_basic_auth_password_file,
+            alertmanager_timeout,
             groups: GroupSettings {
                 base: base_group,
                 v2: v2_group,
@@ -869,6 +969,13 @@ longhorn_namespace = "longhorn-system"
 kubeconfig = "/etc/kmod-monitor/kubeconfig"  # absolute; default: in-cluster, $KUBECONFIG, ~/.kube/config
 longhorn_grace = 300       # seconds the cluster may be unreadable before the alert, > 0
 v2_hugepages_2mi = 1024    # 2 MiB hugepages V2 needs; 0 = do not check
+web_config_file = "/etc/kmod-monitor/web.yml"  # TLS and basic auth (exporter-toolkit format)
+event_log_buffer_bytes = 8388608  # most bytes of records waiting for the disk
+alertmanager_ca_file = "/etc/kmod-monitor/am-ca.pem"  # CA for https Alertmanagers
+alertmanager_bearer_token_file = "/etc/kmod-monitor/am-token"  # or basic auth:
+# alertmanager_basic_auth_username = "kmod"
+# alertmanager_basic_auth_password_file = "/etc/kmod-monitor/am-password"
+alertmanager_timeout = 10  # seconds per request, connection included
 
 [groups.base]              # built-in; may be switched off
 enabled = false
@@ -881,7 +988,7 @@ severity = "warning"       # default "critical"; free-form label for alerts
     #[test]
     fn alertmanager_urls_are_checked() {
         for (value, problem) in [
-            ("https://am:9093", "https is not supported"),
+            ("http://user:secret@am:9093", "must not carry credentials"),
             ("ftp://am", "scheme \"ftp\" is not http"),
             ("am:9093", "scheme \"am\" is not http"),
             ("http://am:9093/?x=1", "must not have a query"),
@@ -922,6 +1029,13 @@ severity = "warning"       # default "critical"; free-form label for alerts
             kubeconfig,
             longhorn_grace,
             v2_hugepages_2mi,
+            web_config_file,
+            event_log_buffer_bytes,
+            alertmanager_ca_file,
+            alertmanager_bearer_token_file,
+            alertmanager_basic_auth_username,
+            alertmanager_basic_auth_password_file,
+            alertmanager_timeout,
             groups:
                 GroupSettings {
                     base: base_group,
@@ -937,6 +1051,22 @@ severity = "warning"       # default "critical"; free-form label for alerts
         );
         assert_eq!(longhorn_grace, Some(Duration::from_secs(300)));
         assert_eq!(v2_hugepages_2mi, Some(1024));
+        assert_eq!(
+            web_config_file,
+            Some(PathBuf::from("/etc/kmod-monitor/web.yml"))
+        );
+        assert_eq!(event_log_buffer_bytes, Some(8 * 1024 * 1024));
+        assert_eq!(
+            alertmanager_ca_file,
+            Some(PathBuf::from("/etc/kmod-monitor/am-ca.pem"))
+        );
+        assert_eq!(
+            alertmanager_bearer_token_file,
+            Some(PathBuf::from("/etc/kmod-monitor/am-token"))
+        );
+        assert_eq!(alertmanager_basic_auth_username, None);
+        assert_eq!(alertmanager_basic_auth_password_file, None);
+        assert_eq!(alertmanager_timeout, Some(Duration::from_secs(10)));
         assert_eq!(
             event_log,
             Some(EventLogPath::At(PathBuf::from(

@@ -146,6 +146,35 @@ pub struct RunFlags {
         forensic::DEFAULT_KEEP,
     ))]
     pub event_log_keep: Option<u32>,
+    /// Most bytes of event-log records waiting for the disk (queue plus
+    /// what is held while writes fail); past it they are counted as dropped.
+    #[arg(long, value_name = "BYTES", help = with_default(
+        "Most bytes of event-log records waiting for the disk; past it they are counted as dropped",
+        forensic::DEFAULT_BUFFER_BYTES,
+    ))]
+    pub event_log_buffer_bytes: Option<u64>,
+    /// TLS and basic auth for /status, /healthz and /metrics: a web config
+    /// file in the format Prometheus exporters share (exporter-toolkit).
+    #[arg(long = "web.config.file", value_name = "FILE")]
+    pub web_config_file: Option<PathBuf>,
+    /// PEM CA bundle that signs https Alertmanagers [default: the built-in web roots].
+    #[arg(long, value_name = "FILE")]
+    pub alertmanager_ca_file: Option<PathBuf>,
+    /// File holding the bearer token sent to Alertmanager.
+    #[arg(long, value_name = "FILE")]
+    pub alertmanager_bearer_token_file: Option<PathBuf>,
+    /// Basic-auth user name for Alertmanager (with --alertmanager-basic-auth-password-file).
+    #[arg(long, value_name = "NAME")]
+    pub alertmanager_basic_auth_username: Option<String>,
+    /// File holding the basic-auth password for Alertmanager.
+    #[arg(long, value_name = "FILE")]
+    pub alertmanager_basic_auth_password_file: Option<PathBuf>,
+    /// Seconds an Alertmanager request may take, connection included.
+    #[arg(long, value_name = "SECS", help = with_default(
+        "Seconds an Alertmanager request may take, connection included",
+        crate::alerting::DEFAULT_ALERTMANAGER_TIMEOUT_SECS,
+    ))]
+    pub alertmanager_timeout: Option<u64>,
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

@@ -15,6 +15,7 @@ use super::{
     validate,
 };
 use crate::{
+    alerting::{AlertAuth, AlertClient, DEFAULT_ALERTMANAGER_TIMEOUT_SECS},
     forensic::{self, EventLogSettings, FsyncPolicy},
     host::HostRoot,
     longhorn::{self, ClusterSettings, LocalInputs, Source},
@@ -57,6 +58,9 @@ pub enum SettingsError {
     /// `--user`.
     #[error("--user: {0}")]
     User(#[from] PrivilegeError),
+    /// Settings that cannot go together, whichever input gave them.
+    #[error("{0}")]
+    Conflict(String),
 }
 
 /// What `run` and `check` share: where to look and what to require.
@@ -88,6 +92,10 @@ pub struct RunSettings {
     /// Alertmanager base URLs; empty = no push.
     pub alertmanager: Vec<reqwest::Url>,
     pub alert_resend_interval: Duration,
+    /// How to reach the Alertmanagers: CA, credentials, timeout.
+    pub alert_client: AlertClient,
+    /// `--web.config.file`: TLS and basic auth for the HTTP listener.
+    pub web_config_file: Option<PathBuf>,
     pub runbook_url: String,
     /// `--user`: who to become after attaching.
     pub user: Option<User>,
@@ -274,6 +282,13 @@ pub fn resolve_run(
         fsync,
         event_log_max_bytes,
         event_log_keep,
+        event_log_buffer_bytes,
+        web_config_file,
+        alertmanager_ca_file,
+        alertmanager_bearer_token_file,
+        alertmanager_basic_auth_username,
+        alertmanager_basic_auth_password_file,
+        alertmanager_timeout,
         log_format: _,
     } = flags;
     let mut common_settings = resolve_common(common, f)?;
@@ -302,6 +317,17 @@ pub fn resolve_run(
             fsync: *fsync,
             max_bytes: *event_log_max_bytes,
             keep: *event_log_keep,
+            buffer_bytes: *event_log_buffer_bytes,
+        },
+        f,
+    )?;
+    let alert_client = resolve_alert_client(
+        AlertClientFlags {
+            ca_file: alertmanager_ca_file.as_deref(),
+            bearer_token_file: alertmanager_bearer_token_file.as_deref(),
+            username: alertmanager_basic_auth_username.as_deref(),
+            password_file: alertmanager_basic_auth_password_file.as_deref(),
+            timeout: *alertmanager_timeout,
         },
         f,
     )?;
@@ -343,6 +369,9 @@ pub fn resolve_run(
         )?
         .or_else(|| f.and_then(|f| f.alert_resend_interval))
         .unwrap_or(Duration::from_secs(DEFAULT_ALERT_RESEND_SECS)),
+        alert_client,
+        web_config_file: checked_path("--web.config.file", web_config_file.as_deref())?
+            .or_else(|| f.and_then(|f| f.web_config_file.clone())),
         runbook_url: checked_text("--runbook-url", runbook_url.as_deref(), validate::one_line)?
             .or_else(|| f.and_then(|f| f.runbook_url.clone()))
             .unwrap_or_else(|| DEFAULT_RUNBOOK_URL.to_owned()),
@@ -363,6 +392,7 @@ struct EventLogFlags<'a> {
     fsync: Option<FsyncPolicy>,
     max_bytes: Option<u64>,
     keep: Option<u32>,
+    buffer_bytes: Option<u64>,
 }
 
 /// Flags over the config file over defaults; `None` = no event log.
@@ -376,7 +406,15 @@ fn resolve_event_log(
         fsync,
         max_bytes,
         keep,
+        buffer_bytes,
     } = flags;
+    let buffer_bytes = checked(
+        "--event-log-buffer-bytes",
+        buffer_bytes,
+        validate::event_log_buffer_bytes,
+    )?
+    .or_else(|| file.and_then(|f| f.event_log_buffer_bytes))
+    .unwrap_or(forensic::DEFAULT_BUFFER_BYTES);
     let max_bytes = checked(
         "--event-log-max-bytes",
         max_bytes,
@@ -409,7 +447,83 @@ fn resolve_event_log(
             .unwrap_or_default(),
         max_bytes,
         keep,
+        buffer_bytes,
     }))
+}
+
+/// The run flags about the Alertmanager client.
+struct AlertClientFlags<'a> {
+    ca_file: Option<&'a std::path::Path>,
+    bearer_token_file: Option<&'a std::path::Path>,
+    username: Option<&'a str>,
+    password_file: Option<&'a std::path::Path>,
+    timeout: Option<u64>,
+}
+
+/// Flags over the config file over defaults, then the credentials checked
+/// as a whole: a bearer token or basic auth, not both, and basic auth
+/// needs both its user and its password file.
+fn resolve_alert_client(
+    flags: AlertClientFlags<'_>,
+    file: Option<&FileConfig>,
+) -> Result<AlertClient, SettingsError> {
+    let AlertClientFlags {
+        ca_file,
+        bearer_token_file,
+        username,
+        password_file,
+        timeout,
+    } = flags;
+    let ca_file = checked_path("--alertmanager-ca-file", ca_file)?
+        .or_else(|| file.and_then(|f| f.alertmanager_ca_file.clone()));
+    let token = checked_path("--alertmanager-bearer-token-file", bearer_token_file)?
+        .or_else(|| file.and_then(|f| f.alertmanager_bearer_token_file.clone()));
+    let username = checked_text(
+        "--alertmanager-basic-auth-username",
+        username,
+        validate::one_line,
+    )?
+    .or_else(|| file.and_then(|f| f.alertmanager_basic_auth_username.clone()));
+    let password = checked_path("--alertmanager-basic-auth-password-file", password_file)?
+        .or_else(|| file.and_then(|f| f.alertmanager_basic_auth_password_file.clone()));
+    let timeout = checked(
+        "--alertmanager-timeout",
+        timeout,
+        validate::alertmanager_timeout,
+    )?
+    .or_else(|| file.and_then(|f| f.alertmanager_timeout))
+    .unwrap_or(Duration::from_secs(DEFAULT_ALERTMANAGER_TIMEOUT_SECS));
+    let auth = match (token, username, password) {
+        (None, None, None) => None,
+        (Some(token_file), None, None) => Some(AlertAuth::Bearer { token_file }),
+        (None, Some(username), Some(password_file)) => Some(AlertAuth::Basic {
+            username,
+            password_file,
+        }),
+        (Some(_), _, _) => {
+            return Err(SettingsError::Conflict(
+                "Alertmanager credentials: a bearer token file and basic auth are both set (alertmanager_bearer_token_file / --alertmanager-bearer-token-file and alertmanager_basic_auth_*); choose one"
+                    .to_owned(),
+            ));
+        }
+        (None, Some(_), None) => {
+            return Err(SettingsError::Conflict(
+                "Alertmanager basic auth: a user name is set but no password file (alertmanager_basic_auth_password_file / --alertmanager-basic-auth-password-file)"
+                    .to_owned(),
+            ));
+        }
+        (None, None, Some(_)) => {
+            return Err(SettingsError::Conflict(
+                "Alertmanager basic auth: a password file is set but no user name (alertmanager_basic_auth_username / --alertmanager-basic-auth-username)"
+                    .to_owned(),
+            ));
+        }
+    };
+    Ok(AlertClient {
+        ca_file,
+        auth,
+        timeout,
+    })
 }
 
 /// What a config-file key's change does on SIGHUP.
@@ -487,6 +601,41 @@ pub const KEYS: &[Key] = &[
         Some("--v2-hugepages-2mi"),
         OnReload::Live,
     ),
+    key(
+        "web_config_file",
+        Some("--web.config.file"),
+        OnReload::Restart,
+    ),
+    key(
+        "event_log_buffer_bytes",
+        Some("--event-log-buffer-bytes"),
+        OnReload::Restart,
+    ),
+    key(
+        "alertmanager_ca_file",
+        Some("--alertmanager-ca-file"),
+        OnReload::Restart,
+    ),
+    key(
+        "alertmanager_bearer_token_file",
+        Some("--alertmanager-bearer-token-file"),
+        OnReload::Restart,
+    ),
+    key(
+        "alertmanager_basic_auth_username",
+        Some("--alertmanager-basic-auth-username"),
+        OnReload::Restart,
+    ),
+    key(
+        "alertmanager_basic_auth_password_file",
+        Some("--alertmanager-basic-auth-password-file"),
+        OnReload::Restart,
+    ),
+    key(
+        "alertmanager_timeout",
+        Some("--alertmanager-timeout"),
+        OnReload::Restart,
+    ),
     key("groups", None, OnReload::Live),
 ];
 
@@ -510,6 +659,13 @@ fn flag_given(flags: &RunFlags, name: &str) -> bool {
         fsync,
         event_log_max_bytes,
         event_log_keep,
+        event_log_buffer_bytes,
+        web_config_file,
+        alertmanager_ca_file,
+        alertmanager_bearer_token_file,
+        alertmanager_basic_auth_username,
+        alertmanager_basic_auth_password_file,
+        alertmanager_timeout,
         log_format: _,
     } = flags;
     let CommonFlags {
@@ -543,6 +699,13 @@ fn flag_given(flags: &RunFlags, name: &str) -> bool {
         "kubeconfig" => kubeconfig.is_some(),
         "longhorn_grace" => longhorn_grace.is_some(),
         "v2_hugepages_2mi" => v2_hugepages_2mi.is_some(),
+        "web_config_file" => web_config_file.is_some(),
+        "event_log_buffer_bytes" => event_log_buffer_bytes.is_some(),
+        "alertmanager_ca_file" => alertmanager_ca_file.is_some(),
+        "alertmanager_bearer_token_file" => alertmanager_bearer_token_file.is_some(),
+        "alertmanager_basic_auth_username" => alertmanager_basic_auth_username.is_some(),
+        "alertmanager_basic_auth_password_file" => alertmanager_basic_auth_password_file.is_some(),
+        "alertmanager_timeout" => alertmanager_timeout.is_some(),
         _ => false,
     }
 }
@@ -633,6 +796,13 @@ longhorn_namespace = "lh"
 kubeconfig = "/k"
 longhorn_grace = 5
 v2_hugepages_2mi = 8
+web_config_file = "/w.yml"
+event_log_buffer_bytes = 65536
+alertmanager_ca_file = "/ca.pem"
+alertmanager_bearer_token_file = "/t"
+alertmanager_basic_auth_username = "u"
+alertmanager_basic_auth_password_file = "/p"
+alertmanager_timeout = 3
 [groups.g]
 all_of = ["nbd"]
 "#;
@@ -667,6 +837,13 @@ all_of = ["nbd"]
             "--kubeconfig=/k",
             "--longhorn-grace=1",
             "--v2-hugepages-2mi=1",
+            "--web.config.file=/w",
+            "--event-log-buffer-bytes=65536",
+            "--alertmanager-ca-file=/c",
+            "--alertmanager-bearer-token-file=/t",
+            "--alertmanager-basic-auth-username=u",
+            "--alertmanager-basic-auth-password-file=/p",
+            "--alertmanager-timeout=1",
         ]);
         for k in KEYS {
             assert_eq!(flag_given(&all, k.name), k.flag.is_some(), "{}", k.name);
@@ -726,5 +903,55 @@ all_of = ["nbd"]
         assert_eq!(r.overridden, ["source"]);
         assert_eq!(r.settings.reconcile_interval, Duration::from_secs(1));
         assert_eq!(r.settings.source, SourceKind::Poll, "the flag still wins");
+    }
+}
+
+#[cfg(test)]
+mod alert_client_tests {
+    use super::*;
+    use crate::config::parse_config;
+
+    fn client(text: &str) -> Result<AlertClient, SettingsError> {
+        let file = parse_config(text, std::path::Path::new("/c")).unwrap();
+        resolve_run(&RunFlags::default(), Some(file)).map(|s| s.alert_client)
+    }
+
+    #[test]
+    fn credentials_are_one_kind_and_complete() {
+        assert_eq!(client("").unwrap(), AlertClient::default());
+        assert_eq!(
+            client("alertmanager_bearer_token_file = \"/t\"\n")
+                .unwrap()
+                .auth,
+            Some(AlertAuth::Bearer {
+                token_file: "/t".into()
+            })
+        );
+        assert_eq!(
+            client("alertmanager_basic_auth_username = \"u\"\nalertmanager_basic_auth_password_file = \"/p\"\n")
+                .unwrap()
+                .auth,
+            Some(AlertAuth::Basic {
+                username: "u".into(),
+                password_file: "/p".into()
+            })
+        );
+        for (text, needle) in [
+            (
+                "alertmanager_bearer_token_file = \"/t\"\nalertmanager_basic_auth_username = \"u\"\n",
+                "both set",
+            ),
+            (
+                "alertmanager_basic_auth_username = \"u\"\n",
+                "no password file",
+            ),
+            (
+                "alertmanager_basic_auth_password_file = \"/p\"\n",
+                "no user name",
+            ),
+        ] {
+            let err = client(text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text}: {err}");
+        }
     }
 }

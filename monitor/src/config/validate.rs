@@ -31,6 +31,13 @@ pub const MIN_EVENT_LOG_BYTES: u64 = crate::forensic::MIN_MAX_BYTES;
 pub const MAX_EVENT_LOG_BYTES: u64 = 64 * 1024 * 1024 * 1024;
 /// Most rotated event-log files kept.
 pub const MAX_EVENT_LOG_KEEP: u32 = 1_000;
+/// Smallest bound on records waiting for the disk: 64 KiB (a few hundred
+/// records).
+pub const MIN_EVENT_LOG_BUFFER_BYTES: u64 = 64 * 1024;
+/// Largest bound on records waiting for the disk: 1 GiB.
+pub const MAX_EVENT_LOG_BUFFER_BYTES: u64 = 1024 * 1024 * 1024;
+/// Longest accepted Alertmanager request timeout: two minutes.
+pub const MAX_ALERTMANAGER_TIMEOUT_SECS: u64 = 120;
 /// Most 2 MiB hugepages that can be required: 1 TiB.
 pub const MAX_HUGEPAGES_2MI: u64 = 512 * 1024;
 
@@ -117,6 +124,28 @@ pub fn event_log_keep(keep: u32) -> Result<u32, String> {
     }
 }
 
+/// `event_log_buffer_bytes` / `--event-log-buffer-bytes`.
+///
+/// # Errors
+/// Outside [`MIN_EVENT_LOG_BUFFER_BYTES`]..=[`MAX_EVENT_LOG_BUFFER_BYTES`].
+pub fn event_log_buffer_bytes(bytes: u64) -> Result<u64, String> {
+    if (MIN_EVENT_LOG_BUFFER_BYTES..=MAX_EVENT_LOG_BUFFER_BYTES).contains(&bytes) {
+        Ok(bytes)
+    } else {
+        Err(format!(
+            "must be at least {MIN_EVENT_LOG_BUFFER_BYTES} and at most {MAX_EVENT_LOG_BUFFER_BYTES} bytes"
+        ))
+    }
+}
+
+/// `alertmanager_timeout` / `--alertmanager-timeout`.
+///
+/// # Errors
+/// Zero, or more than [`MAX_ALERTMANAGER_TIMEOUT_SECS`].
+pub fn alertmanager_timeout(secs: u64) -> Result<Duration, String> {
+    seconds(secs, MAX_ALERTMANAGER_TIMEOUT_SECS)
+}
+
 /// `v2_hugepages_2mi` / `--v2-hugepages-2mi` (0 = do not check).
 ///
 /// # Errors
@@ -200,28 +229,29 @@ pub fn flag_path(path: &Path) -> Result<PathBuf, String> {
     absolute_path(&abs)
 }
 
-/// An Alertmanager base URL (`http://host:9093`, optionally with a path
-/// prefix).
+/// An Alertmanager base URL (`http://host:9093` or https, optionally with
+/// a path prefix).
 ///
 /// # Errors
-/// Not a URL, not http, no host, or a query or fragment.
+/// Not a URL, not http(s), no host, a query or fragment, or credentials in
+/// the URL.
 pub fn alertmanager_url(text: &str) -> Result<reqwest::Url, String> {
     let url = reqwest::Url::parse(text).map_err(|e| format!("not a URL ({e})"))?;
     match url.scheme() {
-        "http" => {}
-        "https" => {
-            return Err(
-                "https is not supported by this build; use http (e.g. to a TLS-terminating sidecar or the in-cluster service)"
-                    .to_owned(),
-            );
-        }
-        other => return Err(format!("scheme {other:?} is not http")),
+        "http" | "https" => {}
+        other => return Err(format!("scheme {other:?} is not http or https")),
     }
     if url.host_str().is_none() {
         return Err("has no host".to_owned());
     }
     if url.query().is_some() || url.fragment().is_some() {
         return Err("must not have a query or fragment".to_owned());
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(
+            "must not carry credentials (they would show in logs and ps); use alertmanager_basic_auth_* or alertmanager_bearer_token_file"
+                .to_owned(),
+        );
     }
     Ok(url)
 }
@@ -289,9 +319,10 @@ mod tests {
     #[test]
     fn alertmanager_urls() {
         assert!(alertmanager_url("http://am:9093/prefix").is_ok());
+        assert!(alertmanager_url("https://am:9093").is_ok());
         for (bad, problem) in [
-            ("https://am:9093", "https is not supported"),
-            ("ftp://am", "scheme \"ftp\" is not http"),
+            ("ftp://am", "scheme \"ftp\" is not http or https"),
+            ("http://u:p@am:9093", "must not carry credentials"),
             ("http://am:9093/?x=1", "must not have a query"),
             ("not a url", "not a URL"),
         ] {

@@ -175,6 +175,7 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
             AlertSettings {
                 urls: d.settings.alertmanager.clone(),
                 resend_interval: d.settings.alert_resend_interval,
+                client: d.settings.alert_client.clone(),
             },
             wanted_rx,
             Arc::clone(&metrics),

@@ -179,6 +179,8 @@ fn apply_live(running: &mut RunSettings, new: &RunSettings) {
         ring_buffer_bytes: _,
         alertmanager: _,
         alert_resend_interval: _,
+        alert_client: _,
+        web_config_file: _,
         runbook_url,
         user: _,
         keep_privileges: _,

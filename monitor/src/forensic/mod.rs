@@ -47,6 +47,9 @@ pub const DEFAULT_MAX_BYTES: u64 = 64 * 1024 * 1024;
 pub const DEFAULT_KEEP: u32 = 5;
 /// The smallest `--event-log-max-bytes` accepted.
 pub const MIN_MAX_BYTES: u64 = 4096;
+/// Default bound on records waiting for the disk: 8 MiB, well inside the
+/// DaemonSet's 64 Mi memory limit next to the daemon's ~12 MiB.
+pub const DEFAULT_BUFFER_BYTES: u64 = 8 * 1024 * 1024;
 /// How long shutdown waits for the writer to write what is pending.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -91,6 +94,10 @@ pub struct EventLogSettings {
     pub max_bytes: u64,
     /// Rotated files kept (at least 1).
     pub keep: u32,
+    /// Most bytes of records waiting for the disk (the queue into the
+    /// writer plus what it holds while writes fail); past it, records are
+    /// counted as dropped.
+    pub buffer_bytes: u64,
 }
 
 /// The log as /status shows it.

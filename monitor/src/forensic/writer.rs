@@ -745,6 +745,7 @@ mod tests {
             fsync: FsyncPolicy::Interval,
             max_bytes,
             keep,
+            buffer_bytes: crate::forensic::DEFAULT_BUFFER_BYTES,
         }
     }
 
