@@ -7,6 +7,8 @@
 //! command or daemon, its arguments and output) rather than returning an
 //! error: a test fails by panicking, and the message is the diagnosis.
 
+#[cfg(not(target_env = "musl"))]
+pub mod apiserver;
 pub mod kube_api;
 pub mod servers;
 use std::{
