@@ -9,7 +9,6 @@
 
 #[cfg(not(target_env = "musl"))]
 pub mod apiserver;
-pub mod kube_api;
 pub mod servers;
 use std::{
     ffi::OsString,
