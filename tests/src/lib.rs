@@ -7,15 +7,16 @@
 //! - [`cli`]: one-shot commands and their results;
 //! - [`daemon`]: `run` daemons on loopback, polled through /status;
 //! - [`report`]: reading /status and `check` JSON;
-//! - [`servers`]: the real Prometheus and Alertmanager; [`kube_api`]: an
-//!   in-test API server.
+//! - [`servers`]: the real Prometheus and Alertmanager; `apiserver`: the
+//!   real kube-apiserver and etcd (host builds only, not the static guest).
 //!
 //! Every helper panics with a message naming what it was doing (and, for a
 //! command or daemon, its arguments and output) rather than returning an
 //! error: a test fails by panicking, and the message is the diagnosis.
+#[cfg(not(target_env = "musl"))]
+pub mod apiserver;
 pub mod cli;
 pub mod daemon;
-pub mod kube_api;
 pub mod process;
 pub mod report;
 pub mod servers;

@@ -218,7 +218,8 @@ fn host_pipeline() -> Result<Value> {
 }
 
 /// Longhorn setting flip → /status latency and the watch's memory, on the
-/// host against the in-test list+watch server (tests/src/bin/flip_bench.rs).
+/// host against the real kube-apiserver of the cluster tests
+/// (tests/src/bin/flip_bench.rs).
 fn longhorn_flip() -> Result<Value> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut c = std::process::Command::new(cargo);

@@ -77,6 +77,13 @@ pub fn deploy_validate_dir() -> Result<PathBuf> {
     Ok(cache_dir()?.join("deploy-validate"))
 }
 
+/// The test kube-apiserver and etcd (xtask/src/k8s.rs): one folder per
+/// pinned Kubernetes version holding `bin/`, plus the Go module and build
+/// caches. tests/src/apiserver.rs looks for the binaries at the same path.
+pub fn k8s_servers_dir() -> Result<PathBuf> {
+    Ok(cache_dir()?.join("k8s"))
+}
+
 /// The private apt configuration (sources, lists, archives) for fetching
 /// kernels from suites the system's apt does not know.
 pub fn apt_dir() -> Result<PathBuf> {

@@ -10,6 +10,7 @@ mod cpio;
 mod dirs;
 mod elf;
 mod initramfs;
+mod k8s;
 mod kernel;
 mod setup;
 mod suite;

@@ -5,7 +5,8 @@
 //! the validators of the deployment files, the pinned nightly toolchain the
 //! eBPF build needs (with rust-src), the musl target for the static binaries,
 //! clippy and rustfmt, and bpf-linker built against the LLVM of the nightly
-//! rustc (see `install_bpf_linker`).
+//! rustc (see `install_bpf_linker`), and builds the real kube-apiserver and
+//! etcd the cluster tests run against (`k8s.rs`).
 use std::{fs, path::Path};
 
 use anyhow::{Context as _, Result, bail};
@@ -52,6 +53,7 @@ pub fn setup() -> Result<()> {
     nightly().context("installing the nightly toolchain")?;
     rustup_components().context("installing rustup components and targets")?;
     install_bpf_linker().context("installing bpf-linker")?;
+    crate::k8s::servers().context("building the test kube-apiserver and etcd")?;
     println!("setup: done");
     Ok(())
 }

@@ -1,16 +1,21 @@
 //! Part of `cargo xtask bench`: how long a flip of Longhorn's
 //! `v2-data-engine` setting takes to reach the daemon's /status (watch
-//! event → kube-rs watcher → decision → publish), and what the cluster
-//! watch costs in memory. The API server is the in-test list+watch server
-//! (`kube_api`), on loopback; the daemon is the real binary. Prints one
-//! JSON object.
+//! write accepted by the apiserver → watch event → kube-rs watcher →
+//! decision → publish), and what the cluster watch costs in memory. The
+//! control plane is the real kube-apiserver and etcd of the cluster tests
+//! (`apiserver`), on loopback; the daemon is the real binary with the
+//! shipped ServiceAccount's token. Prints one JSON object.
 use std::{
     ffi::OsString,
     process::ExitCode,
     time::{Duration, Instant},
 };
 
-use kmod_monitor_tests::{Daemon, FakeHost, args, kube_api::FakeKubeApi};
+use kmod_monitor_tests::{
+    Daemon, FakeHost,
+    apiserver::{ControlPlane, LONGHORN_CRD, LONGHORN_NAMESPACE},
+    args,
+};
 use serde_json::{Value, json};
 
 const V2: &str = "v2-data-engine";
@@ -46,13 +51,15 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 fn main() -> ExitCode {
-    let api = FakeKubeApi::start();
-    api.set_setting(V2, "false");
-    api.set_setting("data-engine-hugepage-enabled", "true");
-    api.set_node(NODE, &[]);
+    let k8s = ControlPlane::start();
+    k8s.namespace(LONGHORN_NAMESPACE);
+    k8s.install_crds(&[LONGHORN_CRD]);
+    k8s.apply_daemon_rbac();
+    k8s.set_setting(V2, "false");
+    k8s.set_setting("data-engine-hugepage-enabled", "true");
+    k8s.set_node(NODE, &[]);
     let host = FakeHost::debian_6_1();
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
-    let kubeconfig = api.write_kubeconfig(dir.path());
+    let kubeconfig = k8s.service_account_kubeconfig();
     let common: Vec<OsString> = Vec::from(args!["--source", "poll", "--node-name", NODE]);
 
     let mut off = common.clone();
@@ -75,7 +82,7 @@ fn main() -> ExitCode {
     for i in 0..FLIPS {
         let want = i % 2 == 0;
         let t0 = Instant::now();
-        api.set_setting(V2, if want { "true" } else { "false" });
+        k8s.set_setting(V2, if want { "true" } else { "false" });
         loop {
             if enabled(&d) == want {
                 break;

@@ -1,29 +1,35 @@
 //! The cluster path: the real daemon watching Longhorn's `v2-data-engine`
-//! setting and its own Node's labels through kube-rs.
+//! setting and its own Node's labels through kube-rs, against a real
+//! kube-apiserver and etcd (`kmod_monitor_tests::apiserver`).
 //!
-//! No Kubernetes API server can be installed on the test machines, so the
-//! daemon talks (over a kubeconfig, plain HTTP) to `kube_api::FakeKubeApi`,
-//! an in-test server that speaks the real list+watch protocol: lists with a
-//! resourceVersion, streamed ADDED/MODIFIED/DELETED events, bookmarks, and
-//! 410 Gone forcing a relist, with Setting objects shaped like Longhorn's
-//! (settings.longhorn.io/v1beta2) and core/v1 Nodes. Alerts go to a real
-//! Alertmanager. Every scenario also checks that the base group's result
-//! never changes.
+//! Each scenario gets its own control plane with Longhorn's Setting CRD
+//! (a copy of Longhorn's own), the daemon's namespace, ServiceAccount and
+//! `rbac.yaml` applied as shipped, and a Node. The daemon runs with a token
+//! of that ServiceAccount, so it can do what the shipped RBAC grants and
+//! nothing else. Failures are made the way a cluster makes them: the
+//! apiserver stopped and started, the RoleBinding deleted and re-applied,
+//! the CRD not installed yet, the apiserver's connections cut (as a load
+//! balancer drops them), etcd compacted. Alerts go to a real Alertmanager. Every
+//! scenario also checks that the base group's result never changes.
 use std::{
     ffi::OsString,
-    path::Path,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
 use kmod_monitor_tests::{
-    Daemon, FakeHost, args, kmod_monitor,
-    kube_api::{FakeKubeApi, Kind, Mode},
+    Daemon, FakeHost,
+    apiserver::{
+        ControlPlane, LONGHORN_CRD, LONGHORN_NAMESPACE, Options, SETTINGS_ROLEBINDING, rbac_yaml,
+    },
+    args, kmod_monitor,
     servers::Server,
 };
-use serde_json::Value;
+use serde_json::{Value, json};
 
 const NODE: &str = "node-1";
 const V2: &str = "v2-data-engine";
+const HUGEPAGE_SETTING: &str = "data-engine-hugepage-enabled";
 /// How long a flip may take to show (watch latency is milliseconds; the
 /// margin is for a loaded CI machine).
 const FLIP: Duration = Duration::from_secs(5);
@@ -32,7 +38,9 @@ const FLIP: Duration = Duration::from_secs(5);
 const RECOVER: Duration = Duration::from_secs(45);
 
 struct Cluster {
-    api: FakeKubeApi,
+    k8s: ControlPlane,
+    /// The shipped ServiceAccount's token.
+    kubeconfig: PathBuf,
     am: Server,
     host: FakeHost,
     dir: tempfile::TempDir,
@@ -40,35 +48,48 @@ struct Cluster {
 
 impl Cluster {
     /// A Debian 6.1 host (dm_crypt loaded, the V2 modules not), 1024 2 MiB
-    /// hugepages, an API server with `v2` as the setting, and an
-    /// Alertmanager.
-    fn new(api: FakeKubeApi, v2: Option<&str>) -> Self {
-        if let Some(v) = v2 {
-            api.set_setting(V2, v);
+    /// hugepages, a control plane with Longhorn's CRD, `v2` as the setting,
+    /// and an Alertmanager.
+    fn new(v2: Option<&str>) -> Self {
+        Self::with(Options::default(), true, v2)
+    }
+
+    /// Like [`new`](Self::new); without `longhorn`, the Setting CRD is not
+    /// installed (and there are no settings).
+    fn with(options: Options, longhorn: bool, v2: Option<&str>) -> Self {
+        let k8s = ControlPlane::start_with(options);
+        k8s.namespace(LONGHORN_NAMESPACE);
+        if longhorn {
+            k8s.install_crds(&[LONGHORN_CRD]);
+            if let Some(v) = v2 {
+                k8s.set_setting(V2, v);
+            }
+            k8s.set_setting(HUGEPAGE_SETTING, "true");
         }
-        api.set_setting("data-engine-hugepage-enabled", "true");
-        api.set_node(NODE, &[]);
+        k8s.apply_daemon_rbac();
+        k8s.set_node(NODE, &[]);
+        let kubeconfig = k8s.service_account_kubeconfig();
         let host = FakeHost::debian_6_1();
         hugepages(&host, 1024);
         Self {
-            api,
+            k8s,
+            kubeconfig,
             am: Server::alertmanager(),
             host,
             dir: tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}")),
         }
     }
 
-    fn log(&self) -> std::path::PathBuf {
+    fn log(&self) -> PathBuf {
         self.dir.path().join("events.jsonl")
     }
 
     fn daemon(&self, extra: &[OsString]) -> Daemon {
-        let kubeconfig = self.api.write_kubeconfig(self.dir.path());
         let mut a = Vec::from(args![
             "--source",
             "poll",
             "--kubeconfig",
-            kubeconfig,
+            self.kubeconfig.as_path(),
             "--node-name",
             NODE,
             "--alertmanager",
@@ -80,6 +101,19 @@ impl Cluster {
         ]);
         a.extend(extra.iter().cloned());
         Daemon::start(&self.host, &a)
+    }
+
+    /// Takes the daemon's right to read the settings away, as an admin
+    /// would: the shipped RoleBinding is deleted.
+    fn revoke_rbac(&self) {
+        self.k8s.delete(SETTINGS_ROLEBINDING);
+    }
+
+    /// Gives it back: `rbac.yaml` re-applied as shipped.
+    fn restore_rbac(&self) {
+        let rbac = rbac_yaml();
+        self.k8s
+            .kubectl(&["apply", "--server-side", "-f", &rbac.display().to_string()]);
     }
 
     /// Active alerts in Alertmanager, as (alertname, requirement, module).
@@ -111,6 +145,25 @@ impl Cluster {
                 Instant::now() < deadline,
                 "timed out waiting for {what}; active alerts: {alerts:?}\n{}",
                 self.am.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until the daemon's requests of `verb` on settings, counted
+    /// by the apiserver's audit log, exceed `than`.
+    #[track_caller]
+    fn wait_requests(&self, verb: &str, than: usize, d: &Daemon) {
+        let deadline = Instant::now() + RECOVER;
+        loop {
+            let n = self.k8s.daemon_requests(verb, "settings");
+            if n > than {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the daemon made no new settings {verb} (still {n})\n{d}\n{}",
+                self.k8s.logs()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -149,16 +202,6 @@ impl Cluster {
             .into_iter()
             .map(|r| (r.1, r.2))
             .collect()
-    }
-
-    /// Setting lists (not watches) the API server answered since `since`.
-    fn setting_lists(&self, since: Option<Instant>) -> usize {
-        self.api
-            .requests()
-            .iter()
-            .filter(|r| since.is_none_or(|t| r.at >= t))
-            .filter(|r| r.path.contains("/settings") && !r.watch)
-            .count()
     }
 }
 
@@ -214,7 +257,7 @@ fn v2_unmet_alerts() -> Vec<(String, String, String)> {
 
 #[test]
 fn setting_flips_true_false_true() {
-    let c = Cluster::new(FakeKubeApi::start(), Some("false"));
+    let c = Cluster::new(Some("false"));
     let mut d = c.daemon(&[]);
     let s = d.wait_for("V2 off by the setting", FLIP, |s| enabled(s) == false);
     assert_eq!(v2(&s)["source"], "longhorn-setting", "{s:#}");
@@ -233,9 +276,12 @@ fn setting_flips_true_false_true() {
 
     for (value, on) in [("true", true), ("false", false), ("true", true)] {
         let flipped = Instant::now();
-        c.api.set_setting(V2, value);
+        c.k8s.set_setting(V2, value);
         let s = d.wait_for(&format!("V2 {value}"), FLIP, |s| enabled(s) == on);
-        eprintln!("setting {value} reached /status in {:?}", flipped.elapsed());
+        eprintln!(
+            "setting {value} written and reached /status in {:?}",
+            flipped.elapsed()
+        );
         base_met(&s);
         if on {
             assert_eq!(group_names(&s), ["base", V2, "v2-hugepages"], "{s:#}");
@@ -272,24 +318,25 @@ fn setting_flips_true_false_true() {
 
 #[test]
 fn node_label_opts_out_then_back_in() {
-    let c = Cluster::new(FakeKubeApi::start(), Some("true"));
+    let c = Cluster::new(Some("true"));
     let mut d = c.daemon(&[]);
     d.wait_for("V2 on", FLIP, |s| enabled(s) == true);
     c.wait_alerts("the V2 module alerts", |a| a == v2_unmet_alerts());
 
-    c.api
+    c.k8s
         .set_node(NODE, &[("node.longhorn.io/disable-v2-data-engine", "true")]);
     let s = d.wait_for("V2 off by the label", FLIP, |s| enabled(s) == false);
     assert_eq!(v2(&s)["source"], "node-label", "{s:#}");
     base_met(&s);
     c.wait_alerts("the V2 alerts to resolve", <[_]>::is_empty);
     // Another node's label is not ours.
-    c.api.set_node(
+    c.k8s.set_node(
         "node-2",
         &[("node.longhorn.io/disable-v2-data-engine", "true")],
     );
 
-    c.api.set_node(NODE, &[]);
+    // Apply drops the label the harness no longer sets.
+    c.k8s.set_node(NODE, &[]);
     let s = d.wait_for("V2 on again", FLIP, |s| enabled(s) == true);
     assert_eq!(v2(&s)["source"], "longhorn-setting", "{s:#}");
     base_met(&s);
@@ -303,8 +350,8 @@ fn node_label_opts_out_then_back_in() {
 
 #[test]
 fn api_server_down_at_start_then_up() {
-    let api = FakeKubeApi::reserve();
-    let c = Cluster::new(api, Some("true"));
+    let mut c = Cluster::new(Some("true"));
+    c.k8s.stop_apiserver();
     let mut d = c.daemon(&args!["--longhorn-grace", "1"]);
     let s = d.wait_for("V2 unknown", FLIP, |s| {
         v2(s)["reason"]
@@ -326,7 +373,8 @@ fn api_server_down_at_start_then_up() {
             .any(|x| x.0 == "KernelModuleMonitorLonghornUnreadable")
     });
 
-    c.api.listen();
+    // The same port, the same etcd data.
+    c.k8s.start_apiserver();
     let s = d.wait_for("V2 on once the API is up", RECOVER, |s| enabled(s) == true);
     base_met(&s);
     assert!(
@@ -340,12 +388,10 @@ fn api_server_down_at_start_then_up() {
     assert_eq!(seen, [(Value::Null, true.into())]);
 }
 
-/// A failure mode on the settings from the start: unknown with the reason,
-/// an alert after the grace period, bounded retries, recovery.
-fn settings_unreadable(mode: Mode, reason: &str) {
-    let api = FakeKubeApi::start();
-    api.set_mode(Kind::Setting, mode);
-    let c = Cluster::new(api, Some("true"));
+/// The settings unreadable from the start: unknown with the reason, an
+/// alert after the grace period, bounded retries; `fix` makes them
+/// readable, and V2 comes on.
+fn settings_unreadable(c: &Cluster, reason: &str, fix: impl FnOnce()) {
     let mut d = c.daemon(&args!["--longhorn-grace", "2"]);
     let s = d.wait_for("V2 unknown", FLIP, |s| {
         v2(s)["reason"].as_str().is_some_and(|r| r.contains(reason))
@@ -370,15 +416,17 @@ fn settings_unreadable(mode: Mode, reason: &str) {
         a.iter()
             .any(|x| x.0 == "KernelModuleMonitorLonghornUnreadable")
     });
-    // Backoff, not a hot loop: over 8 s, a handful of setting lists.
-    let t0 = Instant::now();
+    // Backoff, not a hot loop: over 8 s, a handful of setting lists, as
+    // the apiserver's audit log counts them.
+    let before = c.k8s.daemon_requests("list", "settings");
     std::thread::sleep(Duration::from_secs(8));
-    let lists = c.setting_lists(Some(t0));
+    let lists = c.k8s.daemon_requests("list", "settings") - before;
     assert!(lists <= 8, "{lists} setting lists in 8 s: not backing off");
+    assert!(lists >= 1, "no setting list in 8 s: not retrying");
     assert!(d.is_running(), "the daemon must not exit\n{d}");
     base_met(&d.status());
 
-    c.api.set_mode(Kind::Setting, Mode::Normal);
+    fix();
     let s = d.wait_for("V2 on after the fix", RECOVER, |s| enabled(s) == true);
     base_met(&s);
     c.wait_alerts("the V2 alerts, and no unreadable alert", |a| {
@@ -388,50 +436,76 @@ fn settings_unreadable(mode: Mode, reason: &str) {
 
 #[test]
 fn rbac_forbidden() {
-    settings_unreadable(Mode::Forbidden, "forbidden by RBAC (403)");
+    let c = Cluster::new(Some("true"));
+    c.revoke_rbac();
+    settings_unreadable(&c, "forbidden by RBAC (403)", || c.restore_rbac());
 }
 
 #[test]
 fn crd_missing() {
-    settings_unreadable(Mode::NotFound, "not found (404): is Longhorn installed?");
+    let c = Cluster::with(Options::default(), false, None);
+    settings_unreadable(&c, "not found (404): is Longhorn installed?", || {
+        // Longhorn installed: its CRD, then its settings.
+        c.k8s.install_crds(&[LONGHORN_CRD]);
+        c.k8s.set_setting(HUGEPAGE_SETTING, "true");
+        c.k8s.set_setting(V2, "true");
+    });
 }
 
+/// Moves etcd's revision on by writing something the daemon does not
+/// watch.
+fn unrelated_writes(k8s: &ControlPlane, n: usize) {
+    for i in 0..n {
+        k8s.apply(
+            "/api/v1/namespaces/default/configmaps/unrelated",
+            &json!({
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"name": "unrelated", "namespace": "default"},
+                "data": {"i": i.to_string()},
+            }),
+        );
+    }
+}
+
+/// The watch cache is off here, so etcd serves every watch and its
+/// history decides whether a resourceVersion is still good (with the
+/// cache on, the cache's own window decides, and compaction plays no
+/// part).
 #[test]
-fn watch_cut_mid_stream_and_410_relist() {
-    let c = Cluster::new(FakeKubeApi::start(), Some("true"));
+fn watch_cut_resumes_and_a_compaction_forces_a_relist() {
+    let c = Cluster::with(Options { watch_cache: false }, true, Some("true"));
     let mut d = c.daemon(&[]);
     d.wait_for("V2 on", FLIP, |s| enabled(s) == true);
-    c.api.wait_for_watches(Kind::Setting, 1, FLIP);
+    c.wait_requests("watch", 0, &d);
 
-    // Cut: the watch resumes from its resourceVersion; a change made while
-    // it was down still arrives.
-    c.api.cut_watches();
-    c.api.set_setting(V2, "false");
-    let s = d.wait_for("the change made during the cut", RECOVER, |s| {
+    // The connections are cut; the change made meanwhile still arrives,
+    // through the watch resumed from its resourceVersion: no relist.
+    let lists = c.k8s.daemon_requests("list", "settings");
+    let watches = c.k8s.daemon_requests("watch", "settings");
+    c.k8s.cut_connections();
+    c.k8s.set_setting(V2, "false");
+    let s = d.wait_for("the change made across the cut", RECOVER, |s| {
         enabled(s) == false
     });
     base_met(&s);
-    c.api.bookmark();
+    c.wait_requests("watch", watches, &d);
+    assert_eq!(
+        c.k8s.daemon_requests("list", "settings"),
+        lists,
+        "a cut watch must resume, not relist\n{d}"
+    );
 
-    // 410 Gone: history expired while the watch was down: it relists.
-    c.api.wait_for_watches(Kind::Setting, 1, RECOVER);
-    let lists_before = c.setting_lists(None);
-    c.api.set_setting(V2, "true");
-    c.api.expire_history();
-    c.api.cut_watches();
+    // History compacted past the daemon's resourceVersion, then another
+    // cut: the resumed watch gets 410 Gone, and the daemon relists.
+    unrelated_writes(&c.k8s, 3);
+    let revision = c.k8s.compact_etcd();
+    eprintln!("etcd compacted at revision {revision}");
+    c.k8s.cut_connections();
+    c.k8s.set_setting(V2, "true");
+    c.wait_requests("list", lists, &d);
     let s = d.wait_for("V2 on after the relist", RECOVER, |s| enabled(s) == true);
     base_met(&s);
-    // The change may have come on the live watch before the cut; the relist
-    // after the 410 must follow either way.
-    let deadline = Instant::now() + RECOVER;
-    loop {
-        if c.setting_lists(None) > lists_before {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no relist after 410 Gone");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert_eq!(enabled(&d.status()), true);
     c.wait_alerts("the V2 module alerts", |a| a == v2_unmet_alerts());
     // A cut is not an outage: never unknown after the first list.
     let seen = c.transitions();
@@ -441,13 +515,47 @@ fn watch_cut_mid_stream_and_410_relist() {
             (Value::Null, true.into()),
             (true.into(), false.into()),
             (false.into(), true.into()),
+        ],
+        "{d}"
+    );
+}
+
+#[test]
+fn watch_cut_by_an_apiserver_restart() {
+    let mut c = Cluster::new(Some("true"));
+    let mut d = c.daemon(&[]);
+    d.wait_for("V2 on", FLIP, |s| enabled(s) == true);
+    // The only apiserver restarts: the watch is cut, and while it is down
+    // the daemon cannot know (unknown); once it is back, a change arrives.
+    c.k8s.stop_apiserver();
+    d.wait_for("V2 unknown while the API is down", RECOVER, |s| {
+        v2(s)["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("cannot reach the API server"))
+    });
+    c.k8s.start_apiserver();
+    d.wait_for("V2 on once the API is back", RECOVER, |s| {
+        enabled(s) == true
+    });
+    c.k8s.set_setting(V2, "false");
+    let s = d.wait_for("the change after the restart", FLIP, |s| {
+        enabled(s) == false
+    });
+    base_met(&s);
+    assert_eq!(
+        c.transitions(),
+        [
+            (Value::Null, true.into()),
+            (true.into(), Value::Null),
+            (Value::Null, true.into()),
+            (true.into(), false.into()),
         ]
     );
 }
 
 #[test]
 fn hugepages_alert_when_v2_is_on_and_the_pool_is_short() {
-    let c = Cluster::new(FakeKubeApi::start(), Some("true"));
+    let c = Cluster::new(Some("true"));
     hugepages(&c.host, 512);
     let mut d = c.daemon(&args!["--reconcile-interval", "1"]);
     let s = d.wait_for("the hugepage requirement unmet", FLIP, |s| {
@@ -470,7 +578,7 @@ fn hugepages_alert_when_v2_is_on_and_the_pool_is_short() {
     c.wait_alerts("the hugepage alert to resolve", |a| a == v2_unmet_alerts());
     // Longhorn says V2 runs without hugepages: not required at all.
     hugepages(&c.host, 0);
-    c.api.set_setting("data-engine-hugepage-enabled", "false");
+    c.k8s.set_setting(HUGEPAGE_SETTING, "false");
     let s = d.wait_for("no hugepage requirement", FLIP, |s| {
         s["v2"]["enablement"]["v2-hugepages"]["enabled"] == false
     });
@@ -480,13 +588,13 @@ fn hugepages_alert_when_v2_is_on_and_the_pool_is_short() {
 
 #[test]
 fn check_reads_the_cluster_once() {
-    let c = Cluster::new(FakeKubeApi::start(), Some("true"));
-    let kubeconfig = c.api.write_kubeconfig(c.dir.path());
+    let c = Cluster::new(Some("true"));
+    let kubeconfig: &Path = &c.kubeconfig;
     let out = kmod_monitor_tests::check(
         &c.host,
         &args![
             "--kubeconfig",
-            kubeconfig.as_path(),
+            kubeconfig,
             "--node-name",
             NODE,
             "--output",
@@ -505,11 +613,11 @@ fn check_reads_the_cluster_once() {
         .collect();
     assert_eq!(names, ["base", V2]);
     // Opted out: exit 0, V2 not checked.
-    c.api
+    c.k8s
         .set_node(NODE, &[("node.longhorn.io/disable-v2-data-engine", "true")]);
     let out = kmod_monitor_tests::check(
         &c.host,
-        &args!["--kubeconfig", kubeconfig.as_path(), "--node-name", NODE],
+        &args!["--kubeconfig", kubeconfig, "--node-name", NODE],
     );
     out.expect_code(0);
     assert!(
@@ -518,21 +626,27 @@ fn check_reads_the_cluster_once() {
         "{out}"
     );
     // Forbidden: V2 unknown, base still judged: exit 0 with a warning.
-    c.api.set_mode(Kind::Setting, Mode::Forbidden);
-    c.api.set_node(NODE, &[]);
+    c.revoke_rbac();
+    c.k8s.set_node(NODE, &[]);
     let out = kmod_monitor_tests::check(
         &c.host,
-        &args!["--kubeconfig", kubeconfig.as_path(), "--node-name", NODE],
+        &args!["--kubeconfig", kubeconfig, "--node-name", NODE],
     );
     out.expect_code(0);
     assert!(out.stdout.contains("v2-data-engine: unknown"), "{out}");
     assert!(out.stdout.contains("forbidden by RBAC (403)"), "{out}");
     // Longhorn not installed: unknown too, as the daemon says, not "no
     // setting".
-    c.api.set_mode(Kind::Setting, Mode::NotFound);
+    c.restore_rbac();
+    c.k8s.kubectl(&[
+        "delete",
+        "--wait",
+        "customresourcedefinition",
+        "settings.longhorn.io",
+    ]);
     let out = kmod_monitor_tests::check(
         &c.host,
-        &args!["--kubeconfig", kubeconfig.as_path(), "--node-name", NODE],
+        &args!["--kubeconfig", kubeconfig, "--node-name", NODE],
     );
     out.expect_code(0);
     assert!(out.stdout.contains("v2-data-engine: unknown"), "{out}");
@@ -560,13 +674,17 @@ fn an_unusable_kubeconfig_or_namespace_is_named() {
 
 #[test]
 fn rbac_revoked_mid_run_then_restored_with_nothing_changed() {
-    let c = Cluster::new(FakeKubeApi::start(), Some("true"));
+    let c = Cluster::new(Some("true"));
     let mut d = c.daemon(&args!["--longhorn-grace", "1"]);
     d.wait_for("V2 on", FLIP, |s| enabled(s) == true);
     c.wait_alerts("the V2 module alerts", |a| a == v2_unmet_alerts());
 
-    // Revoked: the open watch ends, the re-list is refused.
-    c.api.set_mode(Kind::Setting, Mode::Forbidden);
+    // Revoked. An apiserver authorizes a watch when it starts, so the open
+    // one goes on; the next watch start is refused. In a cluster that is
+    // at the latest when the watch times out (kube-rs asks for 290 s);
+    // here the connections are cut at once.
+    c.revoke_rbac();
+    c.k8s.cut_connections();
     let s = d.wait_for("V2 unknown", RECOVER, |s| {
         v2(s)["reason"]
             .as_str()
@@ -580,7 +698,7 @@ fn rbac_revoked_mid_run_then_restored_with_nothing_changed() {
 
     // Restored, the setting unchanged: no watch event will say anything,
     // yet V2 must come back.
-    c.api.set_mode(Kind::Setting, Mode::Normal);
+    c.restore_rbac();
     let s = d.wait_for("V2 on again", RECOVER, |s| enabled(s) == true);
     base_met(&s);
     assert!(

@@ -13,14 +13,18 @@
 //! - `prometheus`: /metrics, the shipped rules and alert delivery against
 //!   the real Prometheus and Alertmanager.
 //! - `deploy`: the Kubernetes manifests and systemd unit, validated.
+//! - `kube_manifests`: the Kubernetes manifests against a real
+//!   kube-apiserver: server-side validation and apply, and what the shipped
+//!   RBAC lets the daemon's token do.
 //! - `layers`: the daemon's modules use only their own layer or lower ones.
 //! - `longhorn`: the cluster watch (V2 enablement from Longhorn's setting and
-//!   the node label) against an in-test list+watch API server; hugepages.
+//!   the node label) against a real kube-apiserver and etcd; hugepages.
 mod bad_input;
 mod check;
 mod daemon;
 mod deploy;
 mod event_log;
+mod kube_manifests;
 mod layers;
 mod longhorn;
 mod persistence;
