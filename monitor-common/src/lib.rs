@@ -39,6 +39,10 @@ pub enum EventKind {
     UnloadBegin = 5,
     /// Exit of `delete_module`; `ret` is the syscall result.
     UnloadResult = 6,
+    /// `delete_module` of a tracked module refused with EPERM (the caller
+    /// lacks CAP_SYS_MODULE): an unprivileged attempt. Rate-limited in the
+    /// kernel; what the limit drops is counted in `NOISE`.
+    UnloadDenied = 7,
 }
 
 impl EventKind {
@@ -52,6 +56,7 @@ impl EventKind {
             4 => Self::LoadResult,
             5 => Self::UnloadBegin,
             6 => Self::UnloadResult,
+            7 => Self::UnloadDenied,
             _ => return None,
         })
     }
@@ -129,6 +134,9 @@ const _: () = {
     assert!(offset_of!(ModuleEvent, comm) == 56);
     assert!(offset_of!(ModuleEvent, name) == 56 + COMM_LEN);
     assert!(size_of::<FieldOffset>() == 8);
+    assert!(size_of::<TrackedNames>() == 8 + TRACKED_SLOTS * NAME_LEN);
+    assert!(size_of::<TrackedNames>() <= 4096);
+    assert!(NOISE_SLOTS as usize * size_of::<u64>() == 4096);
     assert!(size_of::<TracepointLayout>() == 8 * size_of::<FieldOffset>());
 };
 
@@ -176,9 +184,45 @@ pub const LOST_SLOTS: u32 = 512;
 /// capability, so the count survives the privilege drop on every kernel.
 pub const LOST_MAP_FLAGS: u32 = 1 << 10;
 
+/// Names the program can track: what fits one 4 KiB page with the header.
+pub const TRACKED_SLOTS: usize = 63;
+
+/// The module names userspace cares about (required modules and their
+/// exact aliases, `-` written `_`), in the mmapable one-element array
+/// `TRACKED`. Userspace writes it through its mapping, before the programs
+/// attach and again when the groups change; no bpf(2) call is needed, so
+/// it works after the privilege drop on every kernel. `module_request` and
+/// `delete_module` events for other names never reach the ring buffer:
+/// they are only counted (`NOISE`), so a flood of them cannot crowd out a
+/// required module's event.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct TrackedNames {
+    /// 1: filter by `names`; 0: every name counts as tracked (before
+    /// userspace fills the table, or when the names do not fit).
+    pub filter: u64,
+    /// NUL-padded names; an empty slot starts with NUL.
+    pub names: [[u8; NAME_LEN]; TRACKED_SLOTS],
+}
+
+/// Counters of events the program kept out of the ring buffer on purpose,
+/// in the mmapable array `NOISE`: counter `c` of CPU `n` is slot
+/// `c * NOISE_CPU_SLOTS + n % NOISE_CPU_SLOTS`. One page in all.
+pub const NOISE_CPU_SLOTS: u32 = 256;
+/// `NOISE` counter: `module_request` for a name not in `TRACKED`.
+pub const NOISE_REQUEST_UNTRACKED: u32 = 0;
+/// `NOISE` counter: `UnloadDenied` events over the per-CPU rate limit.
+pub const NOISE_DENIED_SUPPRESSED: u32 = 1;
+/// Entries of the `NOISE` array.
+pub const NOISE_SLOTS: u32 = 2 * NOISE_CPU_SLOTS;
+/// `UnloadDenied` events each CPU may send per second; the rest are only
+/// counted. Security-relevant, so not dropped silently, but an
+/// unprivileged loop of refused `rmmod`s must not fill the ring.
+pub const DENIED_PER_SECOND_PER_CPU: u64 = 20;
+
 #[cfg(feature = "user")]
 mod user {
-    use super::{ModuleEvent, TracepointLayout};
+    use super::{ModuleEvent, TracepointLayout, TrackedNames};
 
     // SAFETY: both are #[repr(C)], made only of integers and byte arrays,
     // have no padding (asserted at compile time above) and every bit pattern
@@ -186,4 +230,7 @@ mod user {
     unsafe impl aya::Pod for ModuleEvent {}
     // SAFETY: as above; TracepointLayout is u32 pairs only.
     unsafe impl aya::Pod for TracepointLayout {}
+    // SAFETY: as above; a u64 and byte arrays, 8 + 63 * 64 bytes, no
+    // padding.
+    unsafe impl aya::Pod for TrackedNames {}
 }

@@ -5,6 +5,19 @@
 //! Tracepoint field offsets are not compiled in: userspace reads them from
 //! tracefs `events/*/*/format` and sets the `LAYOUT` global at load time.
 //! Requires Linux 5.8 (ring buffer, `bpf_ktime_get_boot_ns`).
+//!
+//! Two of the events can be caused by any unprivileged task:
+//! `module_request` (an exec of an unknown binary format asks for
+//! `binfmt-…`, a socket for `net-pf-…`) and `delete_module`, whose entry
+//! fires before the kernel checks CAP_SYS_MODULE. So that a flood of them
+//! can never crowd a required module's event out of the ring:
+//! - both are filtered against `TRACKED`, the names userspace follows;
+//!   other requests are only counted in `NOISE`, other deletes ignored;
+//! - a `delete_module` is held in `PENDING` until it is known to matter:
+//!   `UnloadBegin` is sent when the module is freed or the syscall
+//!   returns, and an unload refused with EPERM becomes one rate-limited
+//!   `UnloadDenied` (the rest counted in `NOISE`) instead of a begin/fail
+//!   pair.
 #![no_std]
 #![no_main]
 
@@ -16,12 +29,13 @@ use aya_ebpf::{
         bpf_probe_read_kernel_str_bytes, bpf_probe_read_user_str_bytes,
     },
     macros::{map, tracepoint},
-    maps::{Array, HashMap, RingBuf},
+    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
 };
 use monitor_common::{
-    DEFAULT_RING_BYTES, EventKind, FieldOffset, LOST_MAP_FLAGS, LOST_SLOTS, ModuleEvent, NAME_LEN,
-    TracepointLayout,
+    DEFAULT_RING_BYTES, DENIED_PER_SECOND_PER_CPU, EventKind, FieldOffset, LOST_MAP_FLAGS,
+    LOST_SLOTS, ModuleEvent, NAME_LEN, NOISE_CPU_SLOTS, NOISE_DENIED_SUPPRESSED,
+    NOISE_REQUEST_UNTRACKED, NOISE_SLOTS, TRACKED_SLOTS, TracepointLayout, TrackedNames,
 };
 
 /// Field offsets for this kernel, set by the loader.
@@ -75,11 +89,55 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
 #[map]
 static LOST: Array<u64> = Array::with_max_entries(LOST_SLOTS, LOST_MAP_FLAGS);
 
-/// Module name of a `module_load` per thread, until its `finit_module` or
-/// `init_module` returns; lets the syscall exit say which load it finished.
-/// Also holds the name of a `delete_module` in flight.
+/// What a thread is in the middle of: a load that fired `module_load`,
+/// until its `finit_module`/`init_module` returns (so the exit can say
+/// which load it finished), or a `delete_module` of a tracked module, until
+/// the module is freed or the syscall returns.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Pending {
+    /// `bpf_ktime_get_boot_ns` at the start (the `UnloadBegin` time).
+    boot_ns: u64,
+    /// [`PENDING_LOAD`] or [`PENDING_DELETE`].
+    kind: u32,
+    /// 1 once `UnloadBegin` was sent (at `module_free`).
+    begun: u32,
+    name: [u8; NAME_LEN],
+}
+
+const PENDING_LOAD: u32 = 1;
+const PENDING_DELETE: u32 = 2;
+/// `-EPERM`: `delete_module` without CAP_SYS_MODULE.
+const EPERM: i64 = -1;
+const NS_PER_SECOND: u64 = 1_000_000_000;
+
+/// Per thread id. LRU, so an entry whose exit never came (a task killed in
+/// between) is evicted instead of filling the map; an evicted load or
+/// delete only loses its syscall-exit detail, never the `module_free`.
 #[map]
-static PENDING: HashMap<u32, [u8; NAME_LEN]> = HashMap::with_max_entries(1024, 0);
+static PENDING: LruHashMap<u32, Pending> = LruHashMap::with_max_entries(4096, 0);
+
+/// The names userspace follows (see [`TrackedNames`]); written by
+/// userspace through its mapping.
+#[map]
+static TRACKED: Array<TrackedNames> = Array::with_max_entries(1, LOST_MAP_FLAGS);
+
+/// Events kept out of the ring on purpose, per counter and CPU slot (see
+/// `monitor_common::NOISE_SLOTS`); mmapable like `LOST`.
+#[map]
+static NOISE: Array<u64> = Array::with_max_entries(NOISE_SLOTS, LOST_MAP_FLAGS);
+
+/// This CPU's `UnloadDenied` budget: the second it started and the events
+/// sent in it.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Budget {
+    second_start: u64,
+    sent: u64,
+}
+
+#[map]
+static DENIED_BUDGET: PerCpuArray<Budget> = PerCpuArray::with_max_entries(1, 0);
 
 /// Reads a `__data_loc char[]` field into `dst`.
 ///
@@ -112,10 +170,11 @@ fn read_field<T: Copy>(ctx: &TracePointContext, field: FieldOffset, default: T) 
     unsafe { ctx.read_at::<T>(field.offset as usize) }.unwrap_or(default)
 }
 
-fn count_lost() {
+/// Adds one to this CPU's slot of an mmapable counter array.
+fn count_in(map: &Array<u64>, base: u32, slots: u32) {
     // SAFETY: a plain helper call without pointer arguments.
     let cpu = unsafe { bpf_get_smp_processor_id() };
-    if let Some(counter) = LOST.get_ptr_mut(cpu % LOST_SLOTS) {
+    if let Some(counter) = map.get_ptr_mut(base + cpu % slots) {
         // SAFETY: this CPU's own slot: a tracepoint program is neither
         // preempted nor migrated while it runs, so no other writer races
         // it (CPU ids beyond LOST_SLOTS share slots and may undercount,
@@ -123,6 +182,76 @@ fn count_lost() {
         // in core.
         unsafe { *counter += 1 };
     }
+}
+
+fn count_lost() {
+    count_in(&LOST, 0, LOST_SLOTS);
+}
+
+fn count_noise(counter: u32) {
+    count_in(&NOISE, counter * NOISE_CPU_SLOTS, NOISE_CPU_SLOTS);
+}
+
+/// `name` as eight little-endian words with `-` written `_`: the form of
+/// `TRACKED`'s slots, compared a word at a time.
+fn name_words(name: &[u8; NAME_LEN]) -> [u64; NAME_LEN / 8] {
+    let mut words = [0u64; NAME_LEN / 8];
+    let mut i = 0;
+    while i < NAME_LEN {
+        let b = if name[i] == b'-' { b'_' } else { name[i] };
+        words[i / 8] |= u64::from(b) << ((i % 8) * 8);
+        i += 1;
+    }
+    words
+}
+
+/// Whether userspace follows `name` (or does not filter at all).
+fn is_tracked(name: &[u8; NAME_LEN]) -> bool {
+    let Some(tracked) = TRACKED.get_ptr(0) else {
+        return true;
+    };
+    // SAFETY: the value lives as long as the map; userspace may rewrite a
+    // slot while this reads it, which can only make one racing event
+    // count as untracked or tracked, never fault.
+    let tracked = unsafe { &*tracked };
+    if tracked.filter == 0 {
+        return true;
+    }
+    let want = name_words(name);
+    let mut slot = 0;
+    while slot < TRACKED_SLOTS {
+        // SAFETY: names start at offset 8 and are 64 bytes each, so every
+        // slot is 8-aligned inside the value; read as eight words.
+        let have = unsafe { &*tracked.names[slot].as_ptr().cast::<[u64; NAME_LEN / 8]>() };
+        if have[0] == 0 {
+            // Slots are filled from the first; the rest are empty.
+            return false;
+        }
+        if *have == want {
+            return true;
+        }
+        slot += 1;
+    }
+    false
+}
+
+/// Whether this CPU may still send an `UnloadDenied` this second.
+fn denied_allowed(now: u64) -> bool {
+    let Some(budget) = DENIED_BUDGET.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: this CPU's own value; a tracepoint program is neither
+    // preempted nor migrated while it runs.
+    let budget = unsafe { &mut *budget };
+    if now.wrapping_sub(budget.second_start) >= NS_PER_SECOND {
+        budget.second_start = now;
+        budget.sent = 0;
+    }
+    if budget.sent >= DENIED_PER_SECOND_PER_CPU {
+        return false;
+    }
+    budget.sent += 1;
+    true
 }
 
 /// Reserves an event, fills the task fields and lets `fill` add the rest.
@@ -161,9 +290,19 @@ pub fn module_load(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let tid = bpf_get_current_pid_tgid() as u32;
-    // A full PENDING map only costs the syscall-exit confirmation; userspace
+    // A failed insert only costs the syscall-exit confirmation; userspace
     // then confirms through /sys/module/<name>/initstate.
-    let _ = PENDING.insert(tid, name, 0);
+    let _ = PENDING.insert(
+        tid,
+        Pending {
+            // SAFETY: a plain helper call without pointer arguments.
+            boot_ns: unsafe { bpf_ktime_get_boot_ns() },
+            kind: PENDING_LOAD,
+            begun: 0,
+            name,
+        },
+        0,
+    );
     let taints = read_field::<u32>(&ctx, layout.load_taints, 0);
     emit(EventKind::Load, |ev| {
         ev.taints = taints;
@@ -173,13 +312,28 @@ pub fn module_load(ctx: TracePointContext) -> u32 {
 }
 
 /// `module:module_free`: `__data_loc char[] name;`. Fires when the module's
-/// memory is freed: after a completed unload, or after a failed init.
+/// memory is freed: after a completed unload, or after a failed init. In an
+/// unload it runs inside the rmmod's `delete_module`, so the held
+/// `UnloadBegin` goes first.
 #[tracepoint]
 pub fn module_free(ctx: TracePointContext) -> u32 {
     let layout = LAYOUT.load();
     let mut name = [0u8; NAME_LEN];
     if read_data_loc(&ctx, layout.free_name, &mut name).is_err() {
         return 0;
+    }
+    let tid = bpf_get_current_pid_tgid() as u32;
+    if let Some(pending) = PENDING.get_ptr_mut(tid) {
+        // SAFETY: this thread's own entry; only it inserts or removes it.
+        let pending = unsafe { &mut *pending };
+        if pending.kind == PENDING_DELETE && pending.begun == 0 {
+            pending.begun = 1;
+            let (at, held) = (pending.boot_ns, pending.name);
+            emit(EventKind::UnloadBegin, |ev| {
+                ev.boot_ns = at;
+                ev.name = held;
+            });
+        }
     }
     emit(EventKind::Free, |ev| ev.name = name);
     0
@@ -192,6 +346,10 @@ pub fn module_request(ctx: TracePointContext) -> u32 {
     let layout = LAYOUT.load();
     let mut name = [0u8; NAME_LEN];
     if read_data_loc(&ctx, layout.request_name, &mut name).is_err() {
+        return 0;
+    }
+    if !is_tracked(&name) {
+        count_noise(NOISE_REQUEST_UNTRACKED);
         return 0;
     }
     let wait = u32::from(read_field::<u8>(&ctx, layout.request_wait, 0));
@@ -210,20 +368,25 @@ pub fn init_module_exit(ctx: TracePointContext) -> u32 {
     let tid = bpf_get_current_pid_tgid() as u32;
     // SAFETY: the value is copied out before the entry is removed, and only
     // this thread inserts or removes its own key.
-    let Some(name) = (unsafe { PENDING.get(tid) }).copied() else {
+    let Some(pending) = (unsafe { PENDING.get(tid) }).copied() else {
         return 0;
     };
+    if pending.kind != PENDING_LOAD {
+        return 0;
+    }
     let _ = PENDING.remove(tid);
     let ret = read_field::<i64>(&ctx, LAYOUT.load().init_exit_ret, 0);
     emit(EventKind::LoadResult, |ev| {
         ev.ret = ret;
-        ev.name = name;
+        ev.name = pending.name;
     });
     0
 }
 
 /// `syscalls:sys_enter_delete_module`: `const char * name_user; unsigned
-/// int flags;`. An unload was asked for (rmmod, modprobe -r).
+/// int flags;`. An unload was asked for (rmmod, modprobe -r) — or anyone
+/// tried: this fires before the permission check. Nothing is sent yet; a
+/// tracked name is held until the module is freed or the call returns.
 #[tracepoint]
 pub fn delete_module_enter(ctx: TracePointContext) -> u32 {
     let layout = LAYOUT.load();
@@ -240,26 +403,62 @@ pub fn delete_module_enter(ctx: TracePointContext) -> u32 {
     if unsafe { bpf_probe_read_user_str_bytes(user_ptr as *const u8, &mut name) }.is_err() {
         return 0;
     }
+    if !is_tracked(&name) {
+        return 0;
+    }
     let tid = bpf_get_current_pid_tgid() as u32;
-    let _ = PENDING.insert(tid, name, 0);
-    emit(EventKind::UnloadBegin, |ev| ev.name = name);
+    let _ = PENDING.insert(
+        tid,
+        Pending {
+            // SAFETY: a plain helper call without pointer arguments.
+            boot_ns: unsafe { bpf_ktime_get_boot_ns() },
+            kind: PENDING_DELETE,
+            begun: 0,
+            name,
+        },
+        0,
+    );
     0
 }
 
 /// `syscalls:sys_exit_delete_module`: `long ret;`. Ends an unload asked for
 /// in this thread; a failure (EBUSY, EWOULDBLOCK) means it stays loaded.
+/// EPERM means the caller had no right to ask: one rate-limited
+/// `UnloadDenied`, no begin/fail pair.
 #[tracepoint]
 pub fn delete_module_exit(ctx: TracePointContext) -> u32 {
     let tid = bpf_get_current_pid_tgid() as u32;
     // SAFETY: copied out before removal; only this thread uses its key.
-    let Some(name) = (unsafe { PENDING.get(tid) }).copied() else {
+    let Some(pending) = (unsafe { PENDING.get(tid) }).copied() else {
         return 0;
     };
+    if pending.kind != PENDING_DELETE {
+        return 0;
+    }
     let _ = PENDING.remove(tid);
     let ret = read_field::<i64>(&ctx, LAYOUT.load().delete_exit_ret, 0);
+    if ret == EPERM {
+        // SAFETY: a plain helper call without pointer arguments.
+        if denied_allowed(unsafe { bpf_ktime_get_boot_ns() }) {
+            emit(EventKind::UnloadDenied, |ev| {
+                ev.boot_ns = pending.boot_ns;
+                ev.ret = ret;
+                ev.name = pending.name;
+            });
+        } else {
+            count_noise(NOISE_DENIED_SUPPRESSED);
+        }
+        return 0;
+    }
+    if pending.begun == 0 {
+        emit(EventKind::UnloadBegin, |ev| {
+            ev.boot_ns = pending.boot_ns;
+            ev.name = pending.name;
+        });
+    }
     emit(EventKind::UnloadResult, |ev| {
         ev.ret = ret;
-        ev.name = name;
+        ev.name = pending.name;
     });
     0
 }

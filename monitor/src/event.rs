@@ -131,6 +131,14 @@ pub enum Decoded {
         actor: Actor,
         boot_ns: u64,
     },
+    /// `delete_module` of a tracked module refused with EPERM: someone
+    /// without CAP_SYS_MODULE tried. Not a state change; aggregated per
+    /// actor and module.
+    UnloadDenied {
+        module: ModuleName,
+        actor: Actor,
+        boot_ns: u64,
+    },
 }
 
 /// Why a ring-buffer record could not be decoded. Such records are counted
@@ -143,9 +151,21 @@ pub enum DecodeError {
     /// A kind id this build does not know.
     #[error("unknown event kind {kind}")]
     UnknownKind { kind: u32 },
-    /// The name field is not a module name.
+    /// The name field is not a module name. Userspace can pass anything
+    /// to `delete_module`, so this is input to ignore, not a loss.
     #[error("event kind {kind} carries an invalid module name {name:?}")]
     BadName { kind: u32, name: String },
+}
+
+impl DecodeError {
+    /// Whether the record itself is broken (a build mismatch between the
+    /// program and the daemon: events may have been misread, so the state
+    /// must be reconciled), rather than well-formed with a name that is
+    /// not a module's (ignored).
+    #[must_use]
+    pub const fn is_corrupt(&self) -> bool {
+        !matches!(self, Self::BadName { .. })
+    }
 }
 
 /// Bytes up to the first NUL, as lossy UTF-8.
@@ -196,12 +216,13 @@ impl SourceEvent {
             name,
         } = *ev;
         let raw = match EventKind::from_raw(kind) {
-            Some(EventKind::Load) => Raw::Load,
-            Some(EventKind::Free) => Raw::Free,
-            Some(EventKind::Request) => Raw::Request,
-            Some(EventKind::LoadResult) => Raw::LoadResult { ret },
-            Some(EventKind::UnloadBegin) => Raw::UnloadBegin,
-            Some(EventKind::UnloadResult) => Raw::UnloadResult { ret },
+            Some(EventKind::UnloadDenied) => None,
+            Some(EventKind::Load) => Some(Raw::Load),
+            Some(EventKind::Free) => Some(Raw::Free),
+            Some(EventKind::Request) => Some(Raw::Request),
+            Some(EventKind::LoadResult) => Some(Raw::LoadResult { ret }),
+            Some(EventKind::UnloadBegin) => Some(Raw::UnloadBegin),
+            Some(EventKind::UnloadResult) => Some(Raw::UnloadResult { ret }),
             None => return Err(DecodeError::UnknownKind { kind }),
         };
         let name_str = c_str(&name[..NAME_LEN]);
@@ -214,7 +235,7 @@ impl SourceEvent {
             cgroup_id,
         };
         let Some(module) = ModuleName::from_kernel(&name_str) else {
-            if raw == Raw::Request && !name_str.is_empty() {
+            if raw == Some(Raw::Request) && !name_str.is_empty() {
                 return Ok(Decoded::AliasRequest {
                     alias: name_str,
                     actor,
@@ -224,6 +245,13 @@ impl SourceEvent {
             return Err(DecodeError::BadName {
                 kind,
                 name: name_str,
+            });
+        };
+        let Some(raw) = raw else {
+            return Ok(Decoded::UnloadDenied {
+                module,
+                actor,
+                boot_ns,
             });
         };
         Ok(Decoded::Module(Self {
@@ -404,5 +432,47 @@ mod tests {
         assert_eq!(taint_letters((1 << 12) | (1 << 13)), "OE");
         assert_eq!(taint_letters(0), "");
         assert_eq!(taint_letters(1), "P");
+    }
+
+    #[test]
+    fn a_refused_unload_decodes_as_denied_not_as_an_event() {
+        let mut ev = ModuleEvent::ZERO;
+        ev.kind = EventKind::UnloadDenied as u32;
+        ev.uid = 1000;
+        ev.ret = -1;
+        ev.boot_ns = 42;
+        ev.name[..8].copy_from_slice(b"dm_crypt");
+        ev.comm[..5].copy_from_slice(b"rmmod");
+        match SourceEvent::from_kernel(&ev) {
+            Ok(Decoded::UnloadDenied {
+                module,
+                actor,
+                boot_ns,
+            }) => {
+                assert_eq!(module.as_str(), "dm_crypt");
+                assert_eq!(
+                    (actor.uid, actor.comm.as_str(), boot_ns),
+                    (1000, "rmmod", 42)
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_bad_name_is_ignorable_and_a_bad_record_is_corrupt() {
+        let mut ev = ModuleEvent::ZERO;
+        ev.kind = EventKind::UnloadBegin as u32;
+        ev.name[..5].copy_from_slice(b"a b\x1bc");
+        let err = SourceEvent::from_kernel(&ev).unwrap_err();
+        assert!(!err.is_corrupt(), "{err}");
+        assert!(DecodeError::UnknownKind { kind: 99 }.is_corrupt());
+        assert!(
+            DecodeError::Size {
+                len: 3,
+                expected: 136
+            }
+            .is_corrupt()
+        );
     }
 }

@@ -16,12 +16,26 @@ use aya::{
     maps::{Map, MapData, RingBuf},
     programs::TracePoint,
 };
-use monitor_common::{LOST_SLOTS, TracepointLayout};
-use tokio::{io::unix::AsyncFd, sync::mpsc};
+use monitor_common::{
+    LOST_SLOTS, NAME_LEN, NOISE_CPU_SLOTS, NOISE_DENIED_SUPPRESSED, NOISE_REQUEST_UNTRACKED,
+    NOISE_SLOTS, TRACKED_SLOTS, TracepointLayout, TrackedNames,
+};
+use tokio::{
+    io::unix::AsyncFd,
+    sync::{mpsc, oneshot},
+};
 use tokio_util::sync::CancellationToken;
 
-use super::{SourceMsg, SourceOptions, StartError, Started, tracefs};
-use crate::event::{Decoded, SourceEvent};
+use super::{Noise, SourceMsg, SourceOptions, StartError, Started, Tracking, tracefs};
+use crate::{
+    event::{Decoded, SourceEvent},
+    names::ModuleName,
+};
+
+/// Most ring-buffer records taken in one go; then the reader hands them to
+/// the daemon and yields, so a flood cannot starve the one thread that
+/// also serves HTTP and signals.
+pub const DRAIN_BATCH: usize = 256;
 
 /// The eBPF object built by build.rs, embedded so the binary stands alone.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/monitor"));
@@ -172,6 +186,14 @@ pub(crate) fn start(
         .map_max_entries("EVENTS", opts.ring_buffer_bytes)
         .load(OBJECT)
         .map_err(|e| StartError::new(format!("loading the eBPF object: {e}")))?;
+    let tracked = match ebpf.map("TRACKED") {
+        Some(Map::Array(data)) => TrackedTable::map(data)?,
+        Some(_) => return Err(StartError::new("map TRACKED is not an array")),
+        None => return Err(StartError::new("map TRACKED missing from the eBPF object")),
+    };
+    // Before the programs attach, so the filter holds from the first event.
+    let tracking = tracked.write(&opts.tracked);
+    details.push(tracking.describe());
     let mut loaded = std::collections::BTreeSet::new();
     for (program, group, event) in REQUIRED {
         attach(&mut ebpf, program, group, event, &mut loaded).map_err(StartError::new)?;
@@ -196,42 +218,58 @@ pub(crate) fn start(
     )
     .map_err(|e| StartError::new(format!("map EVENTS: {e}")))?;
     let lost_map = match ebpf.take_map("LOST") {
-        Some(Map::Array(data)) => LostCounter::map(&data)?,
+        Some(Map::Array(data)) => Counters::map(&data, LOST_SLOTS, "LOST")?,
         Some(_) => return Err(StartError::new("map LOST is not an array")),
         None => return Err(StartError::new("map LOST missing from the eBPF object")),
+    };
+    let noise_map = match ebpf.take_map("NOISE") {
+        Some(Map::Array(data)) => Counters::map(&data, NOISE_SLOTS, "NOISE")?,
+        Some(_) => return Err(StartError::new("map NOISE is not an array")),
+        None => return Err(StartError::new("map NOISE missing from the eBPF object")),
     };
     // SAFETY: the RingBuf owns its map fd for as long as it lives, and
     // the AsyncFd owns the RingBuf, so the fd stays open and unchanged for
     // the AsyncFd's whole lifetime.
     let fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .map_err(|e| StartError::new(format!("polling the ring buffer: {e}")))?;
-    tokio::spawn(read_loop(fd, lost_map, tx, lost, cancel));
+    let (sync_tx, sync_rx) = mpsc::channel(1);
+    tokio::spawn(read_loop(fd, lost_map, tx, lost, sync_rx, cancel));
     Ok(Started {
         details,
         guard: Some(Box::new(Loaded {
             _ebpf: std::sync::Mutex::new(ebpf),
         })),
+        control: Some(super::Control {
+            tracked: Box::new(tracked),
+            noise: Box::new(noise_map),
+            sync: sync_tx,
+        }),
     })
 }
 
-/// The in-kernel loss counter, mapped read-only into this process. Reading
-/// it needs no bpf(2) call, so it keeps working after the privilege drop
-/// (Linux before 6.0 refuses map lookups to a task without CAP_BPF).
-struct LostCounter {
-    /// Start of the mapping: [`LOST_SLOTS`] per-CPU counters.
+/// An in-kernel counter array (`LOST`, `NOISE`), mapped read-only into
+/// this process. Reading it needs no bpf(2) call, so it keeps working
+/// after the privilege drop (Linux before 6.0 refuses map lookups to a
+/// task without CAP_BPF).
+struct Counters {
+    /// Start of the mapping: `slots` u64 counters.
     base: NonNull<u64>,
-    len: usize,
+    slots: u32,
 }
 
 // SAFETY: the mapping is process-wide shared memory that the kernel
-// updates atomically; the pointer may be used from any thread.
-unsafe impl Send for LostCounter {}
+// updates with single 8-byte stores; the pointer may be used from any
+// thread, and this type only reads through it.
+unsafe impl Send for Counters {}
+// SAFETY: as above; concurrent reads of shared memory are fine.
+unsafe impl Sync for Counters {}
 
-impl LostCounter {
-    /// Maps the `LOST` array (created `BPF_F_MMAPABLE`). The mapping keeps
-    /// the map alive by itself, so `data` may be dropped afterwards.
-    fn map(data: &MapData) -> Result<Self, StartError> {
-        let len = LOST_SLOTS as usize * size_of::<u64>();
+impl Counters {
+    /// Maps an array created `BPF_F_MMAPABLE` with `slots` u64 entries. The
+    /// mapping keeps the map alive by itself, so `data` may be dropped
+    /// afterwards.
+    fn map(data: &MapData, slots: u32, name: &str) -> Result<Self, StartError> {
+        let len = slots as usize * size_of::<u64>();
         // SAFETY: a fresh shared read-only mapping of the map's fd; the
         // kernel checks the length and offset against the map.
         let ptr = unsafe {
@@ -246,86 +284,286 @@ impl LostCounter {
         };
         if ptr == libc::MAP_FAILED {
             return Err(StartError::new(format!(
-                "mapping the eBPF loss counter (needs Linux 5.5+): {}",
+                "mapping the eBPF counters {name} (needs Linux 5.5+): {}",
                 std::io::Error::last_os_error()
             )));
         }
         let base = NonNull::new(ptr.cast::<u64>())
-            .ok_or_else(|| StartError::new("mmap of the eBPF loss counter returned null"))?;
-        Ok(Self { base, len })
+            .ok_or_else(|| StartError::new(format!("mmap of {name} returned null")))?;
+        Ok(Self { base, slots })
     }
 
-    /// Events the program could not reserve so far (all CPUs).
-    fn total(&self) -> u64 {
-        (0..LOST_SLOTS as usize)
+    /// The sum of `count` slots from `first` (all CPUs of one counter).
+    fn sum(&self, first: u32, count: u32) -> u64 {
+        (first..first.saturating_add(count).min(self.slots))
             .map(|slot| {
-                // SAFETY: every slot lies inside the live, aligned mapping;
-                // the kernel writes each with a single 8-byte store.
-                unsafe { AtomicU64::from_ptr(self.base.as_ptr().add(slot)) }.load(Ordering::Relaxed)
+                // SAFETY: every slot below `slots` lies inside the live,
+                // aligned mapping; the kernel writes each with a single
+                // 8-byte store.
+                unsafe { AtomicU64::from_ptr(self.base.as_ptr().add(slot as usize)) }
+                    .load(Ordering::Relaxed)
             })
             .sum()
     }
+
+    /// Events the program could not reserve so far (the `LOST` array).
+    fn total(&self) -> u64 {
+        self.sum(0, self.slots)
+    }
 }
 
-impl Drop for LostCounter {
+impl Noise for Counters {
+    fn requests_untracked(&self) -> u64 {
+        self.sum(NOISE_REQUEST_UNTRACKED * NOISE_CPU_SLOTS, NOISE_CPU_SLOTS)
+    }
+
+    fn denied_suppressed(&self) -> u64 {
+        self.sum(NOISE_DENIED_SUPPRESSED * NOISE_CPU_SLOTS, NOISE_CPU_SLOTS)
+    }
+}
+
+impl Drop for Counters {
     fn drop(&mut self) {
         // SAFETY: unmaps exactly the mapping made in `map`, used no more.
-        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
+        unsafe {
+            libc::munmap(
+                self.base.as_ptr().cast(),
+                self.slots as usize * size_of::<u64>(),
+            )
+        };
     }
 }
 
-fn drain(ring: &mut RingBuf<MapData>, batch: &mut Vec<SourceMsg>) {
-    while let Some(item) = ring.next() {
-        batch.push(match SourceEvent::decode(&item) {
-            Ok(Decoded::Module(ev)) => SourceMsg::Event(ev),
-            Ok(Decoded::AliasRequest { alias, .. }) => SourceMsg::AliasRequest { alias },
-            Err(e) => SourceMsg::Undecodable {
-                reason: e.to_string(),
-            },
-        });
+/// The `TRACKED` array, mapped read-write: the names the program lets
+/// through (see [`TrackedNames`]).
+struct TrackedTable {
+    base: NonNull<u64>,
+}
+
+// SAFETY: shared memory written only through `write`, which the owner
+// serialises (`&self` methods are called from the daemon's one task);
+// the kernel only reads it.
+unsafe impl Send for TrackedTable {}
+// SAFETY: as above.
+unsafe impl Sync for TrackedTable {}
+
+/// Words of the [`TrackedNames`] value: the `filter` word, then 8 per name.
+const TRACKED_WORDS: usize = size_of::<TrackedNames>() / size_of::<u64>();
+
+impl TrackedTable {
+    fn map(data: &MapData) -> Result<Self, StartError> {
+        // SAFETY: a fresh shared read-write mapping of the map's fd (created
+        // BPF_F_MMAPABLE, never frozen); the kernel checks the length.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size_of::<TrackedNames>(),
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                data.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(StartError::new(format!(
+                "mapping the eBPF name filter TRACKED (needs Linux 5.5+): {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        let base = NonNull::new(ptr.cast::<u64>())
+            .ok_or_else(|| StartError::new("mmap of TRACKED returned null"))?;
+        Ok(Self { base })
+    }
+
+    fn store(&self, word: usize, value: u64) {
+        if word < TRACKED_WORDS {
+            // SAFETY: `word` is inside the live, 8-aligned mapping; an
+            // atomic store so the kernel never reads a torn word.
+            unsafe { AtomicU64::from_ptr(self.base.as_ptr().add(word)) }
+                .store(value, Ordering::Relaxed);
+        }
     }
 }
 
-/// Drains the ring buffer whenever it is readable; after each drain checks
-/// the in-kernel loss counter, so a loss is reported as soon as userspace
-/// catches up (no timer needed).
+impl Tracking for TrackedTable {
+    /// Rewrites the table: filtering off while the slots change, then on
+    /// again if every name fit (else left off, and said so).
+    fn write(&self, names: &[ModuleName]) -> super::TrackedOutcome {
+        self.store(0, 0);
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let fitting: Vec<&ModuleName> = names
+            .iter()
+            .filter(|n| n.as_str().len() < NAME_LEN)
+            .collect();
+        let fits = fitting.len() <= TRACKED_SLOTS && fitting.len() == names.len();
+        for slot in 0..TRACKED_SLOTS {
+            let words = fitting
+                .get(slot)
+                .filter(|_| fits)
+                .map_or([0; NAME_LEN / 8], |n| name_words(n.as_str()));
+            for (i, w) in words.into_iter().enumerate() {
+                self.store(1 + slot * (NAME_LEN / 8) + i, w);
+            }
+        }
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if fits {
+            self.store(0, 1);
+        }
+        super::TrackedOutcome {
+            names: names.len(),
+            filtering: fits,
+        }
+    }
+}
+
+impl Drop for TrackedTable {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `map`, used no more.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), size_of::<TrackedNames>()) };
+    }
+}
+
+/// A name as the program compares it: NUL-padded bytes, `-` written `_`,
+/// as eight little-endian words (see `name_words` in monitor-ebpf).
+fn name_words(name: &str) -> [u64; NAME_LEN / 8] {
+    let mut words = [0u64; NAME_LEN / 8];
+    for (i, b) in name.bytes().take(NAME_LEN - 1).enumerate() {
+        let b = if b == b'-' { b'_' } else { b };
+        words[i / 8] |= u64::from(b) << ((i % 8) * 8);
+    }
+    words
+}
+
+/// One record as the daemon takes it.
+fn message(item: &[u8]) -> SourceMsg {
+    match SourceEvent::decode(item) {
+        Ok(Decoded::Module(ev)) => SourceMsg::Event(ev),
+        Ok(Decoded::AliasRequest { alias, .. }) => SourceMsg::AliasRequest { alias },
+        Ok(Decoded::UnloadDenied {
+            module,
+            actor,
+            boot_ns,
+        }) => SourceMsg::UnloadDenied {
+            module,
+            actor,
+            boot_ns,
+        },
+        Err(e) if e.is_corrupt() => SourceMsg::Undecodable {
+            reason: e.to_string(),
+        },
+        Err(e) => SourceMsg::Ignored {
+            reason: e.to_string(),
+        },
+    }
+}
+
+/// Takes at most `limit` records; returns how many.
+fn drain(ring: &mut RingBuf<MapData>, batch: &mut Vec<SourceMsg>, limit: usize) -> usize {
+    let mut taken = 0;
+    while taken < limit {
+        let Some(item) = ring.next() else { break };
+        batch.push(message(&item));
+        taken += 1;
+    }
+    taken
+}
+
+/// Drains the ring buffer whenever it is readable, [`DRAIN_BATCH`] records
+/// at a time with a yield between batches; after each batch checks the
+/// in-kernel loss counter, so a loss is reported as soon as userspace
+/// catches up (no timer needed). A sync request ([`super::RunningSource::sync`])
+/// drains everything the ring holds now and then acknowledges: every record
+/// committed before the request reaches the daemon before the answer.
 async fn read_loop(
     mut fd: AsyncFd<RingBuf<MapData>>,
-    lost_map: LostCounter,
+    lost_map: Counters,
     tx: mpsc::Sender<SourceMsg>,
     lost: Arc<AtomicU64>,
+    mut sync: mpsc::Receiver<oneshot::Sender<()>>,
     cancel: CancellationToken,
 ) {
-    let mut batch = Vec::with_capacity(256);
+    let mut batch = Vec::with_capacity(DRAIN_BATCH);
     loop {
-        let mut guard = tokio::select! {
+        let ack = tokio::select! {
             () = cancel.cancelled() => return,
-            g = fd.readable_mut() => match g {
-                Ok(g) => g,
-                Err(e) => {
-                    tracing::error!(error = %e, "ring buffer poll failed; eBPF source stopped");
+            Some(ack) = sync.recv() => Some(ack),
+            g = fd.readable_mut() => {
+                let mut guard = match g {
+                    Ok(g) => g,
+                    Err(e) => {
+                        tracing::error!(error = %e, "ring buffer poll failed; eBPF source stopped");
+                        return;
+                    }
+                };
+                let full = drain(guard.get_inner_mut(), &mut batch, DRAIN_BATCH) == DRAIN_BATCH;
+                if !full {
+                    // Caught up: clear readiness, then look once more, since
+                    // a record committed between the last read and the
+                    // clear would otherwise wait for the next wake-up (the
+                    // kernel only notifies a consumer that has caught up).
+                    guard.clear_ready();
+                    let room = DRAIN_BATCH - batch.len();
+                    drain(guard.get_inner_mut(), &mut batch, room);
+                }
+                None
+            }
+        };
+        if ack.is_some() {
+            // Everything committed so far, however much.
+            let ring = fd.get_mut();
+            while drain(ring, &mut batch, DRAIN_BATCH) > 0 {
+                if !forward(&tx, &mut batch, &lost_map, &lost).await {
                     return;
                 }
-            },
-        };
-        drain(guard.get_inner_mut(), &mut batch);
-        // Clear readiness, then drain once more: a record committed between
-        // the last read and the clear would otherwise wait for the next
-        // wake-up (the kernel only notifies a consumer that has caught up).
-        guard.clear_ready();
-        drain(guard.get_inner_mut(), &mut batch);
-        drop(guard);
-        for msg in batch.drain(..) {
-            if tx.send(msg).await.is_err() {
-                return;
             }
         }
-        let total = lost_map.total();
-        if total > lost.load(Ordering::Relaxed) {
-            lost.store(total, Ordering::Relaxed);
-            if tx.send(SourceMsg::Lost { total }).await.is_err() {
-                return;
-            }
+        if !forward(&tx, &mut batch, &lost_map, &lost).await {
+            return;
         }
+        if let Some(ack) = ack {
+            let _ = ack.send(());
+        }
+        // Let the daemon, the HTTP server and the signals run between
+        // batches, however fast the ring refills.
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Hands a batch to the daemon, then reports a grown loss count. False
+/// once the daemon is gone.
+async fn forward(
+    tx: &mpsc::Sender<SourceMsg>,
+    batch: &mut Vec<SourceMsg>,
+    lost_map: &Counters,
+    lost: &AtomicU64,
+) -> bool {
+    for msg in batch.drain(..) {
+        if tx.send(msg).await.is_err() {
+            return false;
+        }
+    }
+    let total = lost_map.total();
+    if total > lost.load(Ordering::Relaxed) {
+        lost.store(total, Ordering::Relaxed);
+        if tx.send(SourceMsg::Lost { total }).await.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_packed_as_the_program_compares_them() {
+        let w = name_words("dm-crypt");
+        assert_eq!(w[0], u64::from_le_bytes(*b"dm_crypt"));
+        assert!(w[1..].iter().all(|&x| x == 0));
+        // Longer than a word, and capped below NAME_LEN (room for the NUL).
+        let long = "a".repeat(100);
+        let w = name_words(&long);
+        assert_eq!(w[7] >> 56, 0, "the last byte stays NUL");
     }
 }

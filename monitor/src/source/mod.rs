@@ -19,7 +19,13 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::{event::SourceEvent, host::HostRoot};
+use tokio::sync::oneshot;
+
+use crate::{
+    event::{Actor, SourceEvent},
+    host::HostRoot,
+    names::ModuleName,
+};
 
 /// Which event source the daemon uses.
 #[derive(
@@ -73,8 +79,70 @@ pub enum SourceMsg {
     /// The source knows events were lost (ring buffer full, netlink
     /// ENOBUFS); `total` is its running total. The daemon reconciles at once.
     Lost { total: u64 },
-    /// A record could not be decoded; counted and logged.
+    /// A record could not be decoded (a program/daemon mismatch: events
+    /// may have been misread); counted, logged, and the state reconciled.
     Undecodable { reason: String },
+    /// A well-formed record about something that cannot be a module (a
+    /// name userspace passed to `delete_module`); counted, not a loss.
+    Ignored { reason: String },
+    /// Someone without CAP_SYS_MODULE tried to unload a tracked module
+    /// (eBPF only; rate-limited in the kernel).
+    UnloadDenied {
+        module: ModuleName,
+        actor: Actor,
+        boot_ns: u64,
+    },
+}
+
+/// What the name filter in the kernel holds after a write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TrackedOutcome {
+    /// Names asked for.
+    pub names: usize,
+    /// Whether the kernel filters by them (false: they did not fit, and
+    /// every request and unload attempt reaches the daemon).
+    pub filtering: bool,
+}
+
+impl TrackedOutcome {
+    /// One line for /status and the log.
+    #[must_use]
+    pub fn describe(&self) -> String {
+        if self.filtering {
+            format!(
+                "in-kernel name filter: {} tracked names; other module requests and unload attempts are only counted",
+                self.names
+            )
+        } else {
+            format!(
+                "in-kernel name filter OFF: {} names do not fit its {} slots; every module request reaches the daemon",
+                self.names,
+                monitor_common::TRACKED_SLOTS
+            )
+        }
+    }
+}
+
+/// The kernel's name filter (eBPF only).
+pub(crate) trait Tracking: Send + Sync {
+    /// Replaces the tracked names.
+    fn write(&self, names: &[ModuleName]) -> TrackedOutcome;
+}
+
+/// Counters of what the kernel kept out of the ring on purpose (eBPF).
+pub trait Noise: Send + Sync {
+    /// `module_request`s for names nobody tracks.
+    fn requests_untracked(&self) -> u64;
+    /// Refused unload attempts over the per-CPU rate limit.
+    fn denied_suppressed(&self) -> u64;
+}
+
+/// What the daemon can ask of a running eBPF source.
+pub(crate) struct Control {
+    pub tracked: Box<dyn Tracking>,
+    pub noise: Box<dyn Noise>,
+    /// Asks the reader to drain the ring now and answer.
+    pub sync: mpsc::Sender<oneshot::Sender<()>>,
 }
 
 /// The source kinds that can actually run (not `auto`).
@@ -120,6 +188,9 @@ pub struct SourceOptions {
     pub ring_buffer_bytes: u32,
     /// Poll source period.
     pub poll_interval: Duration,
+    /// The names the eBPF program lets through: required modules and their
+    /// exact aliases (see [`TrackedNames`](monitor_common::TrackedNames)).
+    pub tracked: Vec<ModuleName>,
 }
 
 /// A running source: its events arrive on `rx`; dropping the handle (or
@@ -135,6 +206,8 @@ pub struct RunningSource {
     cancel: CancellationToken,
     /// Keeps the eBPF object (programs, links, maps) alive.
     _guard: Option<Box<dyn Send + Sync>>,
+    /// The eBPF source's name filter, counters and sync channel.
+    control: Option<Control>,
 }
 
 impl RunningSource {
@@ -142,6 +215,31 @@ impl RunningSource {
     #[must_use]
     pub fn lost(&self) -> u64 {
         self.lost.load(Ordering::Relaxed)
+    }
+
+    /// Replaces the names the kernel lets through (eBPF; `None` for the
+    /// other sources, which filter nothing).
+    pub fn set_tracked(&self, names: &[ModuleName]) -> Option<TrackedOutcome> {
+        self.control.as_ref().map(|c| c.tracked.write(names))
+    }
+
+    /// What the kernel kept out of the ring on purpose (eBPF only).
+    #[must_use]
+    pub fn noise(&self) -> Option<&dyn Noise> {
+        self.control.as_ref().map(|c| &*c.noise)
+    }
+
+    /// Waits until every event the source had buffered when called is on
+    /// `rx`. eBPF: the reader drains the ring and answers (or is gone). The
+    /// other sources have no buffer ahead of their reader.
+    pub async fn sync(&self) {
+        let Some(control) = &self.control else {
+            return;
+        };
+        let (ack, done) = oneshot::channel();
+        if control.sync.send(ack).await.is_ok() {
+            let _ = done.await;
+        }
     }
 }
 
@@ -170,6 +268,7 @@ impl StartError {
 pub(crate) struct Started {
     pub details: Vec<String>,
     pub guard: Option<Box<dyn Send + Sync>>,
+    pub control: Option<Control>,
 }
 
 /// Starts the requested source; with `auto`, the best one that starts.
@@ -197,7 +296,11 @@ pub async fn start(
             ActiveKind::Poll => poll::start(opts, tx, cancel.clone()).await,
         };
         match started {
-            Ok(Started { details, guard }) => {
+            Ok(Started {
+                details,
+                guard,
+                control,
+            }) => {
                 return Ok(RunningSource {
                     kind,
                     unavailable,
@@ -206,6 +309,7 @@ pub async fn start(
                     details,
                     cancel,
                     _guard: guard,
+                    control,
                 });
             }
             Err(e) => unavailable.push(Unavailable {

@@ -90,6 +90,7 @@ pub(crate) async fn start(
     Ok(Started {
         details: vec![format!("polling /proc/modules every {}", humantime(period))],
         guard: None,
+        control: None,
     })
 }
 

@@ -107,6 +107,7 @@ pub(crate) fn start(
     Ok(Started {
         details,
         guard: None,
+        control: None,
     })
 }
 
