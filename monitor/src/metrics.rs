@@ -76,6 +76,16 @@ struct ResultLabels {
     result: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: String,
+}
+
+/// The `reason` label values of `kmod_monitor_kernel_filtered_total`.
+pub const FILTERED_REQUEST_UNTRACKED: &str = "request_untracked";
+/// See [`FILTERED_REQUEST_UNTRACKED`].
+pub const FILTERED_DENIED_OVER_LIMIT: &str = "unload_denied_over_limit";
+
 /// Every `source` label of `requirement_enabled`.
 const ENABLED_SOURCES: [&str; 6] = [
     "flag",
@@ -159,6 +169,11 @@ pub struct Metrics {
     hugepages: Family<KindLabels, Gauge>,
     /// What `log_write_errors` was last raised to (the log reports a total).
     log_errors_seen: AtomicU64,
+    unload_denied: Family<ModuleLabels, Counter>,
+    kernel_filtered: Family<ReasonLabels, Counter>,
+    /// What each `kernel_filtered` series was last raised to.
+    filtered_seen: [AtomicU64; 2],
+    events_ignored: Counter,
     known: std::sync::Mutex<Known>,
 }
 
@@ -191,6 +206,10 @@ impl Metrics {
             node_readable: Family::default(),
             hugepages: Family::default(),
             log_errors_seen: AtomicU64::new(0),
+            unload_denied: Family::default(),
+            kernel_filtered: Family::default(),
+            filtered_seen: [AtomicU64::new(0), AtomicU64::new(0)],
+            events_ignored: Counter::default(),
             known: std::sync::Mutex::default(),
             registry: Registry::default(),
         };
@@ -287,6 +306,26 @@ impl Metrics {
             "The 2 MiB hugepage pool in pages: total, free, reserved",
             m.hugepages.clone(),
         );
+        registry.register(
+            "unload_denied",
+            "Attempts to unload a required module refused for lack of CAP_SYS_MODULE, as the kernel reported them (the kernel rate-limits; see kernel_filtered)",
+            m.unload_denied.clone(),
+        );
+        registry.register(
+            "kernel_filtered",
+            "Events the eBPF program kept out of the ring buffer on purpose: module requests for names nothing requires, refused unloads over the per-CPU rate limit",
+            m.kernel_filtered.clone(),
+        );
+        registry.register(
+            "events_ignored",
+            "Well-formed kernel events that cannot be about a module (a name no module can have); not a loss",
+            m.events_ignored.clone(),
+        );
+        for reason in [FILTERED_REQUEST_UNTRACKED, FILTERED_DENIED_OVER_LIMIT] {
+            let _ = m.kernel_filtered.get_or_create(&ReasonLabels {
+                reason: reason.into(),
+            });
+        }
         for result in [Delivery::Success, Delivery::Failure] {
             let _ = m.alert_deliveries.get_or_create(&ResultLabels {
                 result: result.as_str().into(),
@@ -456,6 +495,40 @@ impl Metrics {
         if total > seen {
             self.events_lost.inc_by(total - seen);
         }
+    }
+
+    /// Counts a refused unload of `module`.
+    pub fn on_unload_denied(&self, module: &str) {
+        self.unload_denied
+            .get_or_create(&ModuleLabels {
+                module: module.into(),
+            })
+            .inc();
+    }
+
+    /// Raises the kernel-filtered counters to the program's running totals.
+    pub fn set_kernel_filtered(&self, requests_untracked: u64, denied_over_limit: u64) {
+        for (i, (reason, total)) in [
+            (FILTERED_REQUEST_UNTRACKED, requests_untracked),
+            (FILTERED_DENIED_OVER_LIMIT, denied_over_limit),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let seen = self.filtered_seen[i].fetch_max(total, Ordering::Relaxed);
+            if total > seen {
+                self.kernel_filtered
+                    .get_or_create(&ReasonLabels {
+                        reason: reason.into(),
+                    })
+                    .inc_by(total - seen);
+            }
+        }
+    }
+
+    /// Counts an event that cannot be about a module.
+    pub fn on_ignored(&self) {
+        self.events_ignored.inc();
     }
 
     /// Counts events lost outside the sources' totals (undecodable records).

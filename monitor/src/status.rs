@@ -29,7 +29,23 @@ pub struct EventCounts {
     pub received: u64,
     pub lost: u64,
     pub undecodable: u64,
+    /// Well-formed events that cannot be about a module (ignored, not lost).
+    pub ignored: u64,
+    /// Refused unloads of a required module the kernel reported.
+    pub unload_denied: u64,
+    /// Kept out of the ring by the eBPF program on purpose (null for the
+    /// other sources).
+    pub kernel_filtered: Option<KernelFiltered>,
     pub by_kind: BTreeMap<&'static str, u64>,
+}
+
+/// What the eBPF program only counted.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct KernelFiltered {
+    /// `module_request`s for names nothing requires.
+    pub requests_untracked: u64,
+    /// Refused unloads over the per-CPU rate limit.
+    pub unload_denied_over_limit: u64,
 }
 
 /// The daemon's state for /status, rebuilt after every change.

@@ -44,7 +44,7 @@ impl Daemon {
                 }
                 in_window |= ev.boot_ns <= snap_end;
             }
-            self.handle(msg);
+            self.handle(msg, running);
         }
         if in_window {
             // An event raced the snapshot read: settle against a fresh read.
@@ -60,9 +60,16 @@ impl Daemon {
     }
 
     /// Applies one message from the source.
-    pub(super) fn handle(&mut self, msg: SourceMsg) {
+    pub(super) fn handle(&mut self, msg: SourceMsg, running: &RunningSource) {
         match msg {
-            SourceMsg::Event(ev) => {
+            SourceMsg::Event(mut ev) => {
+                // A request by alias (`fs-nfs4`) is about its module (`nfs`).
+                if ev.raw == Raw::Request
+                    && !self.tracker.is_required(&ev.module)
+                    && let Some(module) = self.aliases.get(&ev.module)
+                {
+                    ev.module = module.clone();
+                }
                 let outcome = self.tracker.apply(&ev);
                 let latency_ns = boot_ns_now().saturating_sub(ev.boot_ns);
                 #[expect(
@@ -92,11 +99,8 @@ impl Daemon {
                 self.counts.lost = total;
                 self.metrics.set_lost_total(total);
                 self.lost_at = Some(Instant::now());
-                tracing::error!(
-                    lost_total = total,
-                    "module events were lost; reconciling now"
-                );
-                self.reconcile_now(true);
+                tracing::error!(lost_total = total, "module events were lost; reconciling");
+                self.reconcile_after_loss();
             }
             SourceMsg::Undecodable { reason } => {
                 self.append(records::events_lost(
@@ -108,9 +112,78 @@ impl Daemon {
                 self.counts.undecodable += 1;
                 self.metrics.add_lost(1);
                 self.lost_at = Some(Instant::now());
-                tracing::error!(%reason, "undecodable event from the kernel; reconciling now");
-                self.reconcile_now(true);
+                tracing::error!(%reason, "undecodable event from the kernel; reconciling");
+                self.reconcile_after_loss();
             }
+            SourceMsg::Ignored { reason } => {
+                self.counts.ignored += 1;
+                self.metrics.on_ignored();
+                tracing::debug!(%reason, "kernel event ignored");
+            }
+            SourceMsg::UnloadDenied {
+                module,
+                actor,
+                boot_ns,
+            } => self.on_denied(module, &actor, boot_ns, running),
+        }
+    }
+
+    /// A refused unload attempt: counted at once, logged the first time per
+    /// actor and module in a window, recorded when the window closes.
+    fn on_denied(
+        &mut self,
+        module: crate::names::ModuleName,
+        actor: &crate::event::Actor,
+        boot_ns: u64,
+        running: &RunningSource,
+    ) {
+        self.counts.unload_denied += 1;
+        self.metrics.on_unload_denied(module.as_str());
+        if self.denied.due().is_none() {
+            self.denied_suppressed_before = running.noise().map_or(0, |n| n.denied_suppressed());
+        }
+        let log_name = module.clone();
+        if self.denied.add(module, actor, boot_ns, Instant::now()) {
+            tracing::warn!(
+                module = %log_name,
+                uid = actor.uid,
+                pid = actor.tgid,
+                comm = ?actor.comm,
+                "refused attempt to unload a required module (no CAP_SYS_MODULE); counting further attempts for this actor"
+            );
+        }
+    }
+
+    /// Closes the refused-unload window: one `module_unload_denied` record
+    /// per actor and module, and one for the attempts past the key limit.
+    pub(super) fn flush_denied(&mut self, running: &RunningSource) {
+        if self.denied.due().is_none() {
+            return;
+        }
+        let suppressed = running
+            .noise()
+            .map_or(0, |n| n.denied_suppressed())
+            .saturating_sub(self.denied_suppressed_before);
+        let summary = self.denied.flush();
+        let now = boot_ns_now();
+        for (key, attempts) in &summary.keys {
+            tracing::warn!(
+                module = %key.module,
+                uid = key.uid,
+                comm = ?key.comm,
+                attempts = attempts.count,
+                "refused attempts to unload a required module in the last window"
+            );
+            let actor = actor::enrich(&self.settings.common.host, &attempts.last);
+            self.append(records::unload_denied(
+                Some((key, attempts)),
+                Some(actor),
+                suppressed,
+                now,
+            ));
+        }
+        if summary.other > 0 {
+            self.append(records::unload_denied_other(summary.other, suppressed, now));
         }
     }
 
@@ -161,7 +234,10 @@ impl Daemon {
         }
     }
 
-    /// Asks /sys/module/<m>/initstate about modules still `loading`.
+    /// Asks /sys/module/<m>/initstate about modules still `loading`. The
+    /// caller has applied every event the source held first (see the
+    /// loop), so a module still `loading` here has had no news for
+    /// [`CONFIRM_AFTER`].
     pub(super) fn confirm_loading(&mut self) {
         let loading: Vec<_> = self.tracker.loading().cloned().collect();
         let mut still = false;
@@ -181,6 +257,7 @@ impl Daemon {
             };
             let ev = SourceEvent::observed(raw, name, boot_ns_now());
             let outcome = self.tracker.apply(&ev);
+            self.metrics.on_event(&outcome, None);
             self.count(outcome.kind);
             trace_outcome(&outcome, &ev);
             self.record_outcome(&ev, &outcome, "initstate");

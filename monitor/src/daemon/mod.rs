@@ -13,13 +13,14 @@
 //! with /proc/modules, `reload.rs` handles SIGHUP and cluster changes,
 //! `publish.rs` fans the state out to /status, metrics and alerts, and
 //! [`records`] builds the forensic records.
+mod denied;
 mod events;
 mod publish;
 mod reconcile;
 pub mod records;
 mod reload;
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use tokio::{
@@ -38,6 +39,7 @@ use crate::{
     http,
     longhorn::{self, ClusterView, v2::V2State, watch::WatchTarget},
     metrics::Metrics,
+    names::ModuleName,
     privileges::Privileges,
     remedy::BootFacts,
     requirements,
@@ -76,6 +78,40 @@ struct Daemon {
     privileges: Privileges,
     /// V2 enablement, the cluster view, hugepages.
     v2: V2State,
+    /// Refused unload attempts of the current window.
+    denied: denied::Denied,
+    /// What the kernel had suppressed when the current window opened.
+    denied_suppressed_before: u64,
+    /// Exact aliases of the tracked modules (`fs_nfs4` → `nfs`): a request
+    /// by alias is about its module.
+    aliases: BTreeMap<ModuleName, ModuleName>,
+    /// Reconciles triggered by losses, spaced [`LOSS_RECONCILE_SPACING`].
+    loss_reconcile: reconcile::Spaced,
+}
+
+/// Least time between two reconciles triggered by lost or undecodable
+/// events: each re-reads /proc/modules, and a source reporting losses in a
+/// burst must not turn into a read per report.
+pub const LOSS_RECONCILE_SPACING: Duration = Duration::from_secs(1);
+
+/// The names the kernel's filter lets through: every module any enabled
+/// group could require (V2's included, whatever its enablement, so a flip
+/// needs no rewrite), and the exact aliases that name them.
+fn tracked_names(
+    groups: &crate::requirements::GroupSettings,
+    aliases: &BTreeMap<ModuleName, ModuleName>,
+) -> (Vec<ModuleName>, BTreeMap<ModuleName, ModuleName>) {
+    let modules: std::collections::BTreeSet<ModuleName> = requirements::resolve(groups, true)
+        .into_iter()
+        .flat_map(|g| g.modules)
+        .collect();
+    let relevant: BTreeMap<ModuleName, ModuleName> = aliases
+        .iter()
+        .filter(|(alias, module)| modules.contains(*module) && !modules.contains(*alias))
+        .map(|(a, m)| (a.clone(), m.clone()))
+        .collect();
+    let names = modules.iter().chain(relevant.keys()).cloned().collect();
+    (names, relevant)
 }
 
 /// Runs until SIGTERM/SIGINT.
@@ -85,10 +121,13 @@ struct Daemon {
 /// cannot be taken, or the listener cannot bind.
 pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
     let cancel = CancellationToken::new();
-    let opts = SourceOptions {
+    let mut opts = SourceOptions {
         host: settings.common.host.clone(),
         ring_buffer_bytes: settings.ring_buffer_bytes,
         poll_interval: settings.poll_interval,
+        // The modules' own names for now; their aliases once the snapshot
+        // has found the module directory.
+        tracked: tracked_names(&settings.common.groups, &BTreeMap::new()).0,
     };
     // 1. Attach first, so nothing that happens during the snapshot is missed.
     let mut running = source::start(settings.source, &opts)
@@ -107,6 +146,16 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
         host::take_snapshot(&settings.common.host).context("taking the start-up snapshot")?;
     let snap_end = boot_ns_now();
     log_snapshot(&snapshot);
+    let all_aliases = snapshot
+        .modules_dir
+        .as_deref()
+        .map(host::read_modules_alias)
+        .unwrap_or_default();
+    let (tracked, aliases) = tracked_names(&settings.common.groups, &all_aliases);
+    if let Some(outcome) = running.set_tracked(&tracked) {
+        tracing::info!(names = ?tracked.iter().map(ModuleName::as_str).collect::<Vec<_>>(), "{}", outcome.describe());
+    }
+    opts.tracked = tracked;
     let v2 = V2State::new(
         settings.common.v2_local,
         match (&client, settings.common.cluster.mode) {
@@ -158,11 +207,18 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
         boot,
         privileges,
         v2,
+        denied: denied::Denied::default(),
+        denied_suppressed_before: 0,
+        aliases,
+        loss_reconcile: reconcile::Spaced::default(),
     };
     // The event log starts with who we are and what the snapshot saw,
     // before any event is applied.
     d.open_event_log(snap_end)?;
-    // 3. Apply what the source buffered meanwhile.
+    // 3. Apply what the source buffered meanwhile: first have the reader
+    // hand over everything the kernel holds (an eBPF reader task has not
+    // run yet), so events from before the snapshot are sorted as such.
+    running.sync().await;
     d.drain_startup(&mut running, snap_start, snap_end);
     for g in d.tracker.report() {
         log_group(&g);
@@ -202,6 +258,8 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
         let confirm_at = d.confirm.map(|(at, _)| at);
         let lost_alert_ends = d.lost_at.map(|at| at + LOST_ALERT_FOR);
         let drift_at = d.reconciler.second_look_at();
+        let denied_at = d.denied.due();
+        let loss_at = d.loss_reconcile.due();
         let grace_at = d.v2.grace_ends().map(Instant::from_std);
         tokio::select! {
             () = sleep_until(lost_alert_ends) => d.lost_at = None,
@@ -213,10 +271,24 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
                 if d.settings.reconcile_interval != before {
                     reconcile = reconcile_timer(d.settings.reconcile_interval);
                 }
+                opts.tracked = d.retrack(&running);
             }
+            () = sleep_until(denied_at) => d.flush_denied(&running),
+            () = sleep_until(loss_at) => d.reconcile_after_loss(),
             // The writer's state changed (degraded, written): republish.
             () = status_changed(&mut log_status) => {}
-            () = sleep_until(confirm_at) => d.confirm_loading(),
+            () = sleep_until(confirm_at) => {
+                // initstate says how things are now; apply every event that
+                // happened before this moment first, or a module whose
+                // events are merely queued behind a busy daemon would be
+                // judged from a later state (and its queued events then
+                // misread).
+                running.sync().await;
+                while let Ok(msg) = running.rx.try_recv() {
+                    d.handle(msg, &running);
+                }
+                d.confirm_loading();
+            }
             _ = reconcile.tick() => d.reconcile_first_look(),
             () = sleep_until(drift_at) => d.reconcile_second_look(),
             Some(view) = cluster_changed(&mut cluster_rx) => d.on_view(view),
@@ -224,10 +296,10 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
             () = sleep_until(grace_at) => {}
             msg = running.rx.recv() => match msg {
                 Some(msg) => {
-                    d.handle(msg);
+                    d.handle(msg, &running);
                     // Take what else is queued before publishing once.
                     while let Ok(msg) = running.rx.try_recv() {
-                        d.handle(msg);
+                        d.handle(msg, &running);
                     }
                 }
                 None => {
@@ -239,6 +311,7 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
         }
         d.publish(&running, &status_tx);
     };
+    d.flush_denied(&running);
     d.close_event_log(stop_reason);
     cancel.cancel();
     if let Some(p) = pusher
@@ -434,10 +507,90 @@ fn log_group(g: &GroupReport) {
     }
 }
 
+impl Daemon {
+    /// Recomputes the tracked names from the current groups (after a
+    /// SIGHUP) and hands them to the kernel's filter; returns them for a
+    /// source started later.
+    fn retrack(&mut self, running: &RunningSource) -> Vec<ModuleName> {
+        let all = self
+            .snapshot
+            .modules_dir
+            .as_deref()
+            .map(host::read_modules_alias)
+            .unwrap_or_default();
+        let (tracked, aliases) = tracked_names(&self.settings.common.groups, &all);
+        self.aliases = aliases;
+        if let Some(outcome) = running.set_tracked(&tracked) {
+            tracing::info!("{}", outcome.describe());
+        }
+        tracked
+    }
+
+    /// A loss (or an undecodable record) was reported: reconcile now, or,
+    /// if the last such reconcile was less than
+    /// [`LOSS_RECONCILE_SPACING`] ago, once when that time has passed.
+    fn reconcile_after_loss(&mut self) {
+        if self
+            .loss_reconcile
+            .request(Instant::now(), LOSS_RECONCILE_SPACING)
+        {
+            self.reconcile_now(true);
+        }
+    }
+}
+
 /// What `msg` was about, for the start-up drain.
 const fn is_event(msg: &SourceMsg) -> Option<&crate::event::SourceEvent> {
     match msg {
         SourceMsg::Event(ev) => Some(ev),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        requirements::{GroupSettings, UserGroup},
+        testing::{group, name},
+    };
+
+    #[test]
+    fn tracked_names_are_every_possible_module_and_its_aliases() {
+        let mut groups = GroupSettings::default();
+        groups.user.push(UserGroup {
+            spec: group(
+                "nfs-client",
+                crate::requirements::GroupMode::AllOf,
+                &["nfs"],
+            ),
+            enabled: true,
+        });
+        let aliases: BTreeMap<ModuleName, ModuleName> = [
+            ("fs_nfs4", "nfs"),
+            ("nfs4", "nfs"),
+            ("fs_xfs", "xfs"),
+            ("dm_crypt", "dm_crypt"),
+        ]
+        .into_iter()
+        .map(|(a, m)| (name(a), name(m)))
+        .collect();
+        let (names, relevant) = tracked_names(&groups, &aliases);
+        let names: Vec<&str> = names.iter().map(ModuleName::as_str).collect();
+        // V2's modules too, whatever its enablement; xfs's alias is not ours.
+        assert_eq!(
+            names,
+            [
+                "dm_crypt",
+                "nfs",
+                "nvme_tcp",
+                "uio_pci_generic",
+                "vfio_pci",
+                "fs_nfs4",
+                "nfs4"
+            ]
+        );
+        assert_eq!(relevant.len(), 2);
+        assert_eq!(relevant.get(&name("fs_nfs4")), Some(&name("nfs")));
     }
 }

@@ -11,7 +11,7 @@ use crate::{
     forensic::EventLog,
     requirements::{self, V2_GROUP},
     source::RunningSource,
-    status::{SourceStatus, Status},
+    status::{KernelFiltered, SourceStatus, Status},
 };
 
 impl Daemon {
@@ -45,6 +45,10 @@ impl Daemon {
         );
         self.metrics.set_source(running.kind);
         self.metrics.set_lost_total(running.lost());
+        if let Some(f) = &status.events.kernel_filtered {
+            self.metrics
+                .set_kernel_filtered(f.requests_untracked, f.unload_denied_over_limit);
+        }
         if let Some(log) = &status.event_log {
             self.metrics.set_event_log(log.degraded, log.write_errors);
         }
@@ -80,6 +84,10 @@ impl Daemon {
     pub(super) fn status(&self, running: &RunningSource) -> Status {
         let mut events = self.counts.clone();
         events.lost = events.lost.max(running.lost());
+        events.kernel_filtered = running.noise().map(|n| KernelFiltered {
+            requests_untracked: n.requests_untracked(),
+            unload_denied_over_limit: n.denied_suppressed(),
+        });
         Status {
             version: env!("CARGO_PKG_VERSION"),
             kernel_release: self.snapshot.kernel_release.clone(),

@@ -116,6 +116,36 @@ impl Reconciler {
     }
 }
 
+/// Spacing for reconciles a loss triggers: at most one per
+/// [`super::LOSS_RECONCILE_SPACING`]; a request that comes sooner is
+/// coalesced into one run when the spacing has passed.
+#[derive(Debug, Default)]
+pub struct Spaced {
+    last: Option<Instant>,
+    due: Option<Instant>,
+}
+
+impl Spaced {
+    /// A reconcile is wanted at `now`: true to run it now, false when one
+    /// is (now) scheduled for later instead.
+    pub fn request(&mut self, now: Instant, spacing: std::time::Duration) -> bool {
+        if let Some(last) = self.last
+            && now < last + spacing
+        {
+            self.due.get_or_insert(last + spacing);
+            return false;
+        }
+        self.due = None;
+        self.last = Some(now);
+        true
+    }
+
+    /// When the coalesced run is due.
+    pub const fn due(&self) -> Option<Instant> {
+        self.due
+    }
+}
+
 impl Daemon {
     /// Reads /proc/modules for a reconcile; a kernel without it has none
     /// loaded.
@@ -279,6 +309,21 @@ mod tests {
                 .is_empty()
         );
         assert_eq!((r.drift_total, r.reconciles), (0, 1));
+    }
+
+    #[test]
+    fn loss_reconciles_are_spaced_and_coalesced() {
+        let spacing = Duration::from_secs(1);
+        let mut s = Spaced::default();
+        let t0 = Instant::now();
+        assert!(s.request(t0, spacing), "the first runs at once");
+        for ms in [1, 10, 500, 999] {
+            assert!(!s.request(t0 + Duration::from_millis(ms), spacing));
+        }
+        assert_eq!(s.due(), Some(t0 + spacing), "one run for all of them");
+        assert!(s.request(t0 + spacing, spacing), "due: runs");
+        assert_eq!(s.due(), None);
+        assert!(!s.request(t0 + spacing + Duration::from_millis(1), spacing));
     }
 
     #[test]

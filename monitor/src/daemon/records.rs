@@ -8,8 +8,8 @@ use crate::{
         Record, RecordKind,
         chain::{canonical, sha256_hex},
         record::{
-            ActorInfo, ConfigInfo, EnablementInfo, ModuleInfo, ModuleStateInfo, MonitorInfo,
-            RequirementEffect, RequirementFlip, StateChange,
+            ActorInfo, ConfigInfo, DeniedInfo, EnablementInfo, ModuleInfo, ModuleStateInfo,
+            MonitorInfo, RequirementEffect, RequirementFlip, StateChange,
         },
     },
     host::Snapshot,
@@ -155,6 +155,49 @@ pub fn events_lost(
     r.lost_total = lost_total;
     r.reason = reason;
     r.source = Some(source.to_owned());
+    r
+}
+
+/// A `module_unload_denied` record: one actor's refused attempts on one
+/// module in the window that just closed (`actor` is the last attempt's,
+/// enriched by the caller).
+#[must_use]
+pub fn unload_denied(
+    key: Option<(&super::denied::Key, &super::denied::Attempts)>,
+    actor: Option<ActorInfo>,
+    suppressed_in_window: u64,
+    boot_ns: u64,
+) -> Record {
+    let mut r = Record::new(RecordKind::ModuleUnloadDenied, boot_ns);
+    if let Some((key, attempts)) = key {
+        r.module = Some(module_info(&key.module, None));
+        r.actor = actor;
+        r.denied = Some(DeniedInfo {
+            count: attempts.count,
+            first_boot_ns: attempts.first_boot_ns,
+            last_boot_ns: attempts.last_boot_ns,
+            window_secs: super::denied::WINDOW.as_secs(),
+            suppressed_in_window,
+        });
+    }
+    r
+}
+
+/// The attempts of a window beyond its key limit, without an actor.
+#[must_use]
+pub fn unload_denied_other(count: u64, suppressed_in_window: u64, boot_ns: u64) -> Record {
+    let mut r = Record::new(RecordKind::ModuleUnloadDenied, boot_ns);
+    r.reason = Some(format!(
+        "{count} more attempts by other actors (over {} actor/module keys in the window)",
+        super::denied::MAX_KEYS
+    ));
+    r.denied = Some(DeniedInfo {
+        count,
+        first_boot_ns: 0,
+        last_boot_ns: 0,
+        window_secs: super::denied::WINDOW.as_secs(),
+        suppressed_in_window,
+    });
     r
 }
 

@@ -56,11 +56,14 @@ pub enum RecordKind {
     /// A requirement was switched on or off (or became unknown): the V2
     /// setting or node label changed, or the cluster became unreadable.
     RequirementEnablement,
+    /// Attempts to unload a required module refused for lack of
+    /// CAP_SYS_MODULE, aggregated per actor and module over a window.
+    ModuleUnloadDenied,
 }
 
 impl RecordKind {
     /// Every kind, in the order the README lists them.
-    pub const ALL: [Self; 17] = [
+    pub const ALL: [Self; 18] = [
         Self::ModuleLoad,
         Self::ModuleLoaded,
         Self::ModuleLoadFailed,
@@ -78,6 +81,7 @@ impl RecordKind {
         Self::LogRecovered,
         Self::LogDropped,
         Self::RequirementEnablement,
+        Self::ModuleUnloadDenied,
     ];
 
     /// The name in the `kind` member.
@@ -101,6 +105,7 @@ impl RecordKind {
             Self::LogRecovered => "log_recovered",
             Self::LogDropped => "log_dropped",
             Self::RequirementEnablement => "requirement_enablement",
+            Self::ModuleUnloadDenied => "module_unload_denied",
         }
     }
 
@@ -225,6 +230,22 @@ pub struct EnablementInfo {
     pub reason: String,
 }
 
+/// What `module_unload_denied` says: one actor's refused attempts on one
+/// module within a window.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeniedInfo {
+    /// Attempts the kernel reported for this actor and module.
+    pub count: u64,
+    /// CLOCK_BOOTTIME of the first and the last of them.
+    pub first_boot_ns: u64,
+    pub last_boot_ns: u64,
+    /// The window they were gathered over, seconds.
+    pub window_secs: u64,
+    /// Attempts by anyone the kernel only counted in the window (over its
+    /// per-CPU rate limit), so not attributed to an actor.
+    pub suppressed_in_window: u64,
+}
+
 /// A required module in a `snapshot` record.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModuleStateInfo {
@@ -346,6 +367,9 @@ pub struct Record {
     /// `requirement_enablement`: what switched, and why.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enablement: Option<EnablementInfo>,
+    /// `module_unload_denied`: how many attempts, when.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub denied: Option<DeniedInfo>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config: Option<ConfigInfo>,
     /// `events_lost`: the source's running total of lost events.

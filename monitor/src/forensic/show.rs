@@ -368,6 +368,18 @@ fn detail(r: &Record) -> String {
             "{} records could not be held while the disk failed",
             r.dropped.unwrap_or_default()
         ),
+        RecordKind::ModuleUnloadDenied => join(&[
+            actor(r),
+            r.denied
+                .as_ref()
+                .map(|d| {
+                    format!(
+                        "{} refused attempt(s) in {} s (and {} more by anyone over the kernel's rate limit)",
+                        d.count, d.window_secs, d.suppressed_in_window
+                    )
+                })
+                .unwrap_or_default(),
+        ]),
         RecordKind::RequirementEnablement => r.enablement.as_ref().map_or_else(String::new, |e| {
             let word = |b: Option<bool>| match b {
                 Some(true) => "enabled",

@@ -23,6 +23,7 @@
 //! still shows up, in [`Snapshot::warnings`] or as a `tracing` warning from the
 //! `read_*` helpers. Errors ([`HostError`]) are for files that cannot be read
 //! at all.
+pub mod aliases;
 pub mod cpu;
 pub mod depmod;
 pub mod hugepages;
@@ -39,6 +40,7 @@ use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 
+pub use aliases::{parse_modules_alias, read_modules_alias};
 pub use depmod::{ModuleFile, parse_modules_builtin, parse_modules_dep};
 pub use initstate::{InitState, read_initstate};
 pub use kconfig::{ConfigValue, KernelConfig, config_symbol_for, parse_kernel_config};
