@@ -462,9 +462,12 @@ fn check_user(user: &str, hash: &str) -> Result<(), String> {
             "basic_auth_users: user {user:?}: a user name cannot contain ':' (basic auth splits on it)"
         ));
     }
-    hash.parse::<bcrypt::HashParts>()
-        .map(|_| ())
-        .map_err(|e| format!("basic_auth_users: user {user:?}: not a bcrypt hash ({e}); make one with `htpasswd -nBC 10 \"\" | tr -d ':\\n'`"))
+    // The value is not echoed: it may be a password typed in by mistake.
+    hash.parse::<bcrypt::HashParts>().map(|_| ()).map_err(|_| {
+        format!(
+            "basic_auth_users: user {user:?}: not a bcrypt hash ($2a$, $2b$ or $2y$, cost 4 to 31); make one with `htpasswd -nBC 10 \"\" | tr -d ':\\n'`"
+        )
+    })
 }
 
 fn response_headers(
@@ -601,7 +604,10 @@ mod tests {
                 "tls_server_config:\n  cert_file: a\n  key_file: b\n  curve_preferences: [CurveP521]\n",
                 "CurveP521: not supported",
             ),
-            ("basic_auth_users:\n  alice: secret\n", "not a bcrypt hash"),
+            (
+                "basic_auth_users:\n  alice: secret\n",
+                "not a bcrypt hash ($2a$",
+            ),
             (
                 "http_server_config:\n  headers:\n    Server: x\n",
                 "Server: this header cannot be configured",

@@ -613,8 +613,10 @@ fn a_bad_web_config_file_exits_2_naming_it() {
         if let Some(text) = text {
             fs::write(&path, text).unwrap_or_else(|e| panic!("{e}"));
         }
-        run(&path)
-            .expect_code(2)
+        let out = run(&path);
+        out.expect_code(2)
             .stderr_has(&[&format!("web config file {}", path.display()), problem]);
+        // A password put where the hash belongs is not echoed.
+        assert!(!out.stderr.contains("plaintext"), "{out}");
     }
 }
