@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use crate::{
     FakeHost, Finished, args, pretty,
-    process::{Captured, ChildGuard, command, shell_words},
+    process::{Captured, ChildGuard, command, limit_nofile, shell_words},
 };
 
 /// How long a daemon may take to answer /healthz after it was started.
@@ -43,6 +43,19 @@ pub struct Daemon {
     stdout: Captured,
     stderr: Captured,
     http: ureq::Agent,
+    /// `http` or `https`.
+    scheme: &'static str,
+}
+
+/// How a daemon is started, beyond its arguments.
+#[derive(Default)]
+pub struct Launch {
+    /// RLIMIT_NOFILE, soft and hard, for the daemon (systemd's default soft
+    /// limit is 1024).
+    pub nofile: Option<u64>,
+    /// An https client that trusts the daemon's certificate; `None` for
+    /// plain http.
+    pub https: Option<ureq::Agent>,
 }
 
 /// What a bind failure of the HTTP listener looks like on stderr.
@@ -71,6 +84,32 @@ impl Daemon {
     /// # Panics
     /// When it neither exits nor becomes ready in time.
     pub fn try_start(host: &FakeHost, extra: &[OsString]) -> Result<Self, Finished> {
+        Self::try_start_with(host, extra, &Launch::default())
+    }
+
+    /// Like [`start`](Self::start), started as `launch` says.
+    ///
+    /// # Panics
+    /// When the daemon exits or does not become ready in time.
+    #[must_use]
+    #[track_caller]
+    pub fn start_with(host: &FakeHost, extra: &[OsString], launch: &Launch) -> Self {
+        Self::try_start_with(host, extra, launch)
+            .unwrap_or_else(|failed| panic!("daemon did not start: {failed}"))
+    }
+
+    /// Like [`try_start`](Self::try_start), started as `launch` says.
+    ///
+    /// # Errors
+    /// The finished process when it exited before answering /healthz.
+    ///
+    /// # Panics
+    /// When it neither exits nor becomes ready in time.
+    pub fn try_start_with(
+        host: &FakeHost,
+        extra: &[OsString],
+        launch: &Launch,
+    ) -> Result<Self, Finished> {
         const ATTEMPTS: usize = 5;
         let mut attempt = 1;
         loop {
@@ -88,7 +127,7 @@ impl Daemon {
                 "--no-event-log"
             ]);
             args.extend(extra.iter().cloned());
-            match Self::spawn(addr, &args) {
+            match Self::spawn(addr, &args, launch) {
                 Err(failed) if failed.stderr.contains(ADDR_IN_USE) && attempt < ATTEMPTS => {
                     attempt += 1;
                 }
@@ -99,9 +138,13 @@ impl Daemon {
 
     /// Starts the daemon; `Err` with its output if it exits before /healthz
     /// answers.
-    fn spawn(addr: SocketAddr, args: &[OsString]) -> Result<Self, Finished> {
+    fn spawn(addr: SocketAddr, args: &[OsString], launch: &Launch) -> Result<Self, Finished> {
         let shown = shell_words(args);
-        let mut child = command(args)
+        let mut cmd = command(args);
+        if let Some(n) = launch.nofile {
+            limit_nofile(&mut cmd, n);
+        }
+        let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("starting `kmod-monitor {shown}`: {e}"));
         let (stdout, _) = Captured::spawn(child.stdout.take().unwrap_or_else(|| unreachable!()));
@@ -112,13 +155,20 @@ impl Daemon {
             args: shown,
             stdout,
             stderr,
-            http: ureq::Agent::config_builder()
-                // Never send loopback requests to an HTTP_PROXY from the env.
-                .proxy(None)
-                .http_status_as_error(false)
-                .timeout_global(Some(Duration::from_secs(5)))
-                .build()
-                .into(),
+            http: launch.https.clone().unwrap_or_else(|| {
+                ureq::Agent::config_builder()
+                    // Never send loopback requests to an HTTP_PROXY from the env.
+                    .proxy(None)
+                    .http_status_as_error(false)
+                    .timeout_global(Some(Duration::from_secs(5)))
+                    .build()
+                    .into()
+            }),
+            scheme: if launch.https.is_some() {
+                "https"
+            } else {
+                "http"
+            },
         };
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
@@ -149,15 +199,46 @@ impl Daemon {
         self.addr
     }
 
+    /// `http://ADDR/path` (or https).
+    #[must_use]
+    pub fn url(&self, path: &str) -> String {
+        format!("{}://{}{path}", self.scheme, self.addr)
+    }
+
+    /// A line of the daemon's `/proc/PID/status` (`VmRSS`, `VmHWM`, …) in
+    /// KiB.
+    ///
+    /// # Panics
+    /// When the file or the line cannot be read.
+    #[must_use]
+    pub fn proc_status_kib(&self, key: &str) -> u64 {
+        let path = format!("/proc/{}/status", self.pid());
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("reading {path}: {e}\n{self}"));
+        text.lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in {path}:\n{text}"))
+    }
+
+    /// How many file descriptors the daemon has open.
+    ///
+    /// # Panics
+    /// When `/proc/PID/fd` cannot be read.
+    #[must_use]
+    pub fn open_fds(&self) -> usize {
+        let path = format!("/proc/{}/fd", self.pid());
+        std::fs::read_dir(&path)
+            .unwrap_or_else(|e| panic!("reading {path}: {e}\n{self}"))
+            .count()
+    }
+
     /// `GET path`: status code and body.
     ///
     /// # Errors
     /// When the request fails (connection refused, timeout).
     pub fn get(&self, path: &str) -> Result<(u16, String), ureq::Error> {
-        let mut response = self
-            .http
-            .get(format!("http://{}{path}", self.addr))
-            .call()?;
+        let mut response = self.http.get(self.url(path)).call()?;
         let code = response.status().as_u16();
         let body = response.body_mut().read_to_string()?;
         Ok((code, body))

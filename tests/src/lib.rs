@@ -24,11 +24,11 @@ pub mod servers;
 use std::path::{Path, PathBuf};
 
 pub use cli::{Finished, check, kmod_monitor, log_records};
-pub use daemon::{Daemon, free_port};
+pub use daemon::{Daemon, Launch, free_port};
 pub use kmod_monitor::testing::{
     DEBIAN_6_1, DEBIAN_6_12, DEV_6_18, FakeHost, fixture, fixture_path, fixture_text,
 };
-pub use process::kmod_monitor_bin;
+pub use process::{kmod_monitor_bin, raise_own_nofile};
 pub use report::{group, group_names, keys, met, module, pretty, state_of};
 
 /// What `check` suggests appending the module name to.

@@ -147,3 +147,39 @@ pub(crate) fn shell_words(args: &[OsString]) -> String {
         .collect::<Vec<_>>()
         .join(" ")
 }
+
+/// Starts `cmd` with RLIMIT_NOFILE set to `n` (soft and hard), as a unit
+/// with `LimitNOFILE=n` would.
+pub(crate) fn limit_nofile(cmd: &mut Command, n: u64) {
+    use std::os::unix::process::CommandExt as _;
+    let limit = rustix::process::Rlimit {
+        current: Some(n),
+        maximum: Some(n),
+    };
+    // SAFETY: the closure runs in the forked child before exec; it only
+    // makes the setrlimit system call (async-signal-safe, no allocation, no
+    // lock) on a value prepared before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            rustix::process::setrlimit(rustix::process::Resource::Nofile, limit)
+                .map_err(std::io::Error::from)
+        });
+    }
+}
+
+/// Raises this process's RLIMIT_NOFILE soft limit to its hard limit (a
+/// test that opens a thousand connections needs more than 1024), and
+/// returns the soft limit now.
+#[must_use]
+pub fn raise_own_nofile() -> u64 {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let raised = rustix::process::Rlimit {
+        current: limit.maximum,
+        maximum: limit.maximum,
+    };
+    match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => limit.maximum.unwrap_or(u64::MAX),
+        Err(_) => limit.current.unwrap_or(u64::MAX),
+    }
+}

@@ -121,6 +121,9 @@ fn tracked_names(
 /// cannot be taken, or the listener cannot bind.
 pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
     let cancel = CancellationToken::new();
+    // Read before anything starts, so a bad file stops `run` at once, and
+    // while the files are still readable (before --user).
+    let web = http::WebConfig::load(settings.web_config_file.as_deref())?;
     let mut opts = SourceOptions {
         host: settings.common.host.clone(),
         ring_buffer_bytes: settings.ring_buffer_bytes,
@@ -239,7 +242,10 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
         )
     });
     let server = http::serve(
-        d.settings.listen,
+        http::Listener {
+            addr: d.settings.listen,
+            web,
+        },
         status_rx,
         Arc::clone(&metrics),
         cancel.clone(),

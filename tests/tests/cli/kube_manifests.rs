@@ -3,7 +3,8 @@
 //! server's own validation (`--dry-run=server`, strict field validation)
 //! with the CRDs it needs installed, applies with server-side apply, and
 //! the shipped ServiceAccount's token can do what `rbac.yaml` grants and
-//! nothing more.
+//! nothing more. The overlay with the optional NetworkPolicy component
+//! (`kubernetes-with-network-policy`) validates and applies the same way.
 use std::process::Output;
 
 use kmod_monitor_tests::{
@@ -136,6 +137,72 @@ fn kustomization_passes_server_validation_and_applies() {
         "--namespace",
         LONGHORN_NAMESPACE,
     ]);
+}
+
+/// The overlay with the optional NetworkPolicy component.
+fn with_network_policy() -> String {
+    workspace_dir()
+        .join("monitor/deploy/kubernetes-with-network-policy")
+        .display()
+        .to_string()
+}
+
+#[test]
+fn the_network_policy_component_passes_server_validation_and_applies() {
+    let k8s = cluster();
+    let namespace = workspace_dir().join("monitor/deploy/kubernetes/namespace.yaml");
+    k8s.kubectl(&[
+        "apply",
+        "--server-side",
+        "-f",
+        &namespace.display().to_string(),
+    ]);
+    let policy = "networkpolicy.networking.k8s.io/kmod-monitor";
+    let dry = k8s.kubectl(&[
+        "apply",
+        "--dry-run=server",
+        "--validate=strict",
+        "-k",
+        &with_network_policy(),
+    ]);
+    let out = text(&dry);
+    for object in OBJECTS.iter().chain([&policy]) {
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with(object) && l.contains("(server dry run)")),
+            "{object} missing from the server dry run of the overlay:\n{out}"
+        );
+    }
+    let applied = k8s.kubectl(&[
+        "apply",
+        "--server-side",
+        "--validate=strict",
+        "-k",
+        &with_network_policy(),
+    ]);
+    assert!(
+        text(&applied).lines().any(|l| l.starts_with(policy)),
+        "{}",
+        text(&applied)
+    );
+    // As applied: the kmod-monitor pods, ingress only, only from the
+    // monitoring namespace, only to the metrics port.
+    let spec = k8s.kubectl(&[
+        "get",
+        "networkpolicy",
+        "kmod-monitor",
+        "--namespace",
+        SERVICE_ACCOUNT_NAMESPACE,
+        "-o",
+        "jsonpath={.spec.podSelector.matchLabels.app\\.kubernetes\\.io/name} {.spec.policyTypes} {.spec.ingress[0].from[0].namespaceSelector.matchLabels.kubernetes\\.io/metadata\\.name} {.spec.ingress[0].ports[0].port}",
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&spec.stdout),
+        r#"kmod-monitor ["Ingress"] monitoring metrics"#
+    );
+    // The base alone does not carry it: the component is optional.
+    let base = k8s.kubectl(&["kustomize", &kustomization()]);
+    assert!(!text(&base).contains("kind: NetworkPolicy"));
 }
 
 #[test]

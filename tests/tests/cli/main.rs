@@ -13,6 +13,10 @@
 //! - `prometheus`: /metrics, the shipped rules and alert delivery against
 //!   the real Prometheus and Alertmanager.
 //! - `deploy`: the Kubernetes manifests and systemd unit, validated.
+//! - `http`: the listener's limits under hostile clients (idle
+//!   connections against 1,024 descriptors, unfinished huge headers,
+//!   stalled headers), TLS, client certificates, basic auth and bad web
+//!   config files.
 //! - `kube_manifests`: the Kubernetes manifests against a real
 //!   kube-apiserver: server-side validation and apply, and what the shipped
 //!   RBAC lets the daemon's token do.
@@ -24,6 +28,7 @@ mod check;
 mod daemon;
 mod deploy;
 mod event_log;
+mod http;
 mod kube_manifests;
 mod layers;
 mod longhorn;
