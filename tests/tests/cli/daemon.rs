@@ -171,7 +171,20 @@ fn status_and_endpoints_have_the_documented_shape() {
     );
     assert_eq!(
         keys(&status["events"]),
-        ["by_kind", "lost", "received", "undecodable"]
+        [
+            "by_kind",
+            "ignored",
+            "kernel_filtered",
+            "lost",
+            "received",
+            "undecodable",
+            "unload_denied"
+        ]
+    );
+    assert_eq!(
+        status["events"]["kernel_filtered"],
+        Value::Null,
+        "only the eBPF source filters in the kernel"
     );
     let base = group(&status, "base");
     assert_eq!(keys(base), ["met", "mode", "modules", "name", "severity"]);
