@@ -30,6 +30,9 @@ pub const ALERT_SOURCE_DEGRADED: &str = "KernelModuleMonitorSourceDegraded";
 pub const ALERT_NO_MODULE_SUPPORT: &str = "KernelModuleMonitorNoModuleSupport";
 pub const ALERT_HUGEPAGES: &str = "KernelModuleMonitorHugepagesInsufficient";
 pub const ALERT_CLUSTER_UNREADABLE: &str = "KernelModuleMonitorLonghornUnreadable";
+/// A Longhorn node requirement other than modules is not met (kernel,
+/// IOMMU, CPU, the kubelet's hugepages, host commands, multipathd, ublk).
+pub const ALERT_NODE_REQUIREMENT: &str = "LonghornNodeRequirementUnmet";
 
 /// Label or annotation set.
 pub type Labels = BTreeMap<String, String>;
@@ -301,12 +304,50 @@ pub struct AlertInputs<'a> {
     pub lost_total: u64,
     /// Unix time of CLOCK_BOOTTIME zero, to date events.
     pub boot_epoch: SystemTime,
-    /// The 2 MiB pool, while V2 needs hugepages and has too few.
-    pub hugepages_short: Option<&'a crate::longhorn::readiness::HugepagesCheck>,
     /// Why the cluster cannot be read, once that has lasted the grace period.
     pub cluster_unreadable: Option<String>,
-    /// The V2 group's severity, for the hugepage alert.
-    pub hugepages_severity: &'a str,
+}
+
+/// The alert of an unmet check: `KernelModuleMonitorHugepagesInsufficient`
+/// for the hugepage pool (its name since before the other checks),
+/// [`ALERT_NODE_REQUIREMENT`] for the others; the description carries what
+/// was found and the fix.
+fn check_alert(
+    inputs: &AlertInputs<'_>,
+    g: &crate::tracker::GroupReport,
+    check: &crate::requirements::CheckInfo,
+) -> Wanted {
+    let name = if g.name == crate::longhorn::v2::HUGEPAGES_REQUIREMENT {
+        ALERT_HUGEPAGES
+    } else {
+        ALERT_NODE_REQUIREMENT
+    };
+    let mut description = check.detail.clone();
+    if let Some(fix) = &check.fix {
+        description.push_str(&format!(". Fix: {fix}"));
+    }
+    Wanted {
+        labels: labels(&[
+            ("alertname", name),
+            ("requirement", &g.name),
+            ("instance", inputs.instance),
+            ("severity", &g.severity),
+        ]),
+        annotations: labels(&[
+            (
+                "summary",
+                &format!(
+                    "Longhorn requirement {} is not met on {}",
+                    g.name, inputs.instance
+                ),
+            ),
+            ("description", &description),
+            (
+                "runbook_url",
+                &format!("{}#{}", inputs.runbook_url, name.to_ascii_lowercase()),
+            ),
+        ]),
+    }
 }
 
 /// How long the events-lost alert fires after the last loss.
@@ -351,9 +392,15 @@ pub fn wanted_alerts(inputs: &AlertInputs<'_>) -> Vec<Wanted> {
     let mut out = Vec::new();
     let runbook = |name: &str| format!("{}#{}", inputs.runbook_url, name.to_ascii_lowercase());
     for g in inputs.groups.iter().filter(|g| !g.met) {
+        if let Some(check) = &g.check {
+            out.push(check_alert(inputs, g, check));
+            continue;
+        }
         let unmet: Vec<_> = g.modules.iter().filter(|m| !m.state.satisfies()).collect();
         let per_module: Vec<(String, Vec<&crate::tracker::ModuleReport>)> = match g.mode {
-            crate::requirements::GroupMode::AllOf => unmet
+            crate::requirements::GroupMode::AllOf
+            | crate::requirements::GroupMode::Available
+            | crate::requirements::GroupMode::Check => unmet
                 .iter()
                 .map(|m| (m.name.to_string(), vec![*m]))
                 .collect(),
@@ -368,8 +415,14 @@ pub fn wanted_alerts(inputs: &AlertInputs<'_>) -> Vec<Wanted> {
         };
         for (module, mods) in per_module {
             let summary = match g.mode {
-                crate::requirements::GroupMode::AllOf => format!(
-                    "Kernel module {module} required by {} is not loaded on {}",
+                crate::requirements::GroupMode::AllOf | crate::requirements::GroupMode::Check => {
+                    format!(
+                        "Kernel module {module} required by {} is not loaded on {}",
+                        g.name, inputs.instance
+                    )
+                }
+                crate::requirements::GroupMode::Available => format!(
+                    "Kernel module {module} required by {} cannot be loaded on demand on {} (not in this kernel, or blacklisted)",
                     g.name, inputs.instance
                 ),
                 crate::requirements::GroupMode::AnyOf => format!(
@@ -410,22 +463,6 @@ pub fn wanted_alerts(inputs: &AlertInputs<'_>) -> Vec<Wanted> {
             ("runbook_url", &runbook(name)),
         ]),
     };
-    if let Some(h) = inputs.hugepages_short {
-        let total = h.pool.map_or(0, |p| p.total);
-        out.push(Wanted {
-            labels: labels(&[
-                ("alertname", ALERT_HUGEPAGES),
-                ("requirement", crate::longhorn::v2::HUGEPAGES_REQUIREMENT),
-                ("instance", inputs.instance),
-                ("severity", inputs.hugepages_severity),
-            ]),
-            annotations: labels(&[
-                ("summary", &format!("{} has {total} of the {} 2 MiB hugepages the V2 data engine needs", inputs.instance, h.required)),
-                ("description", &format!("Fix now: `echo {} > /proc/sys/vm/nr_hugepages` (or sysctl -w vm.nr_hugepages={}); after reboot: `echo vm.nr_hugepages={} > /etc/sysctl.d/90-longhorn-hugepages.conf`. Memory fragmentation can make the kernel allocate fewer: check nr_hugepages afterwards.", h.required, h.required, h.required)),
-                ("runbook_url", &runbook(ALERT_HUGEPAGES)),
-            ]),
-        });
-    }
     if let Some(reason) = &inputs.cluster_unreadable {
         out.push(health(
             ALERT_CLUSTER_UNREADABLE,
@@ -568,6 +605,7 @@ mod wanted_tests {
             met,
             severity: "critical".into(),
             modules,
+            check: None,
         }
     }
 
@@ -666,9 +704,7 @@ mod wanted_tests {
             lost_recently: false,
             lost_total: 0,
             boot_epoch: SystemTime::UNIX_EPOCH,
-            hugepages_short: None,
             cluster_unreadable: None,
-            hugepages_severity: "critical",
         });
         assert_eq!(
             names(&alerts),
@@ -713,9 +749,7 @@ mod wanted_tests {
                 lost_recently: lost,
                 lost_total: 3,
                 boot_epoch: SystemTime::UNIX_EPOCH,
-                hugepages_short: None,
                 cluster_unreadable: None,
-                hugepages_severity: "critical",
             }))
             .into_iter()
             .map(|(a, _)| a)
@@ -740,49 +774,76 @@ mod wanted_tests {
     }
 
     #[test]
-    fn hugepage_and_cluster_alerts() {
+    fn check_and_cluster_alerts() {
         let snap = snapshot();
         let src = source(ActiveKind::Ebpf, false);
-        let short = crate::longhorn::readiness::HugepagesCheck {
-            pool: Some(crate::host::hugepages::Hugepages2Mi {
-                total: 512,
-                free: 512,
-                reserved: 0,
-                surplus: 0,
-                source: "sysfs",
+        let check = |name: &str, severity: &str, detail: &str, fix: &str| GroupReport {
+            name: name.into(),
+            mode: GroupMode::Check,
+            met: false,
+            severity: severity.into(),
+            modules: Vec::new(),
+            check: Some(crate::requirements::CheckInfo {
+                level: crate::requirements::Level::Required,
+                detail: detail.into(),
+                fix: Some(fix.into()),
+                source: "test".into(),
             }),
-            required: 1024,
-            met: Some(false),
-            error: None,
         };
+        let groups = [
+            check(
+                "v2-hugepages",
+                "warning",
+                "512 of 1024 2 MiB hugepages in the pool",
+                "sysctl -w vm.nr_hugepages=1024",
+            ),
+            check(
+                "v2-iommu",
+                "critical",
+                "0 IOMMU groups in /sys/kernel/iommu_groups",
+                "add intel_iommu=on iommu=pt",
+            ),
+        ];
         let alerts = wanted_alerts(&AlertInputs {
             instance: "node-a",
             runbook_url: "https://r",
-            groups: &[],
+            groups: &groups,
             snapshot: &snap,
             source: &src,
             modules_supported: true,
             lost_recently: false,
             lost_total: 0,
             boot_epoch: SystemTime::UNIX_EPOCH,
-            hugepages_short: Some(&short),
             cluster_unreadable: Some("settings.longhorn.io: forbidden by RBAC (403)".to_owned()),
-            hugepages_severity: "warning",
         });
-        assert_eq!(alerts.len(), 2, "{alerts:?}");
+        assert_eq!(alerts.len(), 3, "{alerts:?}");
         let h = &alerts[0];
         assert_eq!(h.labels["alertname"], ALERT_HUGEPAGES);
         assert_eq!(h.labels["requirement"], "v2-hugepages");
         assert_eq!(h.labels["severity"], "warning");
         assert!(
-            h.annotations["summary"].contains("512 of the 1024"),
+            h.annotations["description"].contains("512 of 1024"),
             "{h:?}"
         );
         assert!(
             h.annotations["description"].contains("vm.nr_hugepages=1024"),
             "{h:?}"
         );
-        let c = &alerts[1];
+        let i = &alerts[1];
+        assert_eq!(i.labels["alertname"], ALERT_NODE_REQUIREMENT);
+        assert_eq!(
+            (
+                i.labels["requirement"].as_str(),
+                i.labels["severity"].as_str()
+            ),
+            ("v2-iommu", "critical")
+        );
+        assert!(
+            i.annotations["description"].contains("Fix: add intel_iommu=on"),
+            "{i:?}"
+        );
+        assert!(i.annotations["runbook_url"].ends_with("#longhornnoderequirementunmet"));
+        let c = &alerts[2];
         assert_eq!(c.labels["alertname"], ALERT_CLUSTER_UNREADABLE);
         assert!(
             c.annotations["description"].contains("forbidden by RBAC (403)"),

@@ -42,7 +42,13 @@ pub struct GroupCheck {
     pub name: String,
     pub mode: GroupMode,
     pub met: bool,
+    /// `warning` requirements never fail `check` on their own.
+    pub severity: String,
     pub modules: Vec<ModuleCheck>,
+    /// For checks of the host and cluster (mode `check`): level, what was
+    /// found, the fix, the source.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub check: Option<requirements::CheckInfo>,
 }
 
 /// The whole report, as `--output json` prints it.
@@ -55,12 +61,15 @@ pub struct Report {
     /// Other installed kernels and the required modules each would lose.
     pub other_kernels: Vec<OtherKernel>,
     pub warnings: Vec<String>,
-    /// V2 enablement and readiness beyond modules; `met` includes it.
-    pub v2: Option<crate::longhorn::readiness::V2Check>,
+    /// The Longhorn version in force, V2 enablement, the host facts.
+    pub v2: Option<longhorn::v2::V2Status>,
+    /// How the cluster was consulted (or why not).
+    pub cluster: String,
 }
 
 impl Report {
-    /// Exit code: 0 when every group is met, 1 otherwise.
+    /// Exit code: 0 when every requirement but the warnings is met, 1
+    /// otherwise.
     #[must_use]
     pub fn exit_code(&self) -> u8 {
         u8::from(!self.met)
@@ -92,18 +101,60 @@ pub fn evaluate_node(flags: &CommonFlags) -> anyhow::Result<Evaluation> {
         cluster,
     } = settings::resolve_common(flags, file.as_ref())?;
     let (view, cluster_note) = read_cluster_once(&cluster, &node_name)?;
-    let v2 = longhorn::decide_v2(v2_local, view.as_ref());
-    let hugepages_on = longhorn::decide_hugepages(&v2, v2_local, view.as_ref());
-    let groups = requirements::resolve(&groups, v2.enabled == Some(true));
     let snapshot = host::take_snapshot(&host).context("reading the host")?;
-    let tracker = Tracker::new(&snapshot, groups);
+    // The daemon's own Longhorn state, fed one read instead of a watch, so
+    // `check` and `run` judge alike.
+    let mut state = longhorn::v2::V2State::new(
+        v2_local,
+        if view.is_some() {
+            Ok(())
+        } else {
+            Err(cluster_note.clone())
+        },
+        cluster.namespace.clone(),
+        node_name,
+        cluster.grace,
+        &host,
+        &snapshot.kernel_release,
+    );
+    if let Some(view) = view {
+        state.set_view(view);
+    }
+    state.refresh_facts(&host);
+    let module_groups = requirements::resolve(&groups, state.v2.enabled == Some(true));
+    let mut tracker = Tracker::new(&snapshot, module_groups);
     let boot = crate::remedy::boot_facts(&host, &snapshot, tracker.groups());
+    tracker.set_blocked(boot.blocked());
     let mut report = evaluate(&snapshot, &tracker, &boot);
-    let readiness =
-        longhorn::readiness::read(&host, &snapshot.kernel_release, v2_local.hugepages_2mi);
-    let v2_check = longhorn::readiness::judge(v2, hugepages_on, readiness, cluster_note);
-    report.met &= v2_check.met;
-    report.v2 = Some(v2_check);
+    let v2_severity = requirements::v2_severity(tracker.groups()).to_owned();
+    for verdict in state.checks(&groups, &v2_severity) {
+        match verdict.met {
+            Some(met) => report.groups.push(GroupCheck {
+                name: verdict.name.to_owned(),
+                mode: GroupMode::Check,
+                met,
+                severity: verdict.severity,
+                modules: Vec::new(),
+                check: Some(verdict.info),
+            }),
+            None => report.warnings.push(format!(
+                "{} not judged: {}",
+                verdict.name, verdict.info.detail
+            )),
+        }
+    }
+    if state.v2.enabled.is_none() {
+        report.warnings.push(format!(
+            "V2 data engine enablement unknown, its requirements were not checked: {}",
+            state.v2.reason
+        ));
+    }
+    report.met = report
+        .groups
+        .iter()
+        .all(|g| g.met || g.severity == requirements::WARNING_SEVERITY);
+    report.v2 = Some(state.status());
+    report.cluster = cluster_note;
     Ok(Evaluation { report, boot, host })
 }
 
@@ -153,12 +204,9 @@ fn read_cluster_once(
         )
         .await
         .unwrap_or_else(|_| {
-            let r = format!("no answer from the API server within {CHECK_CLUSTER_TIMEOUT:?}");
-            longhorn::ClusterView {
-                v2_setting: longhorn::Fact::Unknown(r.clone()),
-                hugepage_setting: longhorn::Fact::Unknown(r.clone()),
-                node_opt_out: longhorn::Fact::Unknown(r),
-            }
+            longhorn::ClusterView::unreadable(&format!(
+                "no answer from the API server within {CHECK_CLUSTER_TIMEOUT:?}"
+            ))
         });
         Ok((
             Some(view),
@@ -198,6 +246,8 @@ pub fn evaluate(snapshot: &Snapshot, tracker: &Tracker, boot: &BootFacts) -> Rep
                 name: g.name,
                 mode: g.mode,
                 met: g.met,
+                severity: g.severity,
+                check: g.check,
             })
             .collect();
     Report {
@@ -205,6 +255,7 @@ pub fn evaluate(snapshot: &Snapshot, tracker: &Tracker, boot: &BootFacts) -> Rep
         modules_supported: snapshot.modules_supported,
         met: groups.iter().all(|g| g.met),
         v2: None,
+        cluster: String::new(),
         groups,
         other_kernels: boot.other_kernels.clone(),
         warnings: snapshot
@@ -234,12 +285,14 @@ pub fn render_text(r: &Report) -> String {
         let _ = writeln!(out, "warning: {w}");
     }
     let mode_suffix = |mode: GroupMode| match mode {
-        GroupMode::AllOf => "",
+        GroupMode::AllOf | GroupMode::Check => "",
         GroupMode::AnyOf => " (any of)",
+        GroupMode::Available => " (on demand)",
     };
     let gw = r
         .groups
         .iter()
+        .filter(|g| g.check.is_none())
         .map(|g| g.name.len() + mode_suffix(g.mode).len())
         .max()
         .unwrap_or(5)
@@ -269,6 +322,8 @@ pub fn render_text(r: &Report) -> String {
             };
             let after = if m.persistence.persistent {
                 "yes"
+            } else if g.mode == GroupMode::Available {
+                "on demand"
             } else if m.state.satisfies() {
                 "NO (gone after reboot)"
             } else {
@@ -335,25 +390,98 @@ pub fn render_text(r: &Report) -> String {
             names.join(", ")
         );
     }
-    let unmet: Vec<&str> = r
+    if let Some(v2) = &r.v2 {
+        render_longhorn(&mut out, r, v2);
+    }
+    let failing: Vec<&str> = r
         .groups
         .iter()
-        .filter(|g| !g.met)
+        .filter(|g| !g.met && g.severity != requirements::WARNING_SEVERITY)
         .map(|g| g.name.as_str())
         .collect();
-    if unmet.is_empty() {
-        let _ = writeln!(out, "\nAll {} requirement groups met.", r.groups.len());
+    let warned: Vec<&str> = r
+        .groups
+        .iter()
+        .filter(|g| !g.met && g.severity == requirements::WARNING_SEVERITY)
+        .map(|g| g.name.as_str())
+        .collect();
+    if failing.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nAll {} requirements met.",
+            r.groups.len() - warned.len()
+        );
     } else {
         let _ = writeln!(
             out,
-            "\n{} of {} requirement groups NOT met: {}",
-            unmet.len(),
+            "\n{} of {} requirements NOT met: {}",
+            failing.len(),
             r.groups.len(),
-            unmet.join(", ")
+            failing.join(", ")
         );
     }
-    if let Some(v2) = &r.v2 {
-        out.push_str(&crate::longhorn::readiness::render(v2));
+    if !warned.is_empty() {
+        let _ = writeln!(
+            out,
+            "{} warning(s), which do not fail the check: {}",
+            warned.len(),
+            warned.join(", ")
+        );
     }
     out
+}
+
+/// The Longhorn section: the version in force, V2's enablement, and one row
+/// per check with its state and fix.
+fn render_longhorn(out: &mut String, r: &Report, v2: &longhorn::v2::V2Status) {
+    let version = &v2.longhorn_version;
+    let _ = writeln!(
+        out,
+        "\nLonghorn {} node requirements (version from {}; table row {})",
+        version.version, version.source, version.table_row
+    );
+    for (name, d) in &v2.enablement {
+        let _ = writeln!(
+            out,
+            "  {name}: {} (by {}: {})",
+            d.state(),
+            d.source.as_str(),
+            d.reason
+        );
+    }
+    let _ = writeln!(out, "  cluster: {}", r.cluster);
+    let checks: Vec<&GroupCheck> = r.groups.iter().filter(|g| g.check.is_some()).collect();
+    if checks.is_empty() {
+        return;
+    }
+    let nw = checks
+        .iter()
+        .map(|g| g.name.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    let _ = writeln!(out, "\n  {:nw$}  {:8}  {:4}  FOUND", "ITEM", "LEVEL", "MET");
+    for g in &checks {
+        let Some(c) = &g.check else { continue };
+        let level = match c.level {
+            requirements::Level::Required => "required",
+            requirements::Level::Warning => "warning",
+        };
+        let met = match (g.met, c.level) {
+            (true, _) => "yes",
+            (false, requirements::Level::Warning) => "warn",
+            (false, requirements::Level::Required) => "NO",
+        };
+        let _ = writeln!(out, "  {:nw$}  {level:8}  {met:4}  {}", g.name, c.detail);
+    }
+    let fixes: Vec<(&str, &str)> = checks
+        .iter()
+        .filter_map(|g| Some((g.name.as_str(), g.check.as_ref()?.fix.as_deref()?)))
+        .collect();
+    if !fixes.is_empty() {
+        let _ = writeln!(out, "\n  To fix:");
+        for (name, fix) in fixes {
+            let _ = writeln!(out, "    {name}: {fix}");
+        }
+    }
 }

@@ -425,6 +425,23 @@ pub fn plan(
                 }
             }
             GroupMode::AnyOf => plan_any_of(&mut planner, group, &of, report),
+            // Loaded on demand by iscsiadm or mount.nfs: nothing to load or
+            // persist; what keeps one from loading is said, not edited.
+            GroupMode::Available => {
+                for module in &group.modules {
+                    let blocks = load_blocks(of(&module.name));
+                    if module.state == ModuleState::Missing {
+                        plan_module(&mut planner, module, of(&module.name), report);
+                    } else if module.state == ModuleState::Available && !blocks.is_empty() {
+                        planner.cannot(
+                            &module.name,
+                            format!("it must be loadable on demand, but {}", joined(&blocks)),
+                        );
+                    }
+                }
+            }
+            // Checks of the host and cluster: `check` prints their fixes.
+            GroupMode::Check => {}
         }
     }
 

@@ -654,6 +654,7 @@ mod tests {
                     last_event: None,
                 })
                 .collect(),
+            check: None,
         }
     }
 

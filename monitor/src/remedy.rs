@@ -45,6 +45,20 @@ pub struct BootFacts {
     pub warnings: Vec<String>,
 }
 
+impl BootFacts {
+    /// The required modules something blocks from loading (blacklisted,
+    /// `install … /bin/false`, `module_blacklist=`): an `available` group
+    /// cannot count on them.
+    #[must_use]
+    pub fn blocked(&self) -> std::collections::BTreeSet<ModuleName> {
+        self.persistence
+            .iter()
+            .filter(|(_, p)| !p.blocked_by.is_empty())
+            .map(|(m, _)| m.clone())
+            .collect()
+    }
+}
+
 /// Reads the boot-time configuration (modules-load.d, /etc/modules, the
 /// kernel command line, modprobe.d) and the other installed kernels, for
 /// the modules `groups` require.

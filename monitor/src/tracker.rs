@@ -110,6 +110,10 @@ pub struct GroupReport {
     pub met: bool,
     pub severity: String,
     pub modules: Vec<ModuleReport>,
+    /// A check of the host or the cluster (mode `check`, no modules): its
+    /// level, what was found and the fix. Absent for module groups.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub check: Option<crate::requirements::CheckInfo>,
 }
 
 /// Per-module state for the whole kernel plus the verdict per group.
@@ -126,6 +130,10 @@ pub struct Tracker {
     /// Only for modules some group requires; bounded by the config.
     last_events: BTreeMap<ModuleName, LastEvent>,
     modules_supported: bool,
+    /// Modules the boot-time configuration blocks (blacklisted, `install
+    /// … /bin/false`, `module_blacklist=`): not loadable on demand, so an
+    /// `available` group does not count them.
+    blocked: BTreeSet<ModuleName>,
 }
 
 impl Tracker {
@@ -145,6 +153,7 @@ impl Tracker {
             available: snapshot.available.keys().cloned().collect(),
             last_events: BTreeMap::new(),
             modules_supported: snapshot.modules_supported,
+            blocked: BTreeSet::new(),
         };
         tracker.met = tracker.evaluate_all();
         tracker
@@ -351,8 +360,28 @@ impl Tracker {
                         last_event: self.last_events.get(m).cloned(),
                     })
                     .collect(),
+                check: None,
             })
             .collect()
+    }
+
+    /// Sets the modules nothing may load on demand; returns the groups this
+    /// flips (only `available` groups look at it).
+    pub fn set_blocked(&mut self, blocked: BTreeSet<ModuleName>) -> Vec<GroupChange> {
+        self.blocked = blocked;
+        let now = self.evaluate_all();
+        let changes = self
+            .groups
+            .iter()
+            .zip(self.met.iter().zip(&now))
+            .filter(|(_, (was, is))| was != is)
+            .map(|(g, (_, &met))| GroupChange {
+                group: g.name.clone(),
+                met,
+            })
+            .collect();
+        self.met = now;
+        changes
     }
 
     /// Interprets `raw` against the module's presence and updates it.
@@ -467,6 +496,12 @@ impl Tracker {
         match group.mode {
             GroupMode::AllOf => ok.all(|s| s),
             GroupMode::AnyOf => ok.any(|s| s),
+            GroupMode::Available => group.modules.iter().all(|m| {
+                let state = self.state(m);
+                state.satisfies() || (state == ModuleState::Available && !self.blocked.contains(m))
+            }),
+            // Checks are judged from host and cluster facts, never here.
+            GroupMode::Check => false,
         }
     }
 
@@ -949,5 +984,37 @@ mod tests {
         let o = t.apply(&ev(Raw::Load, "crc64", 1));
         assert!(!o.required);
         assert!(t.last_events.is_empty());
+    }
+
+    #[test]
+    fn available_groups_count_loadable_modules_unless_blocked() {
+        let groups = vec![group(
+            "v1",
+            GroupMode::Available,
+            &["iscsi_tcp", "dm_crypt"],
+        )];
+        // iscsi_tcp is only a module file in the 6.1 guest; dm_crypt loaded.
+        let mut t = Tracker::new(&snapshot_6_1(), groups);
+        assert_eq!(t.state(&n("iscsi_tcp")), ModuleState::Available);
+        assert!(met(&t, "v1"), "loadable on demand is enough");
+        let changes = t.set_blocked([n("iscsi_tcp")].into());
+        assert_eq!(
+            changes,
+            [GroupChange {
+                group: "v1".into(),
+                met: false
+            }]
+        );
+        assert!(!met(&t, "v1"));
+        // Loaded, a blacklist no longer matters.
+        run(&mut t, &[ev(Raw::Present, "iscsi_tcp", 5)]);
+        assert!(met(&t, "v1"));
+        assert!(t.set_blocked(BTreeSet::new()).is_empty());
+        // A module the kernel lacks fails it.
+        let t = Tracker::new(
+            &snapshot_6_1(),
+            vec![group("ublk", GroupMode::Available, &["no_such_module"])],
+        );
+        assert!(!met(&t, "ublk"));
     }
 }

@@ -575,6 +575,28 @@ impl ControlPlane {
         );
     }
 
+    /// Sets Node `name`'s `status.capacity["hugepages-2Mi"]` to `quantity`,
+    /// as the kubelet registers its hugepage pool (a merge patch of the
+    /// status subresource).
+    ///
+    /// # Panics
+    /// Unless the API answers 200.
+    #[track_caller]
+    pub fn set_node_hugepages(&self, name: &str, quantity: &str) {
+        let (code, body) = self.request(
+            "PATCH",
+            &format!("/api/v1/nodes/{name}/status"),
+            Some((
+                "application/merge-patch+json",
+                &json!({"status": {"capacity": {"hugepages-2Mi": quantity}}}),
+            )),
+        );
+        assert!(
+            code == 200,
+            "patching {name}'s capacity answered {code}: {body}"
+        );
+    }
+
     /// Runs `kubectl ARGS` as the admin; panics unless it exits 0.
     #[track_caller]
     pub fn kubectl(&self, args: &[&str]) -> Output {

@@ -34,6 +34,7 @@
 //! # alertmanager_basic_auth_username = "kmod"
 //! # alertmanager_basic_auth_password_file = "/etc/kmod-monitor/am-password"
 //! alertmanager_timeout = 10  # seconds per request, connection included
+//! longhorn_version = "1.12"  # whose node requirements apply; default: the cluster's, else the newest known
 //!
 //! [groups.base]              # built-in; may be switched off
 //! enabled = false
@@ -154,6 +155,8 @@ pub struct FileConfig {
     pub alertmanager_basic_auth_password_file: Option<PathBuf>,
     /// `alertmanager_timeout`: per-request timeout, connection included.
     pub alertmanager_timeout: Option<Duration>,
+    /// `longhorn_version`: whose requirements apply.
+    pub longhorn_version: Option<crate::requirements::LonghornVersion>,
     /// `[groups.*]`: the built-in groups' switches and the user's groups.
     pub groups: GroupSettings,
 }
@@ -377,6 +380,7 @@ impl FileConfig {
             alertmanager_basic_auth_username,
             alertmanager_basic_auth_password_file,
             alertmanager_timeout,
+            longhorn_version,
             groups,
         } = old.unwrap_or(&none);
         let new = new.unwrap_or(&none);
@@ -444,6 +448,10 @@ impl FileConfig {
                 "alertmanager_timeout",
                 *alertmanager_timeout != new.alertmanager_timeout,
             ),
+            (
+                "longhorn_version",
+                *longhorn_version != new.longhorn_version,
+            ),
             ("groups", *groups != new.groups),
         ]
         .into_iter()
@@ -484,6 +492,7 @@ struct RawFile {
     alertmanager_basic_auth_username: Option<Spanned<String>>,
     alertmanager_basic_auth_password_file: Option<Spanned<String>>,
     alertmanager_timeout: Option<Spanned<u64>>,
+    longhorn_version: Option<Spanned<String>>,
     #[serde(default)]
     groups: BTreeMap<Spanned<String>, RawGroup>,
 }
@@ -556,6 +565,7 @@ impl Locator<'_> {
             alertmanager_basic_auth_username,
             alertmanager_basic_auth_password_file,
             alertmanager_timeout,
+            longhorn_version,
             groups: raw_groups,
         } = raw;
         let longhorn_namespace = self.check_text(
@@ -639,10 +649,16 @@ impl Locator<'_> {
             "alertmanager_timeout",
             validate::alertmanager_timeout,
         )?;
+        let longhorn_version = self.check_text(
+            longhorn_version,
+            "longhorn_version",
+            validate::longhorn_version,
+        )?;
 
         let mut base_group = BuiltinGroupSettings::default();
         let mut v2_group = BuiltinGroupSettings::default();
         let mut v2_enabled_span = None;
+        let mut builtin = BTreeMap::new();
         let mut groups = Vec::new();
         for (name, group) in raw_groups {
             self.check_group_name(&name)?;
@@ -651,6 +667,10 @@ impl Locator<'_> {
                 V2_GROUP => {
                     v2_enabled_span = group.enabled.as_ref().map(Spanned::span);
                     v2_group = self.builtin_settings(V2_GROUP, group)?;
+                }
+                other if crate::requirements::is_builtin(other) => {
+                    let settings = self.builtin_settings(other, group)?;
+                    builtin.insert(other.to_owned(), settings);
                 }
                 _ => groups.push(self.user_group(&name, group)?),
             }
@@ -690,9 +710,11 @@ impl Locator<'_> {
             alertmanager_basic_auth_username,
             alertmanager_basic_auth_password_file,
             alertmanager_timeout,
+            longhorn_version,
             groups: GroupSettings {
                 base: base_group,
                 v2: v2_group,
+                builtin,
                 user: groups,
             },
         })
@@ -976,6 +998,7 @@ alertmanager_bearer_token_file = "/etc/kmod-monitor/am-token"  # or basic auth:
 # alertmanager_basic_auth_username = "kmod"
 # alertmanager_basic_auth_password_file = "/etc/kmod-monitor/am-password"
 alertmanager_timeout = 10  # seconds per request, connection included
+longhorn_version = "1.12"  # whose node requirements apply; default: the cluster's, else the newest known
 
 [groups.base]              # built-in; may be switched off
 enabled = false
@@ -1036,10 +1059,12 @@ severity = "warning"       # default "critical"; free-form label for alerts
             alertmanager_basic_auth_username,
             alertmanager_basic_auth_password_file,
             alertmanager_timeout,
+            longhorn_version,
             groups:
                 GroupSettings {
                     base: base_group,
                     v2: v2_group,
+                    builtin: _,
                     user: groups,
                 },
         } = c.clone();
@@ -1067,6 +1092,10 @@ severity = "warning"       # default "critical"; free-form label for alerts
         assert_eq!(alertmanager_basic_auth_username, None);
         assert_eq!(alertmanager_basic_auth_password_file, None);
         assert_eq!(alertmanager_timeout, Some(Duration::from_secs(10)));
+        assert_eq!(
+            longhorn_version,
+            Some(crate::requirements::LonghornVersion::new(1, 12))
+        );
         assert_eq!(
             event_log,
             Some(EventLogPath::At(PathBuf::from(
@@ -1118,7 +1147,15 @@ severity = "warning"       # default "critical"; free-form label for alerts
         // base off, v2 on by the file, then the any_of group.
         assert_eq!(c.v2_switch(), Some(true));
         let resolved = resolve_groups(Some(&c), true);
-        assert_eq!(group_names(&resolved), ["v2-data-engine", "spdk-driver"]);
+        assert_eq!(
+            group_names(&resolved),
+            [
+                "v2-data-engine",
+                "v1-iscsi",
+                "rwx-nfs-client",
+                "spdk-driver"
+            ]
+        );
     }
 
     #[test]
@@ -1407,14 +1444,17 @@ severity = "warning"       # default "critical"; free-form label for alerts
     #[test]
     fn resolve_without_file_is_base_then_flag() {
         let groups = resolve_groups(None, false);
-        assert_eq!(group_names(&groups), ["base"]);
+        assert_eq!(group_names(&groups), ["base", "v1-iscsi", "rwx-nfs-client"]);
         assert_eq!(groups[0].modules, [name("dm_crypt")]);
         assert_eq!(groups[0].mode, GroupMode::AllOf);
         assert!(groups[0].builtin);
         assert_eq!(groups[0].severity, "critical");
 
         let groups = resolve_groups(None, true);
-        assert_eq!(group_names(&groups), ["base", "v2-data-engine"]);
+        assert_eq!(
+            group_names(&groups),
+            ["base", "v2-data-engine", "v1-iscsi", "rwx-nfs-client"]
+        );
         assert_eq!(
             groups[1].modules,
             [name("vfio_pci"), name("uio_pci_generic"), name("nvme_tcp")]
@@ -1430,7 +1470,7 @@ severity = "warning"       # default "critical"; free-form label for alerts
             parse("[groups.v2-data-engine]\nenabled = true\nseverity = \"page\"\n").unwrap();
         assert_eq!(by_table.v2_switch(), Some(true));
         let groups = resolve_groups(Some(&by_table), true);
-        assert_eq!(group_names(&groups), ["base", "v2-data-engine"]);
+        assert_eq!(&group_names(&groups)[..2], ["base", "v2-data-engine"]);
         assert_eq!(groups[1].severity, "page");
         let off = parse("[groups.v2-data-engine]\nenabled = false\n").unwrap();
         assert_eq!(off.v2_switch(), Some(false));
@@ -1438,9 +1478,12 @@ severity = "warning"       # default "critical"; free-form label for alerts
         assert_eq!(no.v2_switch(), Some(false));
         assert_eq!(parse("").unwrap().v2_switch(), None);
         // The decision, not the file, switches the group.
-        assert_eq!(group_names(&resolve_groups(Some(&by_key), false)), ["base"]);
         assert_eq!(
-            group_names(&resolve_groups(Some(&off), true)),
+            group_names(&resolve_groups(Some(&by_key), false)),
+            ["base", "v1-iscsi", "rwx-nfs-client"]
+        );
+        assert_eq!(
+            &group_names(&resolve_groups(Some(&off), true))[..2],
             ["base", "v2-data-engine"]
         );
     }
@@ -1451,7 +1494,9 @@ severity = "warning"       # default "critical"; free-form label for alerts
             "[groups.zeta]\nall_of = [\"nfs\"]\n\n\
              [groups.base]\nenabled = false\n\n\
              [groups.alpha]\nany_of = [\"vfio-pci\", \"uio_pci_generic\"]\n\n\
-             [groups.off]\nall_of = [\"nbd\"]\nenabled = false\n",
+             [groups.off]\nall_of = [\"nbd\"]\nenabled = false\n\n\
+             [groups.v1-iscsi]\nenabled = false\n\n\
+             [groups.rwx-nfs-client]\nenabled = false\n",
         )
         .unwrap();
         let groups = resolve_groups(Some(&c), false);

@@ -40,6 +40,10 @@ pub struct CommonFlags {
         LonghornMode::default().to_possible_value().map_or_else(String::new, |v| v.get_name().to_owned()),
     ))]
     pub longhorn: Option<LonghornMode>,
+    /// The Longhorn version whose node requirements apply (e.g. 1.12)
+    /// [default: the cluster's current-longhorn-version, else the newest known].
+    #[arg(long, value_name = "VERSION")]
+    pub longhorn_version: Option<String>,
     /// Kubeconfig for --longhorn [default: in-cluster, $KUBECONFIG, ~/.kube/config].
     #[arg(long, value_name = "FILE")]
     pub kubeconfig: Option<PathBuf>,

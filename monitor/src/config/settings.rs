@@ -180,6 +180,7 @@ pub fn resolve_common(
         config,
         v2_data_engine,
         longhorn,
+        longhorn_version,
         kubeconfig,
         longhorn_namespace,
         v2_hugepages_2mi,
@@ -226,6 +227,14 @@ pub fn resolve_common(
             file: file.and_then(FileConfig::v2_switch),
             hugepages_2mi,
             hugepages_source,
+            version: match checked_text(
+                "--longhorn-version",
+                longhorn_version.as_deref(),
+                validate::longhorn_version,
+            )? {
+                Some(v) => Some((v, "flag")),
+                None => file.and_then(|f| f.longhorn_version).map(|v| (v, "config")),
+            },
         },
         cluster: ClusterSettings {
             mode: longhorn
@@ -636,6 +645,11 @@ pub const KEYS: &[Key] = &[
         Some("--alertmanager-timeout"),
         OnReload::Restart,
     ),
+    key(
+        "longhorn_version",
+        Some("--longhorn-version"),
+        OnReload::Live,
+    ),
     key("groups", None, OnReload::Live),
 ];
 
@@ -672,6 +686,7 @@ fn flag_given(flags: &RunFlags, name: &str) -> bool {
         config: _,
         v2_data_engine,
         longhorn,
+        longhorn_version,
         kubeconfig,
         longhorn_namespace,
         v2_hugepages_2mi,
@@ -706,6 +721,7 @@ fn flag_given(flags: &RunFlags, name: &str) -> bool {
         "alertmanager_basic_auth_username" => alertmanager_basic_auth_username.is_some(),
         "alertmanager_basic_auth_password_file" => alertmanager_basic_auth_password_file.is_some(),
         "alertmanager_timeout" => alertmanager_timeout.is_some(),
+        "longhorn_version" => longhorn_version.is_some(),
         _ => false,
     }
 }
@@ -803,6 +819,7 @@ alertmanager_bearer_token_file = "/t"
 alertmanager_basic_auth_username = "u"
 alertmanager_basic_auth_password_file = "/p"
 alertmanager_timeout = 3
+longhorn_version = "1.10"
 [groups.g]
 all_of = ["nbd"]
 "#;
@@ -844,6 +861,7 @@ all_of = ["nbd"]
             "--alertmanager-basic-auth-username=u",
             "--alertmanager-basic-auth-password-file=/p",
             "--alertmanager-timeout=1",
+            "--longhorn-version=1.9",
         ]);
         for k in KEYS {
             assert_eq!(flag_given(&all, k.name), k.flag.is_some(), "{}", k.name);

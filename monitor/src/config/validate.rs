@@ -158,6 +158,15 @@ pub fn v2_hugepages_2mi(pages: u64) -> Result<u64, String> {
     }
 }
 
+/// `longhorn_version` / `--longhorn-version`: which Longhorn's
+/// requirements apply (`1.12`, `v1.10.1`).
+///
+/// # Errors
+/// Not `[v]MAJOR.MINOR[...]`.
+pub fn longhorn_version(text: &str) -> Result<crate::requirements::LonghornVersion, String> {
+    crate::requirements::LonghornVersion::parse(text)
+}
+
 /// `listen` / `--listen`: `IP:port`.
 ///
 /// # Errors

@@ -87,6 +87,8 @@ struct Daemon {
     aliases: BTreeMap<ModuleName, ModuleName>,
     /// Reconciles triggered by losses, spaced [`LOSS_RECONCILE_SPACING`].
     loss_reconcile: reconcile::Spaced,
+    /// The checks of the host and the cluster, as last judged.
+    checks: Vec<crate::longhorn::readiness::Verdict>,
 }
 
 /// Least time between two reconciles triggered by lost or undecodable
@@ -214,7 +216,11 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
         denied_suppressed_before: 0,
         aliases,
         loss_reconcile: reconcile::Spaced::default(),
+        checks: Vec::new(),
     };
+    // Judge the checks once; later judgements record what changes.
+    d.refresh_boot_facts();
+    d.refresh_checks();
     // The event log starts with who we are and what the snapshot saw,
     // before any event is applied.
     d.open_event_log(snap_end)?;
@@ -588,7 +594,9 @@ mod tests {
             names,
             [
                 "dm_crypt",
+                "iscsi_tcp",
                 "nfs",
+                "nfsv4",
                 "nvme_tcp",
                 "uio_pci_generic",
                 "vfio_pci",

@@ -9,7 +9,6 @@ use super::Daemon;
 use crate::{
     alerting::{self, AlertInputs, WantedSet},
     forensic::EventLog,
-    requirements::{self, V2_GROUP},
     source::RunningSource,
     status::{KernelFiltered, SourceStatus, Status},
 };
@@ -17,17 +16,7 @@ use crate::{
 impl Daemon {
     /// Publishes the new state to /status, the metrics and the alert pusher.
     pub(super) fn publish(&self, running: &RunningSource, status_tx: &watch::Sender<Arc<Status>>) {
-        let mut status = self.status(running);
-        let severity = requirements::v2_severity(self.tracker.groups());
-        if let Some(g) = self.v2.hugepages_group(severity) {
-            // Right after the V2 group it belongs with.
-            let at = status
-                .groups
-                .iter()
-                .position(|g| g.name == V2_GROUP)
-                .map_or(status.groups.len(), |i| i + 1);
-            status.groups.insert(at, g);
-        }
+        let status = self.status(running);
         self.metrics
             .set_enabled(status.v2.enablement.iter().map(|(name, d)| (*name, d)));
         self.metrics.set_cluster_readable(self.v2.readable());
@@ -62,9 +51,7 @@ impl Daemon {
             lost_recently: self.lost_at.is_some(),
             lost_total: status.events.lost,
             boot_epoch: self.boot_epoch,
-            hugepages_short: self.v2.hugepages_short(),
             cluster_unreadable: self.v2.unreadable_alert(),
-            hugepages_severity: severity,
         });
         let trigger = self.trigger_boot_ns;
         self.wanted_tx.send_if_modified(|w| {
@@ -102,7 +89,13 @@ impl Daemon {
             drift_total: self.reconciler.drift_total,
             reconciles: self.reconciler.reconciles,
             warnings: self.warnings.clone(),
-            groups: self.tracker.report(),
+            // Module groups, then the checks that have a verdict.
+            groups: self
+                .tracker
+                .report()
+                .into_iter()
+                .chain(self.checks.iter().filter_map(|c| c.report()))
+                .collect(),
             persistence: self.boot.persistence.clone(),
             other_kernels: self.boot.other_kernels.clone(),
             event_log: self.log.as_ref().map(EventLog::status),

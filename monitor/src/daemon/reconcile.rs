@@ -164,7 +164,7 @@ impl Daemon {
     /// without events: modules-load.d and friends, and the hugepage pool.
     pub(super) fn reconcile_first_look(&mut self) {
         self.refresh_boot_facts();
-        self.refresh_hugepages();
+        self.refresh_checks();
         if self.reconciler.pending() {
             return;
         }
@@ -205,13 +205,29 @@ impl Daemon {
         self.record_corrections(outcomes, count_as_drift);
     }
 
-    /// Re-reads the boot-time configuration for the tracked groups.
+    /// Re-reads the boot-time configuration for the tracked groups; a
+    /// module newly blacklisted (or no longer) can flip an `available`
+    /// group, which is recorded.
     pub(super) fn refresh_boot_facts(&mut self) {
         self.boot = crate::remedy::boot_facts(
             &self.settings.common.host,
             &self.snapshot,
             self.tracker.groups(),
         );
+        for c in self.tracker.set_blocked(self.boot.blocked()) {
+            if c.met {
+                tracing::info!(group = %c.group, "requirement met again: nothing blocks its modules from loading any more");
+            } else {
+                tracing::error!(group = %c.group, "requirement NO LONGER met: the boot-time configuration now blocks one of its modules from loading");
+            }
+            self.append(records::requirement_flip(
+                &c.group,
+                !c.met,
+                c.met,
+                "the boot-time configuration (modprobe.d, the kernel command line) changed what may load".to_owned(),
+                boot_ns_now(),
+            ));
+        }
     }
 
     /// Counts, logs and records the corrections a reconcile made.

@@ -52,7 +52,7 @@ impl Daemon {
         let flips = self.v2.decide();
         self.record_flips(&flips);
         let changes = self.track_groups();
-        self.refresh_hugepages();
+        self.refresh_checks();
         tracing::info!(
             path = %path.display(),
             applied = ?reload.applied,
@@ -103,7 +103,7 @@ impl Daemon {
                 log_group(&g);
             }
         }
-        self.refresh_hugepages();
+        self.rejudge_checks();
     }
 
     /// Gives the tracker the groups the settings and the V2 decision enable;
@@ -142,26 +142,44 @@ impl Daemon {
         }
     }
 
-    /// Re-reads the hugepage pool; records a verdict change.
-    pub(super) fn refresh_hugepages(&mut self) {
-        let Some((was, met)) = self.v2.refresh_hugepages(&self.settings.common.host) else {
-            return;
-        };
-        let h = &self.v2.readiness.hugepages;
-        let total = h.pool.map_or(0, |p| p.total);
-        let required = h.required;
-        if met {
-            tracing::info!(total, required, "requirement met: 2 MiB hugepages");
-        } else {
-            tracing::error!(total, required, "requirement NOT met: 2 MiB hugepages");
+    /// Re-reads the host facts and re-judges the checks; records and logs
+    /// each check whose verdict changed.
+    pub(super) fn refresh_checks(&mut self) {
+        self.v2.refresh_facts(&self.settings.common.host);
+        self.rejudge_checks();
+    }
+
+    /// Re-judges the checks from the facts already read (after a cluster
+    /// change or a reload); records and logs what changed.
+    pub(super) fn rejudge_checks(&mut self) {
+        let severity = crate::requirements::v2_severity(self.tracker.groups()).to_owned();
+        let now = self.v2.checks(&self.settings.common.groups, &severity);
+        for v in &now {
+            let was = self
+                .checks
+                .iter()
+                .find(|c| c.name == v.name)
+                .and_then(|c| c.met);
+            let (Some(was), Some(met)) = (was, v.met) else {
+                continue;
+            };
+            if was == met {
+                continue;
+            }
+            if met {
+                tracing::info!(requirement = v.name, detail = %v.info.detail, "requirement met again");
+            } else {
+                tracing::error!(requirement = v.name, severity = %v.severity, detail = %v.info.detail, fix = ?v.info.fix, "requirement NO LONGER met");
+            }
+            self.append(records::requirement_flip(
+                v.name,
+                was,
+                met,
+                v.info.detail.clone(),
+                boot_ns_now(),
+            ));
         }
-        self.append(records::requirement_flip(
-            crate::longhorn::v2::HUGEPAGES_REQUIREMENT,
-            was,
-            met,
-            format!("{total} of {required} 2 MiB hugepages"),
-            boot_ns_now(),
-        ));
+        self.checks = now;
     }
 }
 

@@ -12,6 +12,9 @@ pub struct CpuFeature {
     pub feature: Option<&'static str>,
     /// Whether every CPU listed has it.
     pub present: bool,
+    /// `vendor_id` (x86: `GenuineIntel`, `AuthenticAMD`), for the IOMMU
+    /// kernel parameter to suggest; `None` elsewhere.
+    pub vendor: Option<String>,
 }
 
 /// Reads /proc/cpuinfo under the host root.
@@ -29,10 +32,14 @@ pub fn read_cpu_feature(root: &HostRoot) -> Result<Option<CpuFeature>, HostError
 pub fn parse_cpuinfo(text: &str) -> CpuFeature {
     let mut feature = None;
     let mut all = true;
+    let mut vendor = None;
     for line in text.lines() {
         let Some((key, value)) = line.split_once(':') else {
             continue;
         };
+        if key.trim() == "vendor_id" && vendor.is_none() {
+            vendor = Some(value.trim().to_owned());
+        }
         let wanted = match key.trim() {
             "flags" => "sse4_2",
             "Features" => "asimd",
@@ -44,6 +51,7 @@ pub fn parse_cpuinfo(text: &str) -> CpuFeature {
     CpuFeature {
         feature,
         present: feature.is_some() && all,
+        vendor,
     }
 }
 
@@ -61,6 +69,7 @@ mod tests {
         let f = parse_cpuinfo(&text);
         assert_eq!(f.feature, Some("sse4_2"));
         assert!(f.present);
+        assert_eq!(f.vendor.as_deref(), Some("AuthenticAMD"));
         let without = text.replace(" sse4_2", "");
         assert!(!parse_cpuinfo(&without).present);
     }
@@ -72,7 +81,8 @@ mod tests {
             parse_cpuinfo(arm),
             CpuFeature {
                 feature: Some("asimd"),
-                present: true
+                present: true,
+                vendor: None,
             }
         );
         let one_cpu_lacks = format!("{arm}\nprocessor\t: 1\nFeatures\t: fp evtstrm\n");

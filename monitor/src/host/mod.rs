@@ -29,6 +29,7 @@ pub mod depmod;
 pub mod hugepages;
 pub mod initstate;
 pub mod kconfig;
+pub mod node;
 pub mod paths;
 pub mod persistence;
 pub mod proc_modules;

@@ -143,6 +143,39 @@ impl HostRoot {
         self.proc_pid(pid).join(file)
     }
 
+    /// `/sys/kernel/iommu_groups`: one directory per IOMMU group.
+    #[must_use]
+    pub fn iommu_groups(&self) -> PathBuf {
+        self.join("sys/kernel/iommu_groups")
+    }
+
+    /// Where a host's commands live (`$PATH` of a root shell, merged-/usr
+    /// and not).
+    #[must_use]
+    pub fn bin_dirs(&self) -> [PathBuf; 6] {
+        [
+            self.join("usr/local/sbin"),
+            self.join("usr/local/bin"),
+            self.join("usr/sbin"),
+            self.join("usr/bin"),
+            self.join("sbin"),
+            self.join("bin"),
+        ]
+    }
+
+    /// The host's os-release: `/etc/os-release`, else
+    /// `/usr/lib/os-release`.
+    #[must_use]
+    pub fn os_release_candidates(&self) -> [PathBuf; 2] {
+        [self.join("etc/os-release"), self.join("usr/lib/os-release")]
+    }
+
+    /// `/proc`, for scanning the host's processes.
+    #[must_use]
+    pub fn proc_dir(&self) -> PathBuf {
+        self.join("proc")
+    }
+
     /// `/proc/cmdline`: the running kernel's command line (`modules-load=`,
     /// `modprobe.blacklist=`, `module_blacklist=`).
     #[must_use]
@@ -225,6 +258,17 @@ impl HostRoot {
             Err(_) => path.to_path_buf(),
         }
     }
+
+    /// The inverse of [`Self::host_path`]: a path under the root as the
+    /// node itself names it (`/host/etc/x` → `/etc/x`), for everything shown
+    /// to a person. A path outside the root is returned unchanged.
+    #[must_use]
+    pub fn node_path(&self, local: &Path) -> PathBuf {
+        match local.strip_prefix(&self.root) {
+            Ok(rel) => Path::new("/").join(rel),
+            Err(_) => local.to_path_buf(),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -285,6 +329,27 @@ mod tests {
                 PathBuf::from("/host/lib/modules/6.12.38+deb13-amd64"),
                 PathBuf::from("/host/usr/lib/modules/6.12.38+deb13-amd64"),
             ]
+        );
+    }
+
+    #[test]
+    fn node_paths_strip_the_root() {
+        let root = HostRoot::new("/host");
+        assert_eq!(
+            root.node_path(Path::new("/host/etc/modprobe.d/x.conf")),
+            Path::new("/etc/modprobe.d/x.conf")
+        );
+        assert_eq!(
+            root.node_path(&root.host_path(Path::new("/usr/sbin/iscsiadm"))),
+            Path::new("/usr/sbin/iscsiadm")
+        );
+        assert_eq!(
+            root.node_path(Path::new("/elsewhere")),
+            Path::new("/elsewhere")
+        );
+        assert_eq!(
+            HostRoot::new("/").node_path(Path::new("/etc/x")),
+            Path::new("/etc/x")
         );
     }
 }

@@ -48,17 +48,45 @@ pub struct ClusterView {
     pub hugepage_setting: Fact<bool>,
     /// Whether this node carries the opt-out label.
     pub node_opt_out: Fact<bool>,
+    /// `current-longhorn-version`, as longhorn-manager writes it (`v1.10.1`).
+    pub version: Fact<String>,
+    /// `data-engine-memory-size` (1.10+), the V2 value in MiB.
+    pub memory_size_mib: Fact<u64>,
+    /// `v2-data-engine-hugepage-limit` (1.8, 1.9), in MiB.
+    pub hugepage_limit_mib: Fact<u64>,
+    /// The kubelet's `hugepages-2Mi` capacity on this Node, in 2 MiB pages
+    /// (`Absent`: the kubelet registered none).
+    pub kubelet_hugepages: Fact<u64>,
 }
 
 impl ClusterView {
     /// Before the first list returns.
     #[must_use]
     pub fn starting() -> Self {
-        let waiting = || Fact::Unknown("waiting for the first list from the API server".to_owned());
+        let waiting = || "waiting for the first list from the API server".to_owned();
         Self {
-            v2_setting: waiting(),
-            hugepage_setting: waiting(),
-            node_opt_out: waiting(),
+            v2_setting: Fact::Unknown(waiting()),
+            hugepage_setting: Fact::Unknown(waiting()),
+            node_opt_out: Fact::Unknown(waiting()),
+            version: Fact::Unknown(waiting()),
+            memory_size_mib: Fact::Unknown(waiting()),
+            hugepage_limit_mib: Fact::Unknown(waiting()),
+            kubelet_hugepages: Fact::Unknown(waiting()),
+        }
+    }
+
+    /// Every fact unknown for `reason` (a read that timed out).
+    #[must_use]
+    pub fn unreadable(reason: &str) -> Self {
+        let u = || reason.to_owned();
+        Self {
+            v2_setting: Fact::Unknown(u()),
+            hugepage_setting: Fact::Unknown(u()),
+            node_opt_out: Fact::Unknown(u()),
+            version: Fact::Unknown(u()),
+            memory_size_mib: Fact::Unknown(u()),
+            hugepage_limit_mib: Fact::Unknown(u()),
+            kubelet_hugepages: Fact::Unknown(u()),
         }
     }
 
@@ -157,6 +185,8 @@ pub struct LocalInputs {
     pub hugepages_2mi: u64,
     /// Where `hugepages_2mi` came from: the flag, the file or the default.
     pub hugepages_source: Source,
+    /// `--longhorn-version` / `longhorn_version`, and which of the two.
+    pub version: Option<(crate::requirements::LonghornVersion, &'static str)>,
 }
 
 impl Default for LocalInputs {
@@ -166,6 +196,7 @@ impl Default for LocalInputs {
             file: None,
             hugepages_2mi: super::readiness::DEFAULT_HUGEPAGES_2MI,
             hugepages_source: Source::Default,
+            version: None,
         }
     }
 }
@@ -279,6 +310,73 @@ pub fn decide_hugepages(
     )
 }
 
+/// The Longhorn setting that records the running version.
+pub const VERSION_SETTING: &str = crate::requirements::table::VERSION_SETTING;
+/// The Longhorn 1.10+ setting that sizes V2's hugepages (MiB, per engine).
+pub const MEMORY_SIZE_SETTING: &str = "data-engine-memory-size";
+/// The Longhorn 1.8/1.9 setting that sized V2's hugepages (MiB).
+pub const HUGEPAGE_LIMIT_SETTING: &str = "v2-data-engine-hugepage-limit";
+
+/// Parses a MiB setting: a plain integer (`2048`), or the per-engine JSON
+/// form whose `v2` member is one (`{"v2":"2048"}`).
+///
+/// # Errors
+/// A value that is neither, described for the reason text.
+pub fn parse_mib_setting(value: &str) -> Result<u64, String> {
+    let plain = |s: &str| s.trim().parse::<u64>().ok();
+    if let Some(n) = plain(value) {
+        return Ok(n);
+    }
+    if let Ok(serde_json::Value::Object(map)) = serde_json::from_str::<serde_json::Value>(value) {
+        match map.get("v2") {
+            Some(serde_json::Value::String(s)) => {
+                if let Some(n) = plain(s) {
+                    return Ok(n);
+                }
+            }
+            Some(serde_json::Value::Number(n)) => {
+                if let Some(n) = n.as_u64() {
+                    return Ok(n);
+                }
+            }
+            _ => {}
+        }
+    }
+    Err(format!(
+        "value {value:?} is not a size in MiB (nor {{\"v2\":\"MiB\"}})"
+    ))
+}
+
+/// Parses a Kubernetes quantity as the kubelet writes capacities (`2Gi`,
+/// `2048Mi`, `0`, `2147483648`, `2G`) into bytes.
+///
+/// # Errors
+/// Not an integer with an optional binary or decimal suffix, or too large.
+pub fn parse_quantity_bytes(q: &str) -> Result<u64, String> {
+    let q = q.trim();
+    let digits = q.find(|c: char| !c.is_ascii_digit()).unwrap_or(q.len());
+    let (number, suffix) = q.split_at(digits);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("quantity {q:?} does not start with an integer"))?;
+    let factor: u64 = match suffix {
+        "" => 1,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        "Pi" => 1 << 50,
+        "k" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        "T" => 1_000_000_000_000,
+        "P" => 1_000_000_000_000_000,
+        other => return Err(format!("quantity {q:?} has an unknown suffix {other:?}")),
+    };
+    n.checked_mul(factor)
+        .ok_or_else(|| format!("quantity {q:?} is too large"))
+}
+
 /// Parses a Longhorn setting's `value`: `true`/`false`, or (Longhorn 1.10's
 /// data-engine-specific settings) a JSON object whose `v2` member is one.
 ///
@@ -315,6 +413,10 @@ mod tests {
 
     fn view(v2: Fact<bool>, label: Fact<bool>) -> ClusterView {
         ClusterView {
+            version: Fact::Absent,
+            memory_size_mib: Fact::Absent,
+            hugepage_limit_mib: Fact::Absent,
+            kubelet_hugepages: Fact::Absent,
             v2_setting: v2,
             hugepage_setting: Fact::Absent,
             node_opt_out: label,
@@ -334,6 +436,7 @@ mod tests {
         file: None,
         hugepages_2mi: 1024,
         hugepages_source: Source::Default,
+        version: None,
     };
 
     #[test]
@@ -485,6 +588,23 @@ mod tests {
         assert_eq!(decide_hugepages(&v2_unknown, NONE, None).enabled, None);
         let v2_off = decide_v2(NONE, None);
         assert_eq!(decide_hugepages(&v2_off, NONE, None).enabled, Some(false));
+    }
+
+    #[test]
+    fn sizes_and_quantities_as_longhorn_and_the_kubelet_write_them() {
+        assert_eq!(parse_mib_setting("2048"), Ok(2048));
+        assert_eq!(parse_mib_setting(r#"{"v2":"4096"}"#), Ok(4096));
+        assert_eq!(parse_mib_setting(r#"{"v1":"1","v2":1024}"#), Ok(1024));
+        assert!(parse_mib_setting(r#"{"v1":"1"}"#).is_err());
+        assert!(parse_mib_setting("two gigs").is_err());
+        assert_eq!(parse_quantity_bytes("2Gi"), Ok(2 << 30));
+        assert_eq!(parse_quantity_bytes("2048Mi"), Ok(2 << 30));
+        assert_eq!(parse_quantity_bytes("0"), Ok(0));
+        assert_eq!(parse_quantity_bytes("2147483648"), Ok(2 << 30));
+        assert_eq!(parse_quantity_bytes("2G"), Ok(2_000_000_000));
+        assert!(parse_quantity_bytes("1.5Gi").is_err());
+        assert!(parse_quantity_bytes("99999999999Ei").is_err());
+        assert!(parse_quantity_bytes("18446744073709551615Ki").is_err());
     }
 
     #[test]

@@ -1,18 +1,17 @@
-//! The daemon's V2 state: the current decisions, the cluster view and the
-//! hugepage pool, and what each update changed (for the log, the metrics
-//! and the alerts).
+//! The daemon's Longhorn state: the V2 decisions, the cluster view, the
+//! Longhorn version in force, the host facts the checks need, and what
+//! each update changed (for the log, the metrics and the alerts).
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
 use super::{
-    ClusterView, Decision, LocalInputs, decide_hugepages, decide_v2,
-    readiness::{self, HugepagesCheck, Readiness},
+    ClusterView, Decision, Fact, LocalInputs, decide_hugepages, decide_v2,
+    readiness::{self, CheckInputs, Readiness, Verdict},
 };
 use crate::{
     host::HostRoot,
-    requirements::{GroupMode, GroupSpec, V2_GROUP},
-    tracker::GroupReport,
+    requirements::{GroupSettings, LonghornVersion, V2_GROUP, table::NEWEST},
 };
 
 /// The requirement name of the hugepage pool (metrics, /status, alerts).
@@ -41,6 +40,23 @@ pub struct V2Status {
     pub enablement: std::collections::BTreeMap<&'static str, Decision>,
     pub cluster: ClusterStatus,
     pub readiness: Readiness,
+    /// The Longhorn version whose requirements are in force, and why.
+    pub longhorn_version: VersionInForce,
+    /// 2 MiB pages V2 needs, and which input said so.
+    pub required_hugepages: u64,
+    pub required_hugepages_source: String,
+}
+
+/// The Longhorn version the requirement table follows.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct VersionInForce {
+    /// `major.minor`.
+    pub version: String,
+    /// `flag`, `config`, `cluster` (the `current-longhorn-version`
+    /// setting) or `default` (the newest the table knows).
+    pub source: &'static str,
+    /// The table row applied (a version between rows takes the one below).
+    pub table_row: String,
 }
 
 /// One requirement's enablement changed.
@@ -97,6 +113,82 @@ impl V2State {
         }
     }
 
+    /// The Longhorn version in force: the flag or config file, else the
+    /// cluster's `current-longhorn-version`, else the newest known.
+    #[must_use]
+    pub fn version(&self) -> (LonghornVersion, &'static str) {
+        if let Some((v, source)) = self.local.version {
+            return (v, source);
+        }
+        if let Some(Fact::Value(text)) = self.view.as_ref().map(|v| &v.version) {
+            match LonghornVersion::parse(text) {
+                Ok(v) => return (v, "cluster"),
+                Err(e) => tracing::debug!(error = %e, "longhorn: current-longhorn-version"),
+            }
+        }
+        (NEWEST, "default")
+    }
+
+    /// 2 MiB pages V2 needs: the cluster's setting for the version in
+    /// force (`data-engine-memory-size`, or `v2-data-engine-hugepage-limit`
+    /// before 1.10; MiB / 2), else the flag, config file or default.
+    #[must_use]
+    pub fn required_pages(&self) -> (u64, String) {
+        let (version, _) = self.version();
+        let setting = version.table().v2_hugepage_setting.name;
+        let from_cluster = self.view.as_ref().and_then(|v| {
+            let fact = if setting == super::enablement::MEMORY_SIZE_SETTING {
+                &v.memory_size_mib
+            } else {
+                &v.hugepage_limit_mib
+            };
+            match fact {
+                Fact::Value(mib) => Some(*mib),
+                _ => None,
+            }
+        });
+        match from_cluster {
+            Some(mib) if self.local.hugepages_2mi > 0 => (
+                mib.div_ceil(2),
+                format!("Longhorn setting {setting} = {mib} MiB"),
+            ),
+            _ => (
+                self.local.hugepages_2mi,
+                match self.local.hugepages_source {
+                    super::Source::Flag => "--v2-hugepages-2mi".to_owned(),
+                    super::Source::Config => "v2_hugepages_2mi in the config file".to_owned(),
+                    _ => "the default, 2048 MiB".to_owned(),
+                },
+            ),
+        }
+    }
+
+    /// Every check that applies now.
+    #[must_use]
+    pub fn checks(&self, settings: &GroupSettings, v2_severity: &str) -> Vec<Verdict> {
+        let (version, version_source) = self.version();
+        let (required_pages, pages_source) = self.required_pages();
+        readiness::judge(&CheckInputs {
+            version,
+            version_source,
+            v2: self.v2.enabled,
+            hugepages_on: self.hugepages_on.enabled,
+            required_pages,
+            required_pages_source: &pages_source,
+            kubelet_pages: self.view.as_ref().map(|v| &v.kubelet_hugepages),
+            settings,
+            v2_severity,
+            readiness: &self.readiness,
+        })
+    }
+
+    /// Re-reads the host facts (each reconcile, SIGHUP, cluster change).
+    pub fn refresh_facts(&mut self, host: &HostRoot) {
+        let required = self.required_pages().0;
+        let release = self.readiness.kernel.release.clone();
+        self.readiness = readiness::read(host, &release, required);
+    }
+
     /// Re-decides after a new view (or new local inputs); returns the flips.
     pub fn decide(&mut self) -> Vec<Flip> {
         let v2 = decide_v2(self.local, self.view.as_ref());
@@ -118,7 +210,7 @@ impl V2State {
         }
         self.v2 = v2;
         self.hugepages_on = hugepages_on;
-        self.readiness.hugepages.required = self.local.hugepages_2mi;
+        self.readiness.hugepages.required = self.required_pages().0;
         flips
     }
 
@@ -132,55 +224,6 @@ impl V2State {
         }
         self.view = Some(view);
         self.decide()
-    }
-
-    /// The groups to track: `all` without the V2 group unless it is on.
-    #[must_use]
-    pub fn groups(&self, all: &[GroupSpec]) -> Vec<GroupSpec> {
-        all.iter()
-            .filter(|g| g.name != V2_GROUP || self.v2.enabled == Some(true))
-            .cloned()
-            .collect()
-    }
-
-    /// Re-reads the hugepage pool; returns `(was, now)` of the requirement
-    /// when its verdict changed while enabled.
-    pub fn refresh_hugepages(&mut self, host: &HostRoot) -> Option<(bool, bool)> {
-        let was = self.hugepages_verdict();
-        self.readiness.hugepages = readiness::hugepages(host, self.local.hugepages_2mi);
-        let now = self.hugepages_verdict();
-        match (was, now) {
-            (Some(w), Some(n)) if w != n => Some((w, n)),
-            _ => None,
-        }
-    }
-
-    /// Met or not, while the requirement applies and the pool is readable.
-    #[must_use]
-    pub fn hugepages_verdict(&self) -> Option<bool> {
-        if self.hugepages_on.enabled != Some(true) {
-            return None;
-        }
-        self.readiness.hugepages.met
-    }
-
-    /// The hugepage requirement as a group without modules, while it applies
-    /// (so it shares `requirement_met` and the transition timestamps).
-    #[must_use]
-    pub fn hugepages_group(&self, severity: &str) -> Option<GroupReport> {
-        self.hugepages_verdict().map(|met| GroupReport {
-            name: HUGEPAGES_REQUIREMENT.to_owned(),
-            mode: GroupMode::AllOf,
-            met,
-            severity: severity.to_owned(),
-            modules: Vec::new(),
-        })
-    }
-
-    /// The pool, while the hugepage requirement applies and is unmet.
-    #[must_use]
-    pub fn hugepages_short(&self) -> Option<&HugepagesCheck> {
-        (self.hugepages_verdict() == Some(false)).then_some(&self.readiness.hugepages)
     }
 
     /// Why the cluster is unreadable, once it has been for the grace period.
@@ -235,6 +278,16 @@ impl V2State {
                 unreadable_for_secs: self.unreadable_since.map(|t| t.elapsed().as_secs()),
             },
             readiness: self.readiness.clone(),
+            longhorn_version: {
+                let (v, source) = self.version();
+                VersionInForce {
+                    version: v.to_string(),
+                    source,
+                    table_row: v.table().version.to_string(),
+                }
+            },
+            required_hugepages: self.required_pages().0,
+            required_hugepages_source: self.required_pages().1,
         }
     }
 }

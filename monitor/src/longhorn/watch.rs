@@ -22,8 +22,79 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::enablement::{
-    ClusterView, Fact, HUGEPAGE_SETTING, OPT_OUT_LABEL, V2_SETTING, parse_bool_setting,
+    ClusterView, Fact, HUGEPAGE_LIMIT_SETTING, HUGEPAGE_SETTING, MEMORY_SIZE_SETTING,
+    OPT_OUT_LABEL, V2_SETTING, VERSION_SETTING, parse_bool_setting, parse_mib_setting,
+    parse_quantity_bytes,
 };
+
+/// The settings the view follows.
+const SETTINGS: [&str; 5] = [
+    V2_SETTING,
+    HUGEPAGE_SETTING,
+    VERSION_SETTING,
+    MEMORY_SIZE_SETTING,
+    HUGEPAGE_LIMIT_SETTING,
+];
+
+/// The settings' part of the view, from their raw values.
+struct SettingFacts {
+    v2: Fact<bool>,
+    hugepages: Fact<bool>,
+    version: Fact<String>,
+    memory_size: Fact<u64>,
+    hugepage_limit: Fact<u64>,
+}
+
+impl SettingFacts {
+    fn of(values: &Values) -> Self {
+        Self {
+            v2: fact(values, V2_SETTING),
+            hugepages: fact(values, HUGEPAGE_SETTING),
+            version: match values.get(VERSION_SETTING) {
+                None => Fact::Absent,
+                Some(None) => {
+                    Fact::Unknown(format!("setting {VERSION_SETTING} has no string value"))
+                }
+                Some(Some(v)) => Fact::Value(v.clone()),
+            },
+            memory_size: mib_fact(values, MEMORY_SIZE_SETTING),
+            hugepage_limit: mib_fact(values, HUGEPAGE_LIMIT_SETTING),
+        }
+    }
+
+    fn unknown(reason: &str) -> Self {
+        let u = || Fact::Unknown(reason.to_owned());
+        Self {
+            v2: u(),
+            hugepages: u(),
+            version: Fact::Unknown(reason.to_owned()),
+            memory_size: Fact::Unknown(reason.to_owned()),
+            hugepage_limit: Fact::Unknown(reason.to_owned()),
+        }
+    }
+
+    /// Writes these into `view`; true when anything changed.
+    fn apply(self, view: &mut ClusterView) -> bool {
+        let Self {
+            v2,
+            hugepages,
+            version,
+            memory_size,
+            hugepage_limit,
+        } = self;
+        let changed = view.v2_setting != v2
+            || view.hugepage_setting != hugepages
+            || view.version != version
+            || view.memory_size_mib != memory_size
+            || view.hugepage_limit_mib != hugepage_limit;
+        view.v2_setting = v2;
+        view.hugepage_setting = hugepages;
+        view.version = version;
+        view.memory_size_mib = memory_size;
+        view.hugepage_limit_mib = hugepage_limit;
+        changed
+    }
+}
 
 /// Where to look.
 #[derive(Clone, Debug)]
@@ -142,14 +213,8 @@ async fn watch_settings(
     let mut relist: Option<Values> = None;
     let what = format!("settings.longhorn.io in namespace {namespace}");
     let publish = |current: &Values| {
-        let v2 = fact(current, V2_SETTING);
-        let hugepages = fact(current, HUGEPAGE_SETTING);
-        tx.send_if_modified(|v| {
-            let changed = v.v2_setting != v2 || v.hugepage_setting != hugepages;
-            v.v2_setting = v2;
-            v.hugepage_setting = hugepages;
-            changed
-        });
+        let facts = SettingFacts::of(current);
+        tx.send_if_modified(|v| facts.apply(v));
     };
     let on_event = |event| {
         match event {
@@ -178,12 +243,7 @@ async fn watch_settings(
         publish(&current);
     };
     let on_failure = |reason: String| {
-        tx.send_if_modified(|v| {
-            let before = v.clone();
-            v.v2_setting = Fact::Unknown(reason.clone());
-            v.hugepage_setting = Fact::Unknown(reason);
-            *v != before
-        });
+        tx.send_if_modified(|v| SettingFacts::unknown(&reason).apply(v));
     };
     follow(
         api,
@@ -199,7 +259,7 @@ async fn watch_settings(
 /// `(name, value)` of a Setting we care about.
 fn setting(obj: &DynamicObject) -> Option<(String, Option<String>)> {
     let name = obj.metadata.name.clone()?;
-    if name != V2_SETTING && name != HUGEPAGE_SETTING {
+    if !SETTINGS.contains(&name.as_str()) {
         return None;
     }
     let value = obj.data.get("value").and_then(|v| match v {
@@ -208,6 +268,17 @@ fn setting(obj: &DynamicObject) -> Option<(String, Option<String>)> {
         _ => None,
     });
     Some((name, value))
+}
+
+fn mib_fact(values: &Values, name: &str) -> Fact<u64> {
+    match values.get(name) {
+        None => Fact::Absent,
+        Some(None) => Fact::Unknown(format!("setting {name} has no string value")),
+        Some(Some(value)) => match parse_mib_setting(value) {
+            Ok(n) => Fact::Value(n),
+            Err(problem) => Fact::Unknown(format!("setting {name}: {problem}")),
+        },
+    }
 }
 
 fn fact(values: &Values, name: &str) -> Fact<bool> {
@@ -228,12 +299,13 @@ async fn watch_node(
     cancel: CancellationToken,
 ) {
     let config = watcher::Config::default().fields(&format!("metadata.name={node}"));
-    let mut seen: Option<bool> = None;
-    let mut relist: Option<Option<bool>> = None;
-    let set = |f: Fact<bool>| {
+    let mut seen: Option<NodeFacts> = None;
+    let mut relist: Option<Option<NodeFacts>> = None;
+    let set = |f: (Fact<bool>, Fact<u64>)| {
         tx.send_if_modified(|v| {
-            let changed = v.node_opt_out != f;
-            v.node_opt_out = f;
+            let changed = v.node_opt_out != f.0 || v.kubelet_hugepages != f.1;
+            v.node_opt_out = f.0;
+            v.kubelet_hugepages = f.1;
             changed
         });
     };
@@ -245,34 +317,61 @@ async fn watch_node(
             }
             watcher::Event::InitApply(n) => {
                 if let Some(buffer) = relist.as_mut() {
-                    *buffer = Some(opted_out(&n));
+                    *buffer = Some(NodeFacts::of(&n));
                 }
                 return;
             }
             watcher::Event::InitDone => seen = relist.take().flatten(),
-            watcher::Event::Apply(n) => seen = Some(opted_out(&n)),
+            watcher::Event::Apply(n) => seen = Some(NodeFacts::of(&n)),
             watcher::Event::Delete(_) => seen = None,
         }
-        set(match seen {
-            Some(out) => Fact::Value(out),
-            None => Fact::Unknown(format!(
-                "no Node named {node:?} (is --node-name the Kubernetes node name?)"
-            )),
+        set(match &seen {
+            Some(f) => (Fact::Value(f.opted_out), f.kubelet_hugepages.clone()),
+            None => {
+                let why =
+                    format!("no Node named {node:?} (is --node-name the Kubernetes node name?)");
+                (Fact::Unknown(why.clone()), Fact::Unknown(why))
+            }
         });
     };
     let what = format!("node {node}");
     follow(api, config, &what, &cancel, on_event, |reason| {
-        set(Fact::Unknown(reason))
+        set((Fact::Unknown(reason.clone()), Fact::Unknown(reason)));
     })
     .await;
 }
 
-fn opted_out(node: &Node) -> bool {
-    node.metadata
-        .labels
-        .as_ref()
-        .and_then(|l| l.get(OPT_OUT_LABEL))
-        .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
+/// What the view takes from this node's object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct NodeFacts {
+    opted_out: bool,
+    kubelet_hugepages: Fact<u64>,
+}
+
+impl NodeFacts {
+    fn of(node: &Node) -> Self {
+        Self {
+            opted_out: node
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(OPT_OUT_LABEL))
+                .is_some_and(|v| v.trim().eq_ignore_ascii_case("true")),
+            kubelet_hugepages: kubelet_hugepages(node),
+        }
+    }
+}
+
+/// The kubelet's `hugepages-2Mi` capacity, in 2 MiB pages.
+fn kubelet_hugepages(node: &Node) -> Fact<u64> {
+    let capacity = node.status.as_ref().and_then(|s| s.capacity.as_ref());
+    match capacity.and_then(|c| c.get("hugepages-2Mi")) {
+        None => Fact::Absent,
+        Some(q) => match parse_quantity_bytes(&q.0) {
+            Ok(bytes) => Fact::Value(bytes / (2 * 1024 * 1024)),
+            Err(problem) => Fact::Unknown(format!("Node capacity hugepages-2Mi: {problem}")),
+        },
+    }
 }
 
 /// Why reading `what` failed, for people; `None` for what the watcher
@@ -324,30 +423,36 @@ pub async fn read_once(client: Client, target: &WatchTarget) -> ClusterView {
     let what = format!("settings.longhorn.io in namespace {}", target.namespace);
     // A list, as the watcher starts with: a missing CRD is a 404 error here,
     // where a get of one object would call it "no such setting".
-    let (v2_setting, hugepage_setting) = match settings.list(&ListParams::default()).await {
+    let facts = match settings.list(&ListParams::default()).await {
         Ok(list) => {
             let values: Values = list.items.iter().filter_map(setting).collect();
-            (fact(&values, V2_SETTING), fact(&values, HUGEPAGE_SETTING))
+            SettingFacts::of(&values)
         }
-        Err(e) => {
-            let reason = describe(&e, &what);
-            (Fact::Unknown(reason.clone()), Fact::Unknown(reason))
-        }
+        Err(e) => SettingFacts::unknown(&describe(&e, &what)),
     };
     let nodes: Api<Node> = Api::all(client);
-    let node_opt_out = match nodes.get_opt(&target.node).await {
-        Ok(Some(n)) => Fact::Value(opted_out(&n)),
-        Ok(None) => Fact::Unknown(format!(
-            "no Node named {:?} (is --node-name the Kubernetes node name?)",
-            target.node
-        )),
-        Err(e) => Fact::Unknown(describe(&e, &format!("node {}", target.node))),
+    let (node_opt_out, kubelet) = match nodes.get_opt(&target.node).await {
+        Ok(Some(n)) => {
+            let f = NodeFacts::of(&n);
+            (Fact::Value(f.opted_out), f.kubelet_hugepages)
+        }
+        Ok(None) => {
+            let why = format!(
+                "no Node named {:?} (is --node-name the Kubernetes node name?)",
+                target.node
+            );
+            (Fact::Unknown(why.clone()), Fact::Unknown(why))
+        }
+        Err(e) => {
+            let why = describe(&e, &format!("node {}", target.node));
+            (Fact::Unknown(why.clone()), Fact::Unknown(why))
+        }
     };
-    ClusterView {
-        v2_setting,
-        hugepage_setting,
-        node_opt_out,
-    }
+    let mut view = ClusterView::starting();
+    facts.apply(&mut view);
+    view.node_opt_out = node_opt_out;
+    view.kubelet_hugepages = kubelet;
+    view
 }
 
 /// An error and its causes, `: `-joined (hyper hides the useful part in the

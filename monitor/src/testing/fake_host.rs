@@ -278,6 +278,21 @@ impl FakeHost {
         self.write("proc/modules", text);
     }
 
+    /// Puts the commands Longhorn calls on the host in place (iscsiadm,
+    /// mount.nfs, cryptsetup, dmsetup, as Debian installs them): a node
+    /// with open-iscsi, nfs-common, cryptsetup and dmsetup.
+    pub fn with_longhorn_packages(&self) -> &Self {
+        for path in [
+            "usr/sbin/iscsiadm",
+            "sbin/mount.nfs",
+            "usr/sbin/cryptsetup",
+            "usr/sbin/dmsetup",
+        ] {
+            self.write(path, "#!/bin/sh\n");
+        }
+        self
+    }
+
     /// Writes a config file (outside the host root's well-known paths) and
     /// returns its path, for `--config`.
     pub fn config(&self, text: &str) -> PathBuf {

@@ -32,8 +32,28 @@ fn base_is_met_on_the_real_debian_6_1_root() {
     assert_eq!(report["kernel_release"], DEBIAN_6_1, "{}", pretty(&report));
     assert_eq!(report["modules_supported"], true, "{}", pretty(&report));
     assert_eq!(report["met"], true, "{}", pretty(&report));
-    // Without --v2-data-engine only the base group is checked.
-    assert_eq!(group_names(&report), ["base"], "{}", pretty(&report));
+    // Without --v2-data-engine: base, the V1 groups and the host checks.
+    assert_eq!(
+        group_names(&report),
+        [
+            "base",
+            "v1-iscsi",
+            "rwx-nfs-client",
+            "host-commands",
+            "multipathd"
+        ],
+        "{}",
+        pretty(&report)
+    );
+    // The captured guest has no iscsiadm and friends: a warning, which does
+    // not fail the check (met is true above).
+    let commands = group(&report, "host-commands");
+    assert_eq!(
+        (&commands["met"], &commands["severity"]),
+        (&json!(false), &json!("warning"))
+    );
+    assert_eq!(commands["check"]["level"], "warning");
+    assert_eq!(group(&report, "v1-iscsi")["mode"], "available");
     let base = group(&report, "base");
     assert_eq!(base["mode"], "all_of");
     assert_eq!(base["met"], true);
@@ -52,6 +72,7 @@ fn check_json_has_exactly_the_documented_fields() {
     assert_eq!(
         keys(&report),
         [
+            "cluster",
             "groups",
             "kernel_release",
             "met",
@@ -62,7 +83,13 @@ fn check_json_has_exactly_the_documented_fields() {
         ]
     );
     let v2 = group(&report, "v2-data-engine");
-    assert_eq!(keys(v2), ["met", "mode", "modules", "name"]);
+    assert_eq!(keys(v2), ["met", "mode", "modules", "name", "severity"]);
+    let kernel = group(&report, "v2-kernel");
+    assert_eq!(
+        keys(kernel),
+        ["check", "met", "mode", "modules", "name", "severity"]
+    );
+    assert_eq!(keys(&kernel["check"]), ["detail", "fix", "level", "source"]);
     assert_eq!(
         keys(module(v2, "vfio_pci")),
         ["name", "persistence", "remedy", "state"]
@@ -88,7 +115,20 @@ fn v2_data_engine_unmet_names_the_module_and_its_fix() {
     let host = FakeHost::debian_6_1();
     let report = check_json(&host, &args!["--v2-data-engine"], 1);
     assert_eq!(report["met"], false, "{}", pretty(&report));
-    assert_eq!(group_names(&report), ["base", "v2-data-engine"]);
+    assert_eq!(
+        group_names(&report),
+        [
+            "base",
+            "v2-data-engine",
+            "v1-iscsi",
+            "rwx-nfs-client",
+            "v2-kernel",
+            "v2-iommu",
+            "v2-hugepages",
+            "host-commands",
+            "multipathd"
+        ]
+    );
     assert_eq!(group(&report, "base")["met"], true, "{}", pretty(&report));
 
     let v2 = group(&report, "v2-data-engine");
@@ -171,7 +211,13 @@ fn text_output_has_a_row_per_module_and_the_fixes() {
         );
     }
     assert!(
-        text.contains("1 of 2 requirement groups NOT met: v2-data-engine"),
+        text.contains(
+            "4 of 9 requirements NOT met: v2-data-engine, v2-kernel, v2-iommu, v2-hugepages"
+        ),
+        "{out}"
+    );
+    assert!(
+        text.contains("1 warning(s), which do not fail the check: host-commands"),
         "{out}"
     );
 }
@@ -179,6 +225,7 @@ fn text_output_has_a_row_per_module_and_the_fixes() {
 #[test]
 fn text_output_when_all_groups_are_met_has_no_fixes() {
     let host = FakeHost::debian_6_1();
+    host.with_longhorn_packages();
     let out = check(&host, &[]);
     out.expect_code(0);
     assert!(
@@ -191,10 +238,9 @@ fn text_output_when_all_groups_are_met_has_no_fixes() {
         "{out}"
     );
     assert!(!out.stdout.contains("To fix"), "{out}");
-    assert!(
-        out.stdout.contains("All 1 requirement groups met."),
-        "{out}"
-    );
+    assert!(out.stdout.contains("All 5 requirements met."), "{out}");
+    assert!(!out.stdout.contains("warning(s)"), "{out}");
+    assert!(!out.stdout.contains("\nwarning:"), "{out}");
 }
 
 /// Takes uio_pci_generic out of the module tree, as on a kernel that
@@ -362,7 +408,18 @@ fn any_of_group_is_met_by_one_module_and_groups_are_judged_alone() {
     let report = check_json(&host, &args!["--config", &config, "--v2-data-engine"], 1);
     assert_eq!(
         group_names(&report),
-        ["base", "v2-data-engine", "spdk-driver"]
+        [
+            "base",
+            "v2-data-engine",
+            "v1-iscsi",
+            "rwx-nfs-client",
+            "spdk-driver",
+            "v2-kernel",
+            "v2-iommu",
+            "v2-hugepages",
+            "host-commands",
+            "multipathd"
+        ]
     );
     let spdk = group(&report, "spdk-driver");
     assert_eq!(spdk["mode"], "any_of");

@@ -47,9 +47,11 @@ struct Cluster {
 }
 
 impl Cluster {
-    /// A Debian 6.1 host (dm_crypt loaded, the V2 modules not), 1024 2 MiB
-    /// hugepages, a control plane with Longhorn's CRD, `v2` as the setting,
-    /// and an Alertmanager.
+    /// A node that meets everything but V2's modules: the Debian 6.12 guest
+    /// (dm_crypt, nvme_tcp and vfio_pci loaded, uio_pci_generic not), IOMMU
+    /// groups, Longhorn's host packages, 1024 2 MiB hugepages that the
+    /// kubelet registered; a control plane with Longhorn's CRD, `v2` as the
+    /// setting, and an Alertmanager. Each scenario changes one thing.
     fn new(v2: Option<&str>) -> Self {
         Self::with(Options::default(), true, v2)
     }
@@ -68,8 +70,11 @@ impl Cluster {
         }
         k8s.apply_daemon_rbac();
         k8s.set_node(NODE, &[]);
+        k8s.set_node_hugepages(NODE, "2Gi");
         let kubeconfig = k8s.service_account_kubeconfig();
-        let host = FakeHost::debian_6_1();
+        let host = FakeHost::debian_6_12();
+        host.with_longhorn_packages();
+        host.write("sys/kernel/iommu_groups/0/type", "DMA\n");
         hugepages(&host, 1024);
         Self {
             k8s,
@@ -226,6 +231,31 @@ fn enabled(status: &Value) -> Value {
     v2(status)["enabled"].clone()
 }
 
+/// The requirements while V2 is off: the base and V1 groups, the host
+/// checks.
+const V2_OFF: [&str; 5] = [
+    "base",
+    "v1-iscsi",
+    "rwx-nfs-client",
+    "host-commands",
+    "multipathd",
+];
+
+/// The requirements while V2 is on with hugepages (CPU is not judged: the
+/// fixture has no /proc/cpuinfo).
+const V2_ON: [&str; 10] = [
+    "base",
+    V2,
+    "v1-iscsi",
+    "rwx-nfs-client",
+    "v2-kernel",
+    "v2-iommu",
+    "v2-hugepages",
+    "v2-hugepages-kubelet",
+    "host-commands",
+    "multipathd",
+];
+
 fn group_names(status: &Value) -> Vec<String> {
     status["groups"]
         .as_array()
@@ -261,7 +291,7 @@ fn setting_flips_true_false_true() {
     let mut d = c.daemon(&[]);
     let s = d.wait_for("V2 off by the setting", FLIP, |s| enabled(s) == false);
     assert_eq!(v2(&s)["source"], "longhorn-setting", "{s:#}");
-    assert_eq!(group_names(&s), ["base"]);
+    assert_eq!(group_names(&s), V2_OFF);
     base_met(&s);
     let m = d.metrics();
     assert!(m.contains("kmod_monitor_requirement_enabled{requirement=\"v2-data-engine\",source=\"longhorn-setting\"} 0"), "{m}");
@@ -284,10 +314,10 @@ fn setting_flips_true_false_true() {
         );
         base_met(&s);
         if on {
-            assert_eq!(group_names(&s), ["base", V2, "v2-hugepages"], "{s:#}");
+            assert_eq!(group_names(&s), V2_ON, "{s:#}");
             c.wait_alerts("the V2 module alerts", |a| a == v2_unmet_alerts());
         } else {
-            assert_eq!(group_names(&s), ["base"]);
+            assert_eq!(group_names(&s), V2_OFF);
             c.wait_alerts("the V2 alerts to resolve", <[_]>::is_empty);
         }
     }
@@ -359,7 +389,7 @@ fn api_server_down_at_start_then_up() {
             .is_some_and(|r| r.contains("cannot reach the API server"))
     });
     assert_eq!(enabled(&s), Value::Null, "{s:#}");
-    assert_eq!(group_names(&s), ["base"]);
+    assert_eq!(group_names(&s), V2_OFF);
     base_met(&s);
     assert!(
         d.metrics()
@@ -397,7 +427,7 @@ fn settings_unreadable(c: &Cluster, reason: &str, fix: impl FnOnce()) {
         v2(s)["reason"].as_str().is_some_and(|r| r.contains(reason))
     });
     assert_eq!(enabled(&s), Value::Null);
-    assert_eq!(group_names(&s), ["base"]);
+    assert_eq!(group_names(&s), V2_OFF);
     base_met(&s);
     assert!(
         d.metrics()
@@ -582,7 +612,14 @@ fn hugepages_alert_when_v2_is_on_and_the_pool_is_short() {
     let s = d.wait_for("no hugepage requirement", FLIP, |s| {
         s["v2"]["enablement"]["v2-hugepages"]["enabled"] == false
     });
-    assert_eq!(group_names(&s), ["base", V2]);
+    assert_eq!(
+        group_names(&s),
+        V2_ON
+            .iter()
+            .filter(|n| !n.starts_with("v2-hugepages"))
+            .copied()
+            .collect::<Vec<_>>()
+    );
     c.wait_alerts("only the module alerts", |a| a == v2_unmet_alerts());
 }
 
@@ -611,7 +648,17 @@ fn check_reads_the_cluster_once() {
         .flatten()
         .filter_map(|g| g["name"].as_str())
         .collect();
-    assert_eq!(names, ["base", V2]);
+    assert_eq!(names, V2_ON, "{r:#}");
+    // check judges the kubelet's hugepages as the daemon does, from one
+    // read of the Node.
+    let kubelet = r["groups"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|g| g["name"] == "v2-hugepages-kubelet")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(kubelet["met"], true, "{kubelet:#}");
     // Opted out: exit 0, V2 not checked.
     c.k8s
         .set_node(NODE, &[("node.longhorn.io/disable-v2-data-engine", "true")]);
