@@ -77,6 +77,8 @@ pub async fn coordinate<P: Post>(
     cancel: CancellationToken,
 ) {
     let (batch_tx, batch_rx) = watch::channel(None::<Arc<Batch>>);
+    // Stops the targets with the daemon, or when the wanted set ends.
+    let stop_targets = cancel.child_token();
     let mut tasks = JoinSet::new();
     for (name, poster) in targets {
         tasks.spawn(deliver(
@@ -84,7 +86,7 @@ pub async fn coordinate<P: Post>(
             poster,
             batch_rx.clone(),
             Arc::clone(&metrics),
-            cancel.clone(),
+            stop_targets.clone(),
         ));
     }
     drop(batch_rx);
@@ -121,7 +123,7 @@ pub async fn coordinate<P: Post>(
             }
         }
     }
-    cancel.cancel();
+    stop_targets.cancel();
     while let Some(done) = tasks.join_next().await {
         if let Err(e) = done {
             tracing::warn!(error = %e, "an Alertmanager delivery task ended abnormally");
