@@ -16,16 +16,21 @@
 //! - **Credentials.** Read and checked at start: a missing, unreadable or
 //!   empty file is an error naming the file (exit 2). They are read again
 //!   before each request, so a rotated token or password (a Kubernetes
-//!   Secret update) is used without a restart; if that re-read fails, the
-//!   last good value is used and a warning names the file. Secrets are
-//!   never logged: the header is marked sensitive, [`Secret`] has no
-//!   `Display` and its `Debug` prints nothing of it, and URLs are logged
-//!   through [`super::redacted`].
+//!   Secret update) is used without a restart; if that re-read fails, takes
+//!   longer than 1 s, or an earlier one has not returned (a hung mount: at
+//!   most one blocking thread per file waits on it), the last good value is
+//!   used and a warning names the file. Secrets are never logged: the
+//!   header is marked sensitive, [`Secret`] has no `Display` and its
+//!   `Debug` prints nothing of it, and URLs are logged through
+//!   [`super::redacted`].
 //! - **Redirects** are not followed: Alertmanager's API never redirects a
 //!   POST, and a redirect must not carry the credentials elsewhere.
 use std::{
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -35,6 +40,8 @@ use super::{AlertAuth, AlertClient, PostableAlert};
 
 /// Longest time to set up a connection (TCP and TLS).
 pub const CONNECT_TIMEOUT_MAX: Duration = Duration::from_secs(3);
+/// Longest wait for a credential file's re-read before a request.
+const READ_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Why the pusher cannot start. Each names the file or URL and the flag
 /// and key that set it; none carries a secret.
@@ -88,6 +95,9 @@ struct SecretFile {
     key: &'static str,
     path: PathBuf,
     last: Mutex<Secret>,
+    /// A re-read is running: a file on a hung mount then holds one
+    /// blocking thread, not one per request.
+    reading: AtomicBool,
 }
 
 impl SecretFile {
@@ -118,23 +128,27 @@ impl SecretFile {
         Ok(Secret(value.to_owned()))
     }
 
-    /// The current value: re-read now, or the last good one if that fails.
+    /// The current value: re-read now, or the last good one if that fails
+    /// or an earlier re-read is still stuck.
     async fn current(self: &Arc<Self>) -> Secret {
+        if self.reading.swap(true, Ordering::AcqRel) {
+            tracing::warn!(file = %self.path.display(), "an earlier read of the Alertmanager credential has not returned; using the value read before");
+            return self.last().clone();
+        }
         let me = Arc::clone(self);
         // A file on a hung mount must not stall the runtime's one thread.
-        let read = tokio::task::spawn_blocking(move || me.read());
-        let fresh = match tokio::time::timeout(CONNECT_TIMEOUT_MAX, read).await {
+        let read = tokio::task::spawn_blocking(move || {
+            let result = me.read();
+            me.reading.store(false, Ordering::Release);
+            result
+        });
+        let fresh = match tokio::time::timeout(READ_TIMEOUT, read).await {
             Ok(Ok(Ok(secret))) => Ok(secret),
             Ok(Ok(Err(e))) => Err(e.to_string()),
             Ok(Err(e)) => Err(format!("reading it failed: {e}")),
-            Err(_) => Err(format!(
-                "reading it took longer than {CONNECT_TIMEOUT_MAX:?}"
-            )),
+            Err(_) => Err(format!("reading it took longer than {READ_TIMEOUT:?}")),
         };
-        let mut last = self
-            .last
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut last = self.last();
         match fresh {
             Ok(secret) => {
                 *last = secret;
@@ -144,6 +158,12 @@ impl SecretFile {
             }
         }
         last.clone()
+    }
+
+    fn last(&self) -> std::sync::MutexGuard<'_, Secret> {
+        self.last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -198,6 +218,7 @@ impl Transport {
                     key: "alertmanager_bearer_token_file",
                     path: token_file.clone(),
                     last: Mutex::new(Secret(String::new())),
+                    reading: AtomicBool::new(false),
                 })?))
             }
             Some(AlertAuth::Basic {
@@ -211,6 +232,7 @@ impl Transport {
                     key: "alertmanager_basic_auth_password_file",
                     path: password_file.clone(),
                     last: Mutex::new(Secret(String::new())),
+                    reading: AtomicBool::new(false),
                 })?,
             }),
         };
@@ -261,10 +283,7 @@ impl Transport {
 /// Reads a credential once at start, so a bad file stops the daemon.
 fn secret_file(file: SecretFile) -> Result<Arc<SecretFile>, TransportError> {
     let secret = file.read()?;
-    *file
-        .last
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner) = secret;
+    *file.last() = secret;
     Ok(Arc::new(file))
 }
 
@@ -464,6 +483,7 @@ mod tests {
             key: "alertmanager_bearer_token_file",
             path: path.clone(),
             last: Mutex::new(Secret(String::new())),
+            reading: AtomicBool::new(false),
         })
         .unwrap();
         assert_eq!(f.current().await, Secret("one".into()));
@@ -475,5 +495,45 @@ mod tests {
             Secret("two".into()),
             "the last good value"
         );
+    }
+
+    #[tokio::test]
+    async fn a_hung_read_holds_one_thread_and_the_last_value_is_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = file(&dir, "token", "one");
+        let f = secret_file(SecretFile {
+            what: "bearer token",
+            flag: "--alertmanager-bearer-token-file",
+            key: "alertmanager_bearer_token_file",
+            path: path.clone(),
+            last: Mutex::new(Secret(String::new())),
+            reading: AtomicBool::new(false),
+        })
+        .unwrap();
+        // A FIFO without a writer blocks its reader, like a hung mount.
+        std::fs::remove_file(&path).unwrap();
+        let made = std::process::Command::new("mkfifo")
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let started = std::time::Instant::now();
+        assert_eq!(f.current().await, Secret("one".into()));
+        assert!(started.elapsed() >= READ_TIMEOUT, "{:?}", started.elapsed());
+        let started = std::time::Instant::now();
+        assert_eq!(f.current().await, Secret("one".into()));
+        assert!(
+            started.elapsed() < READ_TIMEOUT / 2,
+            "no second read while the first is stuck: {:?}",
+            started.elapsed()
+        );
+        // Unblock the stuck reader; then a plain file is read again.
+        std::fs::write(&path, "ignored").unwrap();
+        while f.reading.load(Ordering::Acquire) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, "three").unwrap();
+        assert_eq!(f.current().await, Secret("three".into()));
     }
 }
