@@ -1,8 +1,13 @@
 //! Alertmanager push (v2 API, `POST /api/v2/alerts`), following its client
 //! contract: firing alerts are re-sent every `resend_interval` with
 //! `endsAt = now + 4 × interval`; a resolved alert is sent at once with
-//! `endsAt = now` and re-sent for 5 minutes. Delivery runs in its own task:
-//! the event path only publishes the wanted alert set and never waits.
+//! `endsAt = now` and re-sent for 5 minutes. Delivery runs in its own
+//! tasks, one per Alertmanager ([`push`]), over one client ([`transport`]):
+//! the event path only publishes the wanted alert set and never waits, and
+//! no Alertmanager waits for another.
+mod push;
+mod transport;
+
 use std::{
     collections::BTreeMap,
     sync::Arc,
@@ -10,19 +15,15 @@ use std::{
 };
 
 use serde::Serialize;
-use tokio::{sync::watch, time::Instant};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::{Delivery, Metrics};
+use crate::metrics::Metrics;
+pub use push::{ATTEMPTS, FIRST_BACKOFF, MAX_BACKOFF, OVERTAKEN_GRACE};
+pub use transport::{CONNECT_TIMEOUT_MAX, TransportError, connect_timeout};
 
 /// How long a resolved alert keeps being re-sent.
 pub const RESOLVED_RESEND_FOR: Duration = Duration::from_secs(5 * 60);
-/// Attempts per push before waiting for the next change or re-send.
-const ATTEMPTS: u32 = 4;
-/// First back-off between attempts; doubles each time.
-const FIRST_BACKOFF: Duration = Duration::from_millis(250);
-/// Per-request timeout.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub const ALERT_UNMET: &str = "KernelModuleRequirementUnmet";
 pub const ALERT_EVENTS_LOST: &str = "KernelModuleMonitorEventsLost";
@@ -190,102 +191,118 @@ fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
-/// Starts the pusher. It runs until `cancel`.
-pub fn spawn(
-    settings: AlertSettings,
-    mut wanted: watch::Receiver<Arc<WantedSet>>,
-    metrics: Arc<Metrics>,
-    cancel: CancellationToken,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let client = match reqwest::Client::builder().timeout(REQUEST_TIMEOUT).build() {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot build the HTTP client; alerts will not be pushed");
-                return;
-            }
-        };
-        let mut book = Book::default();
-        let mut resend = tokio::time::interval_at(
-            Instant::now() + settings.resend_interval,
-            settings.resend_interval,
-        );
-        resend.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut trigger = None;
-        let mut send_now = {
-            let set = wanted.borrow_and_update().clone();
-            trigger = set.trigger_boot_ns.or(trigger);
-            book.update(&set.alerts, SystemTime::now())
-        };
-        loop {
-            if send_now {
-                push(&client, &settings, &book, &metrics, trigger.take(), &cancel).await;
-            }
-            tokio::select! {
-                () = cancel.cancelled() => return,
-                changed = wanted.changed() => {
-                    if changed.is_err() {
-                        return;
-                    }
-                    let set = wanted.borrow_and_update().clone();
-                    trigger = set.trigger_boot_ns;
-                    send_now = book.update(&set.alerts, SystemTime::now());
-                }
-                _ = resend.tick() => {
-                    book.expire(SystemTime::now());
-                    send_now = !book.is_empty();
-                }
-            }
-        }
-    })
+/// `url` as text without its user name and password, for logs and
+/// messages. URLs with credentials are refused when settings are
+/// validated; this is the second line of defence.
+#[must_use]
+pub fn redacted(url: &reqwest::Url) -> String {
+    redact_userinfo(url.as_str())
 }
 
-/// POSTs the current book to every Alertmanager, with bounded retries.
-/// A failed push keeps everything in the book: the next change or re-send
-/// carries it again.
-async fn push(
-    client: &reqwest::Client,
-    settings: &AlertSettings,
-    book: &Book,
-    metrics: &Metrics,
-    trigger_boot_ns: Option<u64>,
-    cancel: &CancellationToken,
-) {
-    let body = book.postable(SystemTime::now(), settings.resend_interval);
-    for base in &settings.urls {
-        let url = match base.join("api/v2/alerts") {
-            Ok(u) => u,
-            Err(e) => {
-                tracing::error!(alertmanager = %base, error = %e, "bad Alertmanager URL");
-                continue;
-            }
-        };
-        let mut backoff = FIRST_BACKOFF;
-        for attempt in 1..=ATTEMPTS {
-            let result = client.post(url.clone()).json(&body).send().await;
-            let error = match result {
-                Ok(resp) if resp.status().is_success() => {
-                    metrics.alert_delivery(Delivery::Success);
-                    let since_event_ms = trigger_boot_ns
-                        .map(|t| crate::event::boot_ns_now().saturating_sub(t) as f64 / 1e6);
-                    tracing::info!(alertmanager = %base, alerts = body.len(), since_event_ms, "alerts delivered");
-                    break;
+/// `text` (a URL as given, parsable or not) with anything between `://`
+/// and the last `@` of the authority replaced by `***`.
+#[must_use]
+pub fn redact_userinfo(text: &str) -> String {
+    let Some(start) = text.find("://").map(|i| i + 3) else {
+        return text.to_owned();
+    };
+    let rest = &text[start..];
+    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+    match authority.rfind('@') {
+        Some(at) => format!("{}***@{}", &text[..start], &rest[at + 1..]),
+        None => text.to_owned(),
+    }
+}
+
+/// The pusher, its files read and its client built, ready to start.
+#[derive(Debug)]
+pub struct Pusher {
+    settings: AlertSettings,
+    transport: Arc<transport::Transport>,
+}
+
+/// One Alertmanager: its POST URL and the shared client.
+struct Target {
+    url: reqwest::Url,
+    transport: Arc<transport::Transport>,
+}
+
+impl push::Post for Target {
+    fn post(
+        &self,
+        batch: &push::Batch,
+    ) -> impl std::future::Future<Output = Result<(), transport::PostError>> + Send {
+        self.transport.post(&self.url, &batch.alerts)
+    }
+}
+
+impl Pusher {
+    /// Reads the CA and credential files and builds the client. Call it
+    /// after dropping privileges: the files are read again before each
+    /// push, by the same user.
+    ///
+    /// # Errors
+    /// A file that cannot be read or holds nothing usable (named in the
+    /// error), or no trusted roots for an https target.
+    pub fn new(settings: AlertSettings) -> Result<Self, TransportError> {
+        let transport = transport::Transport::new(&settings.urls, &settings.client)?;
+        Ok(Self {
+            settings,
+            transport: Arc::new(transport),
+        })
+    }
+
+    /// Starts delivery; it runs until `cancel`.
+    #[must_use]
+    pub fn spawn(
+        self,
+        wanted: watch::Receiver<Arc<WantedSet>>,
+        metrics: Arc<Metrics>,
+        cancel: CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        let Self {
+            settings,
+            transport,
+        } = self;
+        let AlertSettings {
+            urls,
+            resend_interval,
+            client,
+        } = settings;
+        let mut targets = Vec::new();
+        for base in &urls {
+            match base.join("api/v2/alerts") {
+                Ok(url) => targets.push((
+                    redacted(base),
+                    Target {
+                        url,
+                        transport: Arc::clone(&transport),
+                    },
+                )),
+                Err(e) => {
+                    tracing::error!(alertmanager = %redacted(base), error = %e, "bad Alertmanager URL; not pushing to it");
                 }
-                Ok(resp) => format!("HTTP {}", resp.status()),
-                Err(e) => e.to_string(),
-            };
-            metrics.alert_delivery(Delivery::Failure);
-            tracing::warn!(alertmanager = %base, attempt, attempts = ATTEMPTS, %error, "alert delivery failed");
-            if attempt == ATTEMPTS {
-                tracing::error!(alertmanager = %base, "giving up until the next change or re-send; alerts are kept");
-                break;
             }
-            tokio::select! {
-                () = cancel.cancelled() => return,
-                () = tokio::time::sleep(backoff) => {}
-            }
-            backoff *= 2;
         }
+        tracing::info!(
+            alertmanager = ?targets.iter().map(|(name, _)| name.as_str()).collect::<Vec<_>>(),
+            timeout = ?client.timeout,
+            connect_timeout = ?connect_timeout(client.timeout),
+            ca_file = ?client.ca_file,
+            auth = match &client.auth {
+                None => "none",
+                Some(AlertAuth::Bearer { .. }) => "bearer token",
+                Some(AlertAuth::Basic { .. }) => "basic",
+            },
+            "pushing alerts, to each Alertmanager on its own"
+        );
+        tokio::spawn(push::coordinate(
+            targets,
+            resend_interval,
+            wanted,
+            metrics,
+            cancel,
+        ))
     }
 }
 
@@ -562,6 +579,20 @@ mod tests {
         assert!(!book.is_empty(), "still re-sent within 5 minutes");
         book.expire(at(30 + 300));
         assert!(book.is_empty());
+    }
+
+    #[test]
+    fn user_info_is_redacted_from_urls_and_text() {
+        assert_eq!(
+            redact_userinfo("http://kmod:s3cret@am:9093/p@th"),
+            "http://***@am:9093/p@th"
+        );
+        assert_eq!(redact_userinfo("https://tok@am"), "https://***@am");
+        assert_eq!(redact_userinfo("http://am:9093/a@b"), "http://am:9093/a@b");
+        assert_eq!(redact_userinfo("not a url"), "not a url");
+        assert_eq!(redact_userinfo("http://a b:c d@am"), "http://***@am");
+        let url = reqwest::Url::parse("http://u:p@am:9093/").unwrap();
+        assert_eq!(redacted(&url), "http://***@am:9093/");
     }
 
     #[test]

@@ -8,7 +8,10 @@
 //! - [`daemon`]: `run` daemons on loopback, polled through /status;
 //! - [`report`]: reading /status and `check` JSON;
 //! - [`servers`]: the real Prometheus and Alertmanager; `apiserver`: the
-//!   real kube-apiserver and etcd (host builds only, not the static guest).
+//!   real kube-apiserver and etcd (host builds only, not the static guest);
+//!   `pki`: certificates for a test's https server (host builds only);
+//! - [`stand_ins`]: Alertmanager stand-ins where the real one cannot play
+//!   the part: one that never answers, one that checks a bearer token.
 //!
 //! Every helper panics with a message naming what it was doing (and, for a
 //! command or daemon, its arguments and output) rather than returning an
@@ -17,9 +20,12 @@
 pub mod apiserver;
 pub mod cli;
 pub mod daemon;
+#[cfg(not(target_env = "musl"))]
+pub mod pki;
 pub mod process;
 pub mod report;
 pub mod servers;
+pub mod stand_ins;
 
 use std::path::{Path, PathBuf};
 

@@ -597,7 +597,24 @@ impl Locator<'_> {
             self.check(event_log_keep, "event_log_keep", validate::event_log_keep)?;
         let alertmanager = alertmanager
             .into_iter()
-            .map(|value| self.check_str(&value, "alertmanager", validate::alertmanager_url))
+            .map(|value| {
+                // The value is shown without user info: a refused URL with
+                // credentials must not print them.
+                validate::alertmanager_url(value.get_ref()).map_err(|problem| {
+                    self.error(
+                        &value.span(),
+                        ConfigProblem::Invalid {
+                            key: "alertmanager",
+                            value: format!(
+                                "{:?}",
+                                crate::alerting::redact_userinfo(value.get_ref())
+                            )
+                            .into(),
+                            problem: problem.into(),
+                        },
+                    )
+                })
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let alert_resend_interval = self.check(
             alert_resend_interval,

@@ -314,8 +314,11 @@ pub fn resolve_run(
         alertmanager
             .iter()
             .map(|url| {
-                validate::alertmanager_url(url)
-                    .map_err(|problem| flag_error("--alertmanager", format!("{url:?}"), problem))
+                validate::alertmanager_url(url).map_err(|problem| {
+                    // Shown without user info, so refused credentials stay unprinted.
+                    let shown = crate::alerting::redact_userinfo(url);
+                    flag_error("--alertmanager", format!("{shown:?}"), problem)
+                })
             })
             .collect::<Result<_, _>>()?
     };

@@ -143,6 +143,16 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
     }
     tracing::info!(source = %running.kind, details = ?running.details, "event source active");
     let privileges = drop_privileges(&settings)?;
+    // The Alertmanager client's files, read as the user that re-reads them.
+    let pusher = (!settings.alertmanager.is_empty())
+        .then(|| {
+            alerting::Pusher::new(AlertSettings {
+                urls: settings.alertmanager.clone(),
+                resend_interval: settings.alert_resend_interval,
+                client: settings.alert_client.clone(),
+            })
+        })
+        .transpose()?;
     // The cluster watch (no capability needed; the token is a file).
     let client = longhorn::client(&settings.common.cluster).await?;
     // 2. Snapshot, bracketed by boot-clock readings.
@@ -234,19 +244,7 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
     }
     let (status_tx, status_rx) = watch::channel(Arc::new(d.status(&running)));
     d.publish(&running, &status_tx);
-    let pusher = (!d.settings.alertmanager.is_empty()).then(|| {
-        tracing::info!(alertmanager = ?d.settings.alertmanager.iter().map(reqwest::Url::as_str).collect::<Vec<_>>(), "pushing alerts");
-        alerting::spawn(
-            AlertSettings {
-                urls: d.settings.alertmanager.clone(),
-                resend_interval: d.settings.alert_resend_interval,
-                client: d.settings.alert_client.clone(),
-            },
-            wanted_rx,
-            Arc::clone(&metrics),
-            cancel.clone(),
-        )
-    });
+    let pusher = pusher.map(|p| p.spawn(wanted_rx, Arc::clone(&metrics), cancel.clone()));
     let server = http::serve(
         http::Listener {
             addr: d.settings.listen,

@@ -12,6 +12,8 @@
 //! - `persistence`: reboot survival in check, /status and metrics; check --fix.
 //! - `prometheus`: /metrics, the shipped rules and alert delivery against
 //!   the real Prometheus and Alertmanager.
+//! - `alertmanager`: delivery with a hung Alertmanager listed first, https
+//!   with a CA file, basic auth and bearer tokens, and no secret shown.
 //! - `deploy`: the Kubernetes manifests and systemd unit, validated.
 //! - `http`: the listener's limits under hostile clients (idle
 //!   connections against 1,024 descriptors, unfinished huge headers,
@@ -23,6 +25,7 @@
 //! - `layers`: the daemon's modules use only their own layer or lower ones.
 //! - `longhorn`: the cluster watch (V2 enablement from Longhorn's setting and
 //!   the node label) against a real kube-apiserver and etcd; hugepages.
+mod alertmanager;
 mod bad_input;
 mod check;
 mod daemon;
