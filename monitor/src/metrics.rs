@@ -77,6 +77,14 @@ struct ResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequirementInfoLabels {
+    requirement: String,
+    /// `modules` (a module group) or `check` (a host or cluster check).
+    kind: String,
+    severity: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabels {
     reason: String,
 }
@@ -138,6 +146,7 @@ impl Delivery {
 #[derive(Default)]
 struct Known {
     requirements: Vec<RequirementLabels>,
+    infos: Vec<RequirementInfoLabels>,
     module_requirements: Vec<ModuleRequirementLabels>,
     modules: std::collections::BTreeSet<String>,
 }
@@ -146,6 +155,7 @@ struct Known {
 pub struct Metrics {
     registry: Registry,
     requirement_met: Family<RequirementLabels, Gauge>,
+    requirement_info: Family<RequirementInfoLabels, Gauge>,
     module_loaded: Family<ModuleRequirementLabels, Gauge>,
     module_state: Family<ModuleStateLabels, Gauge>,
     module_events: Family<ModuleEventLabels, Counter>,
@@ -184,6 +194,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("kmod_monitor");
         let m = Self {
             requirement_met: Family::default(),
+            requirement_info: Family::default(),
             module_loaded: Family::default(),
             module_state: Family::default(),
             module_events: Family::default(),
@@ -217,6 +228,11 @@ impl Metrics {
             "requirement_met",
             "1 when the requirement group is met on this node",
             m.requirement_met.clone(),
+        );
+        registry.register(
+            "requirement_info",
+            "1 for every requirement in force, with its kind (modules or check) and severity, for rules to join on",
+            m.requirement_info.clone(),
         );
         registry.register(
             "module_loaded",
@@ -361,6 +377,7 @@ impl Metrics {
     /// modules that are gone (config reload).
     pub fn set_groups(&self, groups: &[GroupReport], now_unix: f64) {
         let mut keep_req = Vec::new();
+        let mut keep_info = Vec::new();
         let mut keep_mod_req = Vec::new();
         let mut keep_mod = std::collections::BTreeSet::new();
         for g in groups {
@@ -377,6 +394,18 @@ impl Metrics {
             }
             drop(transition);
             keep_req.push(req);
+            let info = RequirementInfoLabels {
+                requirement: g.name.clone(),
+                kind: if g.check.is_some() {
+                    "check"
+                } else {
+                    "modules"
+                }
+                .into(),
+                severity: g.severity.clone(),
+            };
+            self.requirement_info.get_or_create(&info).set(1);
+            keep_info.push(info);
             for m in &g.modules {
                 let labels = ModuleRequirementLabels {
                     module: m.name.to_string(),
@@ -414,6 +443,9 @@ impl Metrics {
             self.requirement_met.remove(req);
             self.last_transition.remove(req);
         }
+        for info in known.infos.iter().filter(|i| !keep_info.contains(i)) {
+            self.requirement_info.remove(info);
+        }
         for l in known
             .module_requirements
             .iter()
@@ -440,6 +472,7 @@ impl Metrics {
         }
         *known = Known {
             requirements: keep_req,
+            infos: keep_info,
             module_requirements: keep_mod_req,
             modules: keep_mod,
         };

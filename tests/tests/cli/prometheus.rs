@@ -301,6 +301,8 @@ fn prometheus_scrapes_and_the_shipped_rules_fire() {
         .unwrap_or_default();
     assert_eq!(unmet["labels"]["module"], "dm_crypt", "{body:#}");
     assert_eq!(unmet["labels"]["requirement"], "base");
+    // The severity comes from kmod_monitor_requirement_info, not the rule.
+    assert_eq!(unmet["labels"]["severity"], "critical", "{body:#}");
 }
 
 #[test]
