@@ -434,7 +434,7 @@ impl Writer {
                 break;
             }
             let sealed = chain::seal(&p.record, &head)
-                .map_err(|e| format!("encoding a {} record: {e}", p.record.kind))?;
+                .map_err(|e| format!("sealing a {} record: {e}", p.record.kind))?;
             let newline = n == 0 && self.needs_newline;
             let len = sealed.line.len() + usize::from(newline);
             let would_be = self.size + (buf.len() + len) as u64;
@@ -498,7 +498,7 @@ impl Writer {
     fn write_one(&mut self, p: &Pending) -> Result<(), String> {
         let path = self.settings.path.clone();
         let sealed = chain::seal(&p.record, &self.head)
-            .map_err(|e| format!("encoding a {} record: {e}", p.record.kind))?;
+            .map_err(|e| format!("sealing a {} record: {e}", p.record.kind))?;
         let mut bytes = Vec::with_capacity(sealed.line.len() + 1);
         if self.needs_newline {
             bytes.push(b'\n');

@@ -453,3 +453,46 @@ fn a_full_disk_degrades_the_log_and_writing_resumes() {
         "a failed write is undone, not left torn: {out}"
     );
 }
+
+/// A record of `kind`, stamped as the daemon would.
+fn stamped(kind: kmod_monitor::forensic::RecordKind) -> kmod_monitor::forensic::Record {
+    let mut r = kmod_monitor::forensic::Record::new(kind, 1);
+    kmod_monitor::forensic::stamp(&mut r, "boot", "node-a");
+    r
+}
+
+#[test]
+fn log_verify_rejects_a_seq_that_wraps() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let log = dir.path().join("events.jsonl");
+    // Three records numbered u64::MAX, 0, 1, each correctly hashed and
+    // linked to the one before: only the seq is wrong.
+    let mut prev_hash = kmod_monitor::forensic::chain::GENESIS.to_owned();
+    let mut text = String::new();
+    for seq in [u64::MAX, 0, 1] {
+        let r = stamped(kmod_monitor::forensic::RecordKind::ConfigReload);
+        let Value::Object(mut map) = serde_json::to_value(&r).unwrap_or_else(|e| panic!("{e}"))
+        else {
+            unreachable!("a record is an object")
+        };
+        map.insert("seq".into(), Value::from(seq));
+        map.insert("prev_hash".into(), Value::from(prev_hash.clone()));
+        map.remove("hash");
+        let hash = kmod_monitor::forensic::chain::record_hash(&map);
+        map.insert("hash".into(), Value::from(hash.clone()));
+        text.push_str(&kmod_monitor::forensic::chain::canonical(&Value::Object(
+            map,
+        )));
+        text.push('\n');
+        prev_hash = hash;
+    }
+    fs::write(&log, text).unwrap_or_else(|e| panic!("{e}"));
+    let out = verify(&log);
+    out.expect_code(1);
+    assert!(
+        out.stdout
+            .starts_with(&format!("FAILED {}:2: ", log.display()))
+            && out.stdout.contains("18446744073709551615"),
+        "{out}"
+    );
+}
