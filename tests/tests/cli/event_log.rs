@@ -454,11 +454,101 @@ fn a_full_disk_degrades_the_log_and_writing_resumes() {
     );
 }
 
+/// Writes `records` to `path` as a sealed chain from seq 1.
+fn sealed_log(path: &Path, records: &[kmod_monitor::forensic::Record]) {
+    use kmod_monitor::forensic::chain::{Head, seal};
+    let mut head = Head::genesis();
+    let mut text = String::new();
+    for r in records {
+        let sealed = seal(r, &head).unwrap_or_else(|e| panic!("{e}"));
+        text.push_str(&sealed.line);
+        head = sealed.head;
+    }
+    fs::write(path, text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+}
+
 /// A record of `kind`, stamped as the daemon would.
 fn stamped(kind: kmod_monitor::forensic::RecordKind) -> kmod_monitor::forensic::Record {
     let mut r = kmod_monitor::forensic::Record::new(kind, 1);
     kmod_monitor::forensic::stamp(&mut r, "boot", "node-a");
     r
+}
+
+#[test]
+fn log_show_escapes_control_characters_and_json_is_the_raw_line() {
+    use kmod_monitor::forensic::{
+        RecordKind,
+        record::{ActorInfo, ModuleInfo},
+    };
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let log = dir.path().join("events.jsonl");
+    // A process can name itself anything: erase the line, return, beep,
+    // set the terminal's title, reverse the text.
+    let comm = "\u{1b}[2K\rrmmod\u{7}";
+    let mut unload = stamped(RecordKind::ModuleUnload);
+    unload.module = Some(ModuleInfo {
+        name: "dm_crypt".into(),
+        taints: None,
+    });
+    unload.actor = Some(ActorInfo {
+        pid: 66,
+        tgid: 66,
+        comm: comm.into(),
+        cmdline: Some(vec!["\u{1b}]0;owned\u{7}".into(), "dm_crypt\n".into()]),
+        read_late: true,
+        ..ActorInfo::default()
+    });
+    unload.source = Some("ebpf".into());
+    let mut lost = stamped(RecordKind::EventsLost);
+    lost.reason = Some("undecodable\u{1b}[1A\u{1b}[2K\u{9b}31m \u{202e}txet".into());
+    sealed_log(&log, &[unload, lost]);
+
+    let shown = kmod_monitor(&args!["log", "show", &log]);
+    shown.expect_code(0);
+    for c in shown.stdout.chars() {
+        assert!(
+            c == '\n' || !(c.is_control() || c == '\u{202e}'),
+            "{c:?} reached the terminal: {:?}",
+            shown.stdout
+        );
+    }
+    assert!(
+        shown.stdout.contains(r"by \u{1b}[2K\rrmmod\u{7} (pid 66"),
+        "the name is shown, escaped: {}",
+        shown.stdout
+    );
+    assert!(
+        shown
+            .stdout
+            .contains(r"undecodable\u{1b}[1A\u{1b}[2K\u{9b}31m \u{202e}txet"),
+        "{}",
+        shown.stdout
+    );
+
+    let json = kmod_monitor(&args!["log", "show", "--json", &log]);
+    json.expect_code(0);
+    assert_eq!(
+        json.stdout,
+        fs::read_to_string(&log).unwrap_or_else(|e| panic!("{e}")),
+        "--json prints the lines exactly as they are"
+    );
+
+    // verify quotes what it found in a tampered file: escaped too.
+    let text = fs::read_to_string(&log).unwrap_or_else(|e| panic!("{e}"));
+    let hash = log_records(&log, &[])[0]["hash"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    fs::write(&log, text.replacen(&hash, r"\u001b[2J\u001b[H", 1))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let out = verify(&log);
+    out.expect_code(1);
+    assert!(
+        out.stdout
+            .contains(r"edited record: its hash \u{1b}[2J\u{1b}[H does not match")
+            && !out.stdout.contains('\u{1b}'),
+        "{out}"
+    );
 }
 
 #[test]
