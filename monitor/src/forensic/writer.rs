@@ -2,6 +2,12 @@
 //! recovery, one `write(2)` per record, size rotation, the fsync policy, and
 //! holding records in memory (and retrying) while the disk fails. Nothing
 //! here runs on the daemon's event path.
+//!
+//! One writer per log: the writer holds an exclusive `flock` on a lock file
+//! of its own beside the log ([`lock_path`]), which rotation never renames
+//! or closes, so a second daemon is refused at every moment, rotation
+//! included. The log file itself is locked too, as older versions did, so
+//! they are kept off as well.
 use std::{
     collections::VecDeque,
     fs::{self, File, OpenOptions},
@@ -63,12 +69,15 @@ pub enum OpenError {
     },
     /// Another process holds the log's lock.
     #[error(
-        "event log {}: in use by another process (flock); give each kmod-monitor its own --event-log",
-        path.display()
+        "event log {}: in use by another process (flock on {}); give each kmod-monitor its own --event-log",
+        path.display(),
+        lock.display()
     )]
     Locked {
-        /// The file.
+        /// The log file.
         path: PathBuf,
+        /// The file that is locked.
+        lock: PathBuf,
     },
     /// The writer thread could not be started.
     #[error("event log {}: cannot start its writer thread: {error}", path.display())]
@@ -147,6 +156,8 @@ pub fn scan_file(path: &Path) -> io::Result<Scan> {
 /// The log file being appended to, its chain head, and the writer state.
 pub struct Writer {
     settings: EventLogSettings,
+    /// The lock file, `flock`ed for as long as the writer lives.
+    _lock: File,
     boot_id: String,
     host: String,
     file: Option<File>,
@@ -215,6 +226,7 @@ impl Writer {
                     error,
                 })?;
         }
+        let lock = take_lock(&path)?;
         let file = open_locked(&path)?;
         let scan = scan_file(&path).map_err(|error| OpenError::Io {
             path: path.clone(),
@@ -226,6 +238,7 @@ impl Writer {
             None => rotated_head(&settings)?,
         };
         let mut writer = Self {
+            _lock: lock,
             boot_id,
             host,
             file: Some(file),
@@ -653,8 +666,65 @@ impl Writer {
     }
 }
 
+/// The lock file of the log at `path`: `.NAME.lock` in the same directory
+/// (hidden, so `events.jsonl*` does not match it). It is never renamed or
+/// deleted: removing a lock file that another process may be opening
+/// invites two holders.
+#[must_use]
+pub fn lock_path(path: &Path) -> PathBuf {
+    let mut name = std::ffi::OsString::from(".");
+    name.push(path.file_name().unwrap_or(path.as_os_str()));
+    name.push(".lock");
+    path.with_file_name(name)
+}
+
+/// Opens (creating, 0600) the lock file of the log at `path` and takes an
+/// exclusive `flock` on it, held for as long as the returned file is open.
+fn take_lock(path: &Path) -> Result<File, OpenError> {
+    let lock = lock_path(path);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+        .open(&lock)
+        .map_err(|error| OpenError::Io {
+            path: lock.clone(),
+            action: "cannot open the log's lock file",
+            error,
+        })?;
+    flock_exclusive(&file, path, &lock)?;
+    Ok(file)
+}
+
+/// Takes an exclusive `flock` on `file` (`lock`, guarding the log at
+/// `path`) without waiting.
+fn flock_exclusive(file: &File, path: &Path, lock: &Path) -> Result<(), OpenError> {
+    // SAFETY: flock only reads the descriptor number, which `file` keeps
+    // open for the whole call.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    Err(if err.kind() == io::ErrorKind::WouldBlock {
+        OpenError::Locked {
+            path: path.to_path_buf(),
+            lock: lock.to_path_buf(),
+        }
+    } else {
+        OpenError::Io {
+            path: lock.to_path_buf(),
+            action: "cannot lock it",
+            error: err,
+        }
+    })
+}
+
 /// Opens `path` for appending (0600, created if missing) and takes an
-/// exclusive `flock` on it.
+/// exclusive `flock` on it (what versions before the lock file relied on).
 fn open_locked(path: &Path) -> Result<File, OpenError> {
     let file = OpenOptions::new()
         .append(true)
@@ -680,23 +750,7 @@ fn open_locked(path: &Path) -> Result<File, OpenError> {
                 error,
             })?;
     }
-    // SAFETY: flock only reads the descriptor number, which `file` keeps
-    // open for the whole call.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc != 0 {
-        let err = io::Error::last_os_error();
-        return Err(if err.kind() == io::ErrorKind::WouldBlock {
-            OpenError::Locked {
-                path: path.to_path_buf(),
-            }
-        } else {
-            OpenError::Io {
-                path: path.to_path_buf(),
-                action: "cannot lock it",
-                error: err,
-            }
-        });
-    }
+    flock_exclusive(&file, path, path)?;
     sync_dir(path);
     Ok(file)
 }
@@ -806,7 +860,98 @@ mod tests {
             .err()
             .unwrap();
         assert!(matches!(err, OpenError::Locked { .. }), "{err}");
-        assert!(err.to_string().contains("events.jsonl"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("events.jsonl: in use by another process")
+                && err.to_string().contains(".events.jsonl.lock"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_lock_file_is_hidden_beside_the_log_and_outlives_rotation() {
+        assert_eq!(
+            lock_path(Path::new("/var/lib/kmod-monitor/events.jsonl")),
+            Path::new("/var/lib/kmod-monitor/.events.jsonl.lock")
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let s = settings(dir.path(), 1500, 2);
+        let mut w = writer(&s);
+        let lock = lock_path(&s.path);
+        let held = |lock: &Path| {
+            let probe = File::open(lock).unwrap();
+            // SAFETY: flock only reads the descriptor number of `probe`,
+            // open for the whole call.
+            let rc = unsafe { libc::flock(probe.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            rc != 0
+        };
+        assert!(held(&lock));
+        let inode = || std::os::unix::fs::MetadataExt::ino(&fs::metadata(&lock).unwrap());
+        let before = inode();
+        write(&mut w, 40);
+        assert!(rotated_path(&s.path, 2).exists(), "it rotated");
+        assert!(held(&lock), "still locked after rotating");
+        assert_eq!(inode(), before, "the same lock file");
+        drop(w);
+        assert!(!held(&lock), "released with the writer");
+        assert!(lock.exists(), "never deleted");
+    }
+
+    #[test]
+    fn a_second_writer_is_refused_at_every_moment_across_rotation() {
+        use std::sync::{
+            Arc,
+            atomic::{AtomicBool, AtomicU64, Ordering},
+        };
+        let dir = tempfile::tempdir().unwrap();
+        // A rotation every few records.
+        let s = settings(dir.path(), 4096, 2);
+        let mut w = writer(&s);
+        let done = Arc::new(AtomicBool::new(false));
+        let tries = Arc::new(AtomicU64::new(0));
+        // A second daemon trying to open the same log, as fast as it can,
+        // while the first one rotates.
+        let intruder = {
+            let (s, done, tries) = (s.clone(), Arc::clone(&done), Arc::clone(&tries));
+            std::thread::spawn(move || {
+                let mut got_in = 0_u64;
+                while !done.load(Ordering::Relaxed) {
+                    let (tx, _rx) = watch::channel(EventLogStatus::default());
+                    match Writer::open(s.clone(), String::new(), String::new(), tx) {
+                        Err(OpenError::Locked { .. }) => {}
+                        Ok(_) => got_in += 1,
+                        Err(e) => panic!("{e}"),
+                    }
+                    tries.fetch_add(1, Ordering::Relaxed);
+                }
+                got_in
+            })
+        };
+        let mut rotations = 0;
+        while rotations < 300 || tries.load(Ordering::Relaxed) < 1000 {
+            let before = w.size;
+            w.accept(record(RecordKind::ConfigReload));
+            w.flush();
+            assert!(
+                !w.status.borrow().degraded,
+                "the writer lost its own log to the intruder after {rotations} rotations: {:?}",
+                w.status.borrow()
+            );
+            if w.size < before {
+                rotations += 1;
+            }
+        }
+        done.store(true, Ordering::Relaxed);
+        let got_in = intruder.join().unwrap();
+        assert_eq!(
+            got_in,
+            0,
+            "a second writer opened the log {got_in} times in {} tries across {rotations} rotations",
+            tries.load(Ordering::Relaxed)
+        );
+        drop(w);
+        let report = verify::verify(&all_files(&s)).unwrap();
+        assert!(report.problem.is_none(), "{report}");
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! The forensic event log of the real daemon: what `run --event-log` writes
 //! for a module change, that `log verify` and `log show` read it back, that
 //! a SIGKILL mid-burst leaves every complete record intact and the restart
-//! recovers the torn line, and that a full disk degrades the log (visible in
-//! /status) without stopping the daemon, and writing resumes.
+//! recovers the torn line, that a full disk degrades the log (visible in
+//! /status) without stopping the daemon, and writing resumes, and that a
+//! second daemon is refused after rotations too. `log show` escapes control
+//! characters; `log verify` rejects a seq that wraps.
 //!
 //! Records are made fast with SIGHUP: every reload of `--config` writes a
 //! `config_reload` record, so a burst of signals is a burst of writes.
@@ -318,6 +320,36 @@ fn sigkill_mid_burst_keeps_complete_records_and_the_restart_recovers_the_torn_li
         after.first().map(|x| x["kind"].clone()),
         Some("monitor_start".into())
     );
+}
+
+#[test]
+fn a_second_daemon_on_the_same_log_is_refused_after_rotation_too() {
+    let host = FakeHost::debian_6_1();
+    let config = host.config("# no groups of our own\n");
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let log = dir.path().join("events.jsonl");
+    let first = logging(
+        &host,
+        &log,
+        &args!["--config", &config, "--event-log-max-bytes", "4096"],
+    );
+    let rotated = dir.path().join("events.jsonl.2");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !rotated.exists() {
+        assert!(Instant::now() < deadline, "no rotation\n{first}");
+        first.signal(Signal::HUP);
+        thread::sleep(Duration::from_millis(20));
+    }
+    let second = Daemon::try_start(&host, &args!["--source", "poll", "--event-log", &log]);
+    let Err(out) = second else {
+        panic!("a second daemon started on {}\n{first}", log.display());
+    };
+    out.expect_code(2).stderr_has(&[
+        &format!("event log {}: in use by another process", log.display()),
+        &dir.path().join(".events.jsonl.lock").display().to_string(),
+    ]);
+    stop(first);
+    verify(&log).expect_code(0);
 }
 
 /// A tmpfs mounted for one test, unmounted (lazily, so a file still open
