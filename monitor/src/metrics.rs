@@ -152,6 +152,7 @@ pub struct Metrics {
     module_persistent: Family<ModuleLabels, Gauge>,
     log_degraded: Gauge,
     log_write_errors: Counter,
+    log_dropped: Counter,
     requirement_enabled: Family<EnabledLabels, Gauge>,
     /// No series while the cluster watch is off.
     setting_readable: Family<NoLabels, Gauge>,
@@ -159,6 +160,8 @@ pub struct Metrics {
     hugepages: Family<KindLabels, Gauge>,
     /// What `log_write_errors` was last raised to (the log reports a total).
     log_errors_seen: AtomicU64,
+    /// What `log_dropped` was last raised to (the log reports a total).
+    log_dropped_seen: AtomicU64,
     known: std::sync::Mutex<Known>,
 }
 
@@ -186,11 +189,13 @@ impl Metrics {
             module_persistent: Family::default(),
             log_degraded: Gauge::default(),
             log_write_errors: Counter::default(),
+            log_dropped: Counter::default(),
             requirement_enabled: Family::default(),
             setting_readable: Family::default(),
             node_readable: Family::default(),
             hugepages: Family::default(),
             log_errors_seen: AtomicU64::new(0),
+            log_dropped_seen: AtomicU64::new(0),
             known: std::sync::Mutex::default(),
             registry: Registry::default(),
         };
@@ -266,6 +271,11 @@ impl Metrics {
             "event_log_write_errors",
             "Failed forensic log writes and fsyncs",
             m.log_write_errors.clone(),
+        );
+        registry.register(
+            "event_log_dropped",
+            "Forensic log records dropped because the records waiting for the disk filled --event-log-buffer-bytes",
+            m.log_dropped.clone(),
         );
         registry.register(
             "requirement_enabled",
@@ -475,6 +485,17 @@ impl Metrics {
         }
     }
 
+    /// Raises the dropped-records counter to the forensic log's running
+    /// total.
+    pub fn set_event_log_dropped(&self, dropped_total: u64) {
+        let seen = self
+            .log_dropped_seen
+            .fetch_max(dropped_total, Ordering::Relaxed);
+        if dropped_total > seen {
+            self.log_dropped.inc_by(dropped_total - seen);
+        }
+    }
+
     /// One series per requirement, labelled with the deciding source.
     pub fn set_enabled<'a>(
         &self,
@@ -631,6 +652,7 @@ mod tests {
         assert!(text.contains("kmod_monitor_build_info{version=\""));
         assert!(text.contains("kmod_monitor_event_log_degraded 0"));
         assert!(text.contains("kmod_monitor_event_log_write_errors_total 0"));
+        assert!(text.contains("kmod_monitor_event_log_dropped_total 0"));
         assert!(text.ends_with("# EOF\n"));
     }
 
@@ -681,6 +703,14 @@ mod tests {
         assert!(text.contains("kmod_monitor_event_log_degraded 0"), "{text}");
         assert!(
             text.contains("kmod_monitor_event_log_write_errors_total 5"),
+            "{text}"
+        );
+        m.set_event_log_dropped(40);
+        m.set_event_log_dropped(40);
+        m.set_event_log_dropped(42);
+        let text = m.encode().unwrap();
+        assert!(
+            text.contains("kmod_monitor_event_log_dropped_total 42"),
             "{text}"
         );
     }

@@ -47,6 +47,7 @@ impl Daemon {
         self.metrics.set_lost_total(running.lost());
         if let Some(log) = &status.event_log {
             self.metrics.set_event_log(log.degraded, log.write_errors);
+            self.metrics.set_event_log_dropped(log.dropped);
         }
         let alerts = alerting::wanted_alerts(&AlertInputs {
             instance: &self.settings.common.node_name,

@@ -1,7 +1,8 @@
 //! The log file on disk and the thread that writes it: opening with torn-line
 //! recovery, one `write(2)` per record, size rotation, the fsync policy, and
-//! holding records in memory (and retrying) while the disk fails. Nothing
-//! here runs on the daemon's event path.
+//! holding records in memory (and retrying) while the disk fails, within
+//! the [`Budget`] the daemon charged them to. Nothing here runs on the
+//! daemon's event path.
 //!
 //! One writer per log: the writer holds an exclusive `flock` on a lock file
 //! of its own beside the log ([`lock_path`]), which rotation never renames
@@ -17,7 +18,10 @@ use std::{
         unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _},
     },
     path::{Path, PathBuf},
-    sync::mpsc::{Receiver, RecvTimeoutError, Sender},
+    sync::{
+        Arc,
+        mpsc::{Receiver, RecvTimeoutError, Sender},
+    },
     time::{Duration, Instant},
 };
 
@@ -26,6 +30,7 @@ use tokio::sync::watch;
 
 use super::{
     EventLogSettings, EventLogStatus, FsyncPolicy,
+    budget::Budget,
     chain::{self, Head},
     record::{Record, RecordKind, TornLine},
     rotated_path,
@@ -39,9 +44,13 @@ pub const FSYNC_INTERVAL: Duration = Duration::from_secs(1);
 const RETRY_FIRST: Duration = Duration::from_millis(500);
 /// Longest wait between retries while the log is degraded.
 const RETRY_MAX: Duration = Duration::from_secs(5);
-/// The most records held in memory while the disk fails; beyond this they
-/// are counted (`dropped`) and a `log_dropped` record says so later.
-pub const MAX_PENDING: usize = 100_000;
+/// What a queued record costs beyond its [`Record::footprint`]: its slot in
+/// the channel to the writer and then in the writer's held queue, rounded
+/// up. Charged to the [`Budget`] with it.
+pub const SLOT_BYTES: usize = 64;
+/// A held queue that a flood grew past this many slots is given back to
+/// the allocator once it is empty again.
+const SHRINK_SLOTS: usize = 1024;
 
 /// Why the event log cannot be used at all (start-up only; write failures
 /// later make it degraded instead).
@@ -171,8 +180,9 @@ pub struct Writer {
     /// the next write (it then gets a `log_recovered` record).
     needs_rescan: bool,
     pending: VecDeque<Pending>,
-    /// Records dropped since the last `log_dropped` record.
-    dropped_unreported: u64,
+    /// The bytes of records queued and held, shared with the daemon, which
+    /// charges them (and counts the drops).
+    budget: Arc<Budget>,
     dirty: bool,
     last_sync: Instant,
     /// While degraded: when to try again, and the back-off that led there.
@@ -180,21 +190,31 @@ pub struct Writer {
     status: watch::Sender<EventLogStatus>,
 }
 
-/// A record waiting to be written.
 /// Most bytes one batched `write(2)` carries.
 const BATCH_BYTES: usize = 256 * 1024;
 
+/// A record waiting to be written.
 struct Pending {
-    record: Record,
+    record: Box<Record>,
     /// Must land in the current file, before any rotation (a
     /// `log_recovered` names lines of the file it is in).
     pinned: bool,
+    /// What it was charged to the budget; 0 for the writer's own records.
+    bytes: u64,
+}
+
+/// A record the daemon charged to the budget.
+pub struct Charged {
+    /// The record.
+    pub record: Box<Record>,
+    /// Its charge: [`Record::footprint`] plus [`SLOT_BYTES`].
+    pub bytes: u64,
 }
 
 /// What the daemon sends the writer thread.
 pub enum Msg {
     /// Append this record.
-    Record(Box<Record>),
+    Record(Charged),
     /// Write what is pending (one try), fsync, acknowledge and stop.
     Close(Sender<()>),
 }
@@ -247,7 +267,7 @@ impl Writer {
             needs_newline: scan.unterminated,
             needs_rescan: false,
             pending: VecDeque::new(),
-            dropped_unreported: 0,
+            budget: Arc::new(Budget::new(settings.buffer_bytes)),
             dirty: false,
             last_sync: Instant::now(),
             retry: None,
@@ -268,6 +288,12 @@ impl Writer {
     #[must_use]
     pub const fn head(&self) -> &Head {
         &self.head
+    }
+
+    /// The budget the daemon charges records to before sending them here.
+    #[must_use]
+    pub fn budget(&self) -> Arc<Budget> {
+        Arc::clone(&self.budget)
     }
 
     /// Queues a `log_recovered` record (first in line) if `scan` found torn
@@ -292,8 +318,9 @@ impl Writer {
         record.after_seq = Some(self.head.seq);
         self.stamp(&mut record);
         self.pending.push_front(Pending {
-            record,
+            record: Box::new(record),
             pinned: true,
+            bytes: 0,
         });
     }
 
@@ -314,7 +341,7 @@ impl Writer {
             };
             let mut close = None;
             match msg {
-                Ok(Msg::Record(r)) => self.accept(*r),
+                Ok(Msg::Record(r)) => self.accept(r),
                 Ok(Msg::Close(ack)) => close = Some(ack),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
@@ -327,7 +354,7 @@ impl Writer {
                 && let Ok(msg) = rx.try_recv()
             {
                 match msg {
-                    Msg::Record(r) => self.accept(*r),
+                    Msg::Record(r) => self.accept(r),
                     Msg::Close(ack) => close = Some(ack),
                 }
             }
@@ -358,18 +385,26 @@ impl Writer {
         }
     }
 
-    /// Queues a record from the daemon (or counts it dropped when too many
-    /// are already held back).
-    pub fn accept(&mut self, record: Record) {
-        if self.pending.len() >= MAX_PENDING {
-            self.dropped_unreported += 1;
-            self.status.send_modify(|s| s.dropped += 1);
-            return;
-        }
+    /// Queues a record the daemon charged to the budget; its charge is
+    /// released once it is written.
+    pub fn accept(&mut self, charged: Charged) {
+        let Charged { record, bytes } = charged;
         self.pending.push_back(Pending {
             record,
             pinned: false,
+            bytes,
         });
+    }
+
+    /// Gives back the budget of records that were written.
+    fn release<'a>(&self, written: impl IntoIterator<Item = &'a Pending>) {
+        let (records, bytes) = written
+            .into_iter()
+            .filter(|p| p.bytes > 0)
+            .fold((0, 0), |(n, b), p| (n + 1, b + p.bytes));
+        if records > 0 {
+            self.budget.release(records, bytes);
+        }
     }
 
     /// Writes what is pending, in order, until done or a write fails.
@@ -399,22 +434,29 @@ impl Writer {
                     self.degrade(&error);
                     return;
                 }
+                self.release([&p]);
             }
-            if self.dropped_unreported == 0 {
+            let dropped = self.budget.take_unreported();
+            if dropped == 0 {
                 break;
             }
             let mut record = Record::new(RecordKind::LogDropped, boot_ns_now());
-            record.dropped = Some(self.dropped_unreported);
+            record.dropped = Some(dropped);
             self.stamp(&mut record);
             tracing::error!(
-                dropped = self.dropped_unreported,
-                "event log: records were dropped while the disk failed"
+                dropped,
+                buffer_bytes = self.settings.buffer_bytes,
+                "event log: records were dropped while the disk could not keep up"
             );
-            self.dropped_unreported = 0;
             self.pending.push_back(Pending {
-                record,
+                record: Box::new(record),
                 pinned: false,
+                bytes: 0,
             });
+        }
+        if self.pending.capacity() > SHRINK_SLOTS {
+            // A flood is over: give its slots back.
+            self.pending.shrink_to_fit();
         }
         if self.retry.take().is_some() {
             tracing::info!(
@@ -480,6 +522,7 @@ impl Writer {
                 self.needs_newline = false;
                 self.head = head;
                 self.dirty = true;
+                self.release(self.pending.range(..n));
                 self.pending.drain(..n);
                 self.status.send_modify(|s| {
                     s.records += n as u64;
@@ -814,9 +857,25 @@ mod tests {
         r
     }
 
+    /// Charges `r` to the budget and queues it, as `EventLog::append` does;
+    /// false when it was dropped.
+    fn queue(w: &mut Writer, r: Record) -> bool {
+        let bytes = (r.footprint() + SLOT_BYTES) as u64;
+        match w.budget.charge(bytes) {
+            crate::forensic::budget::Charge::Taken => {
+                w.accept(Charged {
+                    record: Box::new(r),
+                    bytes,
+                });
+                true
+            }
+            crate::forensic::budget::Charge::Dropped { .. } => false,
+        }
+    }
+
     fn write(w: &mut Writer, n: usize) {
         for _ in 0..n {
-            w.accept(record(RecordKind::ConfigReload));
+            assert!(queue(w, record(RecordKind::ConfigReload)));
         }
         w.flush();
         assert!(w.pending.is_empty(), "{:?}", w.status.borrow());
@@ -930,7 +989,7 @@ mod tests {
         let mut rotations = 0;
         while rotations < 300 || tries.load(Ordering::Relaxed) < 1000 {
             let before = w.size;
-            w.accept(record(RecordKind::ConfigReload));
+            queue(&mut w, record(RecordKind::ConfigReload));
             w.flush();
             assert!(
                 !w.status.borrow().degraded,
@@ -1044,8 +1103,8 @@ mod tests {
         write(&mut w, 2);
         // Make writes fail: swap the file for a read-only descriptor.
         w.file = Some(File::open(&s.path).unwrap());
-        w.accept(record(RecordKind::Drift));
-        w.accept(record(RecordKind::Drift));
+        queue(&mut w, record(RecordKind::Drift));
+        queue(&mut w, record(RecordKind::Drift));
         w.flush();
         {
             let st = w.status.borrow();
@@ -1131,22 +1190,65 @@ mod tests {
     }
 
     #[test]
-    fn too_many_held_records_are_counted_and_reported() {
+    fn held_records_stay_within_the_buffer_bytes_and_drops_are_reported() {
         let dir = tempfile::tempdir().unwrap();
-        let s = settings(dir.path(), 1 << 20, 2);
+        let s = EventLogSettings {
+            buffer_bytes: 64 * 1024,
+            ..settings(dir.path(), 1 << 20, 2)
+        };
         let mut w = writer(&s);
-        w.pending.extend((0..MAX_PENDING).map(|_| Pending {
-            record: record(RecordKind::Drift),
-            pinned: false,
-        }));
-        w.accept(record(RecordKind::Drift));
-        w.accept(record(RecordKind::Drift));
-        assert_eq!(w.status.borrow().dropped, 2);
-        w.pending.truncate(1);
+        write(&mut w, 1);
+        // The disk fails: records are held, up to the bound, then dropped.
+        w.file = Some(File::open(&s.path).unwrap());
+        let (mut queued, mut dropped) = (0_u64, 0_u64);
+        for _ in 0..1000 {
+            if queue(&mut w, record(RecordKind::Drift)) {
+                queued += 1;
+            } else {
+                dropped += 1;
+            }
+            w.flush();
+        }
+        assert!(w.status.borrow().degraded);
+        let usage = w.budget.usage();
+        assert!(usage.bytes <= 64 * 1024, "{usage:?}");
+        let held: usize = w
+            .pending
+            .iter()
+            .map(|p| p.record.footprint() + SLOT_BYTES)
+            .sum();
+        assert_eq!(held as u64, usage.bytes, "the budget is what is held");
+        assert_eq!((usage.records, usage.dropped), (queued, dropped));
+        assert_eq!(w.pending.len() as u64, queued);
+        assert!(
+            queued > 10 && dropped > 500,
+            "{queued} held, {dropped} dropped"
+        );
+
+        // Space returns: what was held is written, then log_dropped, and the
+        // budget is free again.
+        w.file = None;
         w.flush();
+        assert!(w.pending.is_empty());
+        assert!(w.pending.capacity() <= SHRINK_SLOTS);
+        assert_eq!((w.budget.usage().bytes, w.budget.usage().records), (0, 0));
         drop(w);
+        let report = verify::verify(std::slice::from_ref(&s.path)).unwrap();
+        assert!(report.problem.is_none(), "{report}");
         let text = fs::read_to_string(&s.path).unwrap();
-        let last: Record = serde_json::from_str(text.lines().last().unwrap()).unwrap();
-        assert_eq!((last.kind, last.dropped), (RecordKind::LogDropped, Some(2)));
+        let records: Vec<Record> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let drifts = records
+            .iter()
+            .filter(|r| r.kind == RecordKind::Drift)
+            .count();
+        assert_eq!(drifts as u64, queued, "every held record was written");
+        let last = records.last().unwrap();
+        assert_eq!(
+            (last.kind, last.dropped),
+            (RecordKind::LogDropped, Some(dropped))
+        );
     }
 }

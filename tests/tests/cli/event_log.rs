@@ -2,8 +2,10 @@
 //! for a module change, that `log verify` and `log show` read it back, that
 //! a SIGKILL mid-burst leaves every complete record intact and the restart
 //! recovers the torn line, that a full disk degrades the log (visible in
-//! /status) without stopping the daemon, and writing resumes, and that a
-//! second daemon is refused after rotations too. `log show` escapes control
+//! /status) without stopping the daemon, and writing resumes, that a flood
+//! against a full disk keeps the daemon's memory within
+//! `--event-log-buffer-bytes` and counts what it drops, and that a second
+//! daemon is refused after rotations too. `log show` escapes control
 //! characters; `log verify` rejects a seq that wraps.
 //!
 //! Records are made fast with SIGHUP: every reload of `--config` writes a
@@ -483,6 +485,152 @@ fn a_full_disk_degrades_the_log_and_writing_resumes() {
     assert!(
         !out.stdout.contains("torn"),
         "a failed write is undone, not left torn: {out}"
+    );
+}
+
+/// `field` (`VmRSS`, `VmHWM`) of `pid` in bytes.
+fn vm_bytes(pid: u32, field: &str) -> u64 {
+    let path = format!("/proc/{pid}/status");
+    let text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let kib: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in {path}:\n{text}"));
+    kib * 1024
+}
+
+/// Mounts a tmpfs of `size` at `dir/small` for one test.
+fn small_tmpfs(dir: &Path, size: &str) -> Tmpfs {
+    let mnt = dir.join("small");
+    fs::create_dir(&mnt).unwrap_or_else(|e| panic!("{e}"));
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .unwrap_or_else(|e| panic!("running mount: {e}"));
+    assert!(
+        mounted.success(),
+        "mount -t tmpfs -o size={size} failed as root: {mounted}"
+    );
+    Tmpfs(mnt)
+}
+
+#[test]
+fn a_flood_on_a_full_disk_stays_within_the_buffer_bytes_and_drops_are_counted() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!(
+            "\n!!! SKIPPED a_flood_on_a_full_disk_stays_within_the_buffer_bytes_and_drops_are_counted: it mounts a tmpfs and needs root (CI runs as root) !!!\n"
+        );
+        return;
+    }
+    /// The bound under test: records waiting for the disk, in bytes.
+    const BUFFER: u64 = 4 * 1024 * 1024;
+    /// What the daemon may grow by beyond the buffer while a flood of
+    /// thousands of modules is polled (its views of /proc/modules, the
+    /// tracker's states, the allocator's slack).
+    const SLACK: u64 = 12 * 1024 * 1024;
+    /// Modules that appear and vanish at once, every poll.
+    const FLOOD: usize = 5_000;
+    let host = FakeHost::debian_6_1();
+    let config = host.config("# no groups of our own\n");
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let tmpfs = small_tmpfs(dir.path(), "32m");
+    let log = tmpfs.0.join("events.jsonl");
+    let mut daemon = logging(
+        &host,
+        &log,
+        &args![
+            "--config",
+            &config,
+            "--event-log-buffer-bytes",
+            BUFFER.to_string()
+        ],
+    );
+    wait_log(&mut daemon, "the start records", FOLLOW, |l| {
+        l["records"].as_u64() >= Some(2)
+    });
+    let filler = tmpfs.0.join("filler");
+    fill(&filler);
+    let before = vm_bytes(daemon.pid(), "VmRSS");
+
+    // Thousands of modules come and go every second: each poll is a record
+    // per module, and none of them can be written.
+    let base = host.read("proc/modules");
+    let flooded: String = (0..FLOOD)
+        .map(|i| format!("floodmod_{i} 16384 0 - Live 0x0000000000000000\n"))
+        .collect();
+    let with_flood = format!("{base}{flooded}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut on = false;
+    let mut status = daemon.status();
+    while status["event_log"]["dropped"].as_u64() < Some(4 * FLOOD as u64) {
+        assert!(
+            Instant::now() < deadline,
+            "the flood dropped too little: {}\n{daemon}",
+            pretty(&status["event_log"])
+        );
+        on = !on;
+        host.write("proc/modules", if on { &with_flood } else { &base });
+        thread::sleep(Duration::from_millis(1100));
+        status = daemon.status();
+    }
+    host.write("proc/modules", &base);
+    let peak = vm_bytes(daemon.pid(), "VmHWM");
+    let el = &status["event_log"];
+    eprintln!(
+        "flood on a full disk: RSS {} KiB before, peak {} KiB (+{} KiB), buffer {} KiB; {}",
+        before / 1024,
+        peak / 1024,
+        peak.saturating_sub(before) / 1024,
+        BUFFER / 1024,
+        el
+    );
+    assert!(
+        peak.saturating_sub(before) <= BUFFER + SLACK,
+        "the daemon grew by {} KiB during the flood (before {} KiB, peak {} KiB), past the \
+         {} KiB buffer and {} KiB of slack: {}",
+        peak.saturating_sub(before) / 1024,
+        before / 1024,
+        peak / 1024,
+        BUFFER / 1024,
+        SLACK / 1024,
+        pretty(el)
+    );
+    assert_eq!(el["degraded"], true, "{}", pretty(el));
+    let dropped = el["dropped"].as_u64().unwrap_or_default();
+    let (_, metrics) = daemon
+        .get("/metrics")
+        .unwrap_or_else(|e| panic!("GET /metrics: {e}"));
+    let counted = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("kmod_monitor_event_log_dropped_total "))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no kmod_monitor_event_log_dropped_total:\n{metrics}"));
+    assert!(counted >= dropped, "metric {counted}, /status {dropped}");
+
+    // Space returns: what was held is written, then a log_dropped record.
+    fs::remove_file(&filler).unwrap_or_else(|e| panic!("{e}"));
+    wait_log(
+        &mut daemon,
+        "writing to resume",
+        Duration::from_secs(30),
+        |l| l["degraded"] == false && l["pending"] == 0,
+    );
+    let dropped = daemon.status()["event_log"]["dropped"]
+        .as_u64()
+        .unwrap_or_default();
+    stop(daemon);
+
+    verify(&log).expect_code(0);
+    let reported: u64 = log_records(&log, &args!["--kind", "log_dropped"])
+        .iter()
+        .filter_map(|r| r["dropped"].as_u64())
+        .sum();
+    assert_eq!(
+        reported, dropped,
+        "log_dropped records account for every dropped record"
     );
 }
 
