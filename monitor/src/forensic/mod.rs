@@ -216,7 +216,7 @@ impl EventLog {
     /// Never blocks.
     pub fn append(&mut self, mut record: Record) {
         stamp(&mut record, &self.boot_id, &self.host);
-        let bytes = record.footprint() as u64;
+        let bytes = (record.footprint() + writer::SLOT_BYTES) as u64;
         match self.budget.charge(bytes) {
             budget::Charge::Taken => {}
             budget::Charge::Dropped { first } => {
@@ -343,6 +343,26 @@ mod tests {
             (records[0].kind, records[0].dropped),
             (RecordKind::LogDropped, Some(5))
         );
+    }
+
+    #[test]
+    fn append_charges_the_record_and_its_queue_slot() {
+        let mut probe = Record::new(RecordKind::Drift, 1);
+        stamp(&mut probe, "boot", "node");
+        let charge = (probe.footprint() + writer::SLOT_BYTES) as u64;
+        for (buffer_bytes, dropped) in [(charge - 1, 1), (charge, 0)] {
+            let dir = tempfile::tempdir().unwrap();
+            let settings = EventLogSettings {
+                path: dir.path().join("events.jsonl"),
+                fsync: FsyncPolicy::Interval,
+                max_bytes: DEFAULT_MAX_BYTES,
+                keep: DEFAULT_KEEP,
+                buffer_bytes,
+            };
+            let mut log = EventLog::open(settings, "boot".into(), "node".into()).unwrap();
+            log.append(Record::new(RecordKind::Drift, 1));
+            assert_eq!(log.status().dropped, dropped, "buffer {buffer_bytes}");
+        }
     }
 
     #[test]
