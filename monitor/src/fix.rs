@@ -12,6 +12,11 @@
 //! - It never edits a file it did not create: the file's first line must be
 //!   [`MANAGED_HEADER`]'s mark, or [`plan`] refuses with
 //!   [`FixError::ForeignFile`]. A link is refused too.
+//! - Every path is resolved inside the host root, as the host would resolve
+//!   it ([`RootDir`]): an absolute link under `--host-root` means the host's
+//!   path, never the container's. The file is written to a temporary file
+//!   with a random name, created exclusively and never through a link, then
+//!   renamed over the old one, and the directory is fsynced.
 //! - An any-of group needs one member: the first that is loaded (or else
 //!   the first that can be loaded) is loaded and persisted, and nothing is
 //!   done when some member already comes back after a reboot.
@@ -19,18 +24,21 @@
 //!   modprobe.d disables or blacklists) is listed with the reason, not
 //!   attempted.
 use std::collections::BTreeMap;
+use std::ffi::{OsStr, OsString};
 use std::fmt;
-use std::fs;
-use std::io::{self, Write as _};
-use std::os::unix::fs::OpenOptionsExt as _;
+use std::fs::File;
+use std::io::{self, Read as _, Write as _};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 
+use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use serde::Serialize;
 
 use crate::check::{Evaluation, GroupCheck, ModuleCheck, Report};
 use crate::config::flags::CommonFlags;
 use crate::host::HostRoot;
+use crate::host::in_root::RootDir;
 use crate::host::persistence::{Block, PersistSource, Persistence};
 use crate::names::ModuleName;
 use crate::requirements::GroupMode;
@@ -276,33 +284,167 @@ struct ManagedFile {
     modules: Vec<ModuleName>,
 }
 
-/// Reads kmod-monitor's modules-load file, refusing one it did not write.
-fn read_managed(path: &Path) -> Result<ManagedFile, FixError> {
-    match fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_symlink() => {
-            return Err(FixError::ForeignFile {
-                path: path.to_path_buf(),
-                is_link: true,
-            });
-        }
-        Ok(_) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Ok(ManagedFile {
-                text: None,
-                modules: Vec::new(),
-            });
-        }
-        Err(source) => {
+/// kmod-monitor's modules-load file inside the host root: its directory
+/// relative to the root, and its name.
+struct InRoot<'a> {
+    host: &'a HostRoot,
+    /// The file as the host root spells it, for messages.
+    path: PathBuf,
+    dir: PathBuf,
+    name: OsString,
+}
+
+impl<'a> InRoot<'a> {
+    /// `path`, which [`HostRoot`] spelled under `host`'s root.
+    fn new(host: &'a HostRoot, path: &Path) -> Result<Self, FixError> {
+        let rel = path.strip_prefix(host.root()).ok();
+        let (Some(dir), Some(name)) = (rel.and_then(Path::parent), rel.and_then(Path::file_name))
+        else {
             return Err(FixError::Read {
                 path: path.to_path_buf(),
+                source: io::Error::other(format!(
+                    "not a file under the host root {}",
+                    host.root().display()
+                )),
+            });
+        };
+        Ok(Self {
+            host,
+            path: path.to_path_buf(),
+            dir: dir.to_path_buf(),
+            name: name.to_owned(),
+        })
+    }
+
+    /// The directory the file is in, for messages.
+    fn dir_path(&self) -> PathBuf {
+        self.path.parent().unwrap_or(&self.path).to_path_buf()
+    }
+
+    fn read_error(&self) -> impl Fn(io::Error) -> FixError + '_ {
+        |source| FixError::Read {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// The file's content, `None` when it or its directory does not exist.
+    /// A link is refused, never followed; so is anything but a regular
+    /// file (a FIFO would block the read).
+    fn read(&self) -> Result<Option<String>, FixError> {
+        let root = RootDir::open(self.host.root()).map_err(self.read_error())?;
+        let dir = match root.open_dir(&self.dir) {
+            Ok(dir) => dir,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(self.read_error()(e)),
+        };
+        let fd = match rustix::fs::openat(
+            &dir,
+            self.name.as_os_str(),
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(fd) => fd,
+            Err(rustix::io::Errno::NOENT) => return Ok(None),
+            Err(rustix::io::Errno::LOOP) => {
+                return Err(FixError::ForeignFile {
+                    path: self.path.clone(),
+                    is_link: true,
+                });
+            }
+            Err(e) => return Err(self.read_error()(e.into())),
+        };
+        let kind = rustix::fs::fstat(&fd)
+            .map(|st| FileType::from_raw_mode(st.st_mode))
+            .map_err(|e| self.read_error()(e.into()))?;
+        if kind != FileType::RegularFile {
+            return Err(self.read_error()(io::Error::other(format!(
+                "not a regular file ({kind:?})"
+            ))));
+        }
+        let mut text = String::new();
+        File::from(fd)
+            .read_to_string(&mut text)
+            .map_err(self.read_error())?;
+        Ok(Some(text))
+    }
+
+    /// Writes `text` as the file: into a new temporary file beside it (a
+    /// random name that does not end in `.conf`, so systemd never reads it
+    /// half-written; created exclusively, never through a link), fsynced,
+    /// renamed over the file, and the directory fsynced so the rename
+    /// survives a crash. Missing directories are made inside the root.
+    fn write_atomic(&self, text: &str) -> Result<(), FixError> {
+        let dir_error = |source| FixError::Write {
+            path: self.dir_path(),
+            source,
+        };
+        let root = RootDir::open(self.host.root()).map_err(dir_error)?;
+        let dir = root.create_dir_all(&self.dir).map_err(dir_error)?;
+        let (tmp, file) = create_temporary(&dir, &self.name).map_err(dir_error)?;
+        let written = (|| -> io::Result<()> {
+            // The mode, whatever the umask: systemd-modules-load reads it as
+            // root, but people read it too.
+            rustix::fs::fchmod(&file, Mode::from_raw_mode(0o644))?;
+            let mut file = File::from(file);
+            file.write_all(text.as_bytes())?;
+            file.sync_all()?;
+            drop(file);
+            rustix::fs::renameat(&dir, tmp.as_os_str(), &dir, self.name.as_os_str())?;
+            Ok(())
+        })();
+        if let Err(source) = written {
+            let _ = rustix::fs::unlinkat(&dir, tmp.as_os_str(), AtFlags::empty());
+            return Err(FixError::Write {
+                path: self.path.clone(),
                 source,
             });
         }
+        match rustix::fs::fsync(&dir) {
+            // EINVAL: a file system that cannot sync a directory at all.
+            Ok(()) | Err(rustix::io::Errno::INVAL) => Ok(()),
+            Err(e) => Err(dir_error(e.into())),
+        }
     }
-    let text = fs::read_to_string(path).map_err(|source| FixError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
+}
+
+/// How many random temporary names are tried before giving up.
+const TEMPORARY_TRIES: usize = 16;
+
+/// Creates a new file `NAME.<16 hex>.tmp` in `dir`: exclusively
+/// (`O_CREAT|O_EXCL`, so an existing file or a planted link at that name
+/// fails rather than being opened) and without following a link
+/// (`O_NOFOLLOW`). Returns its name and descriptor.
+fn create_temporary(dir: &OwnedFd, name: &OsStr) -> io::Result<(OsString, OwnedFd)> {
+    let mut last = io::Error::from(io::ErrorKind::AlreadyExists);
+    for _ in 0..TEMPORARY_TRIES {
+        let mut random = [0_u8; 8];
+        rustix::rand::getrandom(&mut random, rustix::rand::GetRandomFlags::empty())?;
+        let mut tmp = name.to_owned();
+        tmp.push(format!(".{:016x}.tmp", u64::from_ne_bytes(random)));
+        match rustix::fs::openat(
+            dir,
+            tmp.as_os_str(),
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o644),
+        ) {
+            Ok(fd) => return Ok((tmp, fd)),
+            Err(rustix::io::Errno::EXIST) => last = rustix::io::Errno::EXIST.into(),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(last)
+}
+
+/// Reads kmod-monitor's modules-load file, refusing one it did not write.
+fn read_managed(file: &InRoot<'_>) -> Result<ManagedFile, FixError> {
+    let path = &file.path;
+    let Some(text) = file.read()? else {
+        return Ok(ManagedFile {
+            text: None,
+            modules: Vec::new(),
+        });
+    };
     if !text.starts_with(MANAGED_MARK) {
         return Err(FixError::ForeignFile {
             path: path.to_path_buf(),
@@ -409,7 +551,7 @@ pub fn plan(
     host: &HostRoot,
 ) -> Result<FixPlan, FixError> {
     let path = host.kmod_monitor_modules_load();
-    let managed = read_managed(&path)?;
+    let managed = read_managed(&InRoot::new(host, &path)?)?;
     let unknown = Persistence {
         persistent: false,
         sources: Vec::new(),
@@ -618,56 +760,20 @@ pub fn apply(
     if path != change.path {
         return Err(FixError::Changed { path });
     }
-    let now = match fs::symlink_metadata(&path) {
-        Ok(meta) if meta.file_type().is_symlink() => {
-            return Err(FixError::ForeignFile {
-                path,
-                is_link: true,
-            });
-        }
-        Ok(_) => Some(fs::read_to_string(&path).map_err(|source| FixError::Read {
-            path: path.clone(),
-            source,
-        })?),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-        Err(source) => return Err(FixError::Read { path, source }),
-    };
-    if now != change.previous {
+    let file = InRoot::new(host, &path)?;
+    if file.read()? != change.previous {
         return Err(FixError::Changed { path });
     }
-    write_atomic(&path, &render_managed(&change.modules))?;
+    file.write_atomic(&render_managed(&change.modules))?;
     report.wrote = Some(path);
     report.persisted.clone_from(&change.added);
     Ok(report)
 }
 
-/// Writes `text` to a temporary file beside `path` (its name does not end
-/// in `.conf`, so systemd never reads it half-written), then renames it.
-fn write_atomic(path: &Path, text: &str) -> Result<(), FixError> {
-    let err = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| FixError::Write { path, source }
-    };
-    if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir).map_err(err(dir))?;
-    }
-    let tmp = path.with_extension("conf.kmod-monitor-tmp");
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o644)
-        .open(&tmp)
-        .map_err(err(&tmp))?;
-    file.write_all(text.as_bytes()).map_err(err(&tmp))?;
-    file.sync_all().map_err(err(&tmp))?;
-    drop(file);
-    fs::rename(&tmp, path).map_err(err(path))
-}
-
 #[cfg(test)]
 mod tests {
     use std::cell::RefCell;
+    use std::fs;
     use std::os::unix::process::ExitStatusExt as _;
 
     use super::*;
@@ -865,6 +971,110 @@ mod tests {
             node.plan(v2()).unwrap_err(),
             FixError::ForeignFile { is_link: true, .. }
         ));
+    }
+
+    #[test]
+    fn a_link_planted_beside_the_file_is_never_followed() {
+        let node = Node::new(&[]);
+        let outside = tempfile::tempdir().unwrap();
+        let victim = outside.path().join("passwd");
+        fs::write(&victim, "root:x:0:0::/root:/bin/sh\n").unwrap();
+        // Where a temporary file with a fixed name used to be opened, and a
+        // guess at the new pattern: neither is ever opened.
+        let dir = node.path("etc/modules-load.d/x");
+        let dir = dir.parent().unwrap();
+        for planted in [
+            "kmod-monitor.conf.kmod-monitor-tmp",
+            "kmod-monitor.conf.0000000000000000.tmp",
+        ] {
+            std::os::unix::fs::symlink(&victim, dir.join(planted)).unwrap();
+        }
+        let plan = node.plan(v2()).unwrap();
+        let calls = RefCell::new(Vec::new());
+        let report = apply(&plan, &node.root(), &node.runner(&calls)).unwrap();
+        let path = node.path("etc/modules-load.d/kmod-monitor.conf");
+        assert_eq!(report.wrote.as_deref(), Some(path.as_path()));
+        assert_eq!(
+            fs::read_to_string(&victim).unwrap(),
+            "root:x:0:0::/root:/bin/sh\n"
+        );
+        assert!(!fs::symlink_metadata(&path).unwrap().is_symlink());
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "kmod-monitor.conf",
+                "kmod-monitor.conf.0000000000000000.tmp",
+                "kmod-monitor.conf.kmod-monitor-tmp",
+                "modules.conf"
+            ],
+            "no temporary file left, the planted links untouched"
+        );
+    }
+
+    #[test]
+    fn the_temporary_file_is_new_and_random() {
+        let dir = tempfile::tempdir().unwrap();
+        let fd = rustix::fs::open(
+            dir.path(),
+            OFlags::RDONLY | OFlags::DIRECTORY,
+            Mode::empty(),
+        )
+        .unwrap();
+        let (a, _) = create_temporary(&fd, OsStr::new("kmod-monitor.conf")).unwrap();
+        let (b, _) = create_temporary(&fd, OsStr::new("kmod-monitor.conf")).unwrap();
+        assert_ne!(a, b);
+        for name in [&a, &b] {
+            let name = name.to_str().unwrap();
+            let random = name
+                .strip_prefix("kmod-monitor.conf.")
+                .and_then(|r| r.strip_suffix(".tmp"))
+                .unwrap_or_else(|| panic!("{name}"));
+            assert!(
+                random.len() == 16 && random.bytes().all(|b| b.is_ascii_hexdigit()),
+                "{name}"
+            );
+            assert!(!name.ends_with(".conf"), "systemd must not read it");
+        }
+    }
+
+    #[test]
+    fn an_absolute_link_under_the_host_root_is_the_hosts_path() {
+        let node = Node::new(&[]);
+        let outside = tempfile::tempdir().unwrap();
+        let target = outside.path().join("modules-load.d");
+        fs::create_dir(&target).unwrap();
+        // etc/modules-load.d holds the stock modules.conf link: replace the
+        // directory with an absolute link, as some distributions ship it.
+        fs::remove_dir_all(node.path("etc/modules-load.d/x").parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(&target, node.path("etc/modules-load.d")).unwrap();
+        // The host's directory it names, under the root.
+        let inside = node.path(
+            target
+                .join("kmod-monitor.conf")
+                .strip_prefix("/")
+                .unwrap()
+                .to_str()
+                .unwrap(),
+        );
+        let plan = node.plan(v2()).unwrap();
+        let calls = RefCell::new(Vec::new());
+        apply(&plan, &node.root(), &node.runner(&calls)).unwrap();
+        assert_eq!(fs::read_dir(&target).unwrap().count(), 0, "nothing outside");
+        assert!(
+            fs::read_to_string(&inside)
+                .unwrap()
+                .starts_with(MANAGED_HEADER),
+            "written to the host's {}",
+            inside.display()
+        );
+        // And read back from there: the second run has nothing to add.
+        let second = node.plan(v2()).unwrap();
+        assert!(second.persist.is_none(), "{second:?}");
     }
 
     #[test]

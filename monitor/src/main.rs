@@ -134,7 +134,10 @@ fn run(flags: RunFlags) -> anyhow::Result<u8> {
 
 fn log_verify(paths: &[PathBuf]) -> anyhow::Result<u8> {
     let report = verify::verify(paths)?;
-    print!("{report}");
+    // A tampered file's hashes and members are quoted in the verdict.
+    for line in report.to_string().lines() {
+        println!("{}", show::escape_controls(line));
+    }
     Ok(report.exit_code())
 }
 

@@ -172,6 +172,7 @@ pub struct Metrics {
     module_persistent: Family<ModuleLabels, Gauge>,
     log_degraded: Gauge,
     log_write_errors: Counter,
+    log_dropped: Counter,
     requirement_enabled: Family<EnabledLabels, Gauge>,
     /// No series while the cluster watch is off.
     setting_readable: Family<NoLabels, Gauge>,
@@ -184,6 +185,8 @@ pub struct Metrics {
     /// What each `kernel_filtered` series was last raised to.
     filtered_seen: [AtomicU64; 2],
     events_ignored: Counter,
+    /// What `log_dropped` was last raised to (the log reports a total).
+    log_dropped_seen: AtomicU64,
     known: std::sync::Mutex<Known>,
 }
 
@@ -212,6 +215,7 @@ impl Metrics {
             module_persistent: Family::default(),
             log_degraded: Gauge::default(),
             log_write_errors: Counter::default(),
+            log_dropped: Counter::default(),
             requirement_enabled: Family::default(),
             setting_readable: Family::default(),
             node_readable: Family::default(),
@@ -221,6 +225,7 @@ impl Metrics {
             kernel_filtered: Family::default(),
             filtered_seen: [AtomicU64::new(0), AtomicU64::new(0)],
             events_ignored: Counter::default(),
+            log_dropped_seen: AtomicU64::new(0),
             known: std::sync::Mutex::default(),
             registry: Registry::default(),
         };
@@ -301,6 +306,11 @@ impl Metrics {
             "event_log_write_errors",
             "Failed forensic log writes and fsyncs",
             m.log_write_errors.clone(),
+        );
+        registry.register(
+            "event_log_dropped",
+            "Forensic log records dropped because the records waiting for the disk filled --event-log-buffer-bytes",
+            m.log_dropped.clone(),
         );
         registry.register(
             "requirement_enabled",
@@ -581,6 +591,17 @@ impl Metrics {
         }
     }
 
+    /// Raises the dropped-records counter to the forensic log's running
+    /// total.
+    pub fn set_event_log_dropped(&self, dropped_total: u64) {
+        let seen = self
+            .log_dropped_seen
+            .fetch_max(dropped_total, Ordering::Relaxed);
+        if dropped_total > seen {
+            self.log_dropped.inc_by(dropped_total - seen);
+        }
+    }
+
     /// One series per requirement, labelled with the deciding source.
     pub fn set_enabled<'a>(
         &self,
@@ -738,6 +759,7 @@ mod tests {
         assert!(text.contains("kmod_monitor_build_info{version=\""));
         assert!(text.contains("kmod_monitor_event_log_degraded 0"));
         assert!(text.contains("kmod_monitor_event_log_write_errors_total 0"));
+        assert!(text.contains("kmod_monitor_event_log_dropped_total 0"));
         assert!(text.ends_with("# EOF\n"));
     }
 
@@ -788,6 +810,14 @@ mod tests {
         assert!(text.contains("kmod_monitor_event_log_degraded 0"), "{text}");
         assert!(
             text.contains("kmod_monitor_event_log_write_errors_total 5"),
+            "{text}"
+        );
+        m.set_event_log_dropped(40);
+        m.set_event_log_dropped(40);
+        m.set_event_log_dropped(42);
+        let text = m.encode().unwrap();
+        assert!(
+            text.contains("kmod_monitor_event_log_dropped_total 42"),
             "{text}"
         );
     }

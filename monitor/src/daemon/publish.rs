@@ -40,6 +40,7 @@ impl Daemon {
         }
         if let Some(log) = &status.event_log {
             self.metrics.set_event_log(log.degraded, log.write_errors);
+            self.metrics.set_event_log_dropped(log.dropped);
         }
         let alerts = alerting::wanted_alerts(&AlertInputs {
             instance: &self.settings.common.node_name,

@@ -138,19 +138,41 @@ pub struct Sealed {
     pub head: Head,
 }
 
+/// Why a record cannot be sealed onto the chain.
+#[derive(Debug, thiserror::Error)]
+pub enum SealError {
+    /// The record cannot be turned into JSON (it always can: every member
+    /// is a string, integer, bool or list of those).
+    #[error("cannot encode it as JSON: {0}")]
+    Encode(#[from] serde_json::Error),
+    /// The chain's head has the largest seq there is; seq never wraps.
+    #[error(
+        "the chain is at seq {seq}, the largest seq there is, and seq never wraps; start a new log"
+    )]
+    SeqExhausted {
+        /// The head's seq.
+        seq: u64,
+    },
+}
+
 /// Gives `record` the next seq after `head`, links it to `head` and hashes
 /// it.
 ///
 /// # Errors
-/// When the record cannot be turned into JSON (it always can: every member
-/// is a string, integer, bool or list of those).
-pub fn seal(record: &Record, head: &Head) -> Result<Sealed, serde_json::Error> {
+/// When the record cannot be turned into JSON, or `head` is at `u64::MAX`.
+pub fn seal(record: &Record, head: &Head) -> Result<Sealed, SealError> {
+    let seq = head
+        .seq
+        .checked_add(1)
+        .ok_or(SealError::SeqExhausted { seq: head.seq })?;
     let mut record = record.clone();
-    record.seq = head.seq + 1;
+    record.seq = seq;
     record.prev_hash.clone_from(&head.hash);
     record.hash.clear();
     let Value::Object(mut map) = serde_json::to_value(&record)? else {
-        return Err(serde::ser::Error::custom("a record is not a JSON object"));
+        return Err(SealError::Encode(serde::ser::Error::custom(
+            "a record is not a JSON object",
+        )));
     };
     let hash = record_hash(&map);
     map.insert("hash".to_owned(), Value::String(hash.clone()));
@@ -239,6 +261,21 @@ mod tests {
             )
         );
         assert_eq!(sealed.head.seq, 1);
+    }
+
+    #[test]
+    fn sealing_never_wraps_the_seq() {
+        let r = Record::new(RecordKind::MonitorStart, 1);
+        let head = Head {
+            seq: u64::MAX,
+            hash: GENESIS.to_owned(),
+        };
+        let err = seal(&r, &head).unwrap_err();
+        assert!(
+            matches!(err, SealError::SeqExhausted { seq: u64::MAX }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("18446744073709551615"), "{err}");
     }
 
     #[test]

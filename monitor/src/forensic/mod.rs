@@ -9,14 +9,20 @@
 //! - [`writer`]: the file on disk and its writer thread: torn-line recovery,
 //!   one `write(2)` per record, rotation, fsync, holding records while the
 //!   disk fails.
+//! - [`budget`]: the bound, in bytes, on records between the daemon and the
+//!   disk.
 //! - [`verify`]: walking the chain and naming the first break.
 //! - [`show`]: the timeline and its filters.
 //! - [`actor`]: who caused an event, enriched from `/proc/<tgid>`.
 //!
 //! The daemon hands each record to [`EventLog::append`], which only stamps
-//! it and sends it down an unbounded channel: the event path never waits for
-//! the disk, and never fsyncs.
+//! it, charges its size to the [`budget`] and sends it down a channel: the
+//! event path never waits for the disk, never fsyncs, and never holds more
+//! than `buffer_bytes` of records, queued or held while the disk fails.
+//! Past that, records are counted as dropped, and a `log_dropped` record
+//! says how many once writing resumes.
 pub mod actor;
+pub mod budget;
 pub mod chain;
 pub mod record;
 pub mod show;
@@ -26,7 +32,7 @@ pub mod writer;
 use std::{
     fmt,
     path::{Path, PathBuf},
-    sync::mpsc,
+    sync::{Arc, mpsc},
     thread,
     time::{Duration, SystemTime},
 };
@@ -47,8 +53,9 @@ pub const DEFAULT_MAX_BYTES: u64 = 64 * 1024 * 1024;
 pub const DEFAULT_KEEP: u32 = 5;
 /// The smallest `--event-log-max-bytes` accepted.
 pub const MIN_MAX_BYTES: u64 = 4096;
-/// Default bound on records waiting for the disk: 8 MiB, well inside the
-/// DaemonSet's 64 Mi memory limit next to the daemon's ~12 MiB.
+/// Default bound on records waiting for the disk: 8 MiB of records in
+/// memory ([`Record::footprint`], some 6,000 module events), well inside
+/// the DaemonSet's 64 Mi memory limit next to the daemon's ~12 MiB.
 pub const DEFAULT_BUFFER_BYTES: u64 = 8 * 1024 * 1024;
 /// How long shutdown waits for the writer to write what is pending.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -112,11 +119,16 @@ pub struct EventLogStatus {
     pub last_error: Option<String>,
     /// Failed write and fsync attempts since start.
     pub write_errors: u64,
-    /// Records waiting to be written.
+    /// Records waiting to be written: queued for the writer, or held while
+    /// writes fail.
     pub pending: u64,
+    /// Their size in memory, bytes.
+    pub pending_bytes: u64,
+    /// The bound on `pending_bytes` (`--event-log-buffer-bytes`).
+    pub buffer_bytes: u64,
     /// Records written since start.
     pub records: u64,
-    /// Records dropped because too many were held back.
+    /// Records dropped since start because `buffer_bytes` was reached.
     pub dropped: u64,
     /// The chain head: seq and hash of the last record written (compare
     /// with `log verify` to see that nothing was cut from the end).
@@ -156,6 +168,7 @@ pub fn read_boot_id(host: &HostRoot) -> String {
 pub struct EventLog {
     tx: mpsc::Sender<writer::Msg>,
     status: watch::Receiver<EventLogStatus>,
+    budget: Arc<budget::Budget>,
     boot_id: String,
     host: String,
     thread: Option<thread::JoinHandle<()>>,
@@ -181,6 +194,7 @@ impl EventLog {
         });
         let path = settings.path.clone();
         let w = writer::Writer::open(settings, boot_id.clone(), host.clone(), status_tx)?;
+        let budget = w.budget();
         let (tx, rx) = mpsc::channel();
         let thread = thread::Builder::new()
             .name("event-log".to_owned())
@@ -189,6 +203,7 @@ impl EventLog {
         Ok(Self {
             tx,
             status,
+            budget,
             boot_id,
             host,
             thread: Some(thread),
@@ -196,12 +211,37 @@ impl EventLog {
         })
     }
 
-    /// Stamps `record` and queues it for the writer. Never blocks.
+    /// Stamps `record` and queues it for the writer, or counts it dropped
+    /// when `buffer_bytes` of records are already waiting for the disk.
+    /// Never blocks.
     pub fn append(&mut self, mut record: Record) {
         stamp(&mut record, &self.boot_id, &self.host);
-        if self.tx.send(writer::Msg::Record(Box::new(record))).is_err() && !self.broken {
-            self.broken = true;
-            tracing::error!("event log writer has stopped; records are no longer written");
+        let bytes = (record.footprint() + writer::SLOT_BYTES) as u64;
+        match self.budget.charge(bytes) {
+            budget::Charge::Taken => {}
+            budget::Charge::Dropped { first } => {
+                if first {
+                    let usage = self.budget.usage();
+                    tracing::warn!(
+                        pending = usage.records,
+                        pending_bytes = usage.bytes,
+                        buffer_bytes = usage.limit,
+                        "event log: records waiting for the disk fill the buffer; dropping records (counted, and a log_dropped record follows once writing catches up)"
+                    );
+                }
+                return;
+            }
+        }
+        let msg = writer::Msg::Record(writer::Charged {
+            record: Box::new(record),
+            bytes,
+        });
+        if self.tx.send(msg).is_err() {
+            self.budget.release(1, bytes);
+            if !self.broken {
+                self.broken = true;
+                tracing::error!("event log writer has stopped; records are no longer written");
+            }
         }
     }
 
@@ -211,10 +251,22 @@ impl EventLog {
         self.status.clone()
     }
 
-    /// The status now.
+    /// The status now: the writer's, with what is waiting and what was
+    /// dropped counted as of this moment (so a hung writer cannot hide it).
     #[must_use]
     pub fn status(&self) -> EventLogStatus {
-        self.status.borrow().clone()
+        let mut status = self.status.borrow().clone();
+        let budget::Usage {
+            limit,
+            bytes,
+            records,
+            dropped,
+        } = self.budget.usage();
+        status.pending = records;
+        status.pending_bytes = bytes;
+        status.buffer_bytes = limit;
+        status.dropped = dropped;
+        status
     }
 
     /// Writes what is pending, fsyncs and stops the writer, waiting at most
@@ -251,5 +303,100 @@ impl Drop for EventLog {
     /// still gets what is pending written.
     fn drop(&mut self) {
         self.stop(CLOSE_TIMEOUT);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn append_past_the_buffer_counts_drops_and_log_dropped_follows() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = EventLogSettings {
+            path: dir.path().join("events.jsonl"),
+            fsync: FsyncPolicy::Interval,
+            max_bytes: DEFAULT_MAX_BYTES,
+            keep: DEFAULT_KEEP,
+            // Smaller than any record: every one is dropped.
+            buffer_bytes: 100,
+        };
+        let mut log = EventLog::open(settings.clone(), "boot".into(), "node".into()).unwrap();
+        for _ in 0..5 {
+            log.append(Record::new(RecordKind::Drift, 1));
+        }
+        let status = log.status();
+        assert_eq!(
+            (status.dropped, status.pending, status.pending_bytes),
+            (5, 0, 0)
+        );
+        assert_eq!(status.buffer_bytes, 100);
+        let closed = log.close(CLOSE_TIMEOUT);
+        assert_eq!(closed.dropped, 5);
+        let text = std::fs::read_to_string(&settings.path).unwrap();
+        let records: Vec<Record> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(records.len(), 1, "{text}");
+        assert_eq!(
+            (records[0].kind, records[0].dropped),
+            (RecordKind::LogDropped, Some(5))
+        );
+    }
+
+    #[test]
+    fn append_charges_the_record_and_its_queue_slot() {
+        let mut probe = Record::new(RecordKind::Drift, 1);
+        stamp(&mut probe, "boot", "node");
+        let charge = (probe.footprint() + writer::SLOT_BYTES) as u64;
+        for (buffer_bytes, dropped) in [(charge - 1, 1), (charge, 0)] {
+            let dir = tempfile::tempdir().unwrap();
+            let settings = EventLogSettings {
+                path: dir.path().join("events.jsonl"),
+                fsync: FsyncPolicy::Interval,
+                max_bytes: DEFAULT_MAX_BYTES,
+                keep: DEFAULT_KEEP,
+                buffer_bytes,
+            };
+            let mut log = EventLog::open(settings, "boot".into(), "node".into()).unwrap();
+            log.append(Record::new(RecordKind::Drift, 1));
+            assert_eq!(log.status().dropped, dropped, "buffer {buffer_bytes}");
+        }
+    }
+
+    #[test]
+    fn what_is_queued_counts_until_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = EventLogSettings {
+            path: dir.path().join("events.jsonl"),
+            fsync: FsyncPolicy::Interval,
+            max_bytes: DEFAULT_MAX_BYTES,
+            keep: DEFAULT_KEEP,
+            buffer_bytes: DEFAULT_BUFFER_BYTES,
+        };
+        let mut log = EventLog::open(settings, "boot".into(), "node".into()).unwrap();
+        log.append(Record::new(RecordKind::Drift, 1));
+        let queued = log.status();
+        // Either still queued (charged) or already written (released).
+        assert!(
+            (queued.pending, queued.records) == (1, 0)
+                || (queued.pending, queued.records) == (0, 1),
+            "{queued:?}"
+        );
+        assert!(
+            queued.pending == 0 || queued.pending_bytes > 0,
+            "{queued:?}"
+        );
+        let closed = log.close(CLOSE_TIMEOUT);
+        assert_eq!(
+            (
+                closed.pending,
+                closed.pending_bytes,
+                closed.records,
+                closed.dropped
+            ),
+            (0, 0, 1, 0)
+        );
     }
 }

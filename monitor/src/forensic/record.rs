@@ -401,7 +401,252 @@ const fn is_false(b: &bool) -> bool {
     !*b
 }
 
+/// Bytes the allocator adds to every heap block: a chunk header, rounded
+/// up (glibc's is 8 bytes and rounds to 16; musl's mallocng 4 to 16).
+const ALLOC_OVERHEAD: usize = 16;
+
+/// What a value owns on the heap, in bytes, allocator overhead included:
+/// what the event log's byte bound counts ([`Record::footprint`]).
+trait Heap {
+    fn heap_bytes(&self) -> usize;
+}
+
+impl Heap for String {
+    fn heap_bytes(&self) -> usize {
+        match self.capacity() {
+            0 => 0,
+            n => n + ALLOC_OVERHEAD,
+        }
+    }
+}
+
+impl<T: Heap> Heap for Option<T> {
+    fn heap_bytes(&self) -> usize {
+        self.as_ref().map_or(0, Heap::heap_bytes)
+    }
+}
+
+impl<T: Heap> Heap for Vec<T> {
+    fn heap_bytes(&self) -> usize {
+        let block = match self.capacity() {
+            0 => 0,
+            n => n * std::mem::size_of::<T>() + ALLOC_OVERHEAD,
+        };
+        block + self.iter().map(Heap::heap_bytes).sum::<usize>()
+    }
+}
+
+impl Heap for ModuleInfo {
+    fn heap_bytes(&self) -> usize {
+        let Self { name, taints } = self;
+        name.heap_bytes() + taints.heap_bytes()
+    }
+}
+
+impl Heap for ActorInfo {
+    fn heap_bytes(&self) -> usize {
+        let Self {
+            pid: _,
+            tgid: _,
+            ppid: _,
+            uid: _,
+            gid: _,
+            comm,
+            exe,
+            cmdline,
+            cgroup_id: _,
+            cgroup,
+            container_id,
+            pod_uid,
+            read_late: _,
+        } = self;
+        comm.heap_bytes()
+            + exe.heap_bytes()
+            + cmdline.heap_bytes()
+            + cgroup.heap_bytes()
+            + container_id.heap_bytes()
+            + pod_uid.heap_bytes()
+    }
+}
+
+impl Heap for StateChange {
+    fn heap_bytes(&self) -> usize {
+        let Self { from, to } = self;
+        from.heap_bytes() + to.heap_bytes()
+    }
+}
+
+impl Heap for RequirementEffect {
+    fn heap_bytes(&self) -> usize {
+        let Self {
+            name,
+            met: _,
+            changed: _,
+        } = self;
+        name.heap_bytes()
+    }
+}
+
+impl Heap for RequirementFlip {
+    fn heap_bytes(&self) -> usize {
+        let Self {
+            name,
+            was: _,
+            met: _,
+        } = self;
+        name.heap_bytes()
+    }
+}
+
+impl Heap for DeniedInfo {
+    fn heap_bytes(&self) -> usize {
+        let Self {
+            count: _,
+            first_boot_ns: _,
+            last_boot_ns: _,
+            window_secs: _,
+            suppressed_in_window: _,
+        } = self;
+        0
+    }
+}
+
+impl Heap for EnablementInfo {
+    fn heap_bytes(&self) -> usize {
+        let Self {
+            requirement,
+            was: _,
+            enabled: _,
+            source,
+            reason,
+        } = self;
+        requirement.heap_bytes() + source.heap_bytes() + reason.heap_bytes()
+    }
+}
+
+impl Heap for ModuleStateInfo {
+    fn heap_bytes(&self) -> usize {
+        let Self {
+            name,
+            state,
+            taints,
+        } = self;
+        name.heap_bytes() + state.heap_bytes() + taints.heap_bytes()
+    }
+}
+
+impl Heap for MonitorInfo {
+    fn heap_bytes(&self) -> usize {
+        let Self {
+            version,
+            kernel_release,
+            source,
+            pid: _,
+            groups,
+            config_file,
+            config_digest,
+            config_digest_of,
+        } = self;
+        version.heap_bytes()
+            + kernel_release.heap_bytes()
+            + source.heap_bytes()
+            + groups.heap_bytes()
+            + config_file.heap_bytes()
+            + config_digest.heap_bytes()
+            + config_digest_of.heap_bytes()
+    }
+}
+
+impl Heap for ConfigInfo {
+    fn heap_bytes(&self) -> usize {
+        let Self {
+            file,
+            digest,
+            accepted: _,
+            error,
+            groups,
+            applied,
+            restart_required,
+            overridden,
+        } = self;
+        file.heap_bytes()
+            + digest.heap_bytes()
+            + error.heap_bytes()
+            + groups.heap_bytes()
+            + applied.heap_bytes()
+            + restart_required.heap_bytes()
+            + overridden.heap_bytes()
+    }
+}
+
+impl Heap for TornLine {
+    fn heap_bytes(&self) -> usize {
+        let Self {
+            line: _,
+            bytes: _,
+            unterminated: _,
+        } = self;
+        0
+    }
+}
+
 impl Record {
+    /// Bytes this record takes in memory once boxed: the struct, every heap
+    /// block it owns, and the allocator's overhead on each. The event log's
+    /// buffer bound (`buffer_bytes`) counts this.
+    #[must_use]
+    pub fn footprint(&self) -> usize {
+        let Self {
+            v: _,
+            seq: _,
+            time,
+            boot_id,
+            boot_ns: _,
+            host,
+            kind: _,
+            module,
+            actor,
+            source,
+            historical: _,
+            state,
+            requirements,
+            requirement,
+            cause: _,
+            modules,
+            monitor,
+            enablement,
+            config,
+            lost_total: _,
+            reason,
+            torn,
+            after_seq: _,
+            dropped: _,
+            denied,
+            prev_hash,
+            hash,
+        } = self;
+        std::mem::size_of::<Self>()
+            + ALLOC_OVERHEAD
+            + time.heap_bytes()
+            + boot_id.heap_bytes()
+            + host.heap_bytes()
+            + module.heap_bytes()
+            + actor.heap_bytes()
+            + source.heap_bytes()
+            + state.heap_bytes()
+            + requirements.heap_bytes()
+            + requirement.heap_bytes()
+            + modules.heap_bytes()
+            + monitor.heap_bytes()
+            + enablement.heap_bytes()
+            + config.heap_bytes()
+            + reason.heap_bytes()
+            + torn.heap_bytes()
+            + denied.heap_bytes()
+            + prev_hash.heap_bytes()
+            + hash.heap_bytes()
+    }
+
     /// A record of `kind` about something at `boot_ns`; the log fills in
     /// `v`, `time`, `boot_id`, `host`, `seq` and the hashes.
     #[must_use]
@@ -440,6 +685,28 @@ mod tests {
                 "{kind} -> {name}"
             );
         }
+    }
+
+    #[test]
+    fn footprint_counts_the_struct_and_every_heap_block() {
+        let bare = Record::new(RecordKind::MonitorStop, 5);
+        let base = bare.footprint();
+        assert_eq!(base, std::mem::size_of::<Record>() + ALLOC_OVERHEAD);
+        let mut r = bare.clone();
+        r.reason = Some(String::with_capacity(100));
+        assert_eq!(r.footprint(), base + 100 + ALLOC_OVERHEAD);
+        r.actor = Some(ActorInfo {
+            comm: "rmmod".into(),
+            cmdline: Some(vec!["rmmod".into(), "dm_crypt".into()]),
+            ..ActorInfo::default()
+        });
+        let actor = 5 + ALLOC_OVERHEAD // comm
+            + 2 * std::mem::size_of::<String>() + ALLOC_OVERHEAD // the list
+            + (5 + ALLOC_OVERHEAD) + (8 + ALLOC_OVERHEAD); // its strings
+        assert_eq!(r.footprint(), base + 100 + ALLOC_OVERHEAD + actor);
+        // An actor's 4 KiB cmdline is counted in full.
+        r.actor.as_mut().unwrap().cmdline = Some(vec!["x".repeat(4096)]);
+        assert!(r.footprint() > base + 4096);
     }
 
     #[test]

@@ -7,7 +7,14 @@
 //! a date alone (`2026-11-25`, midnight UTC), `now`, or a duration ago
 //! (`10m ago`, `2h 30m ago`, `3days ago`). `--since` is inclusive, `--until`
 //! exclusive.
+//!
+//! The timeline never writes a control character: every text in a record
+//! can come from an actor (a process sets its own `comm`) or from whoever
+//! edited the file, so it is escaped ([`escape_controls`]) before it
+//! reaches a terminal. `--json` prints the lines as they are; JSON already
+//! escapes every character below U+0020.
 use std::{
+    borrow::Cow,
     fmt::Write as _,
     io::{self, Write},
     path::PathBuf,
@@ -175,11 +182,15 @@ pub fn show(
             let record: Record = match serde_json::from_slice(line) {
                 Ok(r) => r,
                 Err(e) => {
-                    warnings.push(format!(
-                        "{}:{}: not a record, skipped ({e})",
-                        path.display(),
-                        i + 1
-                    ));
+                    // serde's message can quote the line's content.
+                    warnings.push(
+                        escape_controls(&format!(
+                            "{}:{}: not a record, skipped ({e})",
+                            path.display(),
+                            i + 1
+                        ))
+                        .into_owned(),
+                    );
                     continue;
                 }
             };
@@ -198,7 +209,8 @@ pub fn show(
 }
 
 /// One record as a timeline line: time, seq, kind, module, then what
-/// happened (actor, state, requirement effect).
+/// happened (actor, state, requirement effect), with every control
+/// character escaped ([`escape_controls`]).
 #[must_use]
 pub fn timeline(r: &Record) -> String {
     let module = r.module_name().unwrap_or("-");
@@ -210,7 +222,43 @@ pub fn timeline(r: &Record) -> String {
         module,
         detail(r)
     );
-    line.trim_end().to_owned()
+    escape_controls(line.trim_end()).into_owned()
+}
+
+/// Whether `c` could steer a terminal or hide text: a control character
+/// (C0, DEL, C1: ESC, CR, BEL, CSI, ...), a bidirectional formatting
+/// character (which reorders what follows it), or a line or paragraph
+/// separator.
+fn is_unsafe(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{061c}'
+                | '\u{200e}'
+                | '\u{200f}'
+                | '\u{2028}'..='\u{202e}'
+                | '\u{2066}'..='\u{2069}'
+        )
+}
+
+/// `text` as it can be printed on a terminal: every character
+/// [`is_unsafe`] as its Rust escape (`\u{1b}`, `\r`, `\u{202e}`), and `\`
+/// as `\\`, so an escape in the output always stands for the character.
+/// Printable text, other scripts and symbols (`→`) stay as they are.
+#[must_use]
+pub fn escape_controls(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(|c| c == '\\' || is_unsafe(c)) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if c == '\\' || is_unsafe(c) {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
 }
 
 fn verdict(met: bool) -> &'static str {
@@ -497,6 +545,45 @@ mod tests {
             "{}",
             timeline(&poll)
         );
+    }
+
+    #[test]
+    fn control_characters_in_any_field_are_escaped() {
+        let mut r = unload("nvme_tcp", "2026-11-25T12:29:53.656000000Z\u{1b}[1A");
+        r.actor.as_mut().unwrap().comm = "\u{1b}[2K\rrmmod\u{7}".into();
+        r.actor.as_mut().unwrap().pod_uid = Some("pod\u{9b}0m\u{202e}".into());
+        r.requirements[0].name = "v2\nforged line".into();
+        let line = timeline(&r);
+        assert!(
+            !line.chars().any(is_unsafe),
+            "nothing that steers a terminal: {line:?}"
+        );
+        assert!(
+            line.contains(r"by \u{1b}[2K\rrmmod\u{7} (pid 105"),
+            "{line}"
+        );
+        assert!(line.contains(r"pod pod\u{9b}0m\u{202e})"), "{line}");
+        assert!(line.contains(r"v2\nforged line: met → UNMET"), "{line}");
+        assert!(line.contains(r"53.656000000Z\u{1b}[1A  #"), "{line}");
+        for kind in RecordKind::ALL {
+            let mut r = Record::new(kind, 1);
+            r.reason = Some("\u{1b}]0;title\u{7}".into());
+            r.time = "\u{7f}".into();
+            let line = timeline(&r);
+            assert!(!line.chars().any(is_unsafe), "{kind}: {line:?}");
+        }
+    }
+
+    #[test]
+    fn escaping_is_unambiguous_and_leaves_plain_text_alone() {
+        assert!(matches!(
+            escape_controls("by rmmod → UNMET, ünïcode"),
+            Cow::Borrowed(_)
+        ));
+        // A literal backslash sequence cannot pass for an escaped character.
+        assert_eq!(escape_controls(r"\u{1b}"), r"\\u{1b}");
+        assert_eq!(escape_controls("\u{1b}"), r"\u{1b}");
+        assert_eq!(escape_controls("a\tb\0"), r"a\tb\0");
     }
 
     #[test]

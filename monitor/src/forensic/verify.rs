@@ -4,7 +4,8 @@
 //!
 //! Per record it checks: the line is a JSON object of schema version 1; its
 //! `hash` matches its content; the line is in canonical form; its `seq` is
-//! the previous one + 1; its `prev_hash` is the previous record's `hash`.
+//! the previous one + 1 (it never wraps, and is never 0); its `prev_hash` is
+//! the previous record's `hash`.
 //! Unparsable lines (torn writes) are accepted only when the next record is
 //! the `log_recovered` record that names exactly them.
 //!
@@ -94,6 +95,19 @@ pub enum Defect {
         prev_at: String,
         /// This record's seq.
         seq: u64,
+    },
+    /// The record before has the largest seq there is, so nothing can
+    /// follow it: seq never wraps.
+    #[error(
+        "seq wraps: seq {seq} follows seq {prev_seq} (at {prev_at}), the largest seq there is; seq never wraps, so no record can follow it"
+    )]
+    SeqWraps {
+        /// This record's seq.
+        seq: u64,
+        /// The record before.
+        prev_seq: u64,
+        /// Where it is, `FILE:LINE`.
+        prev_at: String,
     },
     /// Records are not in seq order.
     #[error("out of order: seq {seq} where seq {expected} should follow seq {prev_seq} (at {prev_at}){}", .found_at.as_ref().map(|at| format!("; seq {expected} is at {at}")).unwrap_or_default())]
@@ -490,12 +504,23 @@ impl Verifier {
         Ok(())
     }
 
-    /// `seq` follows and `prev_hash` links to the previous record.
+    /// `seq` is the previous one + 1 (never wrapping) and `prev_hash` links
+    /// to the previous record. The first record given may start anywhere
+    /// but at 0: seq 1 is the first record ever.
     fn check_link(&self, index: usize, seq: u64, prev_hash: &str) -> Result<(), Defect> {
         let Some((prev, prev_at)) = &self.prev else {
+            if seq == 0 {
+                return Err(malformed("seq 0, but seq 1 is the first record ever"));
+            }
             return Ok(());
         };
-        let expected = prev.seq + 1;
+        let Some(expected) = prev.seq.checked_add(1) else {
+            return Err(Defect::SeqWraps {
+                seq,
+                prev_seq: prev.seq,
+                prev_at: prev_at.clone(),
+            });
+        };
         if seq == expected {
             if prev_hash == prev.hash {
                 return Ok(());
@@ -779,6 +804,55 @@ mod tests {
             "{}",
             p.defect
         );
+    }
+
+    /// `lines` renumbered with `seqs`, each re-hashed and linked to the one
+    /// before, so only the seqs are wrong.
+    fn renumbered(lines: &[String], seqs: &[u64]) -> Vec<String> {
+        let mut prev_hash: Option<String> = None;
+        lines
+            .iter()
+            .zip(seqs)
+            .map(|(line, &seq)| {
+                let sealed = reseal(line, |m| {
+                    m.insert("seq".into(), Value::from(seq));
+                    if let Some(h) = &prev_hash {
+                        m.insert("prev_hash".into(), Value::String(h.clone()));
+                    }
+                });
+                let v: Value = serde_json::from_str(&sealed).unwrap();
+                prev_hash = Some(v["hash"].as_str().unwrap().to_owned());
+                sealed
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_seq_that_wraps_is_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let lines = renumbered(&chain(3), &[u64::MAX, 0, 1]);
+        let path = write_file(dir.path(), "events.jsonl", &lines);
+        let p = problem_of(std::slice::from_ref(&path));
+        assert_eq!((p.file.as_path(), p.line), (path.as_path(), 2), "{p}");
+        let text = p.to_string();
+        assert!(
+            text.contains("events.jsonl:2: ") && text.contains(&u64::MAX.to_string()),
+            "{text}"
+        );
+        // Anything else that does not add exactly one is named too.
+        let lines = renumbered(&chain(3), &[7, 8, 8]);
+        let path = write_file(dir.path(), "events.jsonl", &lines);
+        assert_eq!(problem_of(&[path]).line, 3);
+    }
+
+    #[test]
+    fn a_record_with_seq_0_is_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let lines = renumbered(&chain(2), &[0, 1]);
+        let path = write_file(dir.path(), "events.jsonl", &lines);
+        let p = problem_of(&[path]);
+        assert_eq!(p.line, 1, "{p}");
+        assert!(p.to_string().contains("seq 0"), "{p}");
     }
 
     #[test]

@@ -1,7 +1,14 @@
 //! The log file on disk and the thread that writes it: opening with torn-line
 //! recovery, one `write(2)` per record, size rotation, the fsync policy, and
-//! holding records in memory (and retrying) while the disk fails. Nothing
-//! here runs on the daemon's event path.
+//! holding records in memory (and retrying) while the disk fails, within
+//! the [`Budget`] the daemon charged them to. Nothing here runs on the
+//! daemon's event path.
+//!
+//! One writer per log: the writer holds an exclusive `flock` on a lock file
+//! of its own beside the log ([`lock_path`]), which rotation never renames
+//! or closes, so a second daemon is refused at every moment, rotation
+//! included. The log file itself is locked too, as older versions did, so
+//! they are kept off as well.
 use std::{
     collections::VecDeque,
     fs::{self, File, OpenOptions},
@@ -11,7 +18,10 @@ use std::{
         unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _},
     },
     path::{Path, PathBuf},
-    sync::mpsc::{Receiver, RecvTimeoutError, Sender},
+    sync::{
+        Arc,
+        mpsc::{Receiver, RecvTimeoutError, Sender},
+    },
     time::{Duration, Instant},
 };
 
@@ -20,6 +30,7 @@ use tokio::sync::watch;
 
 use super::{
     EventLogSettings, EventLogStatus, FsyncPolicy,
+    budget::Budget,
     chain::{self, Head},
     record::{Record, RecordKind, TornLine},
     rotated_path,
@@ -33,9 +44,13 @@ pub const FSYNC_INTERVAL: Duration = Duration::from_secs(1);
 const RETRY_FIRST: Duration = Duration::from_millis(500);
 /// Longest wait between retries while the log is degraded.
 const RETRY_MAX: Duration = Duration::from_secs(5);
-/// The most records held in memory while the disk fails; beyond this they
-/// are counted (`dropped`) and a `log_dropped` record says so later.
-pub const MAX_PENDING: usize = 100_000;
+/// What a queued record costs beyond its [`Record::footprint`]: its slot in
+/// the channel to the writer and then in the writer's held queue, rounded
+/// up. Charged to the [`Budget`] with it.
+pub const SLOT_BYTES: usize = 64;
+/// A held queue that a flood grew past this many slots is given back to
+/// the allocator once it is empty again.
+const SHRINK_SLOTS: usize = 1024;
 
 /// Why the event log cannot be used at all (start-up only; write failures
 /// later make it degraded instead).
@@ -63,12 +78,15 @@ pub enum OpenError {
     },
     /// Another process holds the log's lock.
     #[error(
-        "event log {}: in use by another process (flock); give each kmod-monitor its own --event-log",
-        path.display()
+        "event log {}: in use by another process (flock on {}); give each kmod-monitor its own --event-log",
+        path.display(),
+        lock.display()
     )]
     Locked {
-        /// The file.
+        /// The log file.
         path: PathBuf,
+        /// The file that is locked.
+        lock: PathBuf,
     },
     /// The writer thread could not be started.
     #[error("event log {}: cannot start its writer thread: {error}", path.display())]
@@ -147,6 +165,8 @@ pub fn scan_file(path: &Path) -> io::Result<Scan> {
 /// The log file being appended to, its chain head, and the writer state.
 pub struct Writer {
     settings: EventLogSettings,
+    /// The lock file, `flock`ed for as long as the writer lives.
+    _lock: File,
     boot_id: String,
     host: String,
     file: Option<File>,
@@ -160,8 +180,9 @@ pub struct Writer {
     /// the next write (it then gets a `log_recovered` record).
     needs_rescan: bool,
     pending: VecDeque<Pending>,
-    /// Records dropped since the last `log_dropped` record.
-    dropped_unreported: u64,
+    /// The bytes of records queued and held, shared with the daemon, which
+    /// charges them (and counts the drops).
+    budget: Arc<Budget>,
     dirty: bool,
     last_sync: Instant,
     /// While degraded: when to try again, and the back-off that led there.
@@ -169,21 +190,31 @@ pub struct Writer {
     status: watch::Sender<EventLogStatus>,
 }
 
-/// A record waiting to be written.
 /// Most bytes one batched `write(2)` carries.
 const BATCH_BYTES: usize = 256 * 1024;
 
+/// A record waiting to be written.
 struct Pending {
-    record: Record,
+    record: Box<Record>,
     /// Must land in the current file, before any rotation (a
     /// `log_recovered` names lines of the file it is in).
     pinned: bool,
+    /// What it was charged to the budget; 0 for the writer's own records.
+    bytes: u64,
+}
+
+/// A record the daemon charged to the budget.
+pub struct Charged {
+    /// The record.
+    pub record: Box<Record>,
+    /// Its charge: [`Record::footprint`] plus [`SLOT_BYTES`].
+    pub bytes: u64,
 }
 
 /// What the daemon sends the writer thread.
 pub enum Msg {
     /// Append this record.
-    Record(Box<Record>),
+    Record(Charged),
     /// Write what is pending (one try), fsync, acknowledge and stop.
     Close(Sender<()>),
 }
@@ -215,6 +246,7 @@ impl Writer {
                     error,
                 })?;
         }
+        let lock = take_lock(&path)?;
         let file = open_locked(&path)?;
         let scan = scan_file(&path).map_err(|error| OpenError::Io {
             path: path.clone(),
@@ -226,6 +258,7 @@ impl Writer {
             None => rotated_head(&settings)?,
         };
         let mut writer = Self {
+            _lock: lock,
             boot_id,
             host,
             file: Some(file),
@@ -234,7 +267,7 @@ impl Writer {
             needs_newline: scan.unterminated,
             needs_rescan: false,
             pending: VecDeque::new(),
-            dropped_unreported: 0,
+            budget: Arc::new(Budget::new(settings.buffer_bytes)),
             dirty: false,
             last_sync: Instant::now(),
             retry: None,
@@ -255,6 +288,12 @@ impl Writer {
     #[must_use]
     pub const fn head(&self) -> &Head {
         &self.head
+    }
+
+    /// The budget the daemon charges records to before sending them here.
+    #[must_use]
+    pub fn budget(&self) -> Arc<Budget> {
+        Arc::clone(&self.budget)
     }
 
     /// Queues a `log_recovered` record (first in line) if `scan` found torn
@@ -279,8 +318,9 @@ impl Writer {
         record.after_seq = Some(self.head.seq);
         self.stamp(&mut record);
         self.pending.push_front(Pending {
-            record,
+            record: Box::new(record),
             pinned: true,
+            bytes: 0,
         });
     }
 
@@ -301,7 +341,7 @@ impl Writer {
             };
             let mut close = None;
             match msg {
-                Ok(Msg::Record(r)) => self.accept(*r),
+                Ok(Msg::Record(r)) => self.accept(r),
                 Ok(Msg::Close(ack)) => close = Some(ack),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
@@ -314,7 +354,7 @@ impl Writer {
                 && let Ok(msg) = rx.try_recv()
             {
                 match msg {
-                    Msg::Record(r) => self.accept(*r),
+                    Msg::Record(r) => self.accept(r),
                     Msg::Close(ack) => close = Some(ack),
                 }
             }
@@ -345,18 +385,26 @@ impl Writer {
         }
     }
 
-    /// Queues a record from the daemon (or counts it dropped when too many
-    /// are already held back).
-    pub fn accept(&mut self, record: Record) {
-        if self.pending.len() >= MAX_PENDING {
-            self.dropped_unreported += 1;
-            self.status.send_modify(|s| s.dropped += 1);
-            return;
-        }
+    /// Queues a record the daemon charged to the budget; its charge is
+    /// released once it is written.
+    pub fn accept(&mut self, charged: Charged) {
+        let Charged { record, bytes } = charged;
         self.pending.push_back(Pending {
             record,
             pinned: false,
+            bytes,
         });
+    }
+
+    /// Gives back the budget of records that were written.
+    fn release<'a>(&self, written: impl IntoIterator<Item = &'a Pending>) {
+        let (records, bytes) = written
+            .into_iter()
+            .filter(|p| p.bytes > 0)
+            .fold((0, 0), |(n, b), p| (n + 1, b + p.bytes));
+        if records > 0 {
+            self.budget.release(records, bytes);
+        }
     }
 
     /// Writes what is pending, in order, until done or a write fails.
@@ -386,22 +434,29 @@ impl Writer {
                     self.degrade(&error);
                     return;
                 }
+                self.release([&p]);
             }
-            if self.dropped_unreported == 0 {
+            let dropped = self.budget.take_unreported();
+            if dropped == 0 {
                 break;
             }
             let mut record = Record::new(RecordKind::LogDropped, boot_ns_now());
-            record.dropped = Some(self.dropped_unreported);
+            record.dropped = Some(dropped);
             self.stamp(&mut record);
             tracing::error!(
-                dropped = self.dropped_unreported,
-                "event log: records were dropped while the disk failed"
+                dropped,
+                buffer_bytes = self.settings.buffer_bytes,
+                "event log: records were dropped while the disk could not keep up"
             );
-            self.dropped_unreported = 0;
             self.pending.push_back(Pending {
-                record,
+                record: Box::new(record),
                 pinned: false,
+                bytes: 0,
             });
+        }
+        if self.pending.capacity() > SHRINK_SLOTS {
+            // A flood is over: give its slots back.
+            self.pending.shrink_to_fit();
         }
         if self.retry.take().is_some() {
             tracing::info!(
@@ -434,7 +489,7 @@ impl Writer {
                 break;
             }
             let sealed = chain::seal(&p.record, &head)
-                .map_err(|e| format!("encoding a {} record: {e}", p.record.kind))?;
+                .map_err(|e| format!("sealing a {} record: {e}", p.record.kind))?;
             let newline = n == 0 && self.needs_newline;
             let len = sealed.line.len() + usize::from(newline);
             let would_be = self.size + (buf.len() + len) as u64;
@@ -467,6 +522,7 @@ impl Writer {
                 self.needs_newline = false;
                 self.head = head;
                 self.dirty = true;
+                self.release(self.pending.range(..n));
                 self.pending.drain(..n);
                 self.status.send_modify(|s| {
                     s.records += n as u64;
@@ -498,7 +554,7 @@ impl Writer {
     fn write_one(&mut self, p: &Pending) -> Result<(), String> {
         let path = self.settings.path.clone();
         let sealed = chain::seal(&p.record, &self.head)
-            .map_err(|e| format!("encoding a {} record: {e}", p.record.kind))?;
+            .map_err(|e| format!("sealing a {} record: {e}", p.record.kind))?;
         let mut bytes = Vec::with_capacity(sealed.line.len() + 1);
         if self.needs_newline {
             bytes.push(b'\n');
@@ -653,8 +709,65 @@ impl Writer {
     }
 }
 
+/// The lock file of the log at `path`: `.NAME.lock` in the same directory
+/// (hidden, so `events.jsonl*` does not match it). It is never renamed or
+/// deleted: removing a lock file that another process may be opening
+/// invites two holders.
+#[must_use]
+pub fn lock_path(path: &Path) -> PathBuf {
+    let mut name = std::ffi::OsString::from(".");
+    name.push(path.file_name().unwrap_or(path.as_os_str()));
+    name.push(".lock");
+    path.with_file_name(name)
+}
+
+/// Opens (creating, 0600) the lock file of the log at `path` and takes an
+/// exclusive `flock` on it, held for as long as the returned file is open.
+fn take_lock(path: &Path) -> Result<File, OpenError> {
+    let lock = lock_path(path);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+        .open(&lock)
+        .map_err(|error| OpenError::Io {
+            path: lock.clone(),
+            action: "cannot open the log's lock file",
+            error,
+        })?;
+    flock_exclusive(&file, path, &lock)?;
+    Ok(file)
+}
+
+/// Takes an exclusive `flock` on `file` (`lock`, guarding the log at
+/// `path`) without waiting.
+fn flock_exclusive(file: &File, path: &Path, lock: &Path) -> Result<(), OpenError> {
+    // SAFETY: flock only reads the descriptor number, which `file` keeps
+    // open for the whole call.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    Err(if err.kind() == io::ErrorKind::WouldBlock {
+        OpenError::Locked {
+            path: path.to_path_buf(),
+            lock: lock.to_path_buf(),
+        }
+    } else {
+        OpenError::Io {
+            path: lock.to_path_buf(),
+            action: "cannot lock it",
+            error: err,
+        }
+    })
+}
+
 /// Opens `path` for appending (0600, created if missing) and takes an
-/// exclusive `flock` on it.
+/// exclusive `flock` on it (what versions before the lock file relied on).
 fn open_locked(path: &Path) -> Result<File, OpenError> {
     let file = OpenOptions::new()
         .append(true)
@@ -680,23 +793,7 @@ fn open_locked(path: &Path) -> Result<File, OpenError> {
                 error,
             })?;
     }
-    // SAFETY: flock only reads the descriptor number, which `file` keeps
-    // open for the whole call.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc != 0 {
-        let err = io::Error::last_os_error();
-        return Err(if err.kind() == io::ErrorKind::WouldBlock {
-            OpenError::Locked {
-                path: path.to_path_buf(),
-            }
-        } else {
-            OpenError::Io {
-                path: path.to_path_buf(),
-                action: "cannot lock it",
-                error: err,
-            }
-        });
-    }
+    flock_exclusive(&file, path, path)?;
     sync_dir(path);
     Ok(file)
 }
@@ -760,9 +857,25 @@ mod tests {
         r
     }
 
+    /// Charges `r` to the budget and queues it, as `EventLog::append` does;
+    /// false when it was dropped.
+    fn queue(w: &mut Writer, r: Record) -> bool {
+        let bytes = (r.footprint() + SLOT_BYTES) as u64;
+        match w.budget.charge(bytes) {
+            crate::forensic::budget::Charge::Taken => {
+                w.accept(Charged {
+                    record: Box::new(r),
+                    bytes,
+                });
+                true
+            }
+            crate::forensic::budget::Charge::Dropped { .. } => false,
+        }
+    }
+
     fn write(w: &mut Writer, n: usize) {
         for _ in 0..n {
-            w.accept(record(RecordKind::ConfigReload));
+            assert!(queue(w, record(RecordKind::ConfigReload)));
         }
         w.flush();
         assert!(w.pending.is_empty(), "{:?}", w.status.borrow());
@@ -806,7 +919,98 @@ mod tests {
             .err()
             .unwrap();
         assert!(matches!(err, OpenError::Locked { .. }), "{err}");
-        assert!(err.to_string().contains("events.jsonl"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("events.jsonl: in use by another process")
+                && err.to_string().contains(".events.jsonl.lock"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_lock_file_is_hidden_beside_the_log_and_outlives_rotation() {
+        assert_eq!(
+            lock_path(Path::new("/var/lib/kmod-monitor/events.jsonl")),
+            Path::new("/var/lib/kmod-monitor/.events.jsonl.lock")
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let s = settings(dir.path(), 1500, 2);
+        let mut w = writer(&s);
+        let lock = lock_path(&s.path);
+        let held = |lock: &Path| {
+            let probe = File::open(lock).unwrap();
+            // SAFETY: flock only reads the descriptor number of `probe`,
+            // open for the whole call.
+            let rc = unsafe { libc::flock(probe.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            rc != 0
+        };
+        assert!(held(&lock));
+        let inode = || std::os::unix::fs::MetadataExt::ino(&fs::metadata(&lock).unwrap());
+        let before = inode();
+        write(&mut w, 40);
+        assert!(rotated_path(&s.path, 2).exists(), "it rotated");
+        assert!(held(&lock), "still locked after rotating");
+        assert_eq!(inode(), before, "the same lock file");
+        drop(w);
+        assert!(!held(&lock), "released with the writer");
+        assert!(lock.exists(), "never deleted");
+    }
+
+    #[test]
+    fn a_second_writer_is_refused_at_every_moment_across_rotation() {
+        use std::sync::{
+            Arc,
+            atomic::{AtomicBool, AtomicU64, Ordering},
+        };
+        let dir = tempfile::tempdir().unwrap();
+        // A rotation every few records.
+        let s = settings(dir.path(), 4096, 2);
+        let mut w = writer(&s);
+        let done = Arc::new(AtomicBool::new(false));
+        let tries = Arc::new(AtomicU64::new(0));
+        // A second daemon trying to open the same log, as fast as it can,
+        // while the first one rotates.
+        let intruder = {
+            let (s, done, tries) = (s.clone(), Arc::clone(&done), Arc::clone(&tries));
+            std::thread::spawn(move || {
+                let mut got_in = 0_u64;
+                while !done.load(Ordering::Relaxed) {
+                    let (tx, _rx) = watch::channel(EventLogStatus::default());
+                    match Writer::open(s.clone(), String::new(), String::new(), tx) {
+                        Err(OpenError::Locked { .. }) => {}
+                        Ok(_) => got_in += 1,
+                        Err(e) => panic!("{e}"),
+                    }
+                    tries.fetch_add(1, Ordering::Relaxed);
+                }
+                got_in
+            })
+        };
+        let mut rotations = 0;
+        while rotations < 300 || tries.load(Ordering::Relaxed) < 1000 {
+            let before = w.size;
+            queue(&mut w, record(RecordKind::ConfigReload));
+            w.flush();
+            assert!(
+                !w.status.borrow().degraded,
+                "the writer lost its own log to the intruder after {rotations} rotations: {:?}",
+                w.status.borrow()
+            );
+            if w.size < before {
+                rotations += 1;
+            }
+        }
+        done.store(true, Ordering::Relaxed);
+        let got_in = intruder.join().unwrap();
+        assert_eq!(
+            got_in,
+            0,
+            "a second writer opened the log {got_in} times in {} tries across {rotations} rotations",
+            tries.load(Ordering::Relaxed)
+        );
+        drop(w);
+        let report = verify::verify(&all_files(&s)).unwrap();
+        assert!(report.problem.is_none(), "{report}");
     }
 
     #[test]
@@ -899,8 +1103,8 @@ mod tests {
         write(&mut w, 2);
         // Make writes fail: swap the file for a read-only descriptor.
         w.file = Some(File::open(&s.path).unwrap());
-        w.accept(record(RecordKind::Drift));
-        w.accept(record(RecordKind::Drift));
+        queue(&mut w, record(RecordKind::Drift));
+        queue(&mut w, record(RecordKind::Drift));
         w.flush();
         {
             let st = w.status.borrow();
@@ -986,22 +1190,65 @@ mod tests {
     }
 
     #[test]
-    fn too_many_held_records_are_counted_and_reported() {
+    fn held_records_stay_within_the_buffer_bytes_and_drops_are_reported() {
         let dir = tempfile::tempdir().unwrap();
-        let s = settings(dir.path(), 1 << 20, 2);
+        let s = EventLogSettings {
+            buffer_bytes: 64 * 1024,
+            ..settings(dir.path(), 1 << 20, 2)
+        };
         let mut w = writer(&s);
-        w.pending.extend((0..MAX_PENDING).map(|_| Pending {
-            record: record(RecordKind::Drift),
-            pinned: false,
-        }));
-        w.accept(record(RecordKind::Drift));
-        w.accept(record(RecordKind::Drift));
-        assert_eq!(w.status.borrow().dropped, 2);
-        w.pending.truncate(1);
+        write(&mut w, 1);
+        // The disk fails: records are held, up to the bound, then dropped.
+        w.file = Some(File::open(&s.path).unwrap());
+        let (mut queued, mut dropped) = (0_u64, 0_u64);
+        for _ in 0..1000 {
+            if queue(&mut w, record(RecordKind::Drift)) {
+                queued += 1;
+            } else {
+                dropped += 1;
+            }
+            w.flush();
+        }
+        assert!(w.status.borrow().degraded);
+        let usage = w.budget.usage();
+        assert!(usage.bytes <= 64 * 1024, "{usage:?}");
+        let held: usize = w
+            .pending
+            .iter()
+            .map(|p| p.record.footprint() + SLOT_BYTES)
+            .sum();
+        assert_eq!(held as u64, usage.bytes, "the budget is what is held");
+        assert_eq!((usage.records, usage.dropped), (queued, dropped));
+        assert_eq!(w.pending.len() as u64, queued);
+        assert!(
+            queued > 10 && dropped > 500,
+            "{queued} held, {dropped} dropped"
+        );
+
+        // Space returns: what was held is written, then log_dropped, and the
+        // budget is free again.
+        w.file = None;
         w.flush();
+        assert!(w.pending.is_empty());
+        assert!(w.pending.capacity() <= SHRINK_SLOTS);
+        assert_eq!((w.budget.usage().bytes, w.budget.usage().records), (0, 0));
         drop(w);
+        let report = verify::verify(std::slice::from_ref(&s.path)).unwrap();
+        assert!(report.problem.is_none(), "{report}");
         let text = fs::read_to_string(&s.path).unwrap();
-        let last: Record = serde_json::from_str(text.lines().last().unwrap()).unwrap();
-        assert_eq!((last.kind, last.dropped), (RecordKind::LogDropped, Some(2)));
+        let records: Vec<Record> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let drifts = records
+            .iter()
+            .filter(|r| r.kind == RecordKind::Drift)
+            .count();
+        assert_eq!(drifts as u64, queued, "every held record was written");
+        let last = records.last().unwrap();
+        assert_eq!(
+            (last.kind, last.dropped),
+            (RecordKind::LogDropped, Some(dropped))
+        );
     }
 }

@@ -13,6 +13,8 @@
 //!   SPDK needs.
 //! - [`persistence`] says whether a module comes back after a reboot, and
 //!   which other installed kernels lack it.
+//! - [`in_root`] resolves directories inside the root as the host would
+//!   (absolute links and `..` stay inside), for the one writer, `check --fix`.
 //!
 //! # Malformed lines
 //! The parsers never panic on kernel data and never fail a whole file for one
@@ -27,6 +29,7 @@ pub mod aliases;
 pub mod cpu;
 pub mod depmod;
 pub mod hugepages;
+pub mod in_root;
 pub mod initstate;
 pub mod kconfig;
 pub mod node;

@@ -2,6 +2,13 @@
 //! event-driven, needs no BPF, but knows no actor and no failed loads.
 //! Since Linux 5.3 the kernel sends a module's `add` only after its init
 //! succeeded, and `remove` when it is freed.
+//!
+//! Only the kernel is believed: a message counts only when its sender's
+//! netlink port id is 0 ([`from_kernel`]). A process with CAP_NET_ADMIN in
+//! the daemon's network namespace can send to the uevent group too (udev's
+//! rebroadcasts, or a forged `remove@/module/dm_crypt`), but always from a
+//! non-zero port: the kernel stamps the sender's port and never gives 0 to
+//! a userspace socket.
 use std::sync::{
     Arc,
     atomic::{AtomicU64, Ordering},
@@ -31,6 +38,24 @@ const RCVBUF_BYTES: usize = 4 * 1024 * 1024;
 pub struct ModuleUevent {
     pub raw: Raw,
     pub module: ModuleName,
+}
+
+/// Whether a message from `sender` came from the kernel: only the kernel
+/// sends from port id 0.
+#[must_use]
+pub fn from_kernel(sender: &SocketAddr) -> bool {
+    sender.port_number() == 0
+}
+
+/// The module uevent in `msg` from `sender`, if the kernel sent it and it
+/// is one ([`parse`]).
+#[must_use]
+pub fn accept(msg: &[u8], sender: &SocketAddr) -> Option<ModuleUevent> {
+    if from_kernel(sender) {
+        parse(msg)
+    } else {
+        None
+    }
 }
 
 /// Parses one netlink message; `None` for anything that is not a module
@@ -75,15 +100,29 @@ pub(crate) fn start(
         .socket_mut()
         .bind(&SocketAddr::new(0, KERNEL_GROUP))
         .map_err(|e| StartError::new(format!("binding to kernel uevents: {e}")))?;
-    details.push("listening for kernel module uevents".into());
+    details.push("listening for kernel module uevents (from the kernel only)".into());
     tokio::spawn(async move {
+        let mut ignored: u64 = 0;
         loop {
             let received = tokio::select! {
                 () = cancel.cancelled() => return,
                 r = socket.recv_from_full() => r,
             };
             let msg = match received {
-                Ok((buf, _addr)) => match parse(&buf) {
+                Ok((_, sender)) if !from_kernel(&sender) => {
+                    ignored += 1;
+                    // Said once: a sender that repeats itself must not
+                    // flood the daemon's log either.
+                    if ignored == 1 {
+                        tracing::warn!(
+                            port = sender.port_number(),
+                            groups = sender.multicast_groups(),
+                            "uevent source: ignored a message from a userspace sender (only the kernel's uevents count; further ones are ignored silently)"
+                        );
+                    }
+                    continue;
+                }
+                Ok((buf, sender)) => match accept(&buf, &sender) {
                     Some(ModuleUevent { raw, module }) => {
                         SourceMsg::Event(SourceEvent::observed(raw, module, boot_ns_now()))
                     }
@@ -127,6 +166,21 @@ mod tests {
         );
         let rm = b"remove@/module/dm_crypt\0ACTION=remove\0DEVPATH=/module/dm_crypt\0SUBSYSTEM=module\0SEQNUM=2114\0";
         assert_eq!(parse(rm).map(|u| u.raw), Some(Raw::Absent));
+    }
+
+    #[test]
+    fn only_the_kernel_is_believed() {
+        let rm = b"remove@/module/dm_crypt\0ACTION=remove\0DEVPATH=/module/dm_crypt\0SUBSYSTEM=module\0SEQNUM=2114\0";
+        let kernel = SocketAddr::new(0, KERNEL_GROUP);
+        assert!(from_kernel(&kernel));
+        assert_eq!(accept(rm, &kernel).map(|u| u.raw), Some(Raw::Absent));
+        // The same bytes from a userspace socket: its port is its pid (or
+        // another non-zero id the kernel picked), never 0.
+        for port in [1, 4242, u32::MAX] {
+            let forged = SocketAddr::new(port, KERNEL_GROUP);
+            assert!(!from_kernel(&forged), "{port}");
+            assert_eq!(accept(rm, &forged), None, "{port}");
+        }
     }
 
     #[test]

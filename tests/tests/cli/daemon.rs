@@ -462,6 +462,22 @@ fn capabilities_are_dropped_after_start_and_user_switches() {
     assert_eq!(p["dropped"], true, "{p}");
     assert_eq!(p["effective"], json!([]), "no capability is left: {p}");
     assert_eq!(p["permitted"], json!([]), "{p}");
+    // What the kernel says of the daemon's main thread: no_new_privs set,
+    // and (as root, holding CAP_SETPCAP) an empty bounding set.
+    let proc_status = std::fs::read_to_string(format!("/proc/{}/status", daemon.pid()))
+        .unwrap_or_else(|e| panic!("reading the daemon's /proc status: {e}"));
+    let field = |name: &str| {
+        proc_status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+            .unwrap_or_else(|| panic!("no {name} in:\n{proc_status}"))
+            .to_owned()
+    };
+    assert_eq!(field("NoNewPrivs:"), "1", "{proc_status}");
+    if rustix::process::geteuid().is_root() {
+        assert_eq!(field("CapBnd:"), "0000000000000000", "{proc_status}");
+    }
     if rustix::process::geteuid().is_root() {
         // As root (CI), --user also switches the uid, and the daemon keeps
         // following the host afterwards. Like a real host's /proc and

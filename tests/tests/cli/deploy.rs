@@ -620,3 +620,64 @@ fn container_file_copies_the_static_binary() {
         "{text}"
     );
 }
+
+/// The value of the first `key:` line in `yaml` after the line `after:`
+/// (a plain text scan, enough for the shipped files).
+fn yaml_value<'a>(yaml: &'a str, after: &str, key: &str) -> &'a str {
+    yaml.lines()
+        .skip_while(|l| l.trim() != format!("{after}:"))
+        .find_map(|l| l.trim().strip_prefix(&format!("{key}:")))
+        .map(|v| v.split('#').next().unwrap_or(v).trim())
+        .unwrap_or_else(|| panic!("no {key}: after {after}: in:\n{yaml}"))
+}
+
+#[test]
+fn kubernetes_readme_matches_the_manifests() {
+    let dir = deploy_dir().join("kubernetes");
+    let read =
+        |name: &str| fs::read_to_string(dir.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let readme = read("README.md");
+    let daemonset = read("daemonset.yaml");
+    let rbac = read("rbac.yaml");
+    // The token: what the README says the pod does is what it does.
+    let automount = daemonset
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("automountServiceAccountToken:"))
+        .map(str::trim)
+        .unwrap_or_else(|| panic!("daemonset.yaml sets no automountServiceAccountToken"));
+    assert!(
+        readme.contains(&format!("`automountServiceAccountToken: {automount}`")),
+        "the README must state automountServiceAccountToken: {automount}"
+    );
+    assert!(
+        !readme.contains("no token and no role")
+            && !readme.contains("never calls the\n  Kubernetes API"),
+        "the README still says the pod has no token"
+    );
+    // The roles rbac.yaml grants, and that they only read.
+    for kind in ["ClusterRole", "Role"] {
+        assert!(
+            rbac.contains(&format!("kind: {kind}\n")),
+            "rbac.yaml has a {kind}"
+        );
+        assert!(readme.contains(kind), "the README names the {kind}");
+    }
+    assert!(readme.contains("no write verb anywhere"));
+    for line in rbac.lines().filter(|l| l.trim().starts_with("verbs:")) {
+        assert_eq!(line.trim(), r#"verbs: ["get", "list", "watch"]"#);
+    }
+    // Requests and limits.
+    let requests = (
+        yaml_value(&daemonset, "requests", "cpu"),
+        yaml_value(&daemonset, "requests", "memory"),
+    );
+    let limits = (
+        yaml_value(&daemonset, "limits", "cpu"),
+        yaml_value(&daemonset, "limits", "memory"),
+    );
+    let said = format!(
+        "The requests are {} CPU and {} of memory; the limits are {} and {}.",
+        requests.0, requests.1, limits.0, limits.1
+    );
+    assert!(readme.contains(&said), "the README must say: {said}");
+}

@@ -1,8 +1,12 @@
 //! The forensic event log of the real daemon: what `run --event-log` writes
 //! for a module change, that `log verify` and `log show` read it back, that
 //! a SIGKILL mid-burst leaves every complete record intact and the restart
-//! recovers the torn line, and that a full disk degrades the log (visible in
-//! /status) without stopping the daemon, and writing resumes.
+//! recovers the torn line, that a full disk degrades the log (visible in
+//! /status) without stopping the daemon, and writing resumes, that a flood
+//! against a full disk keeps the daemon's memory within
+//! `--event-log-buffer-bytes` and counts what it drops, and that a second
+//! daemon is refused after rotations too. `log show` escapes control
+//! characters; `log verify` rejects a seq that wraps.
 //!
 //! Records are made fast with SIGHUP: every reload of `--config` writes a
 //! `config_reload` record, so a burst of signals is a burst of writes.
@@ -320,6 +324,36 @@ fn sigkill_mid_burst_keeps_complete_records_and_the_restart_recovers_the_torn_li
     );
 }
 
+#[test]
+fn a_second_daemon_on_the_same_log_is_refused_after_rotation_too() {
+    let host = FakeHost::debian_6_1();
+    let config = host.config("# no groups of our own\n");
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let log = dir.path().join("events.jsonl");
+    let first = logging(
+        &host,
+        &log,
+        &args!["--config", &config, "--event-log-max-bytes", "4096"],
+    );
+    let rotated = dir.path().join("events.jsonl.2");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !rotated.exists() {
+        assert!(Instant::now() < deadline, "no rotation\n{first}");
+        first.signal(Signal::HUP);
+        thread::sleep(Duration::from_millis(20));
+    }
+    let second = Daemon::try_start(&host, &args!["--source", "poll", "--event-log", &log]);
+    let Err(out) = second else {
+        panic!("a second daemon started on {}\n{first}", log.display());
+    };
+    out.expect_code(2).stderr_has(&[
+        &format!("event log {}: in use by another process", log.display()),
+        &dir.path().join(".events.jsonl.lock").display().to_string(),
+    ]);
+    stop(first);
+    verify(&log).expect_code(0);
+}
+
 /// A tmpfs mounted for one test, unmounted (lazily, so a file still open
 /// cannot keep it) when dropped.
 struct Tmpfs(PathBuf);
@@ -451,5 +485,284 @@ fn a_full_disk_degrades_the_log_and_writing_resumes() {
     assert!(
         !out.stdout.contains("torn"),
         "a failed write is undone, not left torn: {out}"
+    );
+}
+
+/// `field` (`VmRSS`, `VmHWM`) of `pid` in bytes.
+fn vm_bytes(pid: u32, field: &str) -> u64 {
+    let path = format!("/proc/{pid}/status");
+    let text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let kib: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in {path}:\n{text}"));
+    kib * 1024
+}
+
+/// Mounts a tmpfs of `size` at `dir/small` for one test.
+fn small_tmpfs(dir: &Path, size: &str) -> Tmpfs {
+    let mnt = dir.join("small");
+    fs::create_dir(&mnt).unwrap_or_else(|e| panic!("{e}"));
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .unwrap_or_else(|e| panic!("running mount: {e}"));
+    assert!(
+        mounted.success(),
+        "mount -t tmpfs -o size={size} failed as root: {mounted}"
+    );
+    Tmpfs(mnt)
+}
+
+#[test]
+fn a_flood_on_a_full_disk_stays_within_the_buffer_bytes_and_drops_are_counted() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!(
+            "\n!!! SKIPPED a_flood_on_a_full_disk_stays_within_the_buffer_bytes_and_drops_are_counted: it mounts a tmpfs and needs root (CI runs as root) !!!\n"
+        );
+        return;
+    }
+    /// The bound under test: records waiting for the disk, in bytes.
+    const BUFFER: u64 = 4 * 1024 * 1024;
+    /// What the daemon may grow by beyond the buffer while a flood of
+    /// thousands of modules is polled (its views of /proc/modules, the
+    /// tracker's states, the allocator's slack).
+    const SLACK: u64 = 12 * 1024 * 1024;
+    /// Modules that appear and vanish at once, every poll.
+    const FLOOD: usize = 5_000;
+    let host = FakeHost::debian_6_1();
+    let config = host.config("# no groups of our own\n");
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let tmpfs = small_tmpfs(dir.path(), "32m");
+    let log = tmpfs.0.join("events.jsonl");
+    let mut daemon = logging(
+        &host,
+        &log,
+        &args![
+            "--config",
+            &config,
+            "--event-log-buffer-bytes",
+            BUFFER.to_string()
+        ],
+    );
+    wait_log(&mut daemon, "the start records", FOLLOW, |l| {
+        l["records"].as_u64() >= Some(2)
+    });
+    let filler = tmpfs.0.join("filler");
+    fill(&filler);
+    let before = vm_bytes(daemon.pid(), "VmRSS");
+
+    // Thousands of modules come and go every second: each poll is a record
+    // per module, and none of them can be written.
+    let base = host.read("proc/modules");
+    let flooded: String = (0..FLOOD)
+        .map(|i| format!("floodmod_{i} 16384 0 - Live 0x0000000000000000\n"))
+        .collect();
+    let with_flood = format!("{base}{flooded}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut on = false;
+    let mut status = daemon.status();
+    while status["event_log"]["dropped"].as_u64() < Some(4 * FLOOD as u64) {
+        assert!(
+            Instant::now() < deadline,
+            "the flood dropped too little: {}\n{daemon}",
+            pretty(&status["event_log"])
+        );
+        on = !on;
+        host.write("proc/modules", if on { &with_flood } else { &base });
+        thread::sleep(Duration::from_millis(1100));
+        status = daemon.status();
+    }
+    host.write("proc/modules", &base);
+    let peak = vm_bytes(daemon.pid(), "VmHWM");
+    let el = &status["event_log"];
+    eprintln!(
+        "flood on a full disk: RSS {} KiB before, peak {} KiB (+{} KiB), buffer {} KiB; {}",
+        before / 1024,
+        peak / 1024,
+        peak.saturating_sub(before) / 1024,
+        BUFFER / 1024,
+        el
+    );
+    assert!(
+        peak.saturating_sub(before) <= BUFFER + SLACK,
+        "the daemon grew by {} KiB during the flood (before {} KiB, peak {} KiB), past the \
+         {} KiB buffer and {} KiB of slack: {}",
+        peak.saturating_sub(before) / 1024,
+        before / 1024,
+        peak / 1024,
+        BUFFER / 1024,
+        SLACK / 1024,
+        pretty(el)
+    );
+    assert_eq!(el["degraded"], true, "{}", pretty(el));
+    let dropped = el["dropped"].as_u64().unwrap_or_default();
+    let (_, metrics) = daemon
+        .get("/metrics")
+        .unwrap_or_else(|e| panic!("GET /metrics: {e}"));
+    let counted = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("kmod_monitor_event_log_dropped_total "))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no kmod_monitor_event_log_dropped_total:\n{metrics}"));
+    assert!(counted >= dropped, "metric {counted}, /status {dropped}");
+
+    // Space returns: what was held is written, then a log_dropped record.
+    fs::remove_file(&filler).unwrap_or_else(|e| panic!("{e}"));
+    wait_log(
+        &mut daemon,
+        "writing to resume",
+        Duration::from_secs(30),
+        |l| l["degraded"] == false && l["pending"] == 0,
+    );
+    let dropped = daemon.status()["event_log"]["dropped"]
+        .as_u64()
+        .unwrap_or_default();
+    stop(daemon);
+
+    verify(&log).expect_code(0);
+    let reported: u64 = log_records(&log, &args!["--kind", "log_dropped"])
+        .iter()
+        .filter_map(|r| r["dropped"].as_u64())
+        .sum();
+    assert_eq!(
+        reported, dropped,
+        "log_dropped records account for every dropped record"
+    );
+}
+
+/// Writes `records` to `path` as a sealed chain from seq 1.
+fn sealed_log(path: &Path, records: &[kmod_monitor::forensic::Record]) {
+    use kmod_monitor::forensic::chain::{Head, seal};
+    let mut head = Head::genesis();
+    let mut text = String::new();
+    for r in records {
+        let sealed = seal(r, &head).unwrap_or_else(|e| panic!("{e}"));
+        text.push_str(&sealed.line);
+        head = sealed.head;
+    }
+    fs::write(path, text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+}
+
+/// A record of `kind`, stamped as the daemon would.
+fn stamped(kind: kmod_monitor::forensic::RecordKind) -> kmod_monitor::forensic::Record {
+    let mut r = kmod_monitor::forensic::Record::new(kind, 1);
+    kmod_monitor::forensic::stamp(&mut r, "boot", "node-a");
+    r
+}
+
+#[test]
+fn log_show_escapes_control_characters_and_json_is_the_raw_line() {
+    use kmod_monitor::forensic::{
+        RecordKind,
+        record::{ActorInfo, ModuleInfo},
+    };
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let log = dir.path().join("events.jsonl");
+    // A process can name itself anything: erase the line, return, beep,
+    // set the terminal's title, reverse the text.
+    let comm = "\u{1b}[2K\rrmmod\u{7}";
+    let mut unload = stamped(RecordKind::ModuleUnload);
+    unload.module = Some(ModuleInfo {
+        name: "dm_crypt".into(),
+        taints: None,
+    });
+    unload.actor = Some(ActorInfo {
+        pid: 66,
+        tgid: 66,
+        comm: comm.into(),
+        cmdline: Some(vec!["\u{1b}]0;owned\u{7}".into(), "dm_crypt\n".into()]),
+        read_late: true,
+        ..ActorInfo::default()
+    });
+    unload.source = Some("ebpf".into());
+    let mut lost = stamped(RecordKind::EventsLost);
+    lost.reason = Some("undecodable\u{1b}[1A\u{1b}[2K\u{9b}31m \u{202e}txet".into());
+    sealed_log(&log, &[unload, lost]);
+
+    let shown = kmod_monitor(&args!["log", "show", &log]);
+    shown.expect_code(0);
+    for c in shown.stdout.chars() {
+        assert!(
+            c == '\n' || !(c.is_control() || c == '\u{202e}'),
+            "{c:?} reached the terminal: {:?}",
+            shown.stdout
+        );
+    }
+    assert!(
+        shown.stdout.contains(r"by \u{1b}[2K\rrmmod\u{7} (pid 66"),
+        "the name is shown, escaped: {}",
+        shown.stdout
+    );
+    assert!(
+        shown
+            .stdout
+            .contains(r"undecodable\u{1b}[1A\u{1b}[2K\u{9b}31m \u{202e}txet"),
+        "{}",
+        shown.stdout
+    );
+
+    let json = kmod_monitor(&args!["log", "show", "--json", &log]);
+    json.expect_code(0);
+    assert_eq!(
+        json.stdout,
+        fs::read_to_string(&log).unwrap_or_else(|e| panic!("{e}")),
+        "--json prints the lines exactly as they are"
+    );
+
+    // verify quotes what it found in a tampered file: escaped too.
+    let text = fs::read_to_string(&log).unwrap_or_else(|e| panic!("{e}"));
+    let hash = log_records(&log, &[])[0]["hash"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    fs::write(&log, text.replacen(&hash, r"\u001b[2J\u001b[H", 1))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let out = verify(&log);
+    out.expect_code(1);
+    assert!(
+        out.stdout
+            .contains(r"edited record: its hash \u{1b}[2J\u{1b}[H does not match")
+            && !out.stdout.contains('\u{1b}'),
+        "{out}"
+    );
+}
+
+#[test]
+fn log_verify_rejects_a_seq_that_wraps() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let log = dir.path().join("events.jsonl");
+    // Three records numbered u64::MAX, 0, 1, each correctly hashed and
+    // linked to the one before: only the seq is wrong.
+    let mut prev_hash = kmod_monitor::forensic::chain::GENESIS.to_owned();
+    let mut text = String::new();
+    for seq in [u64::MAX, 0, 1] {
+        let r = stamped(kmod_monitor::forensic::RecordKind::ConfigReload);
+        let Value::Object(mut map) = serde_json::to_value(&r).unwrap_or_else(|e| panic!("{e}"))
+        else {
+            unreachable!("a record is an object")
+        };
+        map.insert("seq".into(), Value::from(seq));
+        map.insert("prev_hash".into(), Value::from(prev_hash.clone()));
+        map.remove("hash");
+        let hash = kmod_monitor::forensic::chain::record_hash(&map);
+        map.insert("hash".into(), Value::from(hash.clone()));
+        text.push_str(&kmod_monitor::forensic::chain::canonical(&Value::Object(
+            map,
+        )));
+        text.push('\n');
+        prev_hash = hash;
+    }
+    fs::write(&log, text).unwrap_or_else(|e| panic!("{e}"));
+    let out = verify(&log);
+    out.expect_code(1);
+    assert!(
+        out.stdout
+            .starts_with(&format!("FAILED {}:2: ", log.display()))
+            && out.stdout.contains("18446744073709551615"),
+        "{out}"
     );
 }

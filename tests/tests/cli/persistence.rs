@@ -102,6 +102,82 @@ fn fix_refuses_a_file_it_did_not_create() {
     );
 }
 
+/// Whether `path` is a symbolic link (not followed).
+fn is_link(path: &std::path::Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink())
+}
+
+#[test]
+fn fix_follows_no_link_planted_at_its_temporary_file_or_its_file() {
+    let host = FakeHost::debian_6_1();
+    // A file outside the host root, say the container's own /etc/passwd.
+    let outside = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let victim = outside.path().join("passwd");
+    let passwd = "root:x:0:0:root:/root:/bin/bash\n";
+    std::fs::write(&victim, passwd).unwrap_or_else(|e| panic!("{e}"));
+    // Planted where a temporary file with a fixed name would be opened.
+    let planted = "etc/modules-load.d/kmod-monitor.conf.kmod-monitor-tmp";
+    host.link(&victim, planted);
+
+    let out = kmod_monitor(&args!["check", "--host-root", host.path(), "--fix"]);
+    out.expect_code(0);
+    assert_eq!(
+        std::fs::read_to_string(&victim).unwrap_or_default(),
+        passwd,
+        "the file the planted link points to is untouched: {out}"
+    );
+    let conf = host.join("etc/modules-load.d/kmod-monitor.conf");
+    assert!(!is_link(&conf), "the file written is a file, not a link");
+    assert!(
+        host.read("etc/modules-load.d/kmod-monitor.conf")
+            .lines()
+            .any(|l| l == "dm_crypt"),
+        "{out}"
+    );
+    assert!(
+        is_link(&host.join(planted)),
+        "the planted link is left alone"
+    );
+
+    // A link planted at the file itself is refused, and not followed.
+    std::fs::remove_file(&conf).unwrap_or_else(|e| panic!("{e}"));
+    host.link(&victim, "etc/modules-load.d/kmod-monitor.conf");
+    let out = kmod_monitor(&args!["check", "--host-root", host.path(), "--fix"]);
+    out.expect_code(2);
+    assert!(
+        out.stderr.contains("kmod-monitor.conf") && out.stderr.contains("symbolic link"),
+        "{out}"
+    );
+    assert_eq!(std::fs::read_to_string(&victim).unwrap_or_default(), passwd);
+}
+
+#[test]
+fn fix_resolves_absolute_links_inside_the_host_root() {
+    let host = FakeHost::debian_6_1();
+    // On this host /etc/modules-load.d is an absolute link. It means the
+    // host's directory: <host root>/<target>, never the container's own
+    // <target>.
+    let outside = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let target = outside.path().join("modules-load.d");
+    std::fs::create_dir(&target).unwrap_or_else(|e| panic!("{e}"));
+    host.link(&target, "etc/modules-load.d");
+    let inside = host.join(target.strip_prefix("/").unwrap_or(&target));
+    std::fs::create_dir_all(&inside).unwrap_or_else(|e| panic!("{e}"));
+
+    let out = kmod_monitor(&args!["check", "--host-root", host.path(), "--fix"]);
+    out.expect_code(0);
+    assert!(
+        std::fs::read_dir(&target)
+            .map(|mut d| d.next().is_none())
+            .unwrap_or(false),
+        "nothing may be written outside the host root, in {}: {out}",
+        target.display()
+    );
+    let written = std::fs::read_to_string(inside.join("kmod-monitor.conf"))
+        .unwrap_or_else(|e| panic!("the file belongs in {}: {e}\n{out}", inside.display()));
+    assert!(written.lines().any(|l| l == "dm_crypt"), "{written}");
+}
+
 #[test]
 fn status_and_metrics_report_persistence() {
     let host = FakeHost::debian_6_1();
