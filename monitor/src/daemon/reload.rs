@@ -92,9 +92,6 @@ impl Daemon {
     pub(super) fn on_view(&mut self, view: ClusterView) {
         tracing::debug!(?view, "longhorn: cluster view");
         let flips = self.v2.set_view(view);
-        if flips.is_empty() {
-            return;
-        }
         self.record_flips(&flips);
         if flips.iter().any(|f| f.requirement == V2_GROUP) {
             let changes = self.track_groups();
@@ -103,6 +100,8 @@ impl Daemon {
                 log_group(&g);
             }
         }
+        // The version in force, the memory size and the kubelet's capacity
+        // change the checks without flipping any enablement.
         self.rejudge_checks();
     }
 

@@ -226,6 +226,8 @@ const KNOWN_SYMBOLS: &[(&str, &str)] = &[
     ("nfs", "CONFIG_NFS_FS"),
     ("nfsv3", "CONFIG_NFS_V3"),
     ("nfsv4", "CONFIG_NFS_V4"),
+    // The ublk frontend (Longhorn 1.9+).
+    ("ublk_drv", "CONFIG_BLK_DEV_UBLK"),
     ("fuse", "CONFIG_FUSE_FS"),
     ("nbd", "CONFIG_BLK_DEV_NBD"),
 ];
@@ -397,9 +399,21 @@ mod tests {
             Path::new("modules.dep"),
         )
         .value;
+        let dep_6_12 = crate::host::parse_modules_dep(
+            include_str!("fixtures/modules.dep.debian-6.12"),
+            Path::new("modules.dep"),
+        )
+        .value;
         for (module, symbol) in KNOWN_SYMBOLS {
             let module = name(module);
             assert_eq!(config_symbol_for(&module), *symbol);
+            if *symbol == "CONFIG_BLK_DEV_UBLK" {
+                // Not built for 6.1 ("is not set" still names the real
+                // symbol); a module on 6.12.
+                assert_eq!(config.get(symbol), Some(ConfigValue::NotSet), "{symbol}");
+                assert!(dep_6_12.contains_key(&module), "{module} not in 6.12");
+                continue;
+            }
             assert_eq!(config.get(symbol), Some(ConfigValue::Module), "{symbol}");
             assert!(dep.contains_key(&module), "{module} not in modules.dep");
         }

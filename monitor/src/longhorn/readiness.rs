@@ -19,7 +19,7 @@ use crate::{
         node::{self, Distro, FoundCommand, HOST_COMMANDS},
     },
     requirements::{
-        CheckInfo, GroupMode, GroupSettings, Level, LonghornVersion, WARNING_SEVERITY,
+        CheckInfo, GroupMode, GroupSettings, Level, LonghornVersion, UBLK_GROUP, WARNING_SEVERITY,
         table::{UBLK_KERNEL, UBLK_KERNEL_WARN_FROM},
     },
     tracker::GroupReport,
@@ -250,7 +250,13 @@ pub fn judge(inputs: &CheckInputs<'_>) -> Vec<Verdict> {
                     detail: String,
                     fix: Option<String>,
                     source: &str| {
-        let default_on = name != "ublk-kernel" && name != "ublk-kernel-known-issues";
+        // The ublk items follow the ublk group (off unless switched on);
+        // each can still be switched off on its own.
+        let default_on = if name.starts_with("ublk-") {
+            settings.enabled(UBLK_GROUP, false)
+        } else {
+            true
+        };
         if !settings.enabled(name, default_on) {
             return;
         }

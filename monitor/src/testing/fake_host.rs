@@ -228,6 +228,20 @@ impl FakeHost {
         self.write(rel, text.replacen(from, to, 1));
     }
 
+    /// Removes the file or directory tree `rel`.
+    ///
+    /// # Panics
+    /// When it does not exist or cannot be removed.
+    pub fn remove(&self, rel: impl AsRef<Path>) {
+        let path = self.join(rel);
+        let done = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        done.unwrap_or_else(|e| panic!("removing {}: {e}", path.display()));
+    }
+
     /// Removes from `rel` every line for which `drop` holds.
     ///
     /// # Panics

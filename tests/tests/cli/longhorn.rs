@@ -763,3 +763,99 @@ fn rbac_revoked_mid_run_then_restored_with_nothing_changed() {
         ]
     );
 }
+
+/// `(met, level)` of requirement `name` in a /status or check report.
+fn item(status: &Value, name: &str) -> (Value, Value) {
+    let g = status["groups"]
+        .as_array()
+        .and_then(|g| g.iter().find(|g| g["name"] == name))
+        .unwrap_or_else(|| panic!("no {name} in {status:#}"));
+    (g["met"].clone(), g["check"]["level"].clone())
+}
+
+#[test]
+fn the_clusters_longhorn_version_and_memory_size_drive_the_table() {
+    let c = Cluster::new(Some("true"));
+    let mut d = c.daemon(&args!["--reconcile-interval", "1"]);
+    // No version setting yet (Longhorn writes it once its manager runs):
+    // the newest table.
+    let s = d.wait_for("V2 on", FLIP, |s| enabled(s) == true);
+    assert_eq!(s["v2"]["longhorn_version"]["version"], "1.12");
+    assert_eq!(s["v2"]["longhorn_version"]["source"], "default");
+    assert_eq!(item(&s, "v2-iommu").1, "required");
+
+    // Longhorn 1.11 records itself: 5.19 required, 6.7 recommended, the
+    // IOMMU a warning.
+    c.k8s.set_setting("current-longhorn-version", "v1.11.2");
+    let s = d.wait_for("the 1.11 table", FLIP, |s| {
+        s["v2"]["longhorn_version"]["version"] == "1.11"
+    });
+    assert_eq!(s["v2"]["longhorn_version"]["source"], "cluster");
+    assert_eq!(item(&s, "v2-iommu").1, "warning");
+    assert_eq!(
+        item(&s, "v2-kernel-recommended"),
+        (json!(true), json!("warning"))
+    );
+    base_met(&s);
+
+    // data-engine-memory-size doubles: 2048 pages needed, the pool and the
+    // kubelet's 1024 both short.
+    c.k8s
+        .set_setting("data-engine-memory-size", r#"{"v1":"0","v2":"4096"}"#);
+    let s = d.wait_for("2048 pages required", FLIP, |s| {
+        s["v2"]["required_hugepages"] == 2048
+    });
+    assert!(
+        s["v2"]["required_hugepages_source"]
+            .as_str()
+            .is_some_and(|w| w.contains("data-engine-memory-size = 4096 MiB")),
+        "{s:#}"
+    );
+    assert_eq!(item(&s, "v2-hugepages").0, false);
+    assert_eq!(item(&s, "v2-hugepages-kubelet").0, false);
+
+    // The pool is raised but the kubelet has not restarted: Longhorn still
+    // sees 1024, and the fix says to restart kubelet.
+    hugepages(&c.host, 2048);
+    let s = d.wait_for("the pool met after a reconcile", FLIP, |s| {
+        item(s, "v2-hugepages").0 == true
+    });
+    let kubelet = s["groups"]
+        .as_array()
+        .and_then(|g| g.iter().find(|g| g["name"] == "v2-hugepages-kubelet"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(kubelet["met"], false, "{kubelet:#}");
+    assert!(
+        kubelet["check"]["fix"]
+            .as_str()
+            .is_some_and(|f| f.starts_with("restart kubelet")),
+        "{kubelet:#}"
+    );
+    // The kubelet restarts and registers 4Gi.
+    c.k8s.set_node_hugepages(NODE, "4Gi");
+    d.wait_for("the kubelet's capacity met", FLIP, |s| {
+        item(s, "v2-hugepages-kubelet").0 == true
+    });
+
+    // Longhorn 1.9 sized the pool by v2-data-engine-hugepage-limit.
+    c.k8s.set_setting("current-longhorn-version", "v1.9.1");
+    c.k8s.set_setting("v2-data-engine-hugepage-limit", "1024");
+    let s = d.wait_for("512 pages under 1.9", FLIP, |s| {
+        s["v2"]["required_hugepages"] == 512
+    });
+    assert!(
+        s["v2"]["required_hugepages_source"]
+            .as_str()
+            .is_some_and(|w| w.contains("v2-data-engine-hugepage-limit")),
+        "{s:#}"
+    );
+    base_met(&s);
+
+    // A version given on the command line wins over the cluster's.
+    drop(d);
+    let d = c.daemon(&args!["--longhorn-version", "1.12"]);
+    let s = d.status();
+    assert_eq!(s["v2"]["longhorn_version"]["version"], "1.12");
+    assert_eq!(s["v2"]["longhorn_version"]["source"], "flag");
+}

@@ -37,4 +37,5 @@ mod layers;
 mod longhorn;
 mod persistence;
 mod prometheus;
+mod requirements;
 mod source;
