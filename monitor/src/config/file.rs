@@ -39,9 +39,15 @@
 //! [groups.base]              # built-in; may be switched off
 //! enabled = false
 //!
-//! [groups.spdk-driver]       # user group: exactly one of all_of / any_of
+//! [groups.spdk-driver]       # user group: exactly one of all_of / any_of / available
 //! any_of = ["vfio_pci", "uio_pci_generic"]
 //! severity = "warning"       # default "critical"; free-form label for alerts
+//!
+//! [groups.v1-iscsi]          # a cluster without V1 volumes
+//! enabled = false
+//!
+//! [groups.nbd-client]        # loaded on demand: present and not blocked is enough
+//! available = ["nbd"]
 //! ```
 //!
 //! # Groups
@@ -49,15 +55,21 @@
 //!   `v2-data-engine` = all_of [vfio_pci, uio_pci_generic, nvme_tcp], enabled
 //!   by `v2_data_engine = true`, by `[groups.v2-data-engine] enabled = true`,
 //!   by the command-line flag, or by the cluster: see
-//!   [`crate::longhorn::enablement`] for the precedence.
+//!   [`crate::longhorn::enablement`] for the precedence; `v1-iscsi` =
+//!   available [iscsi_tcp] and `rwx-nfs-client` = available [nfs, nfsv4],
+//!   on at warning severity; `ublk` = all_of [ublk_drv], off. The checks
+//!   ([`crate::requirements::BUILTIN_CHECKS`]: `v2-kernel`, `v2-iommu`,
+//!   `host-commands`, …) take `enabled` and `severity` the same way.
 //! - A built-in group's table accepts only `enabled` and `severity`. Giving
 //!   it `all_of` or `any_of` is an error, not an override: a built-in group's
 //!   name means the same modules on every node, so alerts and dashboards keyed
 //!   on it stay comparable. To require other modules, disable it and define a
 //!   group of your own.
 //! - A user group needs exactly one of `all_of` (every module must be loaded or
-//!   built in) and `any_of` (at least one), with at least one module and none
-//!   twice (`nvme-tcp` and `nvme_tcp` are the same module). `enabled`
+//!   built in), `any_of` (at least one) and `available` (every module loaded,
+//!   built in, or loadable and not blocked by modprobe.d or the kernel command
+//!   line: for modules a tool loads on demand), with at least one module and
+//!   none twice (`nvme-tcp` and `nvme_tcp` are the same module). `enabled`
 //!   defaults to true. Group names use `[a-z0-9-]`.
 //! - `v2_data_engine = true` together with `[groups.v2-data-engine]
 //!   enabled = false` is an error: the file contradicts itself.
@@ -193,14 +205,15 @@ pub enum ConfigProblem {
         /// `all_of` or `any_of`.
         key: &'static str,
     },
-    /// A user group gives both `all_of` and `any_of`.
-    #[error("group {group:?} sets both all_of and any_of (set exactly one)")]
+    /// A user group gives more than one of `all_of`, `any_of` and
+    /// `available`.
+    #[error("group {group:?} sets more than one of all_of, any_of and available (set exactly one)")]
     BothModes {
         /// The group.
         group: String,
     },
-    /// A user group gives neither `all_of` nor `any_of`.
-    #[error("group {group:?} sets neither all_of nor any_of (set exactly one)")]
+    /// A user group gives none of `all_of`, `any_of` and `available`.
+    #[error("group {group:?} sets none of all_of, any_of and available (set exactly one)")]
     NoMode {
         /// The group.
         group: String,
@@ -497,13 +510,17 @@ struct RawFile {
     groups: BTreeMap<Spanned<String>, RawGroup>,
 }
 
+/// A list of module names with the place of each in the file.
+type ModuleList = Spanned<Vec<Spanned<String>>>;
+
 /// One `[groups.NAME]` table as TOML gives it.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawGroup {
     enabled: Option<Spanned<bool>>,
-    all_of: Option<Spanned<Vec<Spanned<String>>>>,
-    any_of: Option<Spanned<Vec<Spanned<String>>>>,
+    all_of: Option<ModuleList>,
+    any_of: Option<ModuleList>,
+    available: Option<ModuleList>,
     severity: Option<Spanned<String>>,
 }
 
@@ -854,9 +871,14 @@ impl Locator<'_> {
             enabled,
             all_of,
             any_of,
+            available,
             severity,
         } = raw;
-        for (key, list) in [("all_of", all_of), ("any_of", any_of)] {
+        for (key, list) in [
+            ("all_of", all_of),
+            ("any_of", any_of),
+            ("available", available),
+        ] {
             if let Some(list) = list {
                 return Err(self.error(
                     &list.span(),
@@ -879,23 +901,33 @@ impl Locator<'_> {
             enabled,
             all_of,
             any_of,
+            available,
             severity,
         } = raw;
-        let (mode, key, list) = match (all_of, any_of) {
-            (Some(list), None) => (GroupMode::AllOf, "all_of", list),
-            (None, Some(list)) => (GroupMode::AnyOf, "any_of", list),
-            (Some(_), Some(second)) => {
+        let mut given: Vec<(GroupMode, &'static str, ModuleList)> = [
+            (GroupMode::AllOf, "all_of", all_of),
+            (GroupMode::AnyOf, "any_of", any_of),
+            (GroupMode::Available, "available", available),
+        ]
+        .into_iter()
+        .filter_map(|(mode, key, list)| list.map(|l| (mode, key, l)))
+        .collect();
+        // The error points at the later of two keys, as TOML reads them.
+        given.sort_by_key(|(_, _, list)| list.span().start);
+        let (mode, key, list) = match given.len() {
+            1 => given.remove(0),
+            0 => {
                 return Err(self.error(
-                    &second.span(),
-                    ConfigProblem::BothModes {
+                    &name.span(),
+                    ConfigProblem::NoMode {
                         group: group.clone(),
                     },
                 ));
             }
-            (None, None) => {
+            _ => {
                 return Err(self.error(
-                    &name.span(),
-                    ConfigProblem::NoMode {
+                    &given[1].2.span(),
+                    ConfigProblem::BothModes {
                         group: group.clone(),
                     },
                 ));
@@ -1273,15 +1305,30 @@ severity = "warning"       # default "critical"; free-form label for alerts
         );
         assert!(
             err.to_string()
-                .contains("group \"g\" sets both all_of and any_of"),
+                .contains("group \"g\" sets more than one of all_of, any_of and available"),
             "{err}"
         );
+        let err = error_at(
+            "[groups.g]\navailable = [\"iscsi_tcp\"]\n\nall_of = [\"dm_crypt\"]\n",
+            4,
+        );
+        assert!(err.to_string().contains("more than one"), "{err}");
         let err = error_at("\n[groups.g]\nseverity = \"low\"\n", 2);
         assert!(
             err.to_string()
-                .contains("group \"g\" sets neither all_of nor any_of"),
+                .contains("group \"g\" sets none of all_of, any_of and available"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn available_is_a_user_group_mode_and_not_for_built_ins() {
+        let c =
+            parse("[groups.nbd-client]\navailable = [\"nbd\"]\nseverity = \"warning\"\n").unwrap();
+        assert_eq!(c.groups.user[0].spec.mode, GroupMode::Available);
+        assert_eq!(c.groups.user[0].spec.modules, [name("nbd")]);
+        let err = error_at("[groups.v1-iscsi]\navailable = [\"iscsi_tcp\"]\n", 2);
+        assert!(err.to_string().contains("not available"), "{err}");
     }
 
     #[test]

@@ -481,3 +481,23 @@ fn the_daemon_refuses_a_bad_version_too() {
         "{out}"
     );
 }
+
+#[test]
+fn a_user_group_can_be_judged_as_available_too() {
+    let host = FakeHost::debian_6_12();
+    host.with_longhorn_packages();
+    let config = host.config("[groups.nbd-client]\navailable = [\"nbd\"]\n");
+    let report = check_json(&host, &args!["--config", &config], 0);
+    let g = group(&report, "nbd-client");
+    assert_eq!(
+        (g["mode"].clone(), g["met"].clone(), g["severity"].clone()),
+        ("available".into(), Value::Bool(true), "critical".into()),
+        "{}",
+        pretty(g)
+    );
+    // `install nbd /bin/false` stops every modprobe of it: unmet, and as a
+    // critical group it fails the check.
+    host.write("etc/modprobe.d/site.conf", "install nbd /bin/false\n");
+    let report = check_json(&host, &args!["--config", &config], 1);
+    assert_eq!(group(&report, "nbd-client")["met"], false);
+}
