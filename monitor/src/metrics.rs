@@ -114,6 +114,13 @@ struct EnabledLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VersionLabels {
+    version: String,
+    table_row: String,
+    source: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabels {
     kind: String,
 }
@@ -149,6 +156,7 @@ struct Known {
     infos: Vec<RequirementInfoLabels>,
     module_requirements: Vec<ModuleRequirementLabels>,
     modules: std::collections::BTreeSet<String>,
+    version: Option<VersionLabels>,
 }
 
 /// Every metric of the daemon.
@@ -178,6 +186,7 @@ pub struct Metrics {
     setting_readable: Family<NoLabels, Gauge>,
     node_readable: Family<NoLabels, Gauge>,
     hugepages: Family<KindLabels, Gauge>,
+    longhorn_version: Family<VersionLabels, Gauge>,
     /// What `log_write_errors` was last raised to (the log reports a total).
     log_errors_seen: AtomicU64,
     unload_denied: Family<ModuleLabels, Counter>,
@@ -220,6 +229,7 @@ impl Metrics {
             setting_readable: Family::default(),
             node_readable: Family::default(),
             hugepages: Family::default(),
+            longhorn_version: Family::default(),
             log_errors_seen: AtomicU64::new(0),
             unload_denied: Family::default(),
             kernel_filtered: Family::default(),
@@ -326,6 +336,11 @@ impl Metrics {
             "longhorn_node_readable",
             "1 when this node's labels can be read from the API server, 0 when not (no series while the cluster watch is off)",
             m.node_readable.clone(),
+        );
+        registry.register(
+            "longhorn_version_info",
+            "1 for the Longhorn version whose node requirements are judged: version, the table row in force, and source (flag, config, cluster, default)",
+            m.longhorn_version.clone(),
         );
         registry.register(
             "hugepages_2mi",
@@ -440,6 +455,9 @@ impl Metrics {
                             event: kind.as_str().into(),
                         });
                     }
+                    let _ = self.unload_denied.get_or_create(&ModuleLabels {
+                        module: m.name.to_string(),
+                    });
                 }
             }
         }
@@ -479,13 +497,14 @@ impl Metrics {
             self.module_persistent.remove(&ModuleLabels {
                 module: module.clone(),
             });
+            self.unload_denied.remove(&ModuleLabels {
+                module: module.clone(),
+            });
         }
-        *known = Known {
-            requirements: keep_req,
-            infos: keep_info,
-            module_requirements: keep_mod_req,
-            modules: keep_mod,
-        };
+        known.requirements = keep_req;
+        known.infos = keep_info;
+        known.module_requirements = keep_mod_req;
+        known.modules = keep_mod;
     }
 
     /// Sets whether each required module survives a reboot.
@@ -645,6 +664,26 @@ impl Metrics {
                 self.node_readable.clear();
             }
         }
+    }
+
+    /// The Longhorn version in force: one series, replaced when it changes.
+    pub fn set_longhorn_version(&self, version: &str, table_row: &str, source: &str) {
+        let labels = VersionLabels {
+            version: version.to_owned(),
+            table_row: table_row.to_owned(),
+            source: source.to_owned(),
+        };
+        let mut known = self
+            .known
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if known.version.as_ref() == Some(&labels) {
+            return;
+        }
+        if let Some(old) = known.version.replace(labels.clone()) {
+            self.longhorn_version.remove(&old);
+        }
+        self.longhorn_version.get_or_create(&labels).set(1);
     }
 
     /// The 2 MiB pool; no series when it cannot be read.

@@ -20,6 +20,9 @@ impl Daemon {
         self.metrics
             .set_enabled(status.v2.enablement.iter().map(|(name, d)| (*name, d)));
         self.metrics.set_cluster_readable(self.v2.readable());
+        let version = &status.v2.longhorn_version;
+        self.metrics
+            .set_longhorn_version(&version.version, &version.table_row, version.source);
         self.metrics
             .set_hugepages(self.v2.readiness.hugepages.pool.as_ref());
         let now_unix = std::time::SystemTime::now()

@@ -115,7 +115,7 @@ impl HostCommand {
 pub const HOST_COMMANDS: [HostCommand; 4] = [
     HostCommand {
         command: "iscsiadm",
-        purpose: "V1 volumes (iSCSI frontend)",
+        purpose: "V1 volumes: the iSCSI frontend",
         debian: "open-iscsi",
         rhel: "iscsi-initiator-utils",
         suse: "open-iscsi",
@@ -139,7 +139,7 @@ pub const HOST_COMMANDS: [HostCommand; 4] = [
     },
     HostCommand {
         command: "dmsetup",
-        purpose: "encrypted volumes (device mapper)",
+        purpose: "encrypted volumes: the device mapper",
         debian: "dmsetup",
         rhel: "device-mapper",
         suse: "device-mapper",

@@ -358,3 +358,57 @@ fn prometheusrule_matches_the_rules_file() {
         path.display()
     );
 }
+
+/// The metric names of the README's Metrics table, as written there.
+fn readme_metrics() -> Vec<String> {
+    let readme = fs::read_to_string(workspace_dir().join("README.md"))
+        .unwrap_or_else(|e| panic!("README.md: {e}"));
+    let table = readme
+        .split("### Metrics")
+        .nth(1)
+        .and_then(|rest| rest.split("\n### ").next())
+        .unwrap_or_else(|| panic!("no Metrics section in README.md"));
+    let mut names: Vec<String> = table
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `kmod_monitor_"))
+        .filter_map(|l| l.split('`').next())
+        .map(|n| format!("kmod_monitor_{n}"))
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn the_readme_lists_every_metric_the_daemon_exports_and_no_other() {
+    let host = FakeHost::debian_6_1();
+    let daemon = polling(&host, &args!["--v2-data-engine"]);
+    let text = daemon.metrics();
+    // `# TYPE name kind`; a counter's samples (and the README) add `_total`.
+    let mut exported: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            let (name, kind) = (words.next()?, words.next()?);
+            Some(if kind == "counter" {
+                format!("{name}_total")
+            } else {
+                name.to_owned()
+            })
+        })
+        .collect();
+    exported.sort();
+    assert!(exported.len() > 20, "{text}");
+    // Only these have no series until there is something to say: the
+    // cluster's readability while no cluster is watched.
+    let mut documented = readme_metrics();
+    let unwatched = [
+        "kmod_monitor_longhorn_node_readable",
+        "kmod_monitor_longhorn_setting_readable",
+    ];
+    documented.retain(|m| !unwatched.contains(&m.as_str()));
+    assert_eq!(
+        documented, exported,
+        "README.md's Metrics table and /metrics differ"
+    );
+}

@@ -459,6 +459,17 @@ fn the_daemon_rejudges_items_on_reconcile_and_on_sighup() {
     assert_eq!(status["v2"]["longhorn_version"]["source"], "config");
     assert_eq!(met(&status, "v2-kernel"), true);
     let text = daemon.metrics();
+    let versions: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("kmod_monitor_longhorn_version_info{"))
+        .collect();
+    assert_eq!(
+        versions,
+        [
+            r#"kmod_monitor_longhorn_version_info{version="1.11",table_row="1.11",source="config"} 1"#
+        ],
+        "one series, replaced on the change"
+    );
     assert!(
         text.contains(r#"kmod_monitor_requirement_info{requirement="v2-kernel",kind="check",severity="critical"} 1"#),
         "{text}"
