@@ -149,13 +149,13 @@ impl Daemon {
                 uid = actor.uid,
                 pid = actor.tgid,
                 comm = ?actor.comm,
-                "refused attempt to unload a required module (no CAP_SYS_MODULE); counting further attempts for this actor"
+                "refused attempt to unload a required module (no CAP_SYS_MODULE); counting further attempts by this uid on it"
             );
         }
     }
 
     /// Closes the refused-unload window: one `module_unload_denied` record
-    /// per actor and module, and one for the attempts past the key limit.
+    /// per uid and module, and one for the attempts past the key limit.
     pub(super) fn flush_denied(&mut self, running: &RunningSource) {
         if self.denied.due().is_none() {
             return;
@@ -164,26 +164,33 @@ impl Daemon {
             .noise()
             .map_or(0, |n| n.denied_suppressed())
             .saturating_sub(self.denied_suppressed_before);
-        let summary = self.denied.flush();
+        let summary = self.denied.flush(Instant::now());
         let now = boot_ns_now();
         for (key, attempts) in &summary.keys {
             tracing::warn!(
                 module = %key.module,
                 uid = key.uid,
-                comm = ?key.comm,
+                comm = ?attempts.last.comm,
                 attempts = attempts.count,
+                window_secs = summary.window.as_secs(),
                 "refused attempts to unload a required module in the last window"
             );
             let actor = actor::enrich(&self.settings.common.host, &attempts.last);
             self.append(records::unload_denied(
                 Some((key, attempts)),
                 Some(actor),
+                summary.window,
                 suppressed,
                 now,
             ));
         }
         if summary.other > 0 {
-            self.append(records::unload_denied_other(summary.other, suppressed, now));
+            self.append(records::unload_denied_other(
+                summary.other,
+                summary.window,
+                suppressed,
+                now,
+            ));
         }
     }
 

@@ -158,13 +158,14 @@ pub fn events_lost(
     r
 }
 
-/// A `module_unload_denied` record: one actor's refused attempts on one
+/// A `module_unload_denied` record: one user's refused attempts on one
 /// module in the window that just closed (`actor` is the last attempt's,
 /// enriched by the caller).
 #[must_use]
 pub fn unload_denied(
     key: Option<(&super::denied::Key, &super::denied::Attempts)>,
     actor: Option<ActorInfo>,
+    window: std::time::Duration,
     suppressed_in_window: u64,
     boot_ns: u64,
 ) -> Record {
@@ -176,7 +177,7 @@ pub fn unload_denied(
             count: attempts.count,
             first_boot_ns: attempts.first_boot_ns,
             last_boot_ns: attempts.last_boot_ns,
-            window_secs: super::denied::WINDOW.as_secs(),
+            window_secs: window.as_secs(),
             suppressed_in_window,
         });
     }
@@ -185,17 +186,22 @@ pub fn unload_denied(
 
 /// The attempts of a window beyond its key limit, without an actor.
 #[must_use]
-pub fn unload_denied_other(count: u64, suppressed_in_window: u64, boot_ns: u64) -> Record {
+pub fn unload_denied_other(
+    count: u64,
+    window: std::time::Duration,
+    suppressed_in_window: u64,
+    boot_ns: u64,
+) -> Record {
     let mut r = Record::new(RecordKind::ModuleUnloadDenied, boot_ns);
     r.reason = Some(format!(
-        "{count} more attempts by other actors (over {} actor/module keys in the window)",
+        "{count} more attempts by other users (over {} uid/module keys in the window)",
         super::denied::MAX_KEYS
     ));
     r.denied = Some(DeniedInfo {
         count,
         first_boot_ns: 0,
         last_boot_ns: 0,
-        window_secs: super::denied::WINDOW.as_secs(),
+        window_secs: window.as_secs(),
         suppressed_in_window,
     });
     r

@@ -57,7 +57,7 @@ pub enum RecordKind {
     /// setting or node label changed, or the cluster became unreadable.
     RequirementEnablement,
     /// Attempts to unload a required module refused for lack of
-    /// CAP_SYS_MODULE, aggregated per actor and module over a window.
+    /// CAP_SYS_MODULE, aggregated per uid and module over a window that grows while attempts continue.
     ModuleUnloadDenied,
 }
 
@@ -230,7 +230,7 @@ pub struct EnablementInfo {
     pub reason: String,
 }
 
-/// What `module_unload_denied` says: one actor's refused attempts on one
+/// What `module_unload_denied` says: one user's refused attempts on one
 /// module within a window.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeniedInfo {
