@@ -11,9 +11,9 @@ use crate::{cmd, dirs, elf};
 /// The daemon's package and binary name.
 pub const DAEMON: &str = "kmod-monitor";
 /// The package holding the in-guest test driver.
-const TESTS_PACKAGE: &str = "kmod-monitor-tests";
+const GUEST_PACKAGE: &str = "kmod-monitor-vm-guest";
 /// The in-guest test driver's binary name.
-pub const GUEST_DRIVER: &str = "vm_guest";
+pub const GUEST_DRIVER: &str = "vm-guest";
 
 fn cargo() -> Command {
     // Use the cargo that runs us (`cargo xtask`), so toolchain overrides
@@ -82,7 +82,7 @@ pub fn build_guest_driver() -> Result<PathBuf> {
         "--target",
         dirs::MUSL_TARGET,
         "--package",
-        TESTS_PACKAGE,
+        GUEST_PACKAGE,
         "--bin",
         GUEST_DRIVER,
     ]))?;

@@ -37,7 +37,7 @@ pub const GUEST_MODULES: &[&str] = &[
 
 /// Where the daemon and the driver live in the guest.
 pub const GUEST_DAEMON: &str = "usr/bin/kmod-monitor";
-const GUEST_DRIVER: &str = "usr/bin/vm_guest";
+const GUEST_DRIVER: &str = "usr/bin/vm-guest";
 const BUSYBOX: &str = "/bin/busybox";
 
 /// The guest's `/init`. Console loglevel 1 keeps kernel messages from
@@ -56,7 +56,7 @@ mount -t bpf bpf /sys/fs/bpf 2>/dev/null
 ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up
 dmesg -n 1
 echo "VMTEST BOOTED $(uname -r)"
-KMOD_MONITOR_VM_GUEST=1 /usr/bin/vm_guest
+KMOD_MONITOR_VM_GUEST=1 /usr/bin/vm-guest
 rc=$?
 if [ "$rc" -ne 0 ]; then
     echo "VMTEST NOTE driver exited $rc; last kernel messages:"

@@ -10,7 +10,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{
+use crate::ensure;
+use crate::{
     Outcome,
     api::{Api, POLL_EVERY},
     daemon::{self, Daemon},
@@ -19,7 +20,6 @@ use super::{
     soak,
     status::{Actor, Status},
 };
-use crate::ensure;
 
 /// Longhorn's base requirement.
 const BASE: &str = "base";
