@@ -195,7 +195,9 @@ fn run_steps(steps: &mut Vec<Step>, passed: &mut usize, failed: &mut usize) -> R
 
     let vm_start = Instant::now();
     let outcomes = vm_test::vm_test(&vm_test::Options {
+        archs: Vec::new(),
         kernels: Vec::new(),
+        scenarios: Vec::new(),
         refresh_kernels: false,
         timeout: 600,
     });
@@ -237,7 +239,7 @@ fn run_steps(steps: &mut Vec<Step>, passed: &mut usize, failed: &mut usize) -> R
             detail.push_str(&format!("; {p}"));
         }
         steps.push(Step {
-            name: format!("vm-test {}", o.series),
+            name: format!("vm-test {}", o.label()),
             ok: o.ok(),
             duration: o.duration,
             detail,
@@ -249,7 +251,7 @@ fn run_steps(steps: &mut Vec<Step>, passed: &mut usize, failed: &mut usize) -> R
             outcomes
                 .iter()
                 .filter(|o| !o.ok())
-                .map(|o| o.series.name())
+                .map(vm_test::Outcome::label)
                 .collect::<Vec<_>>()
                 .join(", ")
         );

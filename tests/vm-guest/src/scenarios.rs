@@ -3,6 +3,7 @@
 //! trusting the previous one, so a failure early on still lets the later
 //! scenarios say something meaningful.
 use std::{
+    collections::BTreeSet,
     fs,
     panic::{self, AssertUnwindSafe},
     path::PathBuf,
@@ -28,11 +29,39 @@ const V2: &str = "v2-data-engine";
 const V2_MODULES: [&str; 3] = ["vfio_pci", "uio_pci_generic", "nvme_tcp"];
 /// The config-file group holding the module that cannot load here.
 const FAILING_GROUP: &str = "failing-probe";
-/// Fails its init in every TCG guest: QEMU's `-cpu max` under TCG is an AMD
-/// model with SVM but no VMX, so vmx_init returns -EOPNOTSUPP after the
-/// module_load tracepoint. The host harness puts it (and its dependency
-/// kvm) into the initramfs.
-const FAILING_MODULE: &str = "kvm_intel";
+/// Fails its init in every TCG guest of this architecture, after the
+/// module_load tracepoint (the host harness, `Arch::failing_module` in
+/// xtask, says why and puts it into the initramfs):
+/// - x86-64: `kvm_intel`: QEMU's `-cpu max` under TCG is an AMD model
+///   with SVM but no VMX, so vmx_init returns -EOPNOTSUPP;
+/// - aarch64: `cppc_cpufreq`: the `virt` machine boots by device tree, so
+///   ACPI is off, no CPU has a valid _CPC, and its init returns -ENODEV.
+const FAILING_MODULE: &str = if cfg!(target_arch = "aarch64") {
+    "cppc_cpufreq"
+} else {
+    "kvm_intel"
+};
+/// The CPU feature SPDK needs, which the V2 readiness section reports
+/// from /proc/cpuinfo: ASIMD on arm64, SSE4.2 on x86-64.
+const CPU_FEATURE: &str = if cfg!(target_arch = "aarch64") {
+    "asimd"
+} else {
+    "sse4_2"
+};
+/// Every tracepoint the daemon's eBPF source may attach to: the module
+/// ones are required, the syscall ones exist only with
+/// CONFIG_FTRACE_SYSCALLS.
+const TRACEPOINTS: &[(&str, &str)] = &[
+    ("module", "module_load"),
+    ("module", "module_free"),
+    ("module", "module_request"),
+    ("syscalls", "sys_exit_finit_module"),
+    ("syscalls", "sys_exit_init_module"),
+    ("syscalls", "sys_enter_finit_module"),
+    ("syscalls", "sys_enter_init_module"),
+    ("syscalls", "sys_enter_delete_module"),
+    ("syscalls", "sys_exit_delete_module"),
+];
 /// The config-file group holding a module that is always in use while
 /// dm_crypt is loaded, so rmmod of it fails.
 const IN_USE_GROUP: &str = "in-use";
@@ -75,7 +104,31 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("soak-1000-cycles-under-scrapes", soak::soak),
 ];
 
-/// Runs every scenario; returns whether all passed.
+/// The scenarios /proc/cmdline's `kmod_monitor.scenarios=a,b` names (all
+/// when it names none), and the names that match no scenario.
+fn selected(cmdline: &str) -> (Vec<(&'static str, Scenario)>, Vec<String>) {
+    let Some(list) = cmdline
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("kmod_monitor.scenarios="))
+    else {
+        return (SCENARIOS.to_vec(), Vec::new());
+    };
+    let names: Vec<&str> = list.split(',').filter(|n| !n.is_empty()).collect();
+    let chosen = SCENARIOS
+        .iter()
+        .filter(|(name, _)| names.contains(name))
+        .copied()
+        .collect();
+    let unknown = names
+        .iter()
+        .filter(|n| !SCENARIOS.iter().any(|(name, _)| name == *n))
+        .map(|n| (*n).to_owned())
+        .collect();
+    (chosen, unknown)
+}
+
+/// Runs the scenarios the kernel command line selects (all by default);
+/// returns whether all passed.
 pub fn run_all() -> bool {
     let release = kmod::kernel_release().unwrap_or_else(|e| {
         Report::note(&e);
@@ -90,7 +143,22 @@ pub fn run_all() -> bool {
         release,
     };
     let mut report = Report::default();
-    Report::plan(SCENARIOS.len());
+    let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_else(|e| {
+        Report::note(&format!(
+            "cannot read /proc/cmdline ({e}); running every scenario"
+        ));
+        String::new()
+    });
+    let (scenarios, unknown) = selected(&cmdline);
+    Report::plan(scenarios.len() + unknown.len());
+    for name in &unknown {
+        let known: Vec<&str> = SCENARIOS.iter().map(|(n, _)| *n).collect();
+        report.fail(
+            name,
+            &format!("no such scenario; there are: {}", known.join(" ")),
+            Duration::ZERO,
+        );
+    }
     let config = format!(
         "[groups.{FAILING_GROUP}]\nall_of = [\"{FAILING_MODULE}\"]\n\n\
          [groups.{IN_USE_GROUP}]\nall_of = [\"{IN_USE_MODULE}\"]\n"
@@ -98,7 +166,7 @@ pub fn run_all() -> bool {
     if let Err(e) = fs::write(CONFIG, config) {
         Report::note(&format!("cannot write {CONFIG}: {e}"));
     }
-    for (name, scenario) in SCENARIOS {
+    for (name, scenario) in &scenarios {
         guest.logs.clear();
         let start = Instant::now();
         let result = panic::catch_unwind(AssertUnwindSafe(|| scenario(&mut guest)));
@@ -248,6 +316,33 @@ fn expect_source(status: &Status, wanted: &str) -> Outcome {
         status.source.active,
         reasons.join("; ")
     );
+    Ok(())
+}
+
+/// The eBPF source reports what it attached to, and that is exactly the
+/// tracepoints of [`TRACEPOINTS`] this kernel's tracefs has: the daemon
+/// looks them up rather than assuming them.
+fn expect_attached(status: &Status) -> Outcome {
+    let details = &status.source.details;
+    let Some(line) = details.iter().find_map(|d| d.strip_prefix("attached: ")) else {
+        return Err(format!(
+            "source.details has no `attached: ...` entry: {details:?}"
+        ));
+    };
+    let attached: BTreeSet<&str> = line.split(", ").collect();
+    let present: BTreeSet<String> = TRACEPOINTS
+        .iter()
+        .filter(|(group, event)| {
+            fs::metadata(format!("{TRACEFS}/events/{group}/{event}/format")).is_ok()
+        })
+        .map(|(group, event)| format!("{group}:{event}"))
+        .collect();
+    let present: BTreeSet<&str> = present.iter().map(String::as_str).collect();
+    ensure!(
+        attached == present,
+        "the daemon reports {attached:?} attached, but tracefs has {present:?}; details: {details:?}"
+    );
+    Report::note(&format!("eBPF source details: {}", details.join(" | ")));
     Ok(())
 }
 
@@ -479,6 +574,7 @@ fn baseline(g: &mut Guest) -> Outcome {
     let status = g.start_daemon("ebpf")?;
     Report::note(&format!("baseline: first /status: {}", status.summary()));
     expect_source(&status, "ebpf")?;
+    expect_attached(&status)?;
     ensure!(
         status.version == env!("CARGO_PKG_VERSION"),
         "version is {:?}, expected {:?}",
@@ -770,6 +866,11 @@ fn check_exit_codes(_: &mut Guest) -> Outcome {
         "check should name the hugepage shortfall: {}",
         out.trim()
     );
+    ensure!(
+        out.contains(&format!("CPU: {CPU_FEATURE} yes")),
+        "check should report {CPU_FEATURE} from /proc/cpuinfo: {}",
+        out.trim()
+    );
     // Give the real kernel a 2 MiB pool: check reads it from sysfs.
     let nr = "/proc/sys/vm/nr_hugepages";
     fs::write(nr, "16\n").map_err(|e| format!("writing {nr}: {e}"))?;
@@ -797,6 +898,22 @@ fn check_exit_codes(_: &mut Guest) -> Outcome {
     ensure!(
         seen["total"] == pages && seen["source"] == "sysfs",
         "check saw {seen} for a pool of {pages}"
+    );
+    // The CPU feature comes from this guest's /proc/cpuinfo, which has it.
+    let cpuinfo =
+        fs::read_to_string("/proc/cpuinfo").map_err(|e| format!("reading /proc/cpuinfo: {e}"))?;
+    ensure!(
+        cpuinfo
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .filter(|(key, _)| matches!(key.trim(), "flags" | "Features"))
+            .all(|(_, flags)| flags.split_whitespace().any(|f| f == CPU_FEATURE)),
+        "this guest's /proc/cpuinfo lacks {CPU_FEATURE}"
+    );
+    let cpu = &pool["v2"]["readiness"]["cpu"];
+    ensure!(
+        cpu["feature"] == CPU_FEATURE && cpu["present"] == true,
+        "check's readiness reports the CPU as {cpu}, expected {CPU_FEATURE} present"
     );
     let more = (pages + 1).to_string();
     expect(
