@@ -95,6 +95,16 @@ impl Arch {
         }
     }
 
+    /// Debian's name for the 32-bit architecture its kernels run as
+    /// compat tasks (Debian's amd64 and arm64 kernels have
+    /// CONFIG_IA32_EMULATION and CONFIG_COMPAT).
+    pub const fn compat_debian(self) -> &'static str {
+        match self {
+            Self::X86_64 => "i386",
+            Self::Aarch64 => "armhf",
+        }
+    }
+
     /// The QEMU system emulator.
     pub const fn qemu(self) -> &'static str {
         match self {

@@ -22,9 +22,11 @@ use crate::{cmd, cpio, kernel::Kernel};
 /// (whose init fails in every TCG guest) comes on top.
 const REQUIRED_MODULES: &[&str] = &["dm_crypt", "vfio_pci", "uio_pci_generic", "nvme_tcp"];
 
-/// Where the daemon and the driver live in the guest.
+/// Where the daemon, the driver and the 32-bit busybox live in the guest
+/// (the driver's `compat.rs` names the same path).
 pub const GUEST_DAEMON: &str = "usr/bin/kmod-monitor";
 const GUEST_DRIVER: &str = "usr/bin/vm-guest";
+const GUEST_COMPAT_BUSYBOX: &str = "usr/bin/busybox-compat";
 
 /// The guest's `/init`. busybox makes its applet links first (it knows
 /// its own applets; the host cannot run a foreign architecture's busybox
@@ -58,6 +60,8 @@ poweroff -f
 pub struct Binaries<'a> {
     /// busybox-static.
     pub busybox: &'a Path,
+    /// The 32-bit busybox-static the guest's compat tasks run.
+    pub compat_busybox: &'a Path,
     /// kmod-monitor.
     pub daemon: &'a Path,
     /// The guest driver.
@@ -68,6 +72,7 @@ pub struct Binaries<'a> {
 pub fn build(kernel: &Kernel, binaries: &Binaries<'_>, out: &Path) -> Result<()> {
     let Binaries {
         busybox,
+        compat_busybox,
         daemon,
         driver,
     } = binaries;
@@ -163,6 +168,7 @@ pub fn build(kernel: &Kernel, binaries: &Binaries<'_>, out: &Path) -> Result<()>
     )?;
     add_file(&mut w, GUEST_DAEMON, 0o755, daemon)?;
     add_file(&mut w, GUEST_DRIVER, 0o755, driver)?;
+    add_file(&mut w, GUEST_COMPAT_BUSYBOX, 0o755, compat_busybox)?;
     w.file("init", 0o755, INIT.as_bytes()).map_err(io)?;
 
     let gz = w.finish().map_err(io)?;

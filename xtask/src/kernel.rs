@@ -390,8 +390,8 @@ pub fn prepare(arch: Arch, series: Series, refresh: bool, apt: &mut Apt) -> Resu
     Kernel::open(arch, &package, &root)
 }
 
-/// A static busybox for a guest of Debian architecture `debian_arch`:
-/// Debian's busybox-static from [`USERLAND_SUITE`],
+/// A static busybox for `debian_arch` (a guest's own, or the 32-bit one its
+/// compat tasks run): Debian's busybox-static from [`USERLAND_SUITE`],
 /// downloaded once into the cache (again only with `refresh`).
 pub fn busybox(debian_arch: &'static str, refresh: bool) -> Result<PathBuf> {
     let dir = dirs::userland_dir()?.join(debian_arch);

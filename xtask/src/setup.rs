@@ -257,12 +257,18 @@ fn rustup_components() -> Result<()> {
     Ok(())
 }
 
-/// Each guest architecture's busybox-static, from Debian through a
-/// private apt configuration (cached; nothing is installed on the host).
+/// Each guest architecture's busybox-static and the 32-bit one for its
+/// compat tasks, from Debian through a private apt configuration (cached;
+/// nothing is installed on the host).
 fn guest_busybox() -> Result<()> {
     for arch in Arch::ALL {
         let busybox = kernel::busybox(arch.debian(), false)?;
         println!("setup: {arch} guest busybox {}", busybox.display());
+        let compat = kernel::busybox(arch.compat_debian(), false)?;
+        println!(
+            "setup: {arch} guest busybox for 32-bit compat tasks {}",
+            compat.display()
+        );
     }
     Ok(())
 }

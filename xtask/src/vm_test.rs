@@ -119,6 +119,7 @@ impl Outcome {
 /// The static binaries and busybox one architecture's guests run.
 pub struct GuestBinaries {
     busybox: PathBuf,
+    compat_busybox: PathBuf,
     daemon: PathBuf,
     driver: PathBuf,
 }
@@ -128,6 +129,7 @@ impl GuestBinaries {
     pub fn initramfs(&self, kernel: &kernel::Kernel, out: &std::path::Path) -> Result<()> {
         let Self {
             busybox,
+            compat_busybox,
             daemon,
             driver,
         } = self;
@@ -135,6 +137,7 @@ impl GuestBinaries {
             kernel,
             &initramfs::Binaries {
                 busybox,
+                compat_busybox,
                 daemon,
                 driver,
             },
@@ -152,8 +155,11 @@ pub fn guest_binaries(arch: Arch, refresh: bool) -> Result<GuestBinaries> {
         .with_context(|| format!("building the {arch} guest driver"))?;
     let busybox = kernel::busybox(arch.debian(), refresh)
         .with_context(|| format!("fetching busybox-static for {arch}"))?;
+    let compat_busybox = kernel::busybox(arch.compat_debian(), refresh)
+        .with_context(|| format!("fetching the 32-bit busybox-static for {arch}"))?;
     Ok(GuestBinaries {
         busybox,
+        compat_busybox,
         daemon,
         driver,
     })

@@ -7,6 +7,7 @@
 //! architecture) reads them.
 mod api;
 mod bench;
+mod compat;
 mod daemon;
 mod kmod;
 mod loss;

@@ -11,12 +11,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::ensure;
 use crate::{
     Outcome,
     api::{Api, POLL_EVERY},
+    compat,
     daemon::{self, Daemon},
-    kmod, loss, more,
+    ensure, kmod, loss, more,
     report::Report,
     soak,
     status::{Actor, Status},
@@ -98,6 +98,7 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("uevent-v2-load-unload", uevent_v2_load_unload),
     ("metrics-follow", more::metrics_follow),
     ("forensic-unload", more::forensic_unload),
+    ("compat-task", compat::compat_task),
     ("privileges-dropped", more::privileges_dropped),
     ("alert-latency", more::alert_latency),
     ("loss-never-silent", loss::loss_never_silent),
