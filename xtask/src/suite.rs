@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow, bail};
 
-use crate::{cmd, dirs, setup, vm_test};
+use crate::{arch::Arch, binaries, cmd, dirs, setup, vm_test};
 
 /// Counts from cargo test's `test result:` lines.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -193,6 +193,23 @@ fn run_steps(steps: &mut Vec<Step>, passed: &mut usize, failed: &mut usize) -> R
     *failed += counts.failed;
     cargo_test?;
 
+    // The static daemons the image and the VMs carry, each checked for its
+    // ELF machine, static linkage and embedded eBPF object.
+    timed(steps, "static build", || {
+        let mut built = Vec::new();
+        for arch in Arch::ALL {
+            binaries::build_static_daemon(arch)?;
+            built.push(arch.name());
+        }
+        Ok((
+            (),
+            format!(
+                "{}: static, right ELF machine, eBPF object embedded",
+                built.join(" and ")
+            ),
+        ))
+    })?;
+
     let vm_start = Instant::now();
     let outcomes = vm_test::vm_test(&vm_test::Options {
         archs: Vec::new(),
@@ -219,7 +236,7 @@ fn run_steps(steps: &mut Vec<Step>, passed: &mut usize, failed: &mut usize) -> R
         name: "vm-test build".to_owned(),
         ok: true,
         duration: vm_start.elapsed().saturating_sub(kernels_time),
-        detail: "static daemon and guest driver".to_owned(),
+        detail: "guest drivers, busybox".to_owned(),
     });
     let mut all_ok = true;
     for o in &outcomes {
