@@ -44,7 +44,11 @@ enum Cmd {
     /// Boot Debian kernels in QEMU and run the guest test driver in each.
     VmTest(vm_test::Options),
     /// Run every test: setup, fmt, clippy, cargo test, vm-test on all kernels.
-    Test,
+    Test {
+        /// Also run on aarch64 what it skips by default (the soak).
+        #[arg(long)]
+        arm64_full: bool,
+    },
     /// Measure latency, throughput and footprint in QEMU and on the host
     /// (not part of `test`); `--check` checks the targets.
     Bench(bench::Options),
@@ -92,7 +96,7 @@ fn dispatch(command: Cmd) -> Result<()> {
                 bail!("vm-test failed on {}", failed.join(", "))
             }
         }
-        Cmd::Test => suite::test(),
+        Cmd::Test { arm64_full } => suite::test(arm64_full),
         Cmd::Bench(options) => bench::bench(&options),
         Cmd::Run { args } => {
             setup::setup()?;

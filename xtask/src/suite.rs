@@ -55,14 +55,15 @@ struct Step {
     detail: String,
 }
 
-/// Runs every test; `Err` if any step failed.
-pub fn test() -> Result<()> {
+/// Runs every test (on aarch64 the soak only with `arm64_full`); `Err` if
+/// any step failed.
+pub fn test(arm64_full: bool) -> Result<()> {
     let start = Instant::now();
     let mut steps: Vec<Step> = Vec::new();
     let mut passed = 0usize;
     let mut failed = 0usize;
 
-    let result = run_steps(&mut steps, &mut passed, &mut failed);
+    let result = run_steps(&mut steps, &mut passed, &mut failed, arm64_full);
     if result.is_err() {
         // A failed step that counted no test failure (fmt, clippy, a build)
         // still has to show up in the count.
@@ -75,7 +76,7 @@ pub fn test() -> Result<()> {
     println!("==== kmod-monitor test summary ====");
     for step in &steps {
         println!(
-            "{:<16} {:<4} {:>7.1} s  {}",
+            "{:<20} {:<4} {:>7.1} s  {}",
             step.name,
             if step.ok { "ok" } else { "FAIL" },
             step.duration.as_secs_f64(),
@@ -128,7 +129,12 @@ fn cargo() -> Command {
     cmd
 }
 
-fn run_steps(steps: &mut Vec<Step>, passed: &mut usize, failed: &mut usize) -> Result<()> {
+fn run_steps(
+    steps: &mut Vec<Step>,
+    passed: &mut usize,
+    failed: &mut usize,
+    arm64_full: bool,
+) -> Result<()> {
     timed(steps, "setup", || {
         setup::setup().map(|()| ((), String::new()))
     })?;
@@ -215,6 +221,7 @@ fn run_steps(steps: &mut Vec<Step>, passed: &mut usize, failed: &mut usize) -> R
         archs: Vec::new(),
         kernels: Vec::new(),
         scenarios: Vec::new(),
+        arm64_full,
         refresh_kernels: false,
         timeout: 600,
     });
@@ -254,6 +261,12 @@ fn run_steps(steps: &mut Vec<Step>, passed: &mut usize, failed: &mut usize) -> R
         }
         for p in &o.problems {
             detail.push_str(&format!("; {p}"));
+        }
+        if !o.skipped.is_empty() {
+            detail.push_str(&format!(
+                "; not run (--arm64-full): {}",
+                o.skipped.join(" ")
+            ));
         }
         steps.push(Step {
             name: format!("vm-test {}", o.label()),

@@ -31,9 +31,14 @@ pub struct Options {
     #[arg(long = "kernel", value_enum, num_args = 1..)]
     pub kernels: Vec<Series>,
     /// Run only this scenario (repeatable; the names the guest prints, e.g.
-    /// `baseline`). Default: all.
+    /// `baseline`). Default: all, less the ones an architecture skips
+    /// unless `--arm64-full` is given.
     #[arg(long = "scenario")]
     pub scenarios: Vec<String>,
+    /// Also run on aarch64 what it skips by default to keep CI within its
+    /// budget: the 1000-cycle soak.
+    #[arg(long)]
+    pub arm64_full: bool,
     /// Ask the archive for newer kernel uploads (and busybox) instead of
     /// reusing the cached ones.
     #[arg(long)]
@@ -100,6 +105,8 @@ pub struct Outcome {
     pub duration: Duration,
     /// Time QEMU ran.
     pub boot_duration: Option<Duration>,
+    /// Scenarios left out for this architecture (without `--arm64-full`).
+    pub skipped: &'static [&'static str],
     /// The console log, once QEMU ran.
     pub console: Option<PathBuf>,
 }
@@ -166,12 +173,16 @@ pub fn guest_binaries(arch: Arch, refresh: bool) -> Result<GuestBinaries> {
 }
 
 /// The kernel command line that tells the guest driver which scenarios to
-/// run (`kmod_monitor.scenarios=a,b`); empty for all.
-pub fn scenario_arg(scenarios: &[String]) -> String {
-    if scenarios.is_empty() {
-        String::new()
-    } else {
+/// run (`kmod_monitor.scenarios=a,b`) or leave out (`kmod_monitor.skip=c`);
+/// empty for all. Named scenarios are run even where they would be
+/// skipped.
+pub fn scenario_arg(scenarios: &[String], skipped: &[&str]) -> String {
+    if !scenarios.is_empty() {
         format!("kmod_monitor.scenarios={}", scenarios.join(","))
+    } else if !skipped.is_empty() {
+        format!("kmod_monitor.skip={}", skipped.join(","))
+    } else {
+        String::new()
     }
 }
 
@@ -181,11 +192,11 @@ pub fn vm_test(options: &Options) -> Result<Vec<Outcome>> {
         archs,
         kernels,
         scenarios,
+        arm64_full,
         refresh_kernels,
         timeout,
     } = options;
     let pairs = plan(archs, kernels)?;
-    let extra = scenario_arg(scenarios);
     let mut outcomes = Vec::new();
     let mut prepared: Option<(Arch, kernel::Apt, GuestBinaries)> = None;
     for (arch, series) in pairs {
@@ -198,10 +209,17 @@ pub fn vm_test(options: &Options) -> Result<Vec<Outcome>> {
         let Some((_, apt, binaries)) = prepared.as_mut() else {
             bail!("the {arch} binaries were not prepared");
         };
+        let skipped = if *arm64_full || !scenarios.is_empty() {
+            &[]
+        } else {
+            arch.skipped_by_default()
+        };
+        let extra = scenario_arg(scenarios, skipped);
         let start = Instant::now();
         let mut outcome = Outcome {
             arch,
             series,
+            skipped,
             release: None,
             passed: 0,
             failed: Vec::new(),
@@ -288,6 +306,13 @@ fn print_outcome(o: &Outcome) {
     for problem in &o.problems {
         println!("vm-test {}:   PROBLEM {problem}", o.label());
     }
+    if !o.skipped.is_empty() {
+        println!(
+            "vm-test {}:   not run here (--arm64-full runs it): {}",
+            o.label(),
+            o.skipped.join(" ")
+        );
+    }
     if let Some(console) = &o.console {
         println!(
             "vm-test {}:   console log: {}",
@@ -334,10 +359,22 @@ mod tests {
 
     #[test]
     fn scenarios_go_on_the_kernel_command_line() {
-        assert_eq!(scenario_arg(&[]), "");
+        assert_eq!(scenario_arg(&[], &[]), "");
+        let named = ["baseline".to_owned(), "failing-load".to_owned()];
         assert_eq!(
-            scenario_arg(&["baseline".to_owned(), "failing-load".to_owned()]),
+            scenario_arg(&named, &[]),
             "kmod_monitor.scenarios=baseline,failing-load"
         );
+        let soak = Arch::Aarch64.skipped_by_default();
+        assert_eq!(
+            scenario_arg(&[], soak),
+            "kmod_monitor.skip=soak-1000-cycles-under-scrapes"
+        );
+        // Named scenarios run even where they are skipped by default.
+        assert_eq!(
+            scenario_arg(&named, soak),
+            "kmod_monitor.scenarios=baseline,failing-load"
+        );
+        assert!(Arch::X86_64.skipped_by_default().is_empty());
     }
 }

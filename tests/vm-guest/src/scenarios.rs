@@ -106,22 +106,28 @@ const SCENARIOS: &[(&str, Scenario)] = &[
 ];
 
 /// The scenarios /proc/cmdline's `kmod_monitor.scenarios=a,b` names (all
-/// when it names none), and the names that match no scenario.
+/// when it names none)
+/// less those `kmod_monitor.skip=c,d` names, and the names that match no
+/// scenario.
 fn selected(cmdline: &str) -> (Vec<(&'static str, Scenario)>, Vec<String>) {
-    let Some(list) = cmdline
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("kmod_monitor.scenarios="))
-    else {
-        return (SCENARIOS.to_vec(), Vec::new());
+    let list = |key: &str| -> Option<Vec<&str>> {
+        cmdline
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .map(|l| l.split(',').filter(|n| !n.is_empty()).collect())
     };
-    let names: Vec<&str> = list.split(',').filter(|n| !n.is_empty()).collect();
+    let wanted = list("kmod_monitor.scenarios=");
+    let skipped = list("kmod_monitor.skip=").unwrap_or_default();
     let chosen = SCENARIOS
         .iter()
-        .filter(|(name, _)| names.contains(name))
+        .filter(|(name, _)| wanted.as_ref().is_none_or(|w| w.contains(name)))
+        .filter(|(name, _)| !skipped.contains(name))
         .copied()
         .collect();
-    let unknown = names
+    let unknown = wanted
         .iter()
+        .flatten()
+        .chain(&skipped)
         .filter(|n| !SCENARIOS.iter().any(|(name, _)| name == *n))
         .map(|n| (*n).to_owned())
         .collect();
@@ -152,6 +158,17 @@ pub fn run_all() -> bool {
     });
     let (scenarios, unknown) = selected(&cmdline);
     Report::plan(scenarios.len() + unknown.len());
+    let skipped: Vec<&str> = SCENARIOS
+        .iter()
+        .map(|(name, _)| *name)
+        .filter(|name| !scenarios.iter().any(|(n, _)| n == name))
+        .collect();
+    if !skipped.is_empty() {
+        Report::note(&format!(
+            "not run (as the kernel command line asks): {}",
+            skipped.join(" ")
+        ));
+    }
     for name in &unknown {
         let known: Vec<&str> = SCENARIOS.iter().map(|(n, _)| *n).collect();
         report.fail(
@@ -958,4 +975,32 @@ fn uevent_v2_load_unload(g: &mut Guest) -> Outcome {
     rmmod_nvme_tcp(&g.api, false)?;
     g.stop_daemon();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{SCENARIOS, selected};
+
+    fn names(cmdline: &str) -> (Vec<&'static str>, Vec<String>) {
+        let (chosen, unknown) = selected(cmdline);
+        (chosen.iter().map(|(n, _)| *n).collect(), unknown)
+    }
+
+    #[test]
+    fn the_command_line_selects_and_skips_scenarios() {
+        let all: Vec<&str> = SCENARIOS.iter().map(|(n, _)| *n).collect();
+        assert_eq!(names("console=ttyS0 quiet"), (all.clone(), Vec::new()));
+        assert_eq!(
+            names("quiet kmod_monitor.scenarios=failing-load,baseline"),
+            (vec!["baseline", "failing-load"], Vec::new())
+        );
+        let (chosen, unknown) = names("kmod_monitor.skip=soak-1000-cycles-under-scrapes");
+        assert_eq!(chosen.len(), all.len() - 1);
+        assert!(!chosen.contains(&"soak-1000-cycles-under-scrapes"));
+        assert!(unknown.is_empty());
+        assert_eq!(
+            names("kmod_monitor.scenarios=baseline,nope kmod_monitor.skip=baseline,gone"),
+            (Vec::new(), vec!["nope".to_owned(), "gone".to_owned()])
+        );
+    }
 }
