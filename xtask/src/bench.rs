@@ -52,9 +52,14 @@ const RECONCILE_INTERVAL_S: f64 = 60.0;
 /// runtime's threads.
 const SWITCHES_PER_WAKE: f64 = 4.0;
 
-/// What `bench` measures without `--arch` or `--kernel`.
-const DEFAULT_GUESTS: &[(Arch, Series)] =
-    &[(Arch::X86_64, Series::V6_1), (Arch::X86_64, Series::V6_12)];
+/// What `bench` measures without `--arch` or `--kernel`: x86-64 on 6.1 and
+/// 6.12, and arm64 on 6.12 beside them in the same run, so the rows
+/// compare (all TCG on the same host).
+const DEFAULT_GUESTS: &[(Arch, Series)] = &[
+    (Arch::X86_64, Series::V6_1),
+    (Arch::X86_64, Series::V6_12),
+    (Arch::Aarch64, Series::V6_12),
+];
 
 /// The guests `archs` and `kernels` select: [`DEFAULT_GUESTS`] when both
 /// are empty, else the architectures' series among `kernels` (6.1 and
@@ -136,7 +141,7 @@ fn measure(guests: &[(Arch, Series)], timeout: Duration) -> Result<Value> {
     let flip = longhorn_flip().context("running the Longhorn flip bench")?;
     let combined = json!({
         "machine": machine(),
-        "guest": "QEMU TCG (no KVM), -cpu max, 1 vCPU, 512 MiB: guest times are inflated; eBPF, uevent and poll are measured on the same guest, so their ratios stand",
+        "guest": "QEMU TCG (no KVM), -cpu max (aarch64: -machine virt -cpu max,pauth-impdef=on), 1 vCPU, 512 MiB: guest times are inflated; eBPF, uevent and poll are measured on the same guest, so their ratios stand",
         "kernels": per_kernel,
         "host_pipeline": host,
         "longhorn_flip": flip,
@@ -319,7 +324,7 @@ fn table(c: &Value) -> String {
     let _ = writeln!(s, "Guest: {}.", c["guest"].as_str().unwrap_or("?"));
     let _ = writeln!(
         s,
-        "\nDetection latency (event -> tracker state change), ms:\n{:<8} {:<7} {:>8} {:>9} {:>9} {:>9}",
+        "\nDetection latency (event -> tracker state change), ms:\n{:<12} {:<7} {:>8} {:>9} {:>9} {:>9}",
         "kernel", "source", "samples", "p50", "p99", "max"
     );
     let empty = serde_json::Map::new();
@@ -328,7 +333,7 @@ fn table(c: &Value) -> String {
         for l in k["latency"].as_array().into_iter().flatten() {
             let _ = writeln!(
                 s,
-                "{:<8} {:<7} {:>8} {:>9.3} {:>9.3} {:>9.3}",
+                "{:<12} {:<7} {:>8} {:>9.3} {:>9.3} {:>9.3}",
                 name,
                 l["source"].as_str().unwrap_or("?"),
                 t(&l["samples"]),
@@ -340,7 +345,7 @@ fn table(c: &Value) -> String {
         if let (Some(e), Some(p)) = (latency_of(k, "ebpf"), latency_of(k, "poll")) {
             let _ = writeln!(
                 s,
-                "{name:<8} poll p99 / eBPF p99 = {:.0}x",
+                "{name:<12} poll p99 / eBPF p99 = {:.0}x",
                 f(&p["p99_ms"]) / f(&e["p99_ms"])
             );
         }
@@ -365,7 +370,7 @@ fn table(c: &Value) -> String {
     }
     let _ = writeln!(
         s,
-        "\nStorm at the default ring (256 KiB), eBPF, back-to-back finit_module/delete_module (the guest's producer is the limit, not the daemon); footprint (idle: 60 s, no scrapes):\n{:<8} {:>8} {:>10} {:>6} {:>10} {:>10} {:>9} {:>10} {:>9}",
+        "\nStorm at the default ring (256 KiB), eBPF, back-to-back finit_module/delete_module (the guest's producer is the limit, not the daemon); footprint (idle: 60 s, no scrapes):\n{:<12} {:>8} {:>10} {:>6} {:>10} {:>10} {:>9} {:>10} {:>9}",
         "kernel",
         "events",
         "handled/s",
@@ -381,7 +386,7 @@ fn table(c: &Value) -> String {
         let fp = &k["footprint"];
         let _ = writeln!(
             s,
-            "{:<8} {:>8} {:>10.0} {:>6} {:>7} KiB {:>6} KiB {:>8.3}% {:>10.3} {:>9.0}",
+            "{:<12} {:>8} {:>10.0} {:>6} {:>7} KiB {:>6} KiB {:>8.3}% {:>10.3} {:>9.0}",
             name,
             t(&st["events_received"]),
             f(&st["handled_events_per_s"]),
