@@ -18,6 +18,14 @@
 //!   returns, and an unload refused with EPERM becomes one rate-limited
 //!   `UnloadDenied` (the rest counted in `NOISE`) instead of a begin/fail
 //!   pair.
+//!
+//! 32-bit compat tasks (ia32 on x86-64, AArch32 on arm64) call the module
+//! syscalls by other numbers, and the kernel skips them at the `syscalls:*`
+//! tracepoints (`ARCH_TRACE_IGNORE_COMPAT_SYSCALLS`). For them only the
+//! module tracepoints fire: their loads come without a syscall result (the
+//! daemon confirms them through /sys/module/<m>/initstate) and their
+//! unloads as `module_free` alone. The load path keys on the syscall entry
+//! so that such a load leaves nothing in `PENDING`.
 #![no_std]
 #![no_main]
 
@@ -89,16 +97,17 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
 #[map]
 static LOST: Array<u64> = Array::with_max_entries(LOST_SLOTS, LOST_MAP_FLAGS);
 
-/// What a thread is in the middle of: a load that fired `module_load`,
-/// until its `finit_module`/`init_module` returns (so the exit can say
-/// which load it finished), or a `delete_module` of a tracked module, until
-/// the module is freed or the syscall returns.
+/// What a thread is in the middle of: a load syscall, from its entry (no
+/// name yet) and once `module_load` named the module, until its
+/// `finit_module`/`init_module` returns (so the exit can say which load it
+/// finished), or a `delete_module` of a tracked module, until the module is
+/// freed or the syscall returns.
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct Pending {
     /// `bpf_ktime_get_boot_ns` at the start (the `UnloadBegin` time).
     boot_ns: u64,
-    /// [`PENDING_LOAD`] or [`PENDING_DELETE`].
+    /// [`PENDING_LOAD_ENTERED`], [`PENDING_LOAD`] or [`PENDING_DELETE`].
     kind: u32,
     /// 1 once `UnloadBegin` was sent (at `module_free`).
     begun: u32,
@@ -107,6 +116,8 @@ struct Pending {
 
 const PENDING_LOAD: u32 = 1;
 const PENDING_DELETE: u32 = 2;
+/// A load syscall has entered but not (yet) fired `module_load`.
+const PENDING_LOAD_ENTERED: u32 = 3;
 /// `-EPERM`: `delete_module` without CAP_SYS_MODULE.
 const EPERM: i64 = -1;
 const NS_PER_SECOND: u64 = 1_000_000_000;
@@ -280,6 +291,29 @@ fn emit(kind: EventKind, fill: impl FnOnce(&mut ModuleEvent)) {
     entry.submit(0);
 }
 
+/// `syscalls:sys_enter_finit_module` and `sys_enter_init_module`: a load
+/// syscall starts in this thread. Marks it in `PENDING` (an empty name) for
+/// `module_load` to fill in. Compat tasks never get here (see the crate
+/// docs), so their `module_load` finds no mark.
+#[tracepoint]
+pub fn init_module_enter(_ctx: TracePointContext) -> u32 {
+    let tid = bpf_get_current_pid_tgid() as u32;
+    // A failed insert only costs the syscall-exit confirmation; userspace
+    // then confirms through /sys/module/<name>/initstate.
+    let _ = PENDING.insert(
+        tid,
+        Pending {
+            // SAFETY: a plain helper call without pointer arguments.
+            boot_ns: unsafe { bpf_ktime_get_boot_ns() },
+            kind: PENDING_LOAD_ENTERED,
+            begun: 0,
+            name: [0u8; NAME_LEN],
+        },
+        0,
+    );
+    0
+}
+
 /// `module:module_load` (since 2.6.31): `unsigned int taints;
 /// __data_loc char[] name;`. Fires before the module's init runs.
 #[tracepoint]
@@ -290,19 +324,27 @@ pub fn module_load(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let tid = bpf_get_current_pid_tgid() as u32;
-    // A failed insert only costs the syscall-exit confirmation; userspace
-    // then confirms through /sys/module/<name>/initstate.
-    let _ = PENDING.insert(
-        tid,
-        Pending {
-            // SAFETY: a plain helper call without pointer arguments.
-            boot_ns: unsafe { bpf_ktime_get_boot_ns() },
-            kind: PENDING_LOAD,
-            begun: 0,
-            name,
-        },
-        0,
-    );
+    // Only a load whose syscall entry was seen gets a syscall exit to
+    // report its result; any other (a compat task, or no syscall
+    // tracepoints) is confirmed through initstate and leaves no entry
+    // behind for a later thread with the same id. A failed insert only
+    // costs the syscall-exit confirmation too.
+    // SAFETY: the value is copied out at once, and only this thread inserts
+    // or removes its own key.
+    let entered = (unsafe { PENDING.get(tid) }).is_some_and(|p| p.kind == PENDING_LOAD_ENTERED);
+    if entered {
+        let _ = PENDING.insert(
+            tid,
+            Pending {
+                // SAFETY: a plain helper call without pointer arguments.
+                boot_ns: unsafe { bpf_ktime_get_boot_ns() },
+                kind: PENDING_LOAD,
+                begun: 0,
+                name,
+            },
+            0,
+        );
+    }
     let taints = read_field::<u32>(&ctx, layout.load_taints, 0);
     emit(EventKind::Load, |ev| {
         ev.taints = taints;
@@ -362,7 +404,8 @@ pub fn module_request(ctx: TracePointContext) -> u32 {
 
 /// `syscalls:sys_exit_finit_module` and `sys_exit_init_module`:
 /// `long ret;`. Reports the result of a load that fired `module_load` in
-/// this thread; other exits (EEXIST, bad parameters) are not module events.
+/// this thread; other exits (EEXIST, bad parameters: still the empty mark
+/// of the entry) are not module events.
 #[tracepoint]
 pub fn init_module_exit(ctx: TracePointContext) -> u32 {
     let tid = bpf_get_current_pid_tgid() as u32;
@@ -371,10 +414,15 @@ pub fn init_module_exit(ctx: TracePointContext) -> u32 {
     let Some(pending) = (unsafe { PENDING.get(tid) }).copied() else {
         return 0;
     };
-    if pending.kind != PENDING_LOAD {
+    if pending.kind != PENDING_LOAD && pending.kind != PENDING_LOAD_ENTERED {
         return 0;
     }
     let _ = PENDING.remove(tid);
+    // Still the entry's mark: the syscall failed before `module_load`
+    // (EEXIST, a bad parameter), which is no module event.
+    if pending.kind == PENDING_LOAD_ENTERED {
+        return 0;
+    }
     let ret = read_field::<i64>(&ctx, LAYOUT.load().init_exit_ret, 0);
     emit(EventKind::LoadResult, |ev| {
         ev.ret = ret;

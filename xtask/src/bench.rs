@@ -16,15 +16,20 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use serde_json::{Value, json};
 
 use crate::{
-    binaries, cmd, dirs, initramfs,
+    arch::Arch,
+    cmd, dirs,
     kernel::{self, Series},
-    vm,
+    vm, vm_test,
 };
 
 /// Options of `cargo xtask bench`.
 #[derive(Debug, clap::Args)]
 pub struct Options {
-    /// Kernel series to measure (repeatable; default: 6.1 and 6.12).
+    /// Architecture to measure (repeatable; default: see [`DEFAULT_GUESTS`]).
+    #[arg(long = "arch", value_enum)]
+    pub archs: Vec<Arch>,
+    /// Kernel series to measure (repeatable; default: see
+    /// [`DEFAULT_GUESTS`]).
     #[arg(long = "kernel", value_enum, num_args = 1..)]
     pub kernels: Vec<Series>,
     /// Check the figures against the targets; exit non-zero on a miss.
@@ -47,6 +52,30 @@ const RECONCILE_INTERVAL_S: f64 = 60.0;
 /// runtime's threads.
 const SWITCHES_PER_WAKE: f64 = 4.0;
 
+/// What `bench` measures without `--arch` or `--kernel`: x86-64 on 6.1 and
+/// 6.12, and arm64 on 6.12 beside them in the same run, so the rows
+/// compare (all TCG on the same host).
+const DEFAULT_GUESTS: &[(Arch, Series)] = &[
+    (Arch::X86_64, Series::V6_1),
+    (Arch::X86_64, Series::V6_12),
+    (Arch::Aarch64, Series::V6_12),
+];
+
+/// The guests `archs` and `kernels` select: [`DEFAULT_GUESTS`] when both
+/// are empty, else the architectures' series among `kernels` (6.1 and
+/// 6.12 when none is named).
+fn guests(archs: &[Arch], kernels: &[Series]) -> Result<Vec<(Arch, Series)>> {
+    if archs.is_empty() && kernels.is_empty() {
+        return Ok(DEFAULT_GUESTS.to_vec());
+    }
+    let kernels = if kernels.is_empty() {
+        &[Series::V6_1, Series::V6_12][..]
+    } else {
+        kernels
+    };
+    vm_test::plan(archs, kernels)
+}
+
 fn bench_dir() -> PathBuf {
     dirs::target_dir().join("bench")
 }
@@ -54,6 +83,7 @@ fn bench_dir() -> PathBuf {
 /// Runs (or reuses) the benchmark, prints it, and checks it if asked.
 pub fn bench(options: &Options) -> Result<()> {
     let Options {
+        archs,
         kernels,
         check,
         reuse,
@@ -66,12 +96,7 @@ pub fn bench(options: &Options) -> Result<()> {
         serde_json::from_str(&text)
             .with_context(|| format!("parsing {}", combined_path.display()))?
     } else {
-        let kernels = if kernels.is_empty() {
-            vec![Series::V6_1, Series::V6_12]
-        } else {
-            kernels.clone()
-        };
-        measure(&kernels, Duration::from_secs(*timeout))?
+        measure(&guests(archs, kernels)?, Duration::from_secs(*timeout))?
     };
     print!("{}", table(&combined));
     if *check {
@@ -88,24 +113,35 @@ pub fn bench(options: &Options) -> Result<()> {
     Ok(())
 }
 
-fn measure(kernels: &[Series], timeout: Duration) -> Result<Value> {
-    let daemon = binaries::build_static_daemon().context("building kmod-monitor for the VMs")?;
-    let driver = binaries::build_guest_driver().context("building the guest driver")?;
-    let mut apt = kernel::Apt::new().context("preparing the private apt configuration")?;
+fn measure(guests: &[(Arch, Series)], timeout: Duration) -> Result<Value> {
     let out = bench_dir();
     fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let mut per_kernel = serde_json::Map::new();
-    for &series in kernels {
-        let figures = guest(series, timeout, &mut apt, &daemon, &driver)
-            .with_context(|| format!("benchmarking on {series}"))?;
-        write_json(&out.join(format!("{}.json", series.name())), &figures)?;
-        per_kernel.insert(series.name().to_owned(), figures);
+    let mut prepared: Option<(Arch, kernel::Apt, vm_test::GuestBinaries)> = None;
+    for &(arch, series) in guests {
+        if prepared.as_ref().is_none_or(|(a, ..)| *a != arch) {
+            let apt = kernel::Apt::new(arch.debian(), kernel::Purpose::Kernels)
+                .context("preparing the private apt configuration")?;
+            let binaries = vm_test::guest_binaries(arch, false)?;
+            prepared = Some((arch, apt, binaries));
+        }
+        let Some((_, apt, binaries)) = prepared.as_mut() else {
+            bail!("the {arch} binaries were not prepared");
+        };
+        let label = format!("{arch} {series}");
+        let figures = guest(arch, series, timeout, apt, binaries)
+            .with_context(|| format!("benchmarking on {label}"))?;
+        write_json(
+            &out.join(format!("{arch}-{}.json", series.name())),
+            &figures,
+        )?;
+        per_kernel.insert(label, figures);
     }
     let host = host_pipeline().context("running the host pipeline bench")?;
     let flip = longhorn_flip().context("running the Longhorn flip bench")?;
     let combined = json!({
         "machine": machine(),
-        "guest": "QEMU TCG (no KVM), -cpu max, 1 vCPU, 512 MiB: guest times are inflated; eBPF, uevent and poll are measured on the same guest, so their ratios stand",
+        "guest": "QEMU TCG (no KVM), -cpu max (aarch64: -machine virt -cpu max,pauth-impdef=on), 1 vCPU, 512 MiB: guest times are inflated; eBPF, uevent and poll are measured on the same guest, so their ratios stand",
         "kernels": per_kernel,
         "host_pipeline": host,
         "longhorn_flip": flip,
@@ -125,26 +161,27 @@ fn write_json(path: &Path, value: &Value) -> Result<()> {
     Ok(())
 }
 
-/// Boots `series` in bench mode and returns the guest's `VMBENCH` figures.
+/// Boots `arch`'s `series` in bench mode and returns the guest's
+/// `VMBENCH` figures.
 fn guest(
+    arch: Arch,
     series: Series,
     timeout: Duration,
     apt: &mut kernel::Apt,
-    daemon: &Path,
-    driver: &Path,
+    binaries: &vm_test::GuestBinaries,
 ) -> Result<Value> {
-    let kernel = kernel::prepare(series, false, apt)?;
-    let dir = bench_dir().join(series.name());
+    let kernel = kernel::prepare(arch, series, false, apt)?;
+    let dir = bench_dir().join(arch.name()).join(series.name());
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let initrd = dir.join("initramfs.cpio.gz");
-    initramfs::build(&kernel, daemon, driver, &initrd)?;
+    binaries.initramfs(&kernel, &initrd)?;
     let console = dir.join("console.log");
     let run = vm::boot_with(
         &kernel,
         &initrd,
         &console,
         timeout,
-        series.name(),
+        &format!("{arch} {series}"),
         "kmod_monitor.bench=1",
     )?;
     let text = fs::read(&console).with_context(|| format!("reading {}", console.display()))?;
@@ -287,7 +324,7 @@ fn table(c: &Value) -> String {
     let _ = writeln!(s, "Guest: {}.", c["guest"].as_str().unwrap_or("?"));
     let _ = writeln!(
         s,
-        "\nDetection latency (event -> tracker state change), ms:\n{:<8} {:<7} {:>8} {:>9} {:>9} {:>9}",
+        "\nDetection latency (event -> tracker state change), ms:\n{:<12} {:<7} {:>8} {:>9} {:>9} {:>9}",
         "kernel", "source", "samples", "p50", "p99", "max"
     );
     let empty = serde_json::Map::new();
@@ -296,7 +333,7 @@ fn table(c: &Value) -> String {
         for l in k["latency"].as_array().into_iter().flatten() {
             let _ = writeln!(
                 s,
-                "{:<8} {:<7} {:>8} {:>9.3} {:>9.3} {:>9.3}",
+                "{:<12} {:<7} {:>8} {:>9.3} {:>9.3} {:>9.3}",
                 name,
                 l["source"].as_str().unwrap_or("?"),
                 t(&l["samples"]),
@@ -308,7 +345,7 @@ fn table(c: &Value) -> String {
         if let (Some(e), Some(p)) = (latency_of(k, "ebpf"), latency_of(k, "poll")) {
             let _ = writeln!(
                 s,
-                "{name:<8} poll p99 / eBPF p99 = {:.0}x",
+                "{name:<12} poll p99 / eBPF p99 = {:.0}x",
                 f(&p["p99_ms"]) / f(&e["p99_ms"])
             );
         }
@@ -333,7 +370,7 @@ fn table(c: &Value) -> String {
     }
     let _ = writeln!(
         s,
-        "\nStorm at the default ring (256 KiB), eBPF, back-to-back finit_module/delete_module (the guest's producer is the limit, not the daemon); footprint (idle: 60 s, no scrapes):\n{:<8} {:>8} {:>10} {:>6} {:>10} {:>10} {:>9} {:>10} {:>9}",
+        "\nStorm at the default ring (256 KiB), eBPF, back-to-back finit_module/delete_module (the guest's producer is the limit, not the daemon); footprint (idle: 60 s, no scrapes):\n{:<12} {:>8} {:>10} {:>6} {:>10} {:>10} {:>9} {:>10} {:>9}",
         "kernel",
         "events",
         "handled/s",
@@ -349,7 +386,7 @@ fn table(c: &Value) -> String {
         let fp = &k["footprint"];
         let _ = writeln!(
             s,
-            "{:<8} {:>8} {:>10.0} {:>6} {:>7} KiB {:>6} KiB {:>8.3}% {:>10.3} {:>9.0}",
+            "{:<12} {:>8} {:>10.0} {:>6} {:>7} KiB {:>6} KiB {:>8.3}% {:>10.3} {:>9.0}",
             name,
             t(&st["events_received"]),
             f(&st["handled_events_per_s"]),

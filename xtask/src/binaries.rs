@@ -1,46 +1,42 @@
-//! `cargo xtask build`: the release daemon for the host and the static musl
-//! daemon and guest driver that go into the test VMs. A musl binary that
-//! turns out dynamically linked fails the build: it would not start in a
-//! busybox initramfs.
+//! `cargo xtask build`: the release daemon for the host, and for each
+//! architecture the static musl daemon (what the container image and the
+//! test VMs carry) and the static guest driver. Every static binary is
+//! checked after the build: for the right machine, statically linked (a
+//! dynamic one would not start in a FROM-scratch image or a busybox
+//! initramfs), and the daemon with its eBPF object embedded.
 use std::{env, path::PathBuf, process::Command};
 
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result, bail};
 
-use crate::{cmd, dirs, elf};
+use crate::{arch::Arch, cmd, dirs, elf};
 
 /// The daemon's package and binary name.
 pub const DAEMON: &str = "kmod-monitor";
 /// The package holding the in-guest test driver.
-const TESTS_PACKAGE: &str = "kmod-monitor-tests";
+const GUEST_PACKAGE: &str = "kmod-monitor-vm-guest";
 /// The in-guest test driver's binary name.
-pub const GUEST_DRIVER: &str = "vm_guest";
+pub const GUEST_DRIVER: &str = "vm-guest";
 
-fn cargo() -> Command {
-    // Use the cargo that runs us (`cargo xtask`), so toolchain overrides
-    // carry through.
+/// `cargo build` as the cargo that runs us (`cargo xtask`), so toolchain
+/// overrides carry through, with `arch`'s C compiler and linker for a
+/// static build.
+fn cargo(arch: Option<Arch>) -> Command {
     let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(dirs::workspace_root());
-    // ring (rustls, for the Kubernetes client) compiles C; cc-rs looks for
-    // `x86_64-linux-musl-gcc`, which Debian's musl-tools calls `musl-gcc`.
-    if env::var_os("CC_x86_64_unknown_linux_musl").is_none() {
-        cmd.env("CC_x86_64_unknown_linux_musl", "musl-gcc");
+    for (var, value) in arch.map(Arch::cargo_env).unwrap_or_default() {
+        // A developer's own setting wins.
+        if env::var_os(var).is_none() {
+            cmd.env(var, value);
+        }
     }
     cmd
-}
-
-/// Paths of the daemon builds.
-pub struct DaemonBinaries {
-    /// glibc build for running on this machine.
-    pub host: PathBuf,
-    /// Static musl build for the test VMs.
-    pub musl: PathBuf,
 }
 
 /// Builds the release daemon for this machine only (what `xtask run`
 /// needs).
 pub fn build_host_daemon() -> Result<PathBuf> {
-    cmd::run(cargo().args(["build", "--release", "--package", DAEMON]))?;
+    cmd::run(cargo(None).args(["build", "--release", "--package", DAEMON]))?;
     let host = dirs::host_release_bin(DAEMON);
     if !host.is_file() {
         bail!(
@@ -51,60 +47,46 @@ pub fn build_host_daemon() -> Result<PathBuf> {
     Ok(host)
 }
 
-/// Builds the daemon as a static musl binary and checks that it is static
-/// (what the test VMs need).
-pub fn build_static_daemon() -> Result<PathBuf> {
-    cmd::run(cargo().args([
+/// Builds `bin` of `package` as a static musl binary for `arch` and checks
+/// it (see the module docs).
+fn build_static(arch: Arch, package: &str, bin: &str, want_bpf: bool) -> Result<PathBuf> {
+    cmd::run(cargo(Some(arch)).args([
         "build",
         "--release",
         "--target",
-        dirs::MUSL_TARGET,
+        arch.musl_target(),
         "--package",
-        DAEMON,
-    ]))?;
-    let musl = dirs::musl_release_bin(DAEMON);
-    ensure_static(&musl)?;
-    Ok(musl)
-}
-
-/// Builds the daemon for the host and as a static musl binary.
-pub fn build_daemon() -> Result<DaemonBinaries> {
-    let host = build_host_daemon()?;
-    let musl = build_static_daemon()?;
-    Ok(DaemonBinaries { host, musl })
-}
-
-/// Builds the static musl guest driver.
-pub fn build_guest_driver() -> Result<PathBuf> {
-    cmd::run(cargo().args([
-        "build",
-        "--release",
-        "--target",
-        dirs::MUSL_TARGET,
-        "--package",
-        TESTS_PACKAGE,
+        package,
         "--bin",
-        GUEST_DRIVER,
-    ]))?;
-    let path = dirs::musl_release_bin(GUEST_DRIVER);
-    ensure_static(&path)?;
+        bin,
+    ]))
+    .with_context(|| format!("building {bin} for {}", arch.musl_target()))?;
+    let path = dirs::musl_release_bin(arch, bin);
+    println!("build: {}", elf::check_static(&path, arch, want_bpf)?);
     Ok(path)
 }
 
-fn ensure_static(path: &std::path::Path) -> Result<()> {
-    match elf::linkage(path)? {
-        elf::Linkage::Static => {
-            println!("build: {} is statically linked", path.display());
-            Ok(())
-        }
-        elf::Linkage::Dynamic {
-            interpreter,
-            needed,
-        } => bail!(
-            "{} is NOT statically linked (interpreter {}, {needed} shared-library dependencies); \
-             it cannot run in the busybox test VMs",
-            path.display(),
-            interpreter.as_deref().unwrap_or("none"),
-        ),
+/// Builds the daemon as a static musl binary for `arch`, with its eBPF
+/// object, and checks it.
+pub fn build_static_daemon(arch: Arch) -> Result<PathBuf> {
+    build_static(arch, DAEMON, DAEMON, true)
+}
+
+/// Builds the static musl guest driver for `arch`.
+pub fn build_guest_driver(arch: Arch) -> Result<PathBuf> {
+    build_static(arch, GUEST_PACKAGE, GUEST_DRIVER, false)
+}
+
+/// `cargo xtask build`: with no `--arch`, the host daemon and the static
+/// daemon for every architecture; with `--arch`, only those static
+/// daemons. Returns what was built, for the summary.
+pub fn build(asked: &[Arch]) -> Result<Vec<(String, PathBuf)>> {
+    let mut built = Vec::new();
+    if asked.is_empty() {
+        built.push(("host binary".to_owned(), build_host_daemon()?));
     }
+    for arch in crate::arch::selected(asked) {
+        built.push((format!("static {arch} binary"), build_static_daemon(arch)?));
+    }
+    Ok(built)
 }

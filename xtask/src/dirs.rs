@@ -8,6 +8,8 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
+use crate::arch::Arch;
+
 /// The workspace root (xtask lives one level below it).
 pub fn workspace_root() -> PathBuf {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -29,22 +31,24 @@ pub fn target_dir() -> PathBuf {
     }
 }
 
-/// The musl target every binary that goes into a test VM is built for.
-pub const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
-
 /// Release binary `name` built for the host.
 pub fn host_release_bin(name: &str) -> PathBuf {
     target_dir().join("release").join(name)
 }
 
-/// Release binary `name` built for [`MUSL_TARGET`].
-pub fn musl_release_bin(name: &str) -> PathBuf {
-    target_dir().join(MUSL_TARGET).join("release").join(name)
+/// Static release binary `name` built for `arch`'s musl target
+/// (`target/aarch64-unknown-linux-musl/release/kmod-monitor`).
+pub fn musl_release_bin(arch: Arch, name: &str) -> PathBuf {
+    target_dir()
+        .join(arch.musl_target())
+        .join("release")
+        .join(name)
 }
 
-/// Where one kernel's VM test leaves its initramfs and console log.
-pub fn vm_test_dir(series: &str) -> PathBuf {
-    target_dir().join("vm-test").join(series)
+/// Where one kernel's VM test leaves its initramfs and console log
+/// (`target/vm-test/aarch64/6.12`).
+pub fn vm_test_dir(arch: Arch, series: &str) -> PathBuf {
+    target_dir().join("vm-test").join(arch.name()).join(series)
 }
 
 fn home() -> Result<PathBuf> {
@@ -69,6 +73,12 @@ pub fn cache_dir() -> Result<PathBuf> {
 /// Downloaded and unpacked test kernels, one folder per package.
 pub fn kernels_dir() -> Result<PathBuf> {
     Ok(cache_dir()?.join("kernels"))
+}
+
+/// Guest userland downloaded from Debian (busybox-static), one folder per
+/// Debian architecture.
+pub fn userland_dir() -> Result<PathBuf> {
+    Ok(cache_dir()?.join("userland"))
 }
 
 /// The deployment tests' validators (a Python venv and npm packages); the

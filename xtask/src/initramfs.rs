@@ -1,8 +1,9 @@
-//! The initramfs each test kernel boots: busybox with its applet links, the
-//! kernel's own module tree metadata (modules.dep, modules.builtin, ...) with
-//! the real module files of the modules under test and their dependencies,
-//! the kernel config, the static daemon and guest driver, and an `/init`
-//! that prepares the guest, runs the driver and powers off.
+//! The initramfs each test kernel boots: a static busybox for the kernel's
+//! architecture (its applet links made at boot), the kernel's own module
+//! tree metadata (modules.dep, modules.builtin, ...) with the real module
+//! files of the modules under test and their dependencies, the kernel
+//! config, the static daemon and guest driver built for that architecture,
+//! and an `/init` that prepares the guest, runs the driver and powers off.
 use std::{
     collections::BTreeSet,
     fs::{self, File},
@@ -16,34 +17,23 @@ use flate2::{Compression, write::GzEncoder};
 
 use crate::{cmd, cpio, kernel::Kernel};
 
-/// The modules the guest driver loads: Longhorn's base and V2-data-engine
-/// requirements, plus `kvm_intel`, whose init fails in every TCG guest.
-///
-/// Why `kvm_intel` fails: QEMU's TCG `-cpu max` model is an AMD CPU that
-/// emulates SVM but not VMX, so `vmx_init` finds no VMX support and
-/// returns -EOPNOTSUPP ("kvm: no hardware support" on 5.10/6.1, "kvm_intel:
-/// VMX not supported by CPU 0" on 6.12/6.17) after the module_load
-/// tracepoint has fired: module_load, then module_free, never live. Its
-/// dependency kvm loads fine. (`acpi_cpufreq` also fails, with -ENODEV, as
-/// QEMU's ACPI tables carry no P-states; it is kept as a spare.)
-pub const GUEST_MODULES: &[&str] = &[
-    "dm_crypt",
-    "vfio_pci",
-    "uio_pci_generic",
-    "nvme_tcp",
-    "kvm_intel",
-    "acpi_cpufreq",
-];
+/// The modules the guest driver loads on every architecture: Longhorn's
+/// base and V2-data-engine requirements. [`crate::arch::Arch::failing_module`]
+/// (whose init fails in every TCG guest) comes on top.
+const REQUIRED_MODULES: &[&str] = &["dm_crypt", "vfio_pci", "uio_pci_generic", "nvme_tcp"];
 
-/// Where the daemon and the driver live in the guest.
+/// Where the daemon, the driver and the 32-bit busybox live in the guest
+/// (the driver's `compat.rs` names the same path).
 pub const GUEST_DAEMON: &str = "usr/bin/kmod-monitor";
-const GUEST_DRIVER: &str = "usr/bin/vm_guest";
-const BUSYBOX: &str = "/bin/busybox";
+const GUEST_DRIVER: &str = "usr/bin/vm-guest";
+const GUEST_COMPAT_BUSYBOX: &str = "usr/bin/busybox-compat";
 
-/// The guest's `/init`. Console loglevel 1 keeps kernel messages from
-/// tearing the driver's result lines; the dmesg tail is printed when the
-/// driver fails.
+/// The guest's `/init`. busybox makes its applet links first (it knows
+/// its own applets; the host cannot run a foreign architecture's busybox
+/// to ask). Console loglevel 1 keeps kernel messages from tearing the
+/// driver's result lines; the dmesg tail is printed when the driver fails.
 const INIT: &str = r#"#!/bin/sh
+/bin/busybox --install -s || echo "VMTEST NOTE busybox --install failed"
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -56,7 +46,7 @@ mount -t bpf bpf /sys/fs/bpf 2>/dev/null
 ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up
 dmesg -n 1
 echo "VMTEST BOOTED $(uname -r)"
-KMOD_MONITOR_VM_GUEST=1 /usr/bin/vm_guest
+KMOD_MONITOR_VM_GUEST=1 /usr/bin/vm-guest
 rc=$?
 if [ "$rc" -ne 0 ]; then
     echo "VMTEST NOTE driver exited $rc; last kernel messages:"
@@ -66,8 +56,26 @@ echo "VMTEST EXIT $rc"
 poweroff -f
 "#;
 
+/// The static binaries that go into one guest, all for its architecture.
+pub struct Binaries<'a> {
+    /// busybox-static.
+    pub busybox: &'a Path,
+    /// The 32-bit busybox-static the guest's compat tasks run.
+    pub compat_busybox: &'a Path,
+    /// kmod-monitor.
+    pub daemon: &'a Path,
+    /// The guest driver.
+    pub driver: &'a Path,
+}
+
 /// Builds the gzip-compressed initramfs for `kernel` at `out`.
-pub fn build(kernel: &Kernel, daemon: &Path, driver: &Path, out: &Path) -> Result<()> {
+pub fn build(kernel: &Kernel, binaries: &Binaries<'_>, out: &Path) -> Result<()> {
+    let Binaries {
+        busybox,
+        compat_busybox,
+        daemon,
+        driver,
+    } = binaries;
     let module_files = module_closure(kernel)?;
     let modules_dir = kernel.modules_dir();
     let release = &kernel.release;
@@ -112,24 +120,10 @@ pub fn build(kernel: &Kernel, daemon: &Path, driver: &Path, out: &Path) -> Resul
     }
     w.char_dev("dev/console", 0o600, 5, 1).map_err(io)?;
 
-    // busybox and every applet it has, at the path busybox itself names.
-    let busybox =
-        fs::read(BUSYBOX).with_context(|| format!("reading {BUSYBOX} (package busybox-static)"))?;
-    w.file("bin/busybox", 0o755, &busybox).map_err(io)?;
-    let applets = cmd::stdout(&mut cmd::new(BUSYBOX, ["--list-full"]))?;
-    for applet in applets.lines().map(str::trim).filter(|a| !a.is_empty()) {
-        if applet == "bin/busybox" {
-            continue;
-        }
-        let parent = Path::new(applet)
-            .parent()
-            .map(|p| p.display().to_string())
-            .unwrap_or_default();
-        if !parent.is_empty() && !dirs.contains(&parent) {
-            bail!("busybox applet {applet} lives in {parent}, which the initramfs lacks");
-        }
-        w.symlink(applet, BUSYBOX).map_err(io)?;
-    }
+    // busybox and the shell /init runs in; /init has busybox link its other
+    // applets into bin, sbin, usr/bin and usr/sbin, which exist above.
+    add_file(&mut w, "bin/busybox", 0o755, busybox)?;
+    w.symlink("bin/sh", "/bin/busybox").map_err(io)?;
 
     // The module metadata the daemon and busybox modprobe read, exactly as
     // the package and depmod left it.
@@ -174,6 +168,7 @@ pub fn build(kernel: &Kernel, daemon: &Path, driver: &Path, out: &Path) -> Resul
     )?;
     add_file(&mut w, GUEST_DAEMON, 0o755, daemon)?;
     add_file(&mut w, GUEST_DRIVER, 0o755, driver)?;
+    add_file(&mut w, GUEST_COMPAT_BUSYBOX, 0o755, compat_busybox)?;
     w.file("init", 0o755, INIT.as_bytes()).map_err(io)?;
 
     let gz = w.finish().map_err(io)?;
@@ -194,13 +189,18 @@ fn add_file<W: std::io::Write>(
         .with_context(|| format!("adding {} to the initramfs", src.display()))
 }
 
-/// Module files (relative to `lib/modules/RELEASE`) for [`GUEST_MODULES`]
-/// and everything they pull in, as kmod's own resolver sees it: modules.dep
+/// Module files (relative to `lib/modules/RELEASE`) for
+/// [`REQUIRED_MODULES`] and the architecture's failing module, and
+/// everything they pull in, as kmod's own resolver sees it: modules.dep
 /// dependencies and softdeps.
 fn module_closure(kernel: &Kernel) -> Result<BTreeSet<String>> {
     let modules_dir = kernel.modules_dir();
     let mut files = BTreeSet::new();
-    for module in GUEST_MODULES {
+    for module in REQUIRED_MODULES
+        .iter()
+        .copied()
+        .chain([kernel.arch.failing_module()])
+    {
         let plan = cmd::stdout(
             Command::new("modprobe")
                 .arg("-d")

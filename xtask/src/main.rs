@@ -1,8 +1,9 @@
 //! `cargo xtask`: the project's automation entry point. Each subcommand is a
 //! thin layer over one module: `setup` installs the toolchain, `build` makes
-//! the release and static binaries, `vm-test` runs the kernel tests in
-//! QEMU, `test` runs everything, `run` starts the daemon on this machine,
-//! `bench` measures it in QEMU and on the host.
+//! the release and static binaries (x86-64 and aarch64), `vm-test` runs the
+//! kernel tests in QEMU, `test` runs everything, `run` starts the daemon on
+//! this machine, `bench` measures it in QEMU and on the host.
+mod arch;
 mod bench;
 mod binaries;
 mod cmd;
@@ -33,12 +34,21 @@ struct Cli {
 enum Cmd {
     /// Install what building and testing need (idempotent, fast when done).
     Setup,
-    /// Release build for the host plus the static musl daemon.
-    Build,
+    /// Release build for the host plus the static musl daemon for x86_64
+    /// and aarch64; `--arch` builds only that static daemon.
+    Build {
+        /// Only the static daemon for this architecture (repeatable).
+        #[arg(long = "arch", value_enum)]
+        archs: Vec<arch::Arch>,
+    },
     /// Boot Debian kernels in QEMU and run the guest test driver in each.
     VmTest(vm_test::Options),
     /// Run every test: setup, fmt, clippy, cargo test, vm-test on all kernels.
-    Test,
+    Test {
+        /// Also run on aarch64 what it skips by default (the soak).
+        #[arg(long)]
+        arm64_full: bool,
+    },
     /// Measure latency, throughput and footprint in QEMU and on the host
     /// (not part of `test`); `--check` checks the targets.
     Bench(bench::Options),
@@ -64,10 +74,10 @@ fn main() -> ExitCode {
 fn dispatch(command: Cmd) -> Result<()> {
     match command {
         Cmd::Setup => setup::setup(),
-        Cmd::Build => {
-            let binaries::DaemonBinaries { host, musl } = binaries::build_daemon()?;
-            println!("build: host binary {}", host.display());
-            println!("build: static binary {}", musl.display());
+        Cmd::Build { archs } => {
+            for (what, path) in binaries::build(&archs)? {
+                println!("build: {what} {}", path.display());
+            }
             Ok(())
         }
         Cmd::VmTest(options) => {
@@ -75,7 +85,7 @@ fn dispatch(command: Cmd) -> Result<()> {
             let failed: Vec<_> = outcomes
                 .iter()
                 .filter(|o| !o.ok())
-                .map(|o| o.series.name())
+                .map(vm_test::Outcome::label)
                 .collect();
             let passed: usize = outcomes.iter().map(|o| o.passed).sum();
             let failures: usize = outcomes.iter().map(|o| o.failed.len()).sum();
@@ -86,7 +96,7 @@ fn dispatch(command: Cmd) -> Result<()> {
                 bail!("vm-test failed on {}", failed.join(", "))
             }
         }
-        Cmd::Test => suite::test(),
+        Cmd::Test { arm64_full } => suite::test(arm64_full),
         Cmd::Bench(options) => bench::bench(&options),
         Cmd::Run { args } => {
             setup::setup()?;

@@ -3,25 +3,27 @@
 //!
 //! Installs the Debian packages the VM harness and the monitoring stack use,
 //! the validators of the deployment files, the pinned nightly toolchain the
-//! eBPF build needs (with rust-src), the musl target for the static binaries,
-//! clippy and rustfmt, and bpf-linker built against the LLVM of the nightly
-//! rustc (see `install_bpf_linker`), and builds the real kube-apiserver and
-//! etcd the cluster tests run against (`k8s.rs`).
+//! eBPF build needs (with rust-src), the musl targets for the static x86-64
+//! and aarch64 binaries with the C (cross) compilers and QEMU emulators of
+//! both (see [`Arch::apt_packages`]), clippy and rustfmt, bpf-linker built
+//! against the LLVM of the nightly rustc (see `install_bpf_linker`), and
+//! each guest architecture's busybox-static (private apt configuration);
+//! and builds the real kube-apiserver and etcd the cluster tests run
+//! against (`k8s.rs`).
 use std::{fs, path::Path};
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{cmd, dirs};
+use crate::{arch::Arch, cmd, dirs, kernel};
 
-/// Debian packages the harness needs: QEMU and busybox for the guests, kmod
-/// for depmod/modprobe on the host, cpio/xz/zstd for kernel and module
-/// archives, Prometheus and Alertmanager for the alerting-rule tests, curl
-/// for smoke checks, the archive keyring the private apt setup trusts, and
-/// musl-tools: `musl-gcc` compiles ring's C (TLS for the Kubernetes client)
-/// in the static build.
+/// Debian packages the harness needs beyond each architecture's own
+/// ([`Arch::apt_packages`]: its C compiler for ring's C code, TLS for the
+/// Kubernetes client, and its QEMU): busybox-static (the ELF tests read
+/// it), kmod for depmod/modprobe on the host, cpio/xz/zstd for kernel and
+/// module archives, Prometheus and Alertmanager for the alerting-rule
+/// tests, curl for smoke checks, and the archive keyring the private apt
+/// setup trusts.
 pub const APT_PACKAGES: &[&str] = &[
-    "qemu-system-x86",
-    "musl-tools",
     "busybox-static",
     "kmod",
     "cpio",
@@ -53,13 +55,24 @@ pub fn setup() -> Result<()> {
     nightly().context("installing the nightly toolchain")?;
     rustup_components().context("installing rustup components and targets")?;
     install_bpf_linker().context("installing bpf-linker")?;
+    guest_busybox().context("fetching the guests' busybox")?;
     crate::k8s::servers().context("building the test kube-apiserver and etcd")?;
     println!("setup: done");
     Ok(())
 }
 
+/// Every Debian package setup installs.
+fn all_apt_packages() -> Vec<&'static str> {
+    Arch::ALL
+        .iter()
+        .flat_map(|arch| arch.apt_packages().iter().copied())
+        .chain(APT_PACKAGES.iter().copied())
+        .collect()
+}
+
 fn apt_packages() -> Result<()> {
-    let mut missing: Vec<&str> = APT_PACKAGES
+    let wanted = all_apt_packages();
+    let mut missing: Vec<&str> = wanted
         .iter()
         .copied()
         .filter(|pkg| !dpkg_installed(pkg))
@@ -71,7 +84,7 @@ fn apt_packages() -> Result<()> {
             .map(|(_, pkg)| *pkg),
     );
     if missing.is_empty() {
-        println!("setup: Debian packages present: {}", APT_PACKAGES.join(" "));
+        println!("setup: Debian packages present: {}", wanted.join(" "));
         return Ok(());
     }
     println!("setup: missing Debian packages: {}", missing.join(" "));
@@ -215,15 +228,17 @@ fn rustup_components() -> Result<()> {
     }
 
     // The default toolchain builds the userspace crates, including the
-    // static musl binaries that go into the test VMs.
+    // static musl binaries of both architectures.
     let targets = cmd::stdout(&mut cmd::new("rustup", ["target", "list", "--installed"]))?;
-    if has_line_starting(&targets, dirs::MUSL_TARGET) {
-        println!("setup: {} target present", dirs::MUSL_TARGET);
+    let missing: Vec<&str> = Arch::ALL
+        .iter()
+        .map(|arch| arch.musl_target())
+        .filter(|target| !has_line_starting(&targets, target))
+        .collect();
+    if missing.is_empty() {
+        println!("setup: musl targets present");
     } else {
-        cmd::run(&mut cmd::new(
-            "rustup",
-            ["target", "add", dirs::MUSL_TARGET],
-        ))?;
+        cmd::run(cmd::new("rustup", ["target", "add"]).args(&missing))?;
     }
 
     let components = cmd::stdout(&mut cmd::new(
@@ -238,6 +253,22 @@ fn rustup_components() -> Result<()> {
         println!("setup: clippy and rustfmt present");
     } else {
         cmd::run(cmd::new("rustup", ["component", "add"]).args(&missing))?;
+    }
+    Ok(())
+}
+
+/// Each guest architecture's busybox-static and the 32-bit one for its
+/// compat tasks, from Debian through a private apt configuration (cached;
+/// nothing is installed on the host).
+fn guest_busybox() -> Result<()> {
+    for arch in Arch::ALL {
+        let busybox = kernel::busybox(arch.debian(), false)?;
+        println!("setup: {arch} guest busybox {}", busybox.display());
+        let compat = kernel::busybox(arch.compat_debian(), false)?;
+        println!(
+            "setup: {arch} guest busybox for 32-bit compat tasks {}",
+            compat.display()
+        );
     }
     Ok(())
 }

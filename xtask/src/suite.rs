@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow, bail};
 
-use crate::{cmd, dirs, setup, vm_test};
+use crate::{arch::Arch, binaries, cmd, dirs, setup, vm_test};
 
 /// Counts from cargo test's `test result:` lines.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -55,14 +55,15 @@ struct Step {
     detail: String,
 }
 
-/// Runs every test; `Err` if any step failed.
-pub fn test() -> Result<()> {
+/// Runs every test (on aarch64 the soak only with `arm64_full`); `Err` if
+/// any step failed.
+pub fn test(arm64_full: bool) -> Result<()> {
     let start = Instant::now();
     let mut steps: Vec<Step> = Vec::new();
     let mut passed = 0usize;
     let mut failed = 0usize;
 
-    let result = run_steps(&mut steps, &mut passed, &mut failed);
+    let result = run_steps(&mut steps, &mut passed, &mut failed, arm64_full);
     if result.is_err() {
         // A failed step that counted no test failure (fmt, clippy, a build)
         // still has to show up in the count.
@@ -75,7 +76,7 @@ pub fn test() -> Result<()> {
     println!("==== kmod-monitor test summary ====");
     for step in &steps {
         println!(
-            "{:<16} {:<4} {:>7.1} s  {}",
+            "{:<20} {:<4} {:>7.1} s  {}",
             step.name,
             if step.ok { "ok" } else { "FAIL" },
             step.duration.as_secs_f64(),
@@ -128,7 +129,12 @@ fn cargo() -> Command {
     cmd
 }
 
-fn run_steps(steps: &mut Vec<Step>, passed: &mut usize, failed: &mut usize) -> Result<()> {
+fn run_steps(
+    steps: &mut Vec<Step>,
+    passed: &mut usize,
+    failed: &mut usize,
+    arm64_full: bool,
+) -> Result<()> {
     timed(steps, "setup", || {
         setup::setup().map(|()| ((), String::new()))
     })?;
@@ -193,9 +199,29 @@ fn run_steps(steps: &mut Vec<Step>, passed: &mut usize, failed: &mut usize) -> R
     *failed += counts.failed;
     cargo_test?;
 
+    // The static daemons the image and the VMs carry, each checked for its
+    // ELF machine, static linkage and embedded eBPF object.
+    timed(steps, "static build", || {
+        let mut built = Vec::new();
+        for arch in Arch::ALL {
+            binaries::build_static_daemon(arch)?;
+            built.push(arch.name());
+        }
+        Ok((
+            (),
+            format!(
+                "{}: static, right ELF machine, eBPF object embedded",
+                built.join(" and ")
+            ),
+        ))
+    })?;
+
     let vm_start = Instant::now();
     let outcomes = vm_test::vm_test(&vm_test::Options {
+        archs: Vec::new(),
         kernels: Vec::new(),
+        scenarios: Vec::new(),
+        arm64_full,
         refresh_kernels: false,
         timeout: 600,
     });
@@ -217,7 +243,7 @@ fn run_steps(steps: &mut Vec<Step>, passed: &mut usize, failed: &mut usize) -> R
         name: "vm-test build".to_owned(),
         ok: true,
         duration: vm_start.elapsed().saturating_sub(kernels_time),
-        detail: "static daemon and guest driver".to_owned(),
+        detail: "guest drivers, busybox".to_owned(),
     });
     let mut all_ok = true;
     for o in &outcomes {
@@ -236,8 +262,14 @@ fn run_steps(steps: &mut Vec<Step>, passed: &mut usize, failed: &mut usize) -> R
         for p in &o.problems {
             detail.push_str(&format!("; {p}"));
         }
+        if !o.skipped.is_empty() {
+            detail.push_str(&format!(
+                "; not run (--arm64-full): {}",
+                o.skipped.join(" ")
+            ));
+        }
         steps.push(Step {
-            name: format!("vm-test {}", o.series),
+            name: format!("vm-test {}", o.label()),
             ok: o.ok(),
             duration: o.duration,
             detail,
@@ -249,7 +281,7 @@ fn run_steps(steps: &mut Vec<Step>, passed: &mut usize, failed: &mut usize) -> R
             outcomes
                 .iter()
                 .filter(|o| !o.ok())
-                .map(|o| o.series.name())
+                .map(vm_test::Outcome::label)
                 .collect::<Vec<_>>()
                 .join(", ")
         );

@@ -1,5 +1,7 @@
-//! Boots one test kernel in QEMU (TCG; KVM does not work on these
-//! machines), records the serial console to a log file while echoing it,
+//! Boots one test kernel in QEMU (TCG: KVM does not work on these
+//! machines, and an arm64 guest on an x86-64 host has none), with the
+//! system emulator, machine and console of the kernel's architecture;
+//! records the serial console to a log file while echoing it,
 //! enforces a hard timeout, and turns the guest driver's `VMTEST` lines into
 //! a verdict. Anything unexpected (no boot, a panic, a missing result
 //! marker, a count that does not add up) is a failure, never a skip.
@@ -153,19 +155,9 @@ pub struct Run {
 }
 
 /// Boots `kernel` with `initrd`, logging the console to `console` and
-/// echoing it with a `[label]` prefix. Kills QEMU after `timeout`.
-pub fn boot(
-    kernel: &Kernel,
-    initrd: &Path,
-    console: &Path,
-    timeout: Duration,
-    label: &str,
-) -> Result<Run> {
-    boot_with(kernel, initrd, console, timeout, label, "")
-}
-
-/// Like [`boot`], with `extra` appended to the kernel command line (the
-/// guest driver reads its mode from /proc/cmdline).
+/// echoing it with a `[label]` prefix, with `extra` appended to the kernel
+/// command line (the guest driver reads its mode and scenarios from
+/// /proc/cmdline). Kills QEMU after `timeout`.
 pub fn boot_with(
     kernel: &Kernel,
     initrd: &Path,
@@ -174,32 +166,32 @@ pub fn boot_with(
     label: &str,
     extra: &str,
 ) -> Result<Run> {
-    // no_timer_check: under TCG on a busy host the kernel's IO-APIC timer
-    // check can miss its window and panic ("IO-APIC + timer doesn't
-    // work!"), as 6.17 did once while the host compiled; the check exists
-    // for broken hardware, which an emulated PIT is not.
-    let append = format!("console=ttyS0 quiet panic=-1 no_timer_check {extra}");
-    let mut qemu = Command::new("qemu-system-x86_64");
-    qemu.args([
-        "-accel",
-        "tcg",
-        "-cpu",
-        "max",
-        "-m",
-        "512",
-        "-nographic",
-        "-no-reboot",
-    ])
-    // No NIC: the guest only needs loopback, and no option ROM to probe.
-    .args(["-nic", "none"])
-    .arg("-kernel")
-    .arg(&kernel.vmlinuz)
-    .arg("-initrd")
-    .arg(initrd)
-    .args(["-append", append.trim_end()])
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
+    let arch = kernel.arch;
+    let console_arg = format!("console={}", arch.console());
+    let append = [
+        console_arg.as_str(),
+        "quiet",
+        "panic=-1",
+        arch.kernel_args(),
+        extra,
+    ]
+    .into_iter()
+    .filter(|a| !a.is_empty())
+    .collect::<Vec<_>>()
+    .join(" ");
+    let mut qemu = Command::new(arch.qemu());
+    qemu.args(arch.qemu_machine())
+        .args(["-m", "512", "-nographic", "-no-reboot"])
+        // No NIC: the guest only needs loopback, and no option ROM to probe.
+        .args(["-nic", "none"])
+        .arg("-kernel")
+        .arg(&kernel.vmlinuz)
+        .arg("-initrd")
+        .arg(initrd)
+        .args(["-append", append.as_str()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let text = cmd::describe(&qemu);
     println!("+ {text}");
     let log = Arc::new(Mutex::new(

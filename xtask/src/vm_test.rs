@@ -1,5 +1,6 @@
-//! `cargo xtask vm-test`: builds the static binaries, then for each kernel
-//! (sequentially: the machine has two cores) fetches it, builds its
+//! `cargo xtask vm-test`: for each architecture builds the static daemon
+//! and guest driver and fetches its busybox, then for each of its kernels
+//! (sequentially: the machine has two cores) fetches the kernel, builds its
 //! initramfs, boots it and collects the guest driver's verdict. Every
 //! requested kernel runs even after another failed, so one bad kernel does
 //! not hide the others.
@@ -9,9 +10,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 
 use crate::{
+    arch::{self, Arch},
     binaries, dirs, initramfs,
     kernel::{self, Series},
     vm,
@@ -20,11 +22,25 @@ use crate::{
 /// Options of one vm-test run.
 #[derive(Debug, clap::Args)]
 pub struct Options {
-    /// Kernel series to test (repeatable; default: all).
+    /// Architecture to test (repeatable; default: both).
+    #[arg(long = "arch", value_enum)]
+    pub archs: Vec<Arch>,
+    /// Kernel series to test (repeatable; default: every series of each
+    /// architecture: 5.10, 6.1, 6.12 and 6.17 on x86_64, 6.1, 6.12 and
+    /// 6.17 on aarch64).
     #[arg(long = "kernel", value_enum, num_args = 1..)]
     pub kernels: Vec<Series>,
-    /// Ask the archive for newer kernel uploads instead of reusing the
-    /// cached ones.
+    /// Run only this scenario (repeatable; the names the guest prints, e.g.
+    /// `baseline`). Default: all, less the ones an architecture skips
+    /// unless `--arm64-full` is given.
+    #[arg(long = "scenario")]
+    pub scenarios: Vec<String>,
+    /// Also run on aarch64 what it skips by default to keep CI within its
+    /// budget: the 1000-cycle soak.
+    #[arg(long)]
+    pub arm64_full: bool,
+    /// Ask the archive for newer kernel uploads (and busybox) instead of
+    /// reusing the cached ones.
     #[arg(long)]
     pub refresh_kernels: bool,
     /// Hard limit for one guest, boot to power-off, in seconds.
@@ -32,9 +48,49 @@ pub struct Options {
     pub timeout: u64,
 }
 
+/// The (architecture, kernel) pairs `archs` and `kernels` select, in
+/// running order. A series an explicitly asked architecture does not
+/// test is an error; with no `--arch`, such a pair is just left out.
+pub fn plan(archs: &[Arch], kernels: &[Series]) -> Result<Vec<(Arch, Series)>> {
+    let mut pairs = Vec::new();
+    for arch in arch::selected(archs) {
+        let mut wanted: Vec<Series> = arch
+            .series()
+            .iter()
+            .copied()
+            .filter(|s| kernels.is_empty() || kernels.contains(s))
+            .collect();
+        wanted.sort();
+        wanted.dedup();
+        let missing: Vec<&str> = kernels
+            .iter()
+            .filter(|s| !arch.series().contains(s))
+            .map(|s| s.name())
+            .collect();
+        if !missing.is_empty() && !archs.is_empty() {
+            bail!(
+                "{arch} has no {} test kernel (it tests {})",
+                missing.join(", "),
+                arch.series()
+                    .iter()
+                    .map(|s| s.name())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        pairs.extend(wanted.into_iter().map(|s| (arch, s)));
+    }
+    if pairs.is_empty() {
+        bail!("no architecture tests the kernel series asked for");
+    }
+    Ok(pairs)
+}
+
 /// One kernel's verdict.
 #[derive(Debug)]
 pub struct Outcome {
+    /// The architecture tested.
+    pub arch: Arch,
     /// The series tested.
     pub series: Series,
     /// `uname -r` of the cached kernel, once known.
@@ -49,6 +105,8 @@ pub struct Outcome {
     pub duration: Duration,
     /// Time QEMU ran.
     pub boot_duration: Option<Duration>,
+    /// Scenarios left out for this architecture (without `--arm64-full`).
+    pub skipped: &'static [&'static str],
     /// The console log, once QEMU ran.
     pub console: Option<PathBuf>,
 }
@@ -58,33 +116,110 @@ impl Outcome {
     pub fn ok(&self) -> bool {
         self.failed.is_empty() && self.problems.is_empty()
     }
+
+    /// `aarch64 6.12`, for summaries.
+    pub fn label(&self) -> String {
+        format!("{} {}", self.arch, self.series)
+    }
+}
+
+/// The static binaries and busybox one architecture's guests run.
+pub struct GuestBinaries {
+    busybox: PathBuf,
+    compat_busybox: PathBuf,
+    daemon: PathBuf,
+    driver: PathBuf,
+}
+
+impl GuestBinaries {
+    /// Builds `kernel`'s initramfs with these binaries at `out`.
+    pub fn initramfs(&self, kernel: &kernel::Kernel, out: &std::path::Path) -> Result<()> {
+        let Self {
+            busybox,
+            compat_busybox,
+            daemon,
+            driver,
+        } = self;
+        initramfs::build(
+            kernel,
+            &initramfs::Binaries {
+                busybox,
+                compat_busybox,
+                daemon,
+                driver,
+            },
+            out,
+        )
+    }
+}
+
+/// Builds and fetches what `arch`'s guests run.
+pub fn guest_binaries(arch: Arch, refresh: bool) -> Result<GuestBinaries> {
+    // Only static builds: the VMs cannot run the host's glibc binary.
+    let daemon = binaries::build_static_daemon(arch)
+        .with_context(|| format!("building kmod-monitor for the {arch} VMs"))?;
+    let driver = binaries::build_guest_driver(arch)
+        .with_context(|| format!("building the {arch} guest driver"))?;
+    let busybox = kernel::busybox(arch.debian(), refresh)
+        .with_context(|| format!("fetching busybox-static for {arch}"))?;
+    let compat_busybox = kernel::busybox(arch.compat_debian(), refresh)
+        .with_context(|| format!("fetching the 32-bit busybox-static for {arch}"))?;
+    Ok(GuestBinaries {
+        busybox,
+        compat_busybox,
+        daemon,
+        driver,
+    })
+}
+
+/// The kernel command line that tells the guest driver which scenarios to
+/// run (`kmod_monitor.scenarios=a,b`) or leave out (`kmod_monitor.skip=c`);
+/// empty for all. Named scenarios are run even where they would be
+/// skipped.
+pub fn scenario_arg(scenarios: &[String], skipped: &[&str]) -> String {
+    if !scenarios.is_empty() {
+        format!("kmod_monitor.scenarios={}", scenarios.join(","))
+    } else if !skipped.is_empty() {
+        format!("kmod_monitor.skip={}", skipped.join(","))
+    } else {
+        String::new()
+    }
 }
 
 /// Runs the VM tests and returns one outcome per kernel, in order.
 pub fn vm_test(options: &Options) -> Result<Vec<Outcome>> {
     let Options {
+        archs,
         kernels,
+        scenarios,
+        arm64_full,
         refresh_kernels,
         timeout,
     } = options;
-    let kernels = if kernels.is_empty() {
-        Series::ALL.to_vec()
-    } else {
-        let mut k = kernels.clone();
-        k.sort();
-        k.dedup();
-        k
-    };
-    // Only the static build: the VMs cannot run the host's glibc binary.
-    let daemon = binaries::build_static_daemon().context("building kmod-monitor for the VMs")?;
-    let driver = binaries::build_guest_driver().context("building the guest driver")?;
-    let mut apt = kernel::Apt::new().context("preparing the private apt configuration")?;
-
+    let pairs = plan(archs, kernels)?;
     let mut outcomes = Vec::new();
-    for series in kernels {
+    let mut prepared: Option<(Arch, kernel::Apt, GuestBinaries)> = None;
+    for (arch, series) in pairs {
+        if prepared.as_ref().is_none_or(|(a, ..)| *a != arch) {
+            let apt = kernel::Apt::new(arch.debian(), kernel::Purpose::Kernels)
+                .context("preparing the private apt configuration")?;
+            let binaries = guest_binaries(arch, *refresh_kernels)?;
+            prepared = Some((arch, apt, binaries));
+        }
+        let Some((_, apt, binaries)) = prepared.as_mut() else {
+            bail!("the {arch} binaries were not prepared");
+        };
+        let skipped = if *arm64_full || !scenarios.is_empty() {
+            &[]
+        } else {
+            arch.skipped_by_default()
+        };
+        let extra = scenario_arg(scenarios, skipped);
         let start = Instant::now();
         let mut outcome = Outcome {
+            arch,
             series,
+            skipped,
             release: None,
             passed: 0,
             failed: Vec::new(),
@@ -97,9 +232,9 @@ pub fn vm_test(options: &Options) -> Result<Vec<Outcome>> {
             series,
             *refresh_kernels,
             Duration::from_secs(*timeout),
-            &mut apt,
-            &daemon,
-            &driver,
+            apt,
+            binaries,
+            &extra,
             &mut outcome,
         ) {
             outcome.problems.push(format!("{err:#}"));
@@ -116,20 +251,23 @@ fn run_one(
     refresh: bool,
     timeout: Duration,
     apt: &mut kernel::Apt,
-    daemon: &std::path::Path,
-    driver: &std::path::Path,
+    binaries: &GuestBinaries,
+    extra: &str,
     outcome: &mut Outcome,
 ) -> Result<()> {
-    let kernel = kernel::prepare(series, refresh, apt)
-        .with_context(|| format!("fetching the {series} kernel"))?;
+    let arch = outcome.arch;
+    let label = outcome.label();
+    let kernel = kernel::prepare(arch, series, refresh, apt)
+        .with_context(|| format!("fetching the {label} kernel"))?;
     outcome.release = Some(kernel.release.clone());
-    let dir = dirs::vm_test_dir(series.name());
+    let dir = dirs::vm_test_dir(arch, series.name());
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let initrd = dir.join("initramfs.cpio.gz");
-    initramfs::build(&kernel, daemon, driver, &initrd)
-        .with_context(|| format!("building the {series} initramfs"))?;
+    binaries
+        .initramfs(&kernel, &initrd)
+        .with_context(|| format!("building the {label} initramfs"))?;
     let console = dir.join("console.log");
-    let run = vm::boot(&kernel, &initrd, &console, timeout, series.name())?;
+    let run = vm::boot_with(&kernel, &initrd, &console, timeout, &label, extra)?;
     outcome.boot_duration = Some(run.duration);
     outcome.console = Some(run.console.clone());
     let text = fs::read(&console).with_context(|| format!("reading {}", console.display()))?;
@@ -154,7 +292,7 @@ fn print_outcome(o: &Outcome) {
     let verdict = if o.ok() { "PASS" } else { "FAIL" };
     println!(
         "vm-test {}: {verdict}: {} passed, {} failed in {:.1} s (boot {}) [{}]",
-        o.series,
+        o.label(),
         o.passed,
         o.failed.len(),
         o.duration.as_secs_f64(),
@@ -163,12 +301,80 @@ fn print_outcome(o: &Outcome) {
         o.release.as_deref().unwrap_or("kernel not fetched"),
     );
     for (name, why) in &o.failed {
-        println!("vm-test {}:   FAIL {name}: {why}", o.series);
+        println!("vm-test {}:   FAIL {name}: {why}", o.label());
     }
     for problem in &o.problems {
-        println!("vm-test {}:   PROBLEM {problem}", o.series);
+        println!("vm-test {}:   PROBLEM {problem}", o.label());
+    }
+    if !o.skipped.is_empty() {
+        println!(
+            "vm-test {}:   not run here (--arm64-full runs it): {}",
+            o.label(),
+            o.skipped.join(" ")
+        );
     }
     if let Some(console) = &o.console {
-        println!("vm-test {}:   console log: {}", o.series, console.display());
+        println!(
+            "vm-test {}:   console log: {}",
+            o.label(),
+            console.display()
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_runs_each_architecture_on_its_own_kernels() {
+        let all = plan(&[], &[]).unwrap();
+        assert_eq!(
+            all.len(),
+            Arch::X86_64.series().len() + Arch::Aarch64.series().len()
+        );
+        assert_eq!(all[0], (Arch::X86_64, Series::V5_10));
+        assert!(all.contains(&(Arch::Aarch64, Series::V6_17)));
+        assert!(!all.contains(&(Arch::Aarch64, Series::V5_10)));
+        // Without --arch, 5.10 runs where it is tested.
+        assert_eq!(
+            plan(&[], &[Series::V5_10]).unwrap(),
+            [(Arch::X86_64, Series::V5_10)]
+        );
+        assert_eq!(
+            plan(&[Arch::Aarch64], &[Series::V6_12, Series::V6_1]).unwrap(),
+            [
+                (Arch::Aarch64, Series::V6_1),
+                (Arch::Aarch64, Series::V6_12)
+            ]
+        );
+        let err = plan(&[Arch::Aarch64], &[Series::V5_10])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "aarch64 has no 5.10 test kernel (it tests 6.1, 6.12, 6.17)"
+        );
+    }
+
+    #[test]
+    fn scenarios_go_on_the_kernel_command_line() {
+        assert_eq!(scenario_arg(&[], &[]), "");
+        let named = ["baseline".to_owned(), "failing-load".to_owned()];
+        assert_eq!(
+            scenario_arg(&named, &[]),
+            "kmod_monitor.scenarios=baseline,failing-load"
+        );
+        let soak = Arch::Aarch64.skipped_by_default();
+        assert_eq!(
+            scenario_arg(&[], soak),
+            "kmod_monitor.skip=soak-1000-cycles-under-scrapes"
+        );
+        // Named scenarios run even where they are skipped by default.
+        assert_eq!(
+            scenario_arg(&named, soak),
+            "kmod_monitor.scenarios=baseline,failing-load"
+        );
+        assert!(Arch::X86_64.skipped_by_default().is_empty());
     }
 }

@@ -4,6 +4,7 @@
 //! root); 5.10 also needs RLIMIT_MEMLOCK raised, which is done here.
 use std::{
     os::fd::{AsFd as _, AsRawFd as _},
+    path::{Path, PathBuf},
     ptr::NonNull,
     sync::{
         Arc,
@@ -42,32 +43,56 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mo
 
 /// Tracepoints the program must attach to, and optional ones that only
 /// sharpen the lifecycle (without them, loads are confirmed through
-/// /sys/module/<m>/initstate instead of the syscall's return value).
+/// /sys/module/<m>/initstate instead of the syscall's return value, and
+/// unloads refused with EBUSY go unseen). Each optional one is attached
+/// only when tracefs has it (`syscalls:*` needs CONFIG_FTRACE_SYSCALLS)
+/// and [`read_layout`] found it usable; a load syscall's entry only with
+/// its exit.
 const REQUIRED: [(&str, &str, &str); 3] = [
     ("module_load", "module", "module_load"),
     ("module_free", "module", "module_free"),
     ("module_request", "module", "module_request"),
 ];
-const OPTIONAL: [(&str, &str, &str); 4] = [
+const OPTIONAL: [(&str, &str, &str); 6] = [
     ("init_module_exit", "syscalls", "sys_exit_finit_module"),
     ("init_module_exit", "syscalls", "sys_exit_init_module"),
+    ("init_module_enter", "syscalls", "sys_enter_finit_module"),
+    ("init_module_enter", "syscalls", "sys_enter_init_module"),
     ("delete_module_enter", "syscalls", "sys_enter_delete_module"),
     ("delete_module_exit", "syscalls", "sys_exit_delete_module"),
 ];
+
+/// Said in the details when the syscall tracepoints are attached: the
+/// kernel skips 32-bit compat tasks there (`ARCH_TRACE_IGNORE_COMPAT_SYSCALLS`
+/// on x86-64 and arm64), which the program copes with as it does without
+/// them.
+const COMPAT_NOTE: &str = "32-bit compat tasks bypass the syscall tracepoints: their loads are confirmed through /sys/module/<m>/initstate and their unloads seen as module_free";
 
 /// The loaded object; dropping it detaches everything.
 struct Loaded {
     _ebpf: std::sync::Mutex<Ebpf>,
 }
 
-/// Reads the layout of every tracepoint from tracefs. The module ones are
-/// required; syscall ones are marked absent when missing.
+/// Reads the layout of every tracepoint from tracefs, and returns it with
+/// the optional (`syscalls:*`) events that are there and usable. The module
+/// ones are required; syscall ones are marked absent when missing, and
+/// each one that cannot be used is named in `details`.
 fn read_layout(
     opts: &SourceOptions,
     details: &mut Vec<String>,
-) -> Result<TracepointLayout, StartError> {
+) -> Result<(TracepointLayout, Vec<&'static str>), StartError> {
     let dirs = tracefs::candidate_dirs(&opts.host.tracefs_candidates());
-    let read = |group: &str, event: &str| tracefs::read_event(&dirs, group, event);
+    layout_from(&dirs, &opts.host.proc_modules(), details)
+}
+
+/// [`read_layout`] from the tracefs directories `dirs`; `proc_modules`
+/// only explains a missing module tracepoint.
+fn layout_from(
+    dirs: &[PathBuf],
+    proc_modules: &Path,
+    details: &mut Vec<String>,
+) -> Result<(TracepointLayout, Vec<&'static str>), StartError> {
+    let read = |group: &str, event: &str| tracefs::read_event(dirs, group, event);
     let (load, free, request) = match (
         read("module", "module_load"),
         read("module", "module_free"),
@@ -75,7 +100,7 @@ fn read_layout(
     ) {
         (Ok(l), Ok(f), Ok(r)) => (l, f, r),
         (Err(e), ..) | (_, Err(e), _) | (.., Err(e)) => {
-            let why = if opts.host.proc_modules().exists() {
+            let why = if proc_modules.exists() {
                 String::new()
             } else {
                 " (this kernel has no loadable-module support: /proc/modules is absent)".to_owned()
@@ -85,38 +110,86 @@ fn read_layout(
     };
     let mut layout = tracefs::module_layout(&load, &free, &request)
         .map_err(|e| StartError::new(e.to_string()))?;
-    let optional = |r: Result<monitor_common::FieldOffset, tracefs::FormatError>,
-                    details: &mut Vec<String>| match r {
-        Ok(f) => f,
-        Err(e) => {
-            details.push(format!("optional tracepoint unusable: {e}"));
-            monitor_common::FieldOffset::default()
-        }
+    // The optional events found usable, and what was wrong with the others.
+    let mut found = Found {
+        usable: Vec::new(),
+        details,
     };
-    layout.init_exit_ret = optional(
-        read("syscalls", "sys_exit_finit_module")
-            .and_then(|f| tracefs::syscall_ret(&f, "syscalls:sys_exit_finit_module")),
-        details,
-    );
+    let ret = |event: &str| {
+        read("syscalls", event).and_then(|f| tracefs::syscall_ret(&f, &format!("syscalls:{event}")))
+    };
+    layout.init_exit_ret = found.check("sys_exit_finit_module", ret("sys_exit_finit_module"));
     // init_module's exit shares the program, so its layout must match.
-    if layout.init_exit_ret.present == 1
-        && let Ok(other) = read("syscalls", "sys_exit_init_module")
-            .and_then(|f| tracefs::syscall_ret(&f, "syscalls:sys_exit_init_module"))
-        && other != layout.init_exit_ret
-    {
-        details
-            .push("sys_exit_init_module layout differs from finit_module's; not attached".into());
+    if layout.init_exit_ret.present == 1 {
+        match ret("sys_exit_init_module") {
+            Ok(other) if other == layout.init_exit_ret => {
+                found.check("sys_exit_init_module", Ok(other));
+            }
+            Ok(_) => found.details.push(
+                "optional tracepoint unusable: syscalls:sys_exit_init_module: its layout differs from sys_exit_finit_module's".into(),
+            ),
+            Err(e) => {
+                found.check("sys_exit_init_module", Err(e));
+            }
+        }
     }
-    layout.delete_enter_name = optional(
+    // A load syscall's entry marks the thread for module_load; it has no
+    // field the program reads, but must be in tracefs.
+    for (enter, exit) in [
+        ("sys_enter_finit_module", "sys_exit_finit_module"),
+        ("sys_enter_init_module", "sys_exit_init_module"),
+    ] {
+        if found.usable.contains(&exit) {
+            let there = read("syscalls", enter).map(|_| monitor_common::FieldOffset::default());
+            found.check(enter, there);
+        }
+    }
+    layout.delete_enter_name = found.check(
+        "sys_enter_delete_module",
         read("syscalls", "sys_enter_delete_module").and_then(|f| tracefs::delete_name(&f)),
-        details,
     );
-    layout.delete_exit_ret = optional(
-        read("syscalls", "sys_exit_delete_module")
-            .and_then(|f| tracefs::syscall_ret(&f, "syscalls:sys_exit_delete_module")),
-        details,
-    );
-    Ok(layout)
+    layout.delete_exit_ret = found.check("sys_exit_delete_module", ret("sys_exit_delete_module"));
+    let Found { usable, details } = found;
+    let formats_in = dirs
+        .iter()
+        .find(|d| d.join("events/module/module_load/format").is_file())
+        .map_or_else(|| "?".to_owned(), |d| d.display().to_string());
+    details.push(format!("tracepoint formats read from {formats_in}"));
+    Ok((layout, usable))
+}
+
+/// The optional tracepoints [`read_layout`] found usable so far, and the
+/// source's details, where each unusable one is named.
+struct Found<'a> {
+    usable: Vec<&'static str>,
+    details: &'a mut Vec<String>,
+}
+
+impl Found<'_> {
+    /// Records whether `event` is usable; returns its field (absent when
+    /// not).
+    fn check(
+        &mut self,
+        event: &'static str,
+        field: Result<monitor_common::FieldOffset, tracefs::FormatError>,
+    ) -> monitor_common::FieldOffset {
+        match field {
+            Ok(f) => {
+                self.usable.push(event);
+                f
+            }
+            Err(e) => {
+                let hint = if matches!(e, tracefs::FormatError::NotFound { .. }) {
+                    " (syscall tracepoints need a kernel with CONFIG_FTRACE_SYSCALLS)"
+                } else {
+                    ""
+                };
+                self.details
+                    .push(format!("optional tracepoint unusable: {e}{hint}"));
+                monitor_common::FieldOffset::default()
+            }
+        }
+    }
 }
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.
@@ -132,16 +205,6 @@ fn raise_memlock(details: &mut Vec<String>) {
             "could not raise RLIMIT_MEMLOCK ({}); kernels before 5.11 may refuse the maps",
             std::io::Error::last_os_error()
         ));
-    }
-}
-
-/// Whether the tracepoint's layout fields were found (optional ones).
-const fn optional_present(layout: &TracepointLayout, event: &str) -> bool {
-    match event.as_bytes() {
-        b"sys_exit_finit_module" | b"sys_exit_init_module" => layout.init_exit_ret.present == 1,
-        b"sys_enter_delete_module" => layout.delete_enter_name.present == 1,
-        b"sys_exit_delete_module" => layout.delete_exit_ret.present == 1,
-        _ => false,
     }
 }
 
@@ -179,7 +242,7 @@ pub(crate) fn start(
         ));
     }
     let mut details = Vec::new();
-    let layout = read_layout(opts, &mut details)?;
+    let (layout, usable) = read_layout(opts, &mut details)?;
     raise_memlock(&mut details);
     let mut ebpf = aya::EbpfLoader::new()
         .override_global("LAYOUT", &layout, true)
@@ -203,13 +266,25 @@ pub(crate) fn start(
         .map(|(_, g, e)| format!("{g}:{e}"))
         .collect();
     for (program, group, event) in OPTIONAL {
-        if !optional_present(&layout, event) {
+        if !usable.contains(&event) {
+            continue;
+        }
+        // The entry of a load syscall whose exit did not attach would mark
+        // threads no exit clears.
+        let exit = event.replacen("sys_enter_", "sys_exit_", 1);
+        if program == "init_module_enter" && !attached.contains(&format!("{group}:{exit}")) {
+            details.push(format!(
+                "optional tracepoint not attached: {group}:{event}: {group}:{exit} is not attached"
+            ));
             continue;
         }
         match attach(&mut ebpf, program, group, event, &mut loaded) {
             Ok(()) => attached.push(format!("{group}:{event}")),
             Err(e) => details.push(format!("optional tracepoint not attached: {e}")),
         }
+    }
+    if attached.iter().any(|a| a.starts_with("syscalls:")) {
+        details.push(COMPAT_NOTE.to_owned());
     }
     details.insert(0, format!("attached: {}", attached.join(", ")));
     let ring = RingBuf::try_from(
@@ -554,6 +629,8 @@ async fn forward(
 
 #[cfg(test)]
 mod tests {
+    use std::fs;
+
     use super::*;
 
     #[test]
@@ -565,5 +642,166 @@ mod tests {
         let long = "a".repeat(100);
         let w = name_words(&long);
         assert_eq!(w[7] >> 56, 0, "the last byte stays NUL");
+    }
+
+    /// Every optional tracepoint, in [`OPTIONAL`]'s order.
+    const ALL_OPTIONAL: [&str; 6] = [
+        "sys_exit_finit_module",
+        "sys_exit_init_module",
+        "sys_enter_finit_module",
+        "sys_enter_init_module",
+        "sys_enter_delete_module",
+        "sys_exit_delete_module",
+    ];
+
+    /// A tracefs with the real format files of `kernel` (a fixture
+    /// suffix such as `debian-6.1-arm64`) for `events`.
+    fn tracefs(kernel: &str, events: &[&str]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/source/fixtures");
+        for event in events {
+            let group = if event.starts_with("module_") {
+                "module"
+            } else {
+                "syscalls"
+            };
+            let to = dir.path().join("events").join(group).join(event);
+            fs::create_dir_all(&to).unwrap();
+            let from = fixtures.join(format!("{event}.format.{kernel}"));
+            fs::copy(&from, to.join("format"))
+                .unwrap_or_else(|e| panic!("{}: {e}", from.display()));
+        }
+        dir
+    }
+
+    fn layout(dir: &Path) -> (TracepointLayout, Vec<&'static str>, Vec<String>) {
+        let mut details = Vec::new();
+        let (layout, usable) = layout_from(
+            &[dir.to_path_buf()],
+            Path::new("/nonexistent"),
+            &mut details,
+        )
+        .unwrap_or_else(|e| panic!("{e}: {details:?}"));
+        (layout, usable, details)
+    }
+
+    const MODULE_EVENTS: [&str; 3] = ["module_load", "module_free", "module_request"];
+
+    #[test]
+    fn every_test_kernel_has_every_tracepoint_the_program_uses() {
+        for kernel in [
+            "debian-5.10",
+            "debian-6.1",
+            "debian-6.12",
+            "debian-6.17",
+            "debian-6.1-arm64",
+            "debian-6.12-arm64",
+            "debian-6.17-arm64",
+        ] {
+            let events: Vec<&str> = MODULE_EVENTS.iter().chain(&ALL_OPTIONAL).copied().collect();
+            let dir = tracefs(kernel, &events);
+            let (layout, usable, details) = layout(dir.path());
+            assert_eq!(usable, ALL_OPTIONAL, "{kernel}: {details:?}");
+            assert_eq!(
+                details,
+                [format!(
+                    "tracepoint formats read from {}",
+                    dir.path().display()
+                )],
+                "{kernel}"
+            );
+            assert_eq!(
+                (layout.init_exit_ret.offset, layout.delete_exit_ret.offset),
+                (16, 16),
+                "{kernel}"
+            );
+        }
+    }
+
+    #[test]
+    fn without_syscall_tracepoints_each_is_named_with_the_config_option() {
+        let dir = tracefs("debian-6.12-arm64", &MODULE_EVENTS);
+        let (layout, usable, details) = layout(dir.path());
+        assert!(usable.is_empty(), "{usable:?}");
+        assert_eq!(layout.init_exit_ret.present, 0);
+        assert_eq!(layout.delete_enter_name.present, 0);
+        // The load entries are not even looked for without their exits.
+        let unusable: Vec<&String> = details
+            .iter()
+            .filter(|d| d.starts_with("optional tracepoint unusable: "))
+            .collect();
+        assert_eq!(unusable.len(), 3, "{details:?}");
+        for d in unusable {
+            assert!(
+                d.ends_with("(syscall tracepoints need a kernel with CONFIG_FTRACE_SYSCALLS)"),
+                "{d}"
+            );
+        }
+        assert!(
+            details[0].contains("tracepoint syscalls:sys_exit_finit_module not found under"),
+            "{details:?}"
+        );
+    }
+
+    #[test]
+    fn a_load_syscall_entry_is_used_only_with_its_exit() {
+        let events: Vec<&str> = MODULE_EVENTS
+            .iter()
+            .chain(&ALL_OPTIONAL)
+            .copied()
+            .filter(|e| *e != "sys_exit_init_module")
+            .collect();
+        let dir = tracefs("debian-6.1-arm64", &events);
+        let (_, usable, details) = layout(dir.path());
+        assert_eq!(
+            usable,
+            [
+                "sys_exit_finit_module",
+                "sys_enter_finit_module",
+                "sys_enter_delete_module",
+                "sys_exit_delete_module"
+            ],
+            "{details:?}"
+        );
+    }
+
+    #[test]
+    fn an_init_module_exit_unlike_finit_modules_is_not_used() {
+        let events: Vec<&str> = MODULE_EVENTS.iter().chain(&ALL_OPTIONAL).copied().collect();
+        let dir = tracefs("debian-6.1", &events);
+        let format = dir
+            .path()
+            .join("events/syscalls/sys_exit_init_module/format");
+        let text = fs::read_to_string(&format).unwrap();
+        fs::write(&format, text.replace("offset:16;", "offset:24;")).unwrap();
+        let (_, usable, details) = layout(dir.path());
+        assert!(!usable.contains(&"sys_exit_init_module"), "{usable:?}");
+        assert!(!usable.contains(&"sys_enter_init_module"), "{usable:?}");
+        assert!(
+            details.contains(
+                &"optional tracepoint unusable: syscalls:sys_exit_init_module: its layout differs from sys_exit_finit_module's"
+                    .to_owned()
+            ),
+            "{details:?}"
+        );
+    }
+
+    #[test]
+    fn missing_module_tracepoints_stop_the_source() {
+        let dir = tracefs("debian-6.1", &["module_load", "module_free"]);
+        let err = layout_from(
+            &[dir.path().to_path_buf()],
+            Path::new("/nonexistent"),
+            &mut Vec::new(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("tracepoint module:module_request not found under")
+                && err.ends_with(
+                    "(this kernel has no loadable-module support: /proc/modules is absent)"
+                ),
+            "{err}"
+        );
     }
 }

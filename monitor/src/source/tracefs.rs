@@ -254,7 +254,15 @@ mod tests {
 
     #[test]
     fn layout_from_real_formats_of_every_test_kernel() {
-        for k in ["5.10", "6.1", "6.12", "6.17"] {
+        for k in [
+            "5.10",
+            "6.1",
+            "6.12",
+            "6.17",
+            "6.1-arm64",
+            "6.12-arm64",
+            "6.17-arm64",
+        ] {
             let f = |e: &str| fixture(&format!("{e}.format.debian-{k}"));
             let layout = module_layout(&f("module_load"), &f("module_free"), &f("module_request"))
                 .unwrap_or_else(|e| panic!("{k}: {e}"));

@@ -263,6 +263,16 @@ fn kubernetes_manifests_are_valid_and_least_privilege() {
         "{}",
         pod["tolerations"]
     );
+    // And every architecture: the image is a manifest list for amd64 and
+    // arm64, so a mixed cluster gets a pod on every node. Nothing may pick
+    // nodes by label (kubernetes.io/arch or otherwise).
+    for key in ["nodeSelector", "affinity", "nodeName"] {
+        assert!(pod[key].is_null(), "the pod spec sets {key}: {}", pod[key]);
+    }
+    assert!(
+        !ds.to_string().contains("kubernetes.io/arch"),
+        "the DaemonSet mentions kubernetes.io/arch: {ds}"
+    );
 
     let containers = pod["containers"]
         .as_array()
@@ -600,27 +610,102 @@ fn sample_configs_are_accepted_by_the_binary() {
     }
 }
 
+/// One instruction of a Containerfile, continuation lines joined.
+fn instructions(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut current = String::new();
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        match line.strip_suffix('\\') {
+            Some(head) => current.push_str(head),
+            None => {
+                current.push_str(line);
+                out.push(std::mem::take(&mut current));
+            }
+        }
+    }
+    assert!(
+        current.is_empty(),
+        "a continued line ends the file: {current}"
+    );
+    out
+}
+
+/// The platforms of the image's manifest list, with the static binary
+/// `cargo xtask build` makes for each (`xtask/src/arch.rs`).
+const PLATFORMS: &[(&str, &str)] = &[
+    (
+        "amd64",
+        "target/x86_64-unknown-linux-musl/release/kmod-monitor",
+    ),
+    (
+        "arm64",
+        "target/aarch64-unknown-linux-musl/release/kmod-monitor",
+    ),
+];
+
 #[test]
-fn container_file_copies_the_static_binary() {
+fn container_file_builds_one_scratch_image_per_platform() {
     let path = deploy_dir().join("container/Containerfile");
     let text =
         fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    let lines: Vec<&str> = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .collect();
-    assert_eq!(lines[0], "FROM scratch");
+    let all = instructions(&text);
+    // Stages: (FROM argument, instructions after it).
+    let mut global = Vec::new();
+    let mut stages: Vec<(String, Vec<String>)> = Vec::new();
+    for ins in &all {
+        if let Some(from) = ins.strip_prefix("FROM ") {
+            stages.push((from.trim().to_owned(), Vec::new()));
+        } else if let Some((_, body)) = stages.last_mut() {
+            body.push(ins.clone());
+        } else {
+            global.push(ins.clone());
+        }
+    }
+    // TARGETARCH, which BuildKit and buildah set per platform, is declared
+    // where a FROM can use it.
+    assert_eq!(global, ["ARG TARGETARCH"], "{text}");
+    // Nothing runs at build time, so no emulator is needed for arm64.
+    assert!(!all.iter().any(|i| i.starts_with("RUN")), "{text}");
+    let (last_from, last) = stages.last().unwrap_or_else(|| panic!("no FROM: {text}"));
+    assert_eq!(last_from, "binary-${TARGETARCH}", "{text}");
     assert!(
-        lines.contains(
-            &"COPY target/x86_64-unknown-linux-musl/release/kmod-monitor /usr/local/bin/kmod-monitor"
-        ),
+        last.contains(&r#"ENTRYPOINT ["/usr/local/bin/kmod-monitor"]"#.to_owned()),
         "{text}"
     );
-    assert!(
-        lines.contains(&r#"ENTRYPOINT ["/usr/local/bin/kmod-monitor"]"#),
-        "{text}"
-    );
+    assert!(!last.iter().any(|i| i.starts_with("COPY")), "{text}");
+    // Every platform's final image is a FROM-scratch stage holding exactly
+    // that platform's static binary, and the build context references
+    // both binaries and nothing else.
+    let mut sources = Vec::new();
+    for (arch, binary) in PLATFORMS {
+        let name = last_from.replace("${TARGETARCH}", arch);
+        let (from, body) = stages
+            .iter()
+            .find(|(from, _)| *from == format!("scratch AS {name}"))
+            .unwrap_or_else(|| panic!("no `FROM scratch AS {name}` stage for {arch}: {text}"));
+        assert_eq!(
+            body,
+            &[format!("COPY {binary} /usr/local/bin/kmod-monitor")],
+            "{from}"
+        );
+    }
+    for ins in &all {
+        if let Some(copy) = ins.strip_prefix("COPY ") {
+            sources.push(
+                copy.split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned(),
+            );
+        }
+    }
+    sources.sort();
+    let mut wanted: Vec<String> = PLATFORMS.iter().map(|(_, b)| (*b).to_owned()).collect();
+    wanted.sort();
+    assert_eq!(sources, wanted, "{text}");
 }
 
 /// The value of the first `key:` line in `yaml` after the line `after:`

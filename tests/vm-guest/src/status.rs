@@ -44,6 +44,8 @@ pub struct Source {
     pub active: String,
     /// Sources that could not be used, with reasons.
     pub unavailable: Vec<Unavailable>,
+    /// Live facts about the active source (for eBPF: `attached: ...`).
+    pub details: Vec<String>,
 }
 
 /// One entry of `source.unavailable`.

@@ -8,8 +8,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{Outcome, api::POLL_EVERY, daemon::BINARY, kmod, report::Report, scenarios::Guest};
-use crate::ensure;
+use crate::{
+    Outcome, api::POLL_EVERY, daemon::BINARY, ensure, kmod, report::Report, scenarios::Guest,
+};
 
 const V2: &str = "v2-data-engine";
 const V2_MODULES: [&str; 3] = ["vfio_pci", "uio_pci_generic", "nvme_tcp"];

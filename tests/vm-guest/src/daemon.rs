@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::api::{Api, LISTEN, POLL_EVERY};
+use crate::api::{Api, LISTEN, POLL_EVERY};
 
 /// The static daemon binary in the initramfs.
 pub const BINARY: &str = "/usr/bin/kmod-monitor";

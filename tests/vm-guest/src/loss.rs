@@ -18,16 +18,15 @@ use std::{
 
 use rustix::process::{Pid, Signal, kill_process};
 
-use super::{
+use crate::{
     Outcome,
     api::POLL_EVERY,
     daemon::BINARY,
-    kmod,
+    ensure, kmod,
     more::{EVENT_LOG, boottime_ns, metric},
     report::Report,
     scenarios::Guest,
 };
-use crate::ensure;
 
 /// Where this scenario's stand-in Alertmanager listens (more.rs's receiver
 /// keeps 9093 for the rest of the guest's life).

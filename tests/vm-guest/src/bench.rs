@@ -15,7 +15,7 @@ use std::{
 
 use serde_json::{Value, json};
 
-use super::{api::Api, daemon::Daemon, kmod, more::boottime_ns, report::Report};
+use crate::{api::Api, daemon::Daemon, kmod, more::boottime_ns, report::Report};
 
 /// The required module cycled: small, loads in every TCG guest, part of
 /// the V2 group (`--v2-data-engine`).
@@ -270,7 +270,7 @@ fn storm(cycles: usize) -> Result<(), String> {
 }
 
 /// Waits until `received` stops growing; returns the last /status.
-fn drained(api: &Api) -> Result<super::status::Status, String> {
+fn drained(api: &Api) -> Result<crate::status::Status, String> {
     let mut last = api.status()?;
     loop {
         thread::sleep(Duration::from_millis(200));

@@ -12,8 +12,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{Outcome, api::Api, bench, kmod, more::metric, report::Report, scenarios::Guest};
-use crate::ensure;
+use crate::{
+    Outcome, api::Api, bench, ensure, kmod, more::metric, report::Report, scenarios::Guest,
+};
 
 const MODULE: &str = "uio_pci_generic";
 const V2: &str = "v2-data-engine";
@@ -89,7 +90,7 @@ pub fn soak(g: &mut Guest) -> Outcome {
     let cycled = (|| -> Outcome {
         for i in 0..CYCLES {
             bench::finit_module(&module)?;
-            let before = super::more::boottime_ns();
+            let before = crate::more::boottime_ns();
             bench::delete_module()?;
             if i % SAMPLE_EVERY == 0 {
                 let status = g.api().wait_for("the unload applied", |s| {

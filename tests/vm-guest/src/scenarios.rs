@@ -3,6 +3,7 @@
 //! trusting the previous one, so a failure early on still lets the later
 //! scenarios say something meaningful.
 use std::{
+    collections::BTreeSet,
     fs,
     panic::{self, AssertUnwindSafe},
     path::PathBuf,
@@ -10,16 +11,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{
+use crate::{
     Outcome,
     api::{Api, POLL_EVERY},
+    compat,
     daemon::{self, Daemon},
-    kmod, loss, more,
+    ensure, kmod, loss, more,
     report::Report,
     soak,
     status::{Actor, Status},
 };
-use crate::ensure;
 
 /// Longhorn's base requirement.
 const BASE: &str = "base";
@@ -28,11 +29,39 @@ const V2: &str = "v2-data-engine";
 const V2_MODULES: [&str; 3] = ["vfio_pci", "uio_pci_generic", "nvme_tcp"];
 /// The config-file group holding the module that cannot load here.
 const FAILING_GROUP: &str = "failing-probe";
-/// Fails its init in every TCG guest: QEMU's `-cpu max` under TCG is an AMD
-/// model with SVM but no VMX, so vmx_init returns -EOPNOTSUPP after the
-/// module_load tracepoint. The host harness puts it (and its dependency
-/// kvm) into the initramfs.
-const FAILING_MODULE: &str = "kvm_intel";
+/// Fails its init in every TCG guest of this architecture, after the
+/// module_load tracepoint (the host harness, `Arch::failing_module` in
+/// xtask, says why and puts it into the initramfs):
+/// - x86-64: `kvm_intel`: QEMU's `-cpu max` under TCG is an AMD model
+///   with SVM but no VMX, so vmx_init returns -EOPNOTSUPP;
+/// - aarch64: `cppc_cpufreq`: the `virt` machine boots by device tree, so
+///   ACPI is off, no CPU has a valid _CPC, and its init returns -ENODEV.
+const FAILING_MODULE: &str = if cfg!(target_arch = "aarch64") {
+    "cppc_cpufreq"
+} else {
+    "kvm_intel"
+};
+/// The CPU feature SPDK needs, which the V2 readiness section reports
+/// from /proc/cpuinfo: ASIMD on arm64, SSE4.2 on x86-64.
+const CPU_FEATURE: &str = if cfg!(target_arch = "aarch64") {
+    "asimd"
+} else {
+    "sse4_2"
+};
+/// Every tracepoint the daemon's eBPF source may attach to: the module
+/// ones are required, the syscall ones exist only with
+/// CONFIG_FTRACE_SYSCALLS.
+const TRACEPOINTS: &[(&str, &str)] = &[
+    ("module", "module_load"),
+    ("module", "module_free"),
+    ("module", "module_request"),
+    ("syscalls", "sys_exit_finit_module"),
+    ("syscalls", "sys_exit_init_module"),
+    ("syscalls", "sys_enter_finit_module"),
+    ("syscalls", "sys_enter_init_module"),
+    ("syscalls", "sys_enter_delete_module"),
+    ("syscalls", "sys_exit_delete_module"),
+];
 /// The config-file group holding a module that is always in use while
 /// dm_crypt is loaded, so rmmod of it fails.
 const IN_USE_GROUP: &str = "in-use";
@@ -69,13 +98,44 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("uevent-v2-load-unload", uevent_v2_load_unload),
     ("metrics-follow", more::metrics_follow),
     ("forensic-unload", more::forensic_unload),
+    ("compat-task", compat::compat_task),
     ("privileges-dropped", more::privileges_dropped),
     ("alert-latency", more::alert_latency),
     ("loss-never-silent", loss::loss_never_silent),
     ("soak-1000-cycles-under-scrapes", soak::soak),
 ];
 
-/// Runs every scenario; returns whether all passed.
+/// The scenarios /proc/cmdline's `kmod_monitor.scenarios=a,b` names (all
+/// when it names none)
+/// less those `kmod_monitor.skip=c,d` names, and the names that match no
+/// scenario.
+fn selected(cmdline: &str) -> (Vec<(&'static str, Scenario)>, Vec<String>) {
+    let list = |key: &str| -> Option<Vec<&str>> {
+        cmdline
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .map(|l| l.split(',').filter(|n| !n.is_empty()).collect())
+    };
+    let wanted = list("kmod_monitor.scenarios=");
+    let skipped = list("kmod_monitor.skip=").unwrap_or_default();
+    let chosen = SCENARIOS
+        .iter()
+        .filter(|(name, _)| wanted.as_ref().is_none_or(|w| w.contains(name)))
+        .filter(|(name, _)| !skipped.contains(name))
+        .copied()
+        .collect();
+    let unknown = wanted
+        .iter()
+        .flatten()
+        .chain(&skipped)
+        .filter(|n| !SCENARIOS.iter().any(|(name, _)| name == *n))
+        .map(|n| (*n).to_owned())
+        .collect();
+    (chosen, unknown)
+}
+
+/// Runs the scenarios the kernel command line selects (all by default);
+/// returns whether all passed.
 pub fn run_all() -> bool {
     let release = kmod::kernel_release().unwrap_or_else(|e| {
         Report::note(&e);
@@ -90,7 +150,33 @@ pub fn run_all() -> bool {
         release,
     };
     let mut report = Report::default();
-    Report::plan(SCENARIOS.len());
+    let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_else(|e| {
+        Report::note(&format!(
+            "cannot read /proc/cmdline ({e}); running every scenario"
+        ));
+        String::new()
+    });
+    let (scenarios, unknown) = selected(&cmdline);
+    Report::plan(scenarios.len() + unknown.len());
+    let skipped: Vec<&str> = SCENARIOS
+        .iter()
+        .map(|(name, _)| *name)
+        .filter(|name| !scenarios.iter().any(|(n, _)| n == name))
+        .collect();
+    if !skipped.is_empty() {
+        Report::note(&format!(
+            "not run (as the kernel command line asks): {}",
+            skipped.join(" ")
+        ));
+    }
+    for name in &unknown {
+        let known: Vec<&str> = SCENARIOS.iter().map(|(n, _)| *n).collect();
+        report.fail(
+            name,
+            &format!("no such scenario; there are: {}", known.join(" ")),
+            Duration::ZERO,
+        );
+    }
     let config = format!(
         "[groups.{FAILING_GROUP}]\nall_of = [\"{FAILING_MODULE}\"]\n\n\
          [groups.{IN_USE_GROUP}]\nall_of = [\"{IN_USE_MODULE}\"]\n"
@@ -98,7 +184,7 @@ pub fn run_all() -> bool {
     if let Err(e) = fs::write(CONFIG, config) {
         Report::note(&format!("cannot write {CONFIG}: {e}"));
     }
-    for (name, scenario) in SCENARIOS {
+    for (name, scenario) in &scenarios {
         guest.logs.clear();
         let start = Instant::now();
         let result = panic::catch_unwind(AssertUnwindSafe(|| scenario(&mut guest)));
@@ -248,6 +334,33 @@ fn expect_source(status: &Status, wanted: &str) -> Outcome {
         status.source.active,
         reasons.join("; ")
     );
+    Ok(())
+}
+
+/// The eBPF source reports what it attached to, and that is exactly the
+/// tracepoints of [`TRACEPOINTS`] this kernel's tracefs has: the daemon
+/// looks them up rather than assuming them.
+fn expect_attached(status: &Status) -> Outcome {
+    let details = &status.source.details;
+    let Some(line) = details.iter().find_map(|d| d.strip_prefix("attached: ")) else {
+        return Err(format!(
+            "source.details has no `attached: ...` entry: {details:?}"
+        ));
+    };
+    let attached: BTreeSet<&str> = line.split(", ").collect();
+    let present: BTreeSet<String> = TRACEPOINTS
+        .iter()
+        .filter(|(group, event)| {
+            fs::metadata(format!("{TRACEFS}/events/{group}/{event}/format")).is_ok()
+        })
+        .map(|(group, event)| format!("{group}:{event}"))
+        .collect();
+    let present: BTreeSet<&str> = present.iter().map(String::as_str).collect();
+    ensure!(
+        attached == present,
+        "the daemon reports {attached:?} attached, but tracefs has {present:?}; details: {details:?}"
+    );
+    Report::note(&format!("eBPF source details: {}", details.join(" | ")));
     Ok(())
 }
 
@@ -479,6 +592,7 @@ fn baseline(g: &mut Guest) -> Outcome {
     let status = g.start_daemon("ebpf")?;
     Report::note(&format!("baseline: first /status: {}", status.summary()));
     expect_source(&status, "ebpf")?;
+    expect_attached(&status)?;
     ensure!(
         status.version == env!("CARGO_PKG_VERSION"),
         "version is {:?}, expected {:?}",
@@ -770,6 +884,11 @@ fn check_exit_codes(_: &mut Guest) -> Outcome {
         "check should name the hugepage shortfall: {}",
         out.trim()
     );
+    ensure!(
+        out.contains(&format!("CPU: {CPU_FEATURE} yes")),
+        "check should report {CPU_FEATURE} from /proc/cpuinfo: {}",
+        out.trim()
+    );
     // Give the real kernel a 2 MiB pool: check reads it from sysfs.
     let nr = "/proc/sys/vm/nr_hugepages";
     fs::write(nr, "16\n").map_err(|e| format!("writing {nr}: {e}"))?;
@@ -797,6 +916,22 @@ fn check_exit_codes(_: &mut Guest) -> Outcome {
     ensure!(
         seen["total"] == pages && seen["source"] == "sysfs",
         "check saw {seen} for a pool of {pages}"
+    );
+    // The CPU feature comes from this guest's /proc/cpuinfo, which has it.
+    let cpuinfo =
+        fs::read_to_string("/proc/cpuinfo").map_err(|e| format!("reading /proc/cpuinfo: {e}"))?;
+    ensure!(
+        cpuinfo
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .filter(|(key, _)| matches!(key.trim(), "flags" | "Features"))
+            .all(|(_, flags)| flags.split_whitespace().any(|f| f == CPU_FEATURE)),
+        "this guest's /proc/cpuinfo lacks {CPU_FEATURE}"
+    );
+    let cpu = &pool["v2"]["readiness"]["cpu"];
+    ensure!(
+        cpu["feature"] == CPU_FEATURE && cpu["present"] == true,
+        "check's readiness reports the CPU as {cpu}, expected {CPU_FEATURE} present"
     );
     let more = (pages + 1).to_string();
     expect(
@@ -840,4 +975,32 @@ fn uevent_v2_load_unload(g: &mut Guest) -> Outcome {
     rmmod_nvme_tcp(&g.api, false)?;
     g.stop_daemon();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{SCENARIOS, selected};
+
+    fn names(cmdline: &str) -> (Vec<&'static str>, Vec<String>) {
+        let (chosen, unknown) = selected(cmdline);
+        (chosen.iter().map(|(n, _)| *n).collect(), unknown)
+    }
+
+    #[test]
+    fn the_command_line_selects_and_skips_scenarios() {
+        let all: Vec<&str> = SCENARIOS.iter().map(|(n, _)| *n).collect();
+        assert_eq!(names("console=ttyS0 quiet"), (all.clone(), Vec::new()));
+        assert_eq!(
+            names("quiet kmod_monitor.scenarios=failing-load,baseline"),
+            (vec!["baseline", "failing-load"], Vec::new())
+        );
+        let (chosen, unknown) = names("kmod_monitor.skip=soak-1000-cycles-under-scrapes");
+        assert_eq!(chosen.len(), all.len() - 1);
+        assert!(!chosen.contains(&"soak-1000-cycles-under-scrapes"));
+        assert!(unknown.is_empty());
+        assert_eq!(
+            names("kmod_monitor.scenarios=baseline,nope kmod_monitor.skip=baseline,gone"),
+            (Vec::new(), vec!["nope".to_owned(), "gone".to_owned()])
+        );
+    }
 }

@@ -6,7 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::status::Status;
+use crate::status::Status;
 
 /// Where the daemon listens in the guest.
 pub const LISTEN: &str = "127.0.0.1:9469";
