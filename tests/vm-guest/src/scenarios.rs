@@ -876,19 +876,77 @@ fn check_exit_codes(_: &mut Guest) -> Outcome {
         );
         Ok(out)
     };
-    // No hugepages in this guest: with V2 on, check fails on them alone,
-    // read from the real kernel's sysfs.
-    let out = expect(&["check", "--v2-data-engine"], 1)?;
+    let json = |args: &[&str], code: i32| -> Result<serde_json::Value, String> {
+        let out = expect(&[args, &["--output", "json"]].concat(), code)?;
+        serde_json::from_str(&out).map_err(|e| format!("check JSON ({e}): {out}"))
+    };
+    let item = |report: &serde_json::Value, name: &str| -> Result<serde_json::Value, String> {
+        report["groups"]
+            .as_array()
+            .and_then(|g| g.iter().find(|g| g["name"] == name))
+            .cloned()
+            .ok_or_else(|| format!("no {name} in check's report: {report}"))
+    };
+    // This guest, judged against Longhorn 1.12 (the newest table): its
+    // kernel is new enough for V2 only from 6.7; no IOMMU (QEMU's default
+    // machine has none); no hugepages yet.
+    let release = kmod::kernel_release()?;
+    let version: Vec<u32> = release
+        .split(['.', '-', '+'])
+        .take(2)
+        .map(|p| {
+            p.parse()
+                .map_err(|e| format!("kernel release {release:?}: {e}"))
+        })
+        .collect::<Result<_, _>>()?;
+    let new_enough = version >= vec![6, 7];
+    let report = json(
+        &["check", "--v2-data-engine", "--longhorn-version", "1.12"],
+        1,
+    )?;
+    let kernel = item(&report, "v2-kernel")?;
     ensure!(
-        out.contains("2 MiB hugepages: 0 of 1024"),
-        "check should name the hugepage shortfall: {}",
-        out.trim()
+        kernel["met"] == new_enough && kernel["check"]["level"] == "required",
+        "v2-kernel on {release} under 1.12 should be met={new_enough}: {kernel}"
     );
+    let iommu = item(&report, "v2-iommu")?;
     ensure!(
-        out.contains(&format!("CPU: {CPU_FEATURE} yes")),
-        "check should report {CPU_FEATURE} from /proc/cpuinfo: {}",
-        out.trim()
+        iommu["met"] == false
+            && iommu["check"]["fix"]
+                .as_str()
+                .is_some_and(|f| f.contains("iommu")),
+        "this guest has no IOMMU: {iommu}"
     );
+    let pool = item(&report, "v2-hugepages")?;
+    ensure!(
+        pool["met"] == false
+            && pool["check"]["detail"]
+                .as_str()
+                .is_some_and(|d| d.starts_with("0 of 1024")),
+        "check should name the hugepage shortfall: {pool}"
+    );
+    let cpu = item(&report, "v2-cpu")?;
+    ensure!(cpu["met"] == true, "the CPU item: {cpu}");
+    ensure!(
+        report["v2"]["longhorn_version"]["source"] == "flag",
+        "the version in force: {}",
+        report["v2"]["longhorn_version"]
+    );
+    // The text names them too.
+    let text = expect(&["check", "--v2-data-engine"], 1)?;
+    ensure!(
+        text.contains("Longhorn 1.12 node requirements") && text.contains("v2-iommu"),
+        "check's readiness table: {}",
+        text.trim()
+    );
+    // The kernel and IOMMU items switched off in a config file, as a user
+    // whose Longhorn does not need them would; the hugepages decide.
+    let lenient = "/tmp/lenient.toml";
+    fs::write(
+        lenient,
+        "[groups.v2-kernel]\nenabled = false\n\n[groups.v2-iommu]\nenabled = false\n",
+    )
+    .map_err(|e| format!("writing {lenient}: {e}"))?;
     // Give the real kernel a 2 MiB pool: check reads it from sysfs.
     let nr = "/proc/sys/vm/nr_hugepages";
     fs::write(nr, "16\n").map_err(|e| format!("writing {nr}: {e}"))?;
@@ -899,23 +957,16 @@ fn check_exit_codes(_: &mut Guest) -> Outcome {
         .map_err(|e| format!("{nr} holds {got:?}: {e}"))?;
     ensure!(pages > 0, "the kernel allocated no hugepages");
     let need = pages.to_string();
-    let pool = expect(
-        &[
-            "check",
-            "--v2-data-engine",
-            "--v2-hugepages-2mi",
-            &need,
-            "--output",
-            "json",
-        ],
-        0,
-    )?;
-    let pool: serde_json::Value =
-        serde_json::from_str(&pool).map_err(|e| format!("check JSON ({e}): {pool}"))?;
+    let base = ["check", "--v2-data-engine", "--config", lenient];
+    let pool = json(&[&base[..], &["--v2-hugepages-2mi", &need]].concat(), 0)?;
     let seen = &pool["v2"]["readiness"]["hugepages"]["pool"];
     ensure!(
         seen["total"] == pages && seen["source"] == "sysfs",
         "check saw {seen} for a pool of {pages}"
+    );
+    ensure!(
+        item(&pool, "v2-kernel").is_err() && item(&pool, "v2-iommu").is_err(),
+        "switched-off items are gone: {pool}"
     );
     // The CPU feature comes from this guest's /proc/cpuinfo, which has it.
     let cpuinfo =
@@ -934,21 +985,12 @@ fn check_exit_codes(_: &mut Guest) -> Outcome {
         "check's readiness reports the CPU as {cpu}, expected {CPU_FEATURE} present"
     );
     let more = (pages + 1).to_string();
-    expect(
-        &["check", "--v2-data-engine", "--v2-hugepages-2mi", &more],
-        1,
-    )?;
+    expect(&[&base[..], &["--v2-hugepages-2mi", &more]].concat(), 1)?;
     fs::write(nr, "0\n").map_err(|e| format!("writing {nr}: {e}"))?;
     // The module verdicts alone.
-    let v2 = ["check", "--v2-data-engine", "--v2-hugepages-2mi", "0"];
+    let v2 = [&base[..], &["--v2-hugepages-2mi", "0"]].concat();
     expect(&v2, 0)?;
-    let json = expect(&[&v2[..], &["--output", "json"]].concat(), 0)?;
-    serde_json::from_str::<serde_json::Value>(&json).map_err(|e| {
-        format!(
-            "`check --output json` printed invalid JSON ({e}): {}",
-            json.trim()
-        )
-    })?;
+    json(&v2, 0)?;
     kmod::rmmod("uio_pci_generic")?;
     expect(&v2, 1)?;
     expect(&["check"], 0)?;
@@ -962,6 +1004,7 @@ fn check_exit_codes(_: &mut Guest) -> Outcome {
     .map_err(|e| format!("writing {bad_group}: {e}"))?;
     expect(&["check", "--v2-data-engine", "--config", bad_top], 2)?;
     expect(&["check", "--config", bad_group], 2)?;
+    expect(&["check", "--longhorn-version", "latest"], 2)?;
     kmod::modprobe("uio_pci_generic")?;
     Ok(())
 }
