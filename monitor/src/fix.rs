@@ -522,7 +522,10 @@ fn load_blocks(p: &Persistence) -> Vec<&Block> {
 /// boot.
 fn persist_blocks(p: &Persistence) -> Vec<&Block> {
     let line = PersistSource::ModulesLoad {
-        path: PathBuf::new(),
+        file: crate::host::NodePath {
+            path: PathBuf::new(),
+            host_path: PathBuf::new(),
+        },
         line: 0,
     };
     p.blocked_by.iter().filter(|b| b.stops(&line)).collect()
@@ -1133,25 +1136,23 @@ mod tests {
             plan.persist.unwrap().added,
             [name("vfio_pci"), name("nvme_tcp")]
         );
-        let cis = node.path("etc/modprobe.d/cis-hardening.conf");
+        // The rule's file as the node has it, not under the host root.
         assert_eq!(
             plan.cannot_fix,
             [
                 Unfixable {
                     module: name("dm_crypt"),
-                    reason: format!(
-                        "modprobe cannot load it: disabled by `install ... /bin/false` in {} line \
-                         13 (modprobe runs the command instead of loading it)",
-                        cis.display()
-                    ),
+                    reason: "modprobe cannot load it: disabled by `install ... /bin/false` in \
+                             /etc/modprobe.d/cis-hardening.conf line 13 (modprobe runs the \
+                             command instead of loading it)"
+                        .to_owned(),
                 },
                 Unfixable {
                     module: name("uio_pci_generic"),
-                    reason: format!(
-                        "a modules-load.d line would not load it at boot: blacklisted in {} line \
-                         16 (systemd-modules-load skips blacklisted modules)",
-                        cis.display()
-                    ),
+                    reason: "a modules-load.d line would not load it at boot: blacklisted in \
+                             /etc/modprobe.d/cis-hardening.conf line 16 (systemd-modules-load \
+                             skips blacklisted modules)"
+                        .to_owned(),
                 },
             ]
         );
