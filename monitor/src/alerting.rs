@@ -312,8 +312,12 @@ pub struct AlertInputs<'a> {
     pub instance: &'a str,
     pub runbook_url: &'a str,
     pub groups: &'a [crate::tracker::GroupReport],
-    /// For remedies (kernel config of missing modules).
+    /// For remedies: the kernel config of missing modules, …
     pub snapshot: &'a crate::host::Snapshot,
+    /// … what loads and blocks each required module at boot, …
+    pub persistence: &'a BTreeMap<crate::names::ModuleName, crate::host::persistence::Persistence>,
+    /// … and the host root, so paths are shown as the node has them.
+    pub host: &'a crate::host::HostRoot,
     pub source: &'a crate::status::SourceStatus,
     pub modules_supported: bool,
     /// Events were lost within the last [`LOST_ALERT_FOR`].
@@ -377,7 +381,11 @@ fn labels(pairs: &[(&str, &str)]) -> Labels {
         .collect()
 }
 
-fn module_line(inputs: &AlertInputs<'_>, m: &crate::tracker::ModuleReport) -> String {
+fn module_line(
+    inputs: &AlertInputs<'_>,
+    g: &crate::tracker::GroupReport,
+    m: &crate::tracker::ModuleReport,
+) -> String {
     let mut line = format!("{} is {}", m.name, m.state);
     if let Some(e) = &m.last_event {
         let when = rfc3339(inputs.boot_epoch + Duration::from_nanos(e.boot_ns));
@@ -392,13 +400,22 @@ fn module_line(inputs: &AlertInputs<'_>, m: &crate::tracker::ModuleReport) -> St
             )),
         }
     }
-    let fix = crate::remedy::remedy(inputs.snapshot, &m.name, m.state);
-    line.push_str(&format!(". Fix: {}", fix.explanation));
-    if let Some(cmd) = &fix.command {
-        line.push_str(&format!("; now: `{cmd}`"));
-    }
-    if let (Some(l), Some(f)) = (&fix.persist_line, fix.persist_file) {
-        line.push_str(&format!("; after reboot: `echo {l} >> {f}`"));
+    let unknown = crate::host::persistence::Persistence::default();
+    let persistence = inputs.persistence.get(&m.name).unwrap_or(&unknown);
+    let need = crate::remedy::Need::in_group(g, m.state, inputs.persistence);
+    if let Some(fix) = crate::remedy::remedy(
+        inputs.snapshot,
+        inputs.host,
+        persistence,
+        &m.name,
+        m.state,
+        need,
+    ) {
+        line.push_str(&format!(
+            ". {}. Fix: {}",
+            fix.explanation,
+            fix.steps_inline()
+        ));
     }
     line
 }
@@ -449,7 +466,7 @@ pub fn wanted_alerts(inputs: &AlertInputs<'_>) -> Vec<Wanted> {
             };
             let description = mods
                 .iter()
-                .map(|m| module_line(inputs, m))
+                .map(|m| module_line(inputs, g, m))
                 .collect::<Vec<_>>()
                 .join("\n");
             out.push(Wanted {
@@ -730,6 +747,8 @@ mod wanted_tests {
             runbook_url: "https://r",
             groups: &groups,
             snapshot: &snap,
+            persistence: &BTreeMap::new(),
+            host: &crate::host::HostRoot::default(),
             source: &src,
             modules_supported: true,
             lost_recently: false,
@@ -767,6 +786,62 @@ mod wanted_tests {
     }
 
     #[test]
+    fn the_fix_in_a_description_is_the_one_that_works_with_node_paths() {
+        // nvme_tcp unloaded, and `install nvme_tcp /bin/false` in the
+        // host's modprobe.d, read under /host: `modprobe nvme_tcp` alone
+        // would run /bin/false.
+        let host = crate::host::HostRoot::new("/host");
+        let file = host.locate(std::path::Path::new("/host/etc/modprobe.d/x.conf"));
+        let persistence: BTreeMap<ModuleName, crate::host::persistence::Persistence> = [(
+            ModuleName::parse("nvme_tcp").unwrap(),
+            crate::host::persistence::Persistence {
+                persistent: false,
+                sources: Vec::new(),
+                blocked_by: vec![crate::host::persistence::Block::InstallDisabled {
+                    file,
+                    line: 3,
+                    last_line: 3,
+                    text: "install nvme_tcp /bin/false".into(),
+                    command: "/bin/false".into(),
+                }],
+            },
+        )]
+        .into();
+        let groups = vec![group(
+            "v2-data-engine",
+            GroupMode::AllOf,
+            false,
+            vec![module("nvme_tcp", ModuleState::Available)],
+        )];
+        let snap = snapshot();
+        let src = source(ActiveKind::Ebpf, false);
+        let alerts = wanted_alerts(&AlertInputs {
+            instance: "node-a",
+            runbook_url: "https://r",
+            groups: &groups,
+            snapshot: &snap,
+            persistence: &persistence,
+            host: &host,
+            source: &src,
+            modules_supported: true,
+            lost_recently: false,
+            lost_total: 0,
+            boot_epoch: SystemTime::UNIX_EPOCH,
+            cluster_unreadable: None,
+        });
+        assert_eq!(alerts.len(), 1, "{alerts:?}");
+        assert_eq!(
+            alerts[0].annotations["description"],
+            "nvme_tcp is available. nvme_tcp is available for kernel 6.1.0-56-amd64 but not \
+             loaded; modprobe cannot load it: disabled by `install ... /bin/false` in \
+             /etc/modprobe.d/x.conf line 3 (modprobe runs the command instead of loading it); \
+             nothing loads nvme_tcp at boot. Fix: in /etc/modprobe.d/x.conf, delete line 3 \
+             (`install nvme_tcp /bin/false`); then `modprobe nvme_tcp`; then `echo nvme_tcp >> \
+             /etc/modules-load.d/kmod-monitor.conf`"
+        );
+    }
+
+    #[test]
     fn health_alerts() {
         let snap = snapshot();
         let run = |src: &SourceStatus, supported: bool, lost: bool| {
@@ -775,6 +850,8 @@ mod wanted_tests {
                 runbook_url: "r",
                 groups: &[],
                 snapshot: &snap,
+                persistence: &BTreeMap::new(),
+                host: &crate::host::HostRoot::default(),
                 source: src,
                 modules_supported: supported,
                 lost_recently: lost,
@@ -840,6 +917,8 @@ mod wanted_tests {
             runbook_url: "https://r",
             groups: &groups,
             snapshot: &snap,
+            persistence: &BTreeMap::new(),
+            host: &crate::host::HostRoot::default(),
             source: &src,
             modules_supported: true,
             lost_recently: false,

@@ -3,7 +3,7 @@
 //! unmet module says exactly how to fix it now and across reboots
 //! (remedies come from [`crate::remedy`]). `--fix` ([`crate::fix`]) acts
 //! on the same evaluation.
-use std::{fmt::Write as _, time::Duration};
+use std::{collections::BTreeMap, fmt::Write as _, time::Duration};
 
 use serde::Serialize;
 
@@ -21,7 +21,7 @@ use crate::{
     },
     longhorn::{self, ClusterSettings, LonghornMode},
     names::ModuleName,
-    remedy::{BootFacts, MODULES_LOAD_FILE, Remedy, remedy},
+    remedy::{self, BootFacts, Need, Remedy},
     requirements,
     requirements::GroupMode,
     state::ModuleState,
@@ -32,6 +32,8 @@ use crate::{
 pub struct ModuleCheck {
     pub name: ModuleName,
     pub state: ModuleState,
+    /// What makes this group's requirement of the module hold, now and
+    /// after a reboot; `None` when it holds.
     pub remedy: Option<Remedy>,
     /// Whether it will be there after a reboot, and why (or why not).
     pub persistence: Persistence,
@@ -60,6 +62,9 @@ pub struct Report {
     pub groups: Vec<GroupCheck>,
     /// Other installed kernels and the required modules each would lose.
     pub other_kernels: Vec<OtherKernel>,
+    /// Every required module that needs something, with what all its
+    /// groups ask of it together: the node's to-do list.
+    pub remedies: BTreeMap<ModuleName, Remedy>,
     pub warnings: Vec<String>,
     /// The Longhorn version in force, V2 enablement, the host facts.
     pub v2: Option<longhorn::v2::V2Status>,
@@ -125,7 +130,7 @@ pub fn evaluate_node(flags: &CommonFlags) -> anyhow::Result<Evaluation> {
     let mut tracker = Tracker::new(&snapshot, module_groups);
     let boot = crate::remedy::boot_facts(&host, &snapshot, tracker.groups());
     tracker.set_blocked(boot.blocked());
-    let mut report = evaluate(&snapshot, &tracker, &boot);
+    let mut report = evaluate(&snapshot, &tracker, &boot, &host);
     let v2_severity = requirements::v2_severity(tracker.groups()).to_owned();
     for verdict in state.checks(&groups, &v2_severity) {
         match verdict.met {
@@ -218,38 +223,51 @@ fn read_cluster_once(
 /// How long `check` waits for the API server.
 const CHECK_CLUSTER_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Judges `groups` (already resolved) against a snapshot.
+/// Judges `groups` (already resolved) against a snapshot of the host
+/// under `host`.
 #[must_use]
-pub fn evaluate(snapshot: &Snapshot, tracker: &Tracker, boot: &BootFacts) -> Report {
-    let groups: Vec<GroupCheck> =
-        tracker
-            .report()
-            .into_iter()
-            .map(|g: GroupReport| GroupCheck {
-                modules: g
-                    .modules
-                    .into_iter()
-                    .map(|m| ModuleCheck {
-                        remedy: (!g.met && !m.state.satisfies())
-                            .then(|| remedy(snapshot, &m.name, m.state)),
-                        persistence: boot.persistence.get(&m.name).cloned().unwrap_or(
-                            Persistence {
-                                persistent: false,
-                                sources: Vec::new(),
-                                blocked_by: Vec::new(),
-                            },
+pub fn evaluate(
+    snapshot: &Snapshot,
+    tracker: &Tracker,
+    boot: &BootFacts,
+    host: &HostRoot,
+) -> Report {
+    let reports = tracker.report();
+    let remedies = remedy::remedies(&reports, &boot.persistence, snapshot, host);
+    let groups: Vec<GroupCheck> = reports
+        .into_iter()
+        .map(|g: GroupReport| {
+            let modules = g
+                .modules
+                .iter()
+                .map(|m| {
+                    let persistence = boot.persistence.get(&m.name).cloned().unwrap_or_default();
+                    let need = Need::in_group(&g, m.state, &boot.persistence);
+                    ModuleCheck {
+                        remedy: remedy::remedy(
+                            snapshot,
+                            host,
+                            &persistence,
+                            &m.name,
+                            m.state,
+                            need,
                         ),
-                        name: m.name,
+                        persistence,
+                        name: m.name.clone(),
                         state: m.state,
-                    })
-                    .collect(),
+                    }
+                })
+                .collect();
+            GroupCheck {
+                modules,
                 name: g.name,
                 mode: g.mode,
                 met: g.met,
                 severity: g.severity,
                 check: g.check,
-            })
-            .collect();
+            }
+        })
+        .collect();
     Report {
         kernel_release: snapshot.kernel_release.clone(),
         modules_supported: snapshot.modules_supported,
@@ -258,6 +276,7 @@ pub fn evaluate(snapshot: &Snapshot, tracker: &Tracker, boot: &BootFacts) -> Rep
         cluster: String::new(),
         groups,
         other_kernels: boot.other_kernels.clone(),
+        remedies,
         warnings: snapshot
             .warnings
             .iter()
@@ -337,45 +356,30 @@ pub fn render_text(r: &Report) -> String {
             );
         }
     }
-    let fixes: Vec<&ModuleCheck> = r
+    // Each module once, in report order, with what all its groups ask.
+    let mut seen = std::collections::BTreeSet::new();
+    let todo: Vec<(&ModuleCheck, &Remedy)> = r
         .groups
         .iter()
         .flat_map(|g| g.modules.iter())
-        .filter(|m| m.remedy.is_some())
+        .filter(|m| seen.insert(&m.name))
+        .filter_map(|m| Some((m, r.remedies.get(&m.name)?)))
         .collect();
-    if !fixes.is_empty() {
+    let (fragile, unmet): (Vec<_>, Vec<_>) =
+        todo.into_iter().partition(|(m, _)| m.state.satisfies());
+    if !unmet.is_empty() {
         let _ = writeln!(out, "\nTo fix:");
-        let mut seen = std::collections::BTreeSet::new();
-        for m in fixes {
-            if !seen.insert(&m.name) {
-                continue;
-            }
-            let Some(fix) = &m.remedy else { continue };
+        for (m, fix) in unmet {
             let _ = writeln!(out, "  {} ({}): {}", m.name, m.state, fix.explanation);
-            if let Some(cmd) = &fix.command {
-                let _ = writeln!(out, "      now:         {cmd}");
-            }
-            if let (Some(line), Some(file)) = (&fix.persist_line, fix.persist_file) {
-                let _ = writeln!(out, "      after boot:  echo {line} >> {file}");
-            }
+            out.push_str(&fix.render_steps("      "));
         }
     }
     // Loaded today, gone after the next reboot (longhorn/longhorn#12067).
-    let mut seen = std::collections::BTreeSet::new();
-    let fragile: Vec<&ModuleCheck> = r
-        .groups
-        .iter()
-        .flat_map(|g| g.modules.iter())
-        .filter(|m| m.state.satisfies() && !m.persistence.persistent && seen.insert(&m.name))
-        .collect();
     if !fragile.is_empty() {
         let _ = writeln!(out, "\nLoaded now but NOT after a reboot:");
-        for m in fragile {
-            let _ = writeln!(out, "  {}: nothing loads it at boot", m.name);
-            for b in &m.persistence.blocked_by {
-                let _ = writeln!(out, "      blocked: {b}");
-            }
-            let _ = writeln!(out, "      fix:     echo {} >> {MODULES_LOAD_FILE}", m.name);
+        for (m, fix) in fragile {
+            let _ = writeln!(out, "  {}: {}", m.name, fix.explanation);
+            out.push_str(&fix.render_steps("      "));
         }
     }
     for k in &r.other_kernels {

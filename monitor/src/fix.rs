@@ -20,9 +20,14 @@
 //! - An any-of group needs one member: the first that is loaded (or else
 //!   the first that can be loaded) is loaded and persisted, and nothing is
 //!   done when some member already comes back after a reboot.
-//! - What a command cannot fix (a module the kernel lacks, one that
-//!   modprobe.d disables or blacklists) is listed with the reason, not
-//!   attempted.
+//! - It carries out the steps of each module's remedy
+//!   ([`crate::remedy`]) that are its own (`modprobe`, a line in its file),
+//!   up to the first step that is a person's: a line to delete from a
+//!   modprobe.d file, a kernel parameter, a kernel package. So it never
+//!   writes a line that a blacklist would skip, never edits a file it did
+//!   not write, and never loads a module that `install … /bin/false`
+//!   disables. What is left is printed, step by step, with node paths, and
+//!   the exit code is 1.
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
 use std::fmt;
@@ -35,29 +40,39 @@ use std::process::ExitStatus;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use serde::Serialize;
 
+use anyhow::Context as _;
+
 use crate::check::{Evaluation, GroupCheck, ModuleCheck, Report};
-use crate::config::flags::CommonFlags;
-use crate::host::HostRoot;
+use crate::config::flags::{CommonFlags, Output};
 use crate::host::in_root::RootDir;
 use crate::host::persistence::{Block, PersistSource, Persistence};
+use crate::host::{HostRoot, NodePath};
 use crate::names::ModuleName;
+use crate::remedy::{Remedy, Step, render_steps};
 use crate::requirements::GroupMode;
 use crate::state::ModuleState;
 
 /// `kmod-monitor check --fix [--dry-run]`: evaluates the node as `check`
 /// does, then prints the plan (dry run, exit 0) or carries it out (exit 0
-/// when every step succeeded, 1 when one failed). `modprobe` acts on the
-/// host: through `chroot` when the host's `/` is mounted elsewhere (a
-/// container with `--host-root`).
+/// when every step succeeded and nothing is left for a person, 1
+/// otherwise), as text or, with `--output json`, as the [`FixPlan`] or
+/// [`FixReport`]. `modprobe` acts on the host: through `chroot` when the
+/// host's `/` is mounted elsewhere (a container with `--host-root`).
 ///
 /// # Errors
 /// As [`crate::check::evaluate_node`], or the plan or the file cannot be
 /// made.
-pub fn command(common: &CommonFlags, dry_run: bool) -> anyhow::Result<u8> {
+pub fn command(common: &CommonFlags, dry_run: bool, output: Output) -> anyhow::Result<u8> {
     let Evaluation { report, boot, host } = crate::check::evaluate_node(common)?;
     let plan = plan(&report, &boot.persistence, &host)?;
     if dry_run {
-        print!("{plan}");
+        match output {
+            Output::Text => print!("{plan}"),
+            Output::Json => println!(
+                "{}",
+                serde_json::to_string_pretty(&plan).context("encoding the plan")?
+            ),
+        }
         return Ok(0);
     }
     let root = host.root().to_path_buf();
@@ -74,7 +89,13 @@ pub fn command(common: &CommonFlags, dry_run: bool) -> anyhow::Result<u8> {
         cmd.status()
     };
     let done = apply(&plan, &host, &runner)?;
-    print!("{done}");
+    match output {
+        Output::Text => print!("{done}"),
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&done).context("encoding the report")?
+        ),
+    }
     Ok(u8::from(!done.ok()))
 }
 
@@ -96,70 +117,96 @@ const HEADER_REST: &str = "\
 pub enum FixError {
     /// The modules-load file exists but kmod-monitor did not write it.
     #[error(
-        "{}: not written by kmod-monitor (its first line is not {MANAGED_MARK:?}{}); refusing to \
-         change it. Add the modules to it by hand, or move it away and run `check --fix` again",
-        path.display(),
+        "{path}: not written by kmod-monitor (its first line is not {MANAGED_MARK:?}{}); refusing \
+         to change it. Add the modules to it by hand, or move it away and run `check --fix` again",
         if *is_link { ", and it is a symbolic link" } else { "" }
     )]
     ForeignFile {
-        /// The file, under the host root.
-        path: PathBuf,
+        /// The file.
+        path: NodePath,
         /// Whether it is a symbolic link (never followed for writing).
         is_link: bool,
     },
     /// kmod-monitor's file has a line that is not a module name: someone
     /// edited it, and rewriting would lose the edit.
     #[error(
-        "{} line {line}: {text:?} is not a module name; fix or remove the line and run `check \
-         --fix` again",
-        path.display()
+        "{path} line {line}: {text:?} is not a module name; fix or remove the line and run \
+         `check --fix` again"
     )]
     EditedFile {
-        /// The file, under the host root.
-        path: PathBuf,
+        /// The file.
+        path: NodePath,
         /// 1-based line number.
         line: usize,
         /// The line.
         text: String,
     },
     /// The file changed between [`plan`] and [`apply`].
-    #[error("{}: changed since the fix was planned; run `check --fix` again", path.display())]
+    #[error("{path}: changed since the fix was planned; run `check --fix` again")]
     Changed {
-        /// The file, under the host root.
-        path: PathBuf,
+        /// The file.
+        path: NodePath,
     },
     /// Reading the file or its directory failed.
-    #[error("reading {}: {source}", path.display())]
+    #[error("reading {path}: {source}")]
     Read {
-        /// The file, under the host root.
-        path: PathBuf,
+        /// The file.
+        path: NodePath,
         /// The OS error.
         source: io::Error,
     },
     /// Writing the file (or creating its directory) failed.
-    #[error("writing {}: {source}", path.display())]
+    #[error("writing {path}: {source}")]
     Write {
-        /// The file or directory, under the host root.
-        path: PathBuf,
+        /// The file or directory.
+        path: NodePath,
         /// The OS error.
         source: io::Error,
     },
 }
 
-/// A module `check --fix` leaves alone, and why.
+/// A module `check --fix` cannot fix on its own: why, and what a person
+/// must do.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Unfixable {
     /// The module.
     pub module: ModuleName,
-    /// What stands in the way, for a person to act on.
+    /// What stands in the way.
     pub reason: String,
+    /// The rest of the module's remedy, from the first step that is a
+    /// person's: `check --fix` did (or does) the steps before it.
+    pub steps: Vec<Step>,
+    /// What loads the module at boot once the steps are done, when that
+    /// is already on the node.
+    pub boot_source: Option<PersistSource>,
+}
+
+impl fmt::Display for Unfixable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Self {
+            module,
+            reason,
+            steps,
+            boot_source,
+        } = self;
+        writeln!(f, "cannot: {module}: {reason}")?;
+        if !steps.is_empty() {
+            writeln!(
+                f,
+                "        to do by hand (check --fix edits no file but its own):"
+            )?;
+            f.write_str(&render_steps(steps, boot_source.as_ref(), "        "))?;
+        }
+        Ok(())
+    }
 }
 
 /// The change to kmod-monitor's modules-load file.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct PersistChange {
-    /// The file, under the host root.
-    pub path: PathBuf,
+    /// The file.
+    #[serde(flatten)]
+    pub path: NodePath,
     /// Every module the file lists after the change: the old ones, then the
     /// added ones.
     pub modules: Vec<ModuleName>,
@@ -216,15 +263,10 @@ impl fmt::Display for FixPlan {
                 "create"
             };
             let added: Vec<&str> = change.added.iter().map(ModuleName::as_str).collect();
-            writeln!(
-                f,
-                "write:  {verb} {}: {}",
-                change.path.display(),
-                added.join(" ")
-            )?;
+            writeln!(f, "write:  {verb} {}: {}", change.path, added.join(" "))?;
         }
-        for Unfixable { module, reason } in &self.cannot_fix {
-            writeln!(f, "cannot: {module}: {reason}")?;
+        for unfixable in &self.cannot_fix {
+            write!(f, "{unfixable}")?;
         }
         Ok(())
     }
@@ -239,7 +281,7 @@ pub struct LoadFailure {
     pub problem: String,
 }
 
-/// What [`apply`] did.
+/// What [`apply`] did, and what it left to a person.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct FixReport {
     /// Modules modprobe loaded.
@@ -247,16 +289,18 @@ pub struct FixReport {
     /// Modules modprobe failed to load.
     pub failed: Vec<LoadFailure>,
     /// The file written, if any.
-    pub wrote: Option<PathBuf>,
+    pub wrote: Option<NodePath>,
     /// The modules added to it.
     pub persisted: Vec<ModuleName>,
+    /// What a person must still do (the plan's [`FixPlan::cannot_fix`]).
+    pub cannot_fix: Vec<Unfixable>,
 }
 
 impl FixReport {
-    /// Whether every command succeeded.
+    /// Whether every command succeeded and nothing is left to a person.
     #[must_use]
     pub fn ok(&self) -> bool {
-        self.failed.is_empty()
+        self.failed.is_empty() && self.cannot_fix.is_empty()
     }
 }
 
@@ -270,7 +314,10 @@ impl fmt::Display for FixReport {
         }
         if let Some(path) = &self.wrote {
             let added: Vec<&str> = self.persisted.iter().map(ModuleName::as_str).collect();
-            writeln!(f, "wrote:   {}: {}", path.display(), added.join(" "))?;
+            writeln!(f, "wrote:   {path}: {}", added.join(" "))?;
+        }
+        for unfixable in &self.cannot_fix {
+            write!(f, "{unfixable}")?;
         }
         Ok(())
     }
@@ -288,8 +335,8 @@ struct ManagedFile {
 /// relative to the root, and its name.
 struct InRoot<'a> {
     host: &'a HostRoot,
-    /// The file as the host root spells it, for messages.
-    path: PathBuf,
+    /// The file, for messages.
+    path: NodePath,
     dir: PathBuf,
     name: OsString,
 }
@@ -301,7 +348,7 @@ impl<'a> InRoot<'a> {
         let (Some(dir), Some(name)) = (rel.and_then(Path::parent), rel.and_then(Path::file_name))
         else {
             return Err(FixError::Read {
-                path: path.to_path_buf(),
+                path: host.locate(path),
                 source: io::Error::other(format!(
                     "not a file under the host root {}",
                     host.root().display()
@@ -310,15 +357,19 @@ impl<'a> InRoot<'a> {
         };
         Ok(Self {
             host,
-            path: path.to_path_buf(),
+            path: host.locate(path),
             dir: dir.to_path_buf(),
             name: name.to_owned(),
         })
     }
 
     /// The directory the file is in, for messages.
-    fn dir_path(&self) -> PathBuf {
-        self.path.parent().unwrap_or(&self.path).to_path_buf()
+    fn dir_path(&self) -> NodePath {
+        let parent = |p: &Path| p.parent().unwrap_or(p).to_path_buf();
+        NodePath {
+            path: parent(&self.path.path),
+            host_path: parent(&self.path.host_path),
+        }
     }
 
     fn read_error(&self) -> impl Fn(io::Error) -> FixError + '_ {
@@ -447,7 +498,7 @@ fn read_managed(file: &InRoot<'_>) -> Result<ManagedFile, FixError> {
     };
     if !text.starts_with(MANAGED_MARK) {
         return Err(FixError::ForeignFile {
-            path: path.to_path_buf(),
+            path: path.clone(),
             is_link: false,
         });
     }
@@ -458,7 +509,7 @@ fn read_managed(file: &InRoot<'_>) -> Result<ManagedFile, FixError> {
             continue;
         }
         let module = ModuleName::parse(entry).map_err(|_| FixError::EditedFile {
-            path: path.to_path_buf(),
+            path: path.clone(),
             line: index + 1,
             text: line.to_owned(),
         })?;
@@ -503,13 +554,25 @@ impl Planner {
         }
     }
 
-    fn cannot(&mut self, module: &ModuleName, reason: String) {
-        if !self.cannot_fix.iter().any(|u| &u.module == module) {
-            self.cannot_fix.push(Unfixable {
-                module: module.clone(),
-                reason,
-            });
+    /// `module` is left to a person: the steps of `remedy` from the first
+    /// one that is not `check --fix`'s.
+    fn cannot(&mut self, module: &ModuleName, reason: String, remedy: Option<&Remedy>) {
+        if self.cannot_fix.iter().any(|u| &u.module == module) {
+            return;
         }
+        let (steps, boot_source) = remedy.map_or_else(
+            || (Vec::new(), None),
+            |r| {
+                let first = r.steps.iter().position(|s| !s.by_fix()).unwrap_or(0);
+                (r.steps[first..].to_vec(), r.boot_source.clone())
+            },
+        );
+        self.cannot_fix.push(Unfixable {
+            module: module.clone(),
+            reason,
+            steps,
+            boot_source,
+        });
     }
 }
 
@@ -522,7 +585,10 @@ fn load_blocks(p: &Persistence) -> Vec<&Block> {
 /// boot.
 fn persist_blocks(p: &Persistence) -> Vec<&Block> {
     let line = PersistSource::ModulesLoad {
-        path: PathBuf::new(),
+        file: NodePath {
+            path: PathBuf::new(),
+            host_path: PathBuf::new(),
+        },
         line: 0,
     };
     p.blocked_by.iter().filter(|b| b.stops(&line)).collect()
@@ -550,42 +616,28 @@ pub fn plan(
     persistence: &BTreeMap<ModuleName, Persistence>,
     host: &HostRoot,
 ) -> Result<FixPlan, FixError> {
-    let path = host.kmod_monitor_modules_load();
-    let managed = read_managed(&InRoot::new(host, &path)?)?;
-    let unknown = Persistence {
-        persistent: false,
-        sources: Vec::new(),
-        blocked_by: Vec::new(),
-    };
+    let file = InRoot::new(host, &host.kmod_monitor_modules_load())?;
+    let managed = read_managed(&file)?;
+    let unknown = Persistence::default();
     let of = |m: &ModuleName| persistence.get(m).unwrap_or(&unknown);
     let mut planner = Planner::default();
     for group in &report.groups {
         match group.mode {
-            GroupMode::AllOf => {
+            // Every member, by its remedy. For an `available` group (loaded
+            // on demand by iscsiadm or mount.nfs) the remedy only ever
+            // removes what keeps the module from loading, which is a
+            // person's step.
+            GroupMode::AllOf | GroupMode::Available => {
                 for module in &group.modules {
-                    plan_module(&mut planner, module, of(&module.name), report);
+                    plan_module(&mut planner, module);
                 }
             }
             GroupMode::AnyOf => plan_any_of(&mut planner, group, &of, report),
-            // Loaded on demand by iscsiadm or mount.nfs: nothing to load or
-            // persist; what keeps one from loading is said, not edited.
-            GroupMode::Available => {
-                for module in &group.modules {
-                    let blocks = load_blocks(of(&module.name));
-                    if module.state == ModuleState::Missing {
-                        plan_module(&mut planner, module, of(&module.name), report);
-                    } else if module.state == ModuleState::Available && !blocks.is_empty() {
-                        planner.cannot(
-                            &module.name,
-                            format!("it must be loadable on demand, but {}", joined(&blocks)),
-                        );
-                    }
-                }
-            }
             // Checks of the host and cluster: `check` prints their fixes.
             GroupMode::Check => {}
         }
     }
+    let path = file.path;
 
     let added: Vec<ModuleName> = planner
         .persist
@@ -606,49 +658,26 @@ pub fn plan(
     })
 }
 
-/// One module every one of which its group needs.
-fn plan_module(planner: &mut Planner, module: &ModuleCheck, p: &Persistence, report: &Report) {
+/// One module its group needs: the steps of its remedy that are `check
+/// --fix`'s own (`modprobe`, a line in its file), up to the first that is
+/// a person's, which it leaves, with the rest, to be printed. A line that
+/// a blacklist would skip, or a `modprobe` that `install … /bin/false`
+/// defeats, only ever comes after the step that removes the rule.
+fn plan_module(planner: &mut Planner, module: &ModuleCheck) {
+    let Some(remedy) = &module.remedy else { return };
     let name = &module.name;
-    match module.state {
-        ModuleState::Missing => {
-            let reason = module.remedy.as_ref().map_or_else(
-                || format!("not in kernel {}", report.kernel_release),
-                |r| r.explanation.clone(),
-            );
-            planner.cannot(name, reason);
-            return;
-        }
-        ModuleState::Available => {
-            let blocks = load_blocks(p);
-            if blocks.is_empty() {
-                planner.load(name);
-            } else {
-                planner.cannot(
-                    name,
-                    format!("modprobe cannot load it: {}", joined(&blocks)),
-                );
+    for step in &remedy.steps {
+        match step {
+            Step::Run { .. } => planner.load(name),
+            Step::AppendLine { .. } => planner.persist(name),
+            Step::DeleteLines { .. }
+            | Step::KernelCmdline { .. }
+            | Step::Kernel { .. }
+            | Step::CheckAgain => {
+                planner.cannot(name, remedy.explanation.clone(), Some(remedy));
                 return;
             }
         }
-        ModuleState::Loaded
-        | ModuleState::Builtin
-        | ModuleState::Loading
-        | ModuleState::Unloading => {}
-    }
-    if p.persistent {
-        return;
-    }
-    let blocks = persist_blocks(p);
-    if blocks.is_empty() {
-        planner.persist(name);
-    } else {
-        planner.cannot(
-            name,
-            format!(
-                "a modules-load.d line would not load it at boot: {}",
-                joined(&blocks)
-            ),
-        );
     }
 }
 
@@ -702,8 +731,11 @@ fn plan_any_of<'a>(
                     }
                 })
                 .collect();
-            // Config validation guarantees a group has a module.
-            let Some(first) = members.first() else { return };
+            // Config validation guarantees a group has a module. The steps
+            // are those of the member that is loaded, else the first.
+            let Some(first) = chosen.or_else(|| members.first()) else {
+                return;
+            };
             planner.cannot(
                 &first.name,
                 format!(
@@ -713,6 +745,7 @@ fn plan_any_of<'a>(
                     report.kernel_release,
                     reasons.join("; ")
                 ),
+                first.remedy.as_ref(),
             );
         }
     }
@@ -735,7 +768,10 @@ pub fn apply(
     host: &HostRoot,
     runner: &dyn Fn(&[&str]) -> io::Result<ExitStatus>,
 ) -> Result<FixReport, FixError> {
-    let mut report = FixReport::default();
+    let mut report = FixReport {
+        cannot_fix: plan.cannot_fix.clone(),
+        ..FixReport::default()
+    };
     for name in &plan.load {
         let (program, module) = ("modprobe", name.as_str());
         let name = name.clone();
@@ -756,16 +792,15 @@ pub fn apply(
     };
     // The plan's path is the host's; a different host root is a caller bug
     // we refuse rather than write to the wrong tree.
-    let path = host.kmod_monitor_modules_load();
-    if path != change.path {
-        return Err(FixError::Changed { path });
+    let file = InRoot::new(host, &host.kmod_monitor_modules_load())?;
+    if file.path != change.path {
+        return Err(FixError::Changed { path: file.path });
     }
-    let file = InRoot::new(host, &path)?;
     if file.read()? != change.previous {
-        return Err(FixError::Changed { path });
+        return Err(FixError::Changed { path: file.path });
     }
     file.write_atomic(&render_managed(&change.modules))?;
-    report.wrote = Some(path);
+    report.wrote = Some(file.path);
     report.persisted.clone_from(&change.added);
     Ok(report)
 }
@@ -835,7 +870,7 @@ mod tests {
             let snapshot = take_snapshot(&root).unwrap();
             let tracker = Tracker::new(&snapshot, groups);
             let boot = crate::remedy::boot_facts(&root, &snapshot, tracker.groups());
-            let report = evaluate(&snapshot, &tracker, &boot);
+            let report = evaluate(&snapshot, &tracker, &boot, &root);
             let persistence: BTreeMap<ModuleName, Persistence> = boot.persistence;
             plan(&report, &persistence, &root)
         }
@@ -871,8 +906,13 @@ mod tests {
         assert_eq!(plan.load, [name("dm_crypt"), name("uio_pci_generic")]);
         let change = plan.persist.as_ref().unwrap();
         assert_eq!(
-            change.path,
+            change.path.host_path,
             node.path("etc/modules-load.d/kmod-monitor.conf")
+        );
+        assert_eq!(
+            change.path.path,
+            Path::new("/etc/modules-load.d/kmod-monitor.conf"),
+            "shown as the node names it"
         );
         let all = [
             name("dm_crypt"),
@@ -885,14 +925,11 @@ mod tests {
         assert_eq!(plan.cannot_fix, []);
         assert_eq!(
             plan.to_string(),
-            format!(
-                "run:    modprobe dm_crypt\nrun:    modprobe uio_pci_generic\nwrite:  create {}: \
-                 dm_crypt vfio_pci uio_pci_generic nvme_tcp\n",
-                change.path.display()
-            )
+            "run:    modprobe dm_crypt\nrun:    modprobe uio_pci_generic\nwrite:  create \
+             /etc/modules-load.d/kmod-monitor.conf: dm_crypt vfio_pci uio_pci_generic nvme_tcp\n"
         );
         // Planning wrote nothing.
-        assert!(!change.path.exists());
+        assert!(!change.path.host_path.exists());
     }
 
     #[test]
@@ -911,7 +948,10 @@ mod tests {
             ]
         );
         let path = node.path("etc/modules-load.d/kmod-monitor.conf");
-        assert_eq!(report.wrote.as_deref(), Some(path.as_path()));
+        assert_eq!(
+            report.wrote.as_ref().map(|w| w.host_path.as_path()),
+            Some(path.as_path())
+        );
         let text = fs::read_to_string(&path).unwrap();
         assert!(text.starts_with(&format!("{MANAGED_HEADER}\n")), "{text}");
         assert!(
@@ -949,14 +989,12 @@ mod tests {
         fs::write(&path, "# my own list\ndm_crypt\n").unwrap();
         let err = node.plan(v2()).unwrap_err();
         assert!(matches!(err, FixError::ForeignFile { is_link: false, .. }));
+        // The node's path: the operator edits /etc/..., not the host root.
         assert_eq!(
             err.to_string(),
-            format!(
-                "{}: not written by kmod-monitor (its first line is not \"# Managed by \
-                 kmod-monitor\"); refusing to change it. Add the modules to it by hand, or move \
-                 it away and run `check --fix` again",
-                path.display()
-            )
+            "/etc/modules-load.d/kmod-monitor.conf: not written by kmod-monitor (its first line \
+             is not \"# Managed by kmod-monitor\"); refusing to change it. Add the modules to it \
+             by hand, or move it away and run `check --fix` again"
         );
         assert_eq!(
             fs::read_to_string(&path).unwrap(),
@@ -993,7 +1031,10 @@ mod tests {
         let calls = RefCell::new(Vec::new());
         let report = apply(&plan, &node.root(), &node.runner(&calls)).unwrap();
         let path = node.path("etc/modules-load.d/kmod-monitor.conf");
-        assert_eq!(report.wrote.as_deref(), Some(path.as_path()));
+        assert_eq!(
+            report.wrote.as_ref().map(|w| w.host_path.as_path()),
+            Some(path.as_path())
+        );
         assert_eq!(
             fs::read_to_string(&victim).unwrap(),
             "root:x:0:0::/root:/bin/sh\n"
@@ -1098,11 +1139,8 @@ mod tests {
         let err = node.plan(v2()).unwrap_err().to_string();
         assert_eq!(
             err,
-            format!(
-                "{} line 5: \"dm_crypt foo=1\" is not a module name; fix or remove the line and \
-                 run `check --fix` again",
-                path.display()
-            )
+            "/etc/modules-load.d/kmod-monitor.conf line 5: \"dm_crypt foo=1\" is not a module \
+             name; fix or remove the line and run `check --fix` again"
         );
     }
 
@@ -1130,30 +1168,90 @@ mod tests {
         assert_eq!(plan.load, [name("uio_pci_generic")]);
         // ...but a modules-load.d line would not bring it back.
         assert_eq!(
-            plan.persist.unwrap().added,
+            plan.persist.as_ref().unwrap().added,
             [name("vfio_pci"), name("nvme_tcp")]
         );
-        let cis = node.path("etc/modprobe.d/cis-hardening.conf");
+        let root = node.root();
+        let cis = root.locate(&node.path("etc/modprobe.d/cis-hardening.conf"));
+        let conf = root.locate(&node.path("etc/modules-load.d/kmod-monitor.conf"));
+        let delete = |first: usize, last: usize, text: &str| Step::DeleteLines {
+            file: cis.clone(),
+            copy_from: None,
+            lines: vec![crate::remedy::LineSpan {
+                first,
+                last,
+                text: text.to_owned(),
+            }],
+        };
+        let append = |module: &str| Step::AppendLine {
+            file: conf.clone(),
+            line: module.to_owned(),
+        };
         assert_eq!(
             plan.cannot_fix,
             [
+                // Nothing to run first: modprobe would run /bin/false.
                 Unfixable {
                     module: name("dm_crypt"),
-                    reason: format!(
-                        "modprobe cannot load it: disabled by `install ... /bin/false` in {} line \
-                         13 (modprobe runs the command instead of loading it)",
-                        cis.display()
-                    ),
+                    reason: "dm_crypt is available for kernel 6.1.0-56-amd64 but not loaded; \
+                             modprobe cannot load it: disabled by `install ... /bin/false` in \
+                             /etc/modprobe.d/cis-hardening.conf line 13 (modprobe runs the \
+                             command instead of loading it); nothing loads dm_crypt at boot"
+                        .to_owned(),
+                    steps: vec![
+                        delete(13, 13, "install dm_crypt /bin/false"),
+                        Step::Run {
+                            command: "modprobe dm_crypt".to_owned()
+                        },
+                        append("dm_crypt"),
+                    ],
+                    boot_source: None,
                 },
+                // modprobe is planned; the line only after the blacklist
+                // (two lines, continued) is gone.
                 Unfixable {
                     module: name("uio_pci_generic"),
-                    reason: format!(
-                        "a modules-load.d line would not load it at boot: blacklisted in {} line \
-                         16 (systemd-modules-load skips blacklisted modules)",
-                        cis.display()
-                    ),
+                    reason: "uio_pci_generic is available for kernel 6.1.0-56-amd64 but not \
+                             loaded; nothing loads uio_pci_generic at boot, and a modules-load.d \
+                             line would not: blacklisted in /etc/modprobe.d/cis-hardening.conf \
+                             line 16 (systemd-modules-load skips blacklisted modules)"
+                        .to_owned(),
+                    steps: vec![
+                        delete(16, 17, "blacklist uio_pci_generic"),
+                        append("uio_pci_generic"),
+                    ],
+                    boot_source: None,
                 },
             ]
+        );
+        let text = plan.to_string();
+        assert!(
+            text.contains(
+                "cannot: uio_pci_generic: uio_pci_generic is available for kernel \
+                 6.1.0-56-amd64 but not loaded; nothing loads uio_pci_generic at boot, and a \
+                 modules-load.d line would not: blacklisted in \
+                 /etc/modprobe.d/cis-hardening.conf line 16 (systemd-modules-load skips \
+                 blacklisted modules)\n        to do by hand (check --fix edits no file but its \
+                 own):\n        1. in /etc/modprobe.d/cis-hardening.conf, delete lines 16-17 \
+                 (`blacklist uio_pci_generic`)\n        2. echo uio_pci_generic >> \
+                 /etc/modules-load.d/kmod-monitor.conf   (check --fix does this)\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            !text.contains(&node.path("").display().to_string()),
+            "{text}"
+        );
+
+        // Applying it leaves the two to a person: not ok (exit 1).
+        let calls = RefCell::new(Vec::new());
+        let report = apply(&plan, &root, &node.runner(&calls)).unwrap();
+        assert_eq!(report.cannot_fix, plan.cannot_fix);
+        assert!(!report.ok());
+        assert_eq!(
+            fs::read_to_string(node.path("etc/modprobe.d/cis-hardening.conf")).unwrap(),
+            CIS_NODE,
+            "never edited"
         );
     }
 
@@ -1201,9 +1299,12 @@ mod tests {
         assert_eq!(plan.cannot_fix.len(), 1);
         assert_eq!(plan.cannot_fix[0].module, name("nvme_tcp"));
         assert!(
-            plan.cannot_fix[0].reason.contains("CONFIG_NVME_TCP"),
-            "{}",
-            plan.cannot_fix[0].reason
+            matches!(
+                plan.cannot_fix[0].steps.as_slice(),
+                [Step::Kernel { config_option, .. }] if config_option == "CONFIG_NVME_TCP"
+            ),
+            "{:?}",
+            plan.cannot_fix[0]
         );
     }
 

@@ -80,7 +80,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(flags) => run(*flags),
-        Command::Check(flags) if flags.fix => fix::command(&flags.common, flags.dry_run),
+        Command::Check(flags) if flags.fix => {
+            fix::command(&flags.common, flags.dry_run, flags.output)
+        }
         Command::Check(flags) => check::command(&flags.common, flags.output),
         Command::Log(LogCommand::Verify { paths }) => log_verify(&paths),
         Command::Log(LogCommand::Show(args)) => log_show(args),

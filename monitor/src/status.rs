@@ -11,6 +11,7 @@ use crate::{
     longhorn::v2::V2Status,
     names::ModuleName,
     privileges::Privileges,
+    remedy::Remedy,
     source::{ActiveKind, Unavailable},
     tracker::GroupReport,
 };
@@ -63,6 +64,10 @@ pub struct Status {
     pub groups: Vec<GroupReport>,
     /// Whether each required module will be there after a reboot, and why.
     pub persistence: BTreeMap<ModuleName, Persistence>,
+    /// For every required module that needs something (loaded now, loaded
+    /// at every boot, or loadable), the steps that make it so: the same
+    /// remedies `check` prints.
+    pub remedies: BTreeMap<ModuleName, Remedy>,
     /// Other installed kernels and the required modules each lacks.
     pub other_kernels: Vec<OtherKernel>,
     /// The forensic event log; null when there is none.

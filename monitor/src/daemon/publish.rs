@@ -50,6 +50,8 @@ impl Daemon {
             runbook_url: &self.settings.runbook_url,
             groups: &status.groups,
             snapshot: &self.snapshot,
+            persistence: &self.boot.persistence,
+            host: &self.settings.common.host,
             source: &status.source,
             modules_supported: status.modules_supported,
             lost_recently: self.lost_at.is_some(),
@@ -79,6 +81,19 @@ impl Daemon {
             requests_untracked: n.requests_untracked(),
             unload_denied_over_limit: n.denied_suppressed(),
         });
+        // Module groups, then the checks that have a verdict.
+        let groups: Vec<_> = self
+            .tracker
+            .report()
+            .into_iter()
+            .chain(self.checks.iter().filter_map(|c| c.report()))
+            .collect();
+        let remedies = crate::remedy::remedies(
+            &groups,
+            &self.boot.persistence,
+            &self.snapshot,
+            &self.settings.common.host,
+        );
         Status {
             version: env!("CARGO_PKG_VERSION"),
             kernel_release: self.snapshot.kernel_release.clone(),
@@ -93,14 +108,9 @@ impl Daemon {
             drift_total: self.reconciler.drift_total,
             reconciles: self.reconciler.reconciles,
             warnings: self.warnings.clone(),
-            // Module groups, then the checks that have a verdict.
-            groups: self
-                .tracker
-                .report()
-                .into_iter()
-                .chain(self.checks.iter().filter_map(|c| c.report()))
-                .collect(),
+            groups,
             persistence: self.boot.persistence.clone(),
+            remedies,
             other_kernels: self.boot.other_kernels.clone(),
             event_log: self.log.as_ref().map(EventLog::status),
             privileges: self.privileges.clone(),

@@ -48,7 +48,7 @@ pub use aliases::{parse_modules_alias, read_modules_alias};
 pub use depmod::{ModuleFile, parse_modules_builtin, parse_modules_dep};
 pub use initstate::{InitState, read_initstate};
 pub use kconfig::{ConfigValue, KernelConfig, config_symbol_for, parse_kernel_config};
-pub use paths::HostRoot;
+pub use paths::{HostRoot, NodePath};
 pub use proc_modules::{ProcModule, ProcModuleState, parse_proc_modules, read_proc_modules};
 pub use snapshot::{LoadedModule, Snapshot, read_loaded, take_snapshot};
 

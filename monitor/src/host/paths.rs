@@ -9,7 +9,10 @@
 //! Debian's merged-/usr `lib -> usr/lib` stays inside the root, an absolute one
 //! would escape it. That is why the module directory is looked up under both
 //! `lib/modules` and `usr/lib/modules` rather than trusting `lib`.
+use std::fmt;
 use std::path::{Path, PathBuf};
+
+use serde::Serialize;
 
 use crate::names::ModuleName;
 
@@ -17,6 +20,24 @@ use crate::names::ModuleName;
 pub const MODULES_DEP: &str = "modules.dep";
 /// The kernel build's list of modules compiled into the kernel image.
 pub const MODULES_BUILTIN: &str = "modules.builtin";
+
+/// A host file under both of its names: the one the node itself uses, which
+/// is what a person is shown (`/etc/modprobe.d/x.conf`), and the one
+/// kmod-monitor read it by (`/host/etc/modprobe.d/x.conf` with
+/// `--host-root /host`). JSON carries both; `Display` is the node's.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct NodePath {
+    /// The path on the node, `--host-root` stripped.
+    pub path: PathBuf,
+    /// The same file as kmod-monitor read it, under `--host-root`.
+    pub host_path: PathBuf,
+}
+
+impl fmt::Display for NodePath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.path.display().fmt(f)
+    }
+}
 
 /// The directory the host's `/` is visible at (default `/`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -228,6 +249,34 @@ impl HostRoot {
         ]
     }
 
+    /// `/etc/modprobe.d`: where an administrator's `*.conf` hides a
+    /// same-named file of a package's (`/usr/lib/modprobe.d`,
+    /// `/lib/modprobe.d`) or of `/run`.
+    #[must_use]
+    pub fn etc_modprobe_d(&self) -> PathBuf {
+        self.join("etc/modprobe.d")
+    }
+
+    /// The boot loader settings that put parameters on the kernel command
+    /// line, as files to read whole: GRUB's `/etc/default/grub`
+    /// (`GRUB_CMDLINE_LINUX`, `GRUB_CMDLINE_LINUX_DEFAULT`) and
+    /// kernel-install's `/etc/kernel/cmdline` (systemd-boot, unified kernel
+    /// images).
+    #[must_use]
+    pub fn boot_cmdline_files(&self) -> [PathBuf; 2] {
+        [
+            self.join("etc/default/grub"),
+            self.join("etc/kernel/cmdline"),
+        ]
+    }
+
+    /// `/etc/default/grub.d`: `*.cfg` files GRUB's scripts read after
+    /// `/etc/default/grub` (Debian, Ubuntu cloud images).
+    #[must_use]
+    pub fn grub_default_d(&self) -> PathBuf {
+        self.join("etc/default/grub.d")
+    }
+
     /// The directories holding one module tree per installed kernel, in the
     /// order [`modules_dir_candidates`](Self::modules_dir_candidates) tries
     /// them.
@@ -256,6 +305,16 @@ impl HostRoot {
         match path.strip_prefix("/") {
             Ok(rel) => self.root.join(rel),
             Err(_) => path.to_path_buf(),
+        }
+    }
+
+    /// `read`, a path under the root, under both its names: see
+    /// [`NodePath`].
+    #[must_use]
+    pub fn locate(&self, read: &Path) -> NodePath {
+        NodePath {
+            path: self.node_path(read),
+            host_path: read.to_path_buf(),
         }
     }
 
@@ -308,6 +367,8 @@ mod tests {
             root.proc_pid_file(7, "cmdline"),
             root.proc_cmdline(),
             root.etc_modules(),
+            root.etc_modprobe_d(),
+            root.grub_default_d(),
             root.kmod_monitor_modules_load(),
             root.host_path(Path::new("/etc/modules")),
             root.boot_id(),
@@ -317,6 +378,7 @@ mod tests {
         all.extend(root.tracefs_candidates());
         all.extend(root.modules_load_dirs());
         all.extend(root.modprobe_dirs());
+        all.extend(root.boot_cmdline_files());
         all.extend(root.modules_roots());
         all.extend(root.kernel_image_candidates("r"));
         for path in all {
@@ -351,5 +413,9 @@ mod tests {
             HostRoot::new("/").node_path(Path::new("/etc/x")),
             Path::new("/etc/x")
         );
+        let both = root.locate(Path::new("/host/etc/modprobe.d/x.conf"));
+        assert_eq!(both.path, Path::new("/etc/modprobe.d/x.conf"));
+        assert_eq!(both.host_path, Path::new("/host/etc/modprobe.d/x.conf"));
+        assert_eq!(both.to_string(), "/etc/modprobe.d/x.conf");
     }
 }

@@ -49,6 +49,15 @@
 //! - A module the running kernel has no file for, or a kernel without
 //!   loadable-module support, cannot be loaded by any list.
 //!
+//! # Where each rule is written
+//! Every file and line is kept under both its names ([`NodePath`]): the
+//! node's, which is what a person is shown and edits, and the one it was
+//! read by under `--host-root`. A rule keeps its text and its last line
+//! (a continued line spans several), and a command-line blacklist the
+//! boot loader lines that set it (`GRUB_CMDLINE_LINUX*` in
+//! `/etc/default/grub` and `/etc/default/grub.d/*.cfg`, and
+//! `/etc/kernel/cmdline`), so that a remedy can name the line to change.
+//!
 //! [`read_persistence_config`] reads every file once (the daemon re-reads on
 //! reconcile); [`persistence`] judges one module against it and a
 //! [`Snapshot`]. [`other_kernels`] checks the other installed kernels.
@@ -63,7 +72,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use super::depmod::{parse_modules_builtin, parse_modules_dep};
-use super::paths::{MODULES_BUILTIN, MODULES_DEP};
+use super::paths::{MODULES_BUILTIN, MODULES_DEP, NodePath};
 use super::{HostRoot, Snapshot, read_optional_text};
 use crate::names::ModuleName;
 
@@ -83,15 +92,17 @@ pub enum PersistSource {
     ModulesLoad {
         /// The file the line is in: for a link such as Debian's
         /// `modules.conf -> ../modules`, the link's target.
-        path: PathBuf,
+        #[serde(flatten)]
+        file: NodePath,
         /// 1-based line number.
         line: usize,
     },
     /// Listed in /etc/modules, read without a modules-load.d link (the kmod
     /// init script).
     EtcModules {
-        /// The file, under the host root.
-        path: PathBuf,
+        /// The file.
+        #[serde(flatten)]
+        file: NodePath,
         /// 1-based line number.
         line: usize,
     },
@@ -114,8 +125,8 @@ impl fmt::Display for PersistSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Builtin => f.write_str("built into the kernel"),
-            Self::ModulesLoad { path, line } | Self::EtcModules { path, line } => {
-                write!(f, "listed in {} line {line}", path.display())
+            Self::ModulesLoad { file, line } | Self::EtcModules { file, line } => {
+                write!(f, "listed in {file} line {line}")
             }
             Self::KernelCmdline { parameter } => {
                 write!(f, "named on the kernel command line ({parameter})")
@@ -136,23 +147,35 @@ pub enum Block {
     /// still loads it.
     Blacklist {
         /// The modprobe.d file.
-        path: PathBuf,
+        #[serde(flatten)]
+        file: NodePath,
         /// 1-based line number (of the line's start, for a continued line).
         line: usize,
+        /// The line's last line: `line` unless it ends in `\`.
+        last_line: usize,
+        /// The rule as kmod reads it (a continued line joined).
+        text: String,
     },
     /// `modprobe.blacklist=` on the kernel command line: like a blacklist
     /// line.
     CmdlineBlacklist {
         /// The parameter as written.
         parameter: String,
+        /// The boot loader settings that put it there.
+        set_in: Vec<ConfigLine>,
     },
     /// `install m /bin/false` (or `true`): modprobe runs the command instead
     /// of loading the module, so nothing that uses modprobe loads it.
     InstallDisabled {
         /// The modprobe.d file.
-        path: PathBuf,
+        #[serde(flatten)]
+        file: NodePath,
         /// 1-based line number.
         line: usize,
+        /// The line's last line: `line` unless it ends in `\`.
+        last_line: usize,
+        /// The rule as kmod reads it (a continued line joined).
+        text: String,
         /// The command, as written.
         command: String,
     },
@@ -161,6 +184,8 @@ pub enum Block {
     KernelBlacklist {
         /// The parameter as written.
         parameter: String,
+        /// The boot loader settings that put it there.
+        set_in: Vec<ConfigLine>,
     },
     /// The running kernel has no file for the module (not in modules.dep),
     /// so a list cannot load it.
@@ -201,27 +226,26 @@ impl Block {
 impl fmt::Display for Block {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Blacklist { path, line } => write!(
+            Self::Blacklist { file, line, .. } => write!(
                 f,
-                "blacklisted in {} line {line} (systemd-modules-load skips blacklisted modules)",
-                path.display()
+                "blacklisted in {file} line {line} (systemd-modules-load skips blacklisted modules)"
             ),
-            Self::CmdlineBlacklist { parameter } => write!(
+            Self::CmdlineBlacklist { parameter, .. } => write!(
                 f,
                 "blacklisted on the kernel command line ({parameter}; systemd-modules-load skips \
                  blacklisted modules)"
             ),
             Self::InstallDisabled {
-                path,
+                file,
                 line,
                 command,
+                ..
             } => write!(
                 f,
-                "disabled by `install ... {command}` in {} line {line} (modprobe runs the command \
-                 instead of loading it)",
-                path.display()
+                "disabled by `install ... {command}` in {file} line {line} (modprobe runs the \
+                 command instead of loading it)"
             ),
-            Self::KernelBlacklist { parameter } => write!(
+            Self::KernelBlacklist { parameter, .. } => write!(
                 f,
                 "refused by the kernel: {parameter} is on the kernel command line"
             ),
@@ -238,8 +262,21 @@ impl fmt::Display for Block {
     }
 }
 
-/// Whether one module will be there after a reboot, and why.
+/// One line of a boot loader setting that puts a parameter on the kernel
+/// command line (`GRUB_CMDLINE_LINUX_DEFAULT="quiet modprobe.blacklist=x"`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ConfigLine {
+    /// The file.
+    #[serde(flatten)]
+    pub file: NodePath,
+    /// 1-based line number.
+    pub line: usize,
+    /// The line as written.
+    pub text: String,
+}
+
+/// Whether one module will be there after a reboot, and why.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Persistence {
     /// Some source is not stopped by any block (or the module is built in).
     pub persistent: bool,
@@ -314,30 +351,110 @@ pub fn read_persistence_config(host: &HostRoot) -> PersistenceConfig {
         let Some(text) = &file.text else { continue };
         // Lines are reported in the file a person edits: /etc/modules, not
         // the modules.conf link to it.
-        parse_modules_load(text, file.lines_path(), &mut config);
+        parse_modules_load(text, &host.locate(file.lines_path()), &mut config);
     }
     if !etc_modules_linked {
         match read_optional_text(&etc_modules) {
-            Ok(Some(text)) => parse_etc_modules(&text, &etc_modules, &mut config),
+            Ok(Some(text)) => parse_etc_modules(&text, &host.locate(&etc_modules), &mut config),
             Ok(None) => {}
             Err(e) => config.warnings.push(e.to_string()),
         }
     }
     for file in conf_files(host, &host.modprobe_dirs(), &mut config.warnings) {
         let Some(text) = &file.text else { continue };
-        parse_modprobe_d(text, file.lines_path(), &mut config);
+        parse_modprobe_d(text, &host.locate(file.lines_path()), &mut config);
     }
     let cmdline = host.proc_cmdline();
     match read_optional_text(&cmdline) {
-        Ok(Some(text)) => parse_cmdline(&text, &cmdline, &mut config),
+        Ok(Some(text)) => parse_cmdline(&text, &host.locate(&cmdline), &mut config),
         Ok(None) => config.warnings.push(format!(
             "{} does not exist: modules-load= and blacklists on the kernel command line are \
              unknown",
-            cmdline.display()
+            host.node_path(&cmdline).display()
         )),
         Err(e) => config.warnings.push(e.to_string()),
     }
+    let boot_lines = boot_cmdline_lines(host, &mut config.warnings);
+    for rule in &mut config.rules {
+        if let Block::CmdlineBlacklist { parameter, set_in }
+        | Block::KernelBlacklist { parameter, set_in } = &mut rule.block
+        {
+            set_in.extend(
+                boot_lines
+                    .iter()
+                    .filter(|l| has_word(&l.text, parameter))
+                    .cloned(),
+            );
+        }
+    }
     config
+}
+
+/// Every line of the boot loader settings ([`HostRoot::boot_cmdline_files`]
+/// and `/etc/default/grub.d/*.cfg`, in the order GRUB's scripts read them)
+/// that is not a comment. A file that does not exist is not a problem; one
+/// that cannot be read is a warning.
+fn boot_cmdline_lines(host: &HostRoot, warnings: &mut Vec<String>) -> Vec<ConfigLine> {
+    let [grub, kernel_cmdline] = host.boot_cmdline_files();
+    let mut files = vec![grub];
+    let grub_d = host.grub_default_d();
+    match fs::read_dir(&grub_d) {
+        Ok(entries) => {
+            let mut cfgs: Vec<PathBuf> = entries
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "cfg"))
+                .collect();
+            cfgs.sort();
+            files.extend(cfgs);
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => warnings.push(format!("{}: {e}", host.node_path(&grub_d).display())),
+    }
+    files.push(kernel_cmdline);
+    let mut lines = Vec::new();
+    for path in files {
+        let text = match read_optional_text(&path) {
+            Ok(Some(text)) => text,
+            Ok(None) => continue,
+            Err(e) => {
+                warnings.push(e.to_string());
+                continue;
+            }
+        };
+        let file = host.locate(&path);
+        lines.extend(
+            text.lines()
+                .enumerate()
+                .filter(|(_, l)| !l.trim_start().starts_with('#'))
+                .map(|(index, l)| ConfigLine {
+                    file: file.clone(),
+                    line: index + 1,
+                    text: l.to_owned(),
+                }),
+        );
+    }
+    lines
+}
+
+/// Whether `word` occurs in `line` as a whole kernel parameter: between
+/// the line's ends, whitespace or quotes.
+#[must_use]
+pub fn has_word(line: &str, word: &str) -> bool {
+    word_at(line, word).is_some()
+}
+
+/// Where `word` first occurs in `line` as a whole kernel parameter (see
+/// [`has_word`]).
+#[must_use]
+pub fn word_at(line: &str, word: &str) -> Option<usize> {
+    if word.is_empty() {
+        return None;
+    }
+    let boundary = |c: Option<char>| c.is_none_or(|c| c.is_whitespace() || c == '"' || c == '\'');
+    line.match_indices(word).map(|(at, _)| at).find(|&at| {
+        boundary(line[..at].chars().next_back()) && boundary(line[at + word.len()..].chars().next())
+    })
 }
 
 /// Whether `module` will be there after a reboot, by `config` and the
@@ -453,7 +570,7 @@ fn conf_files(host: &HostRoot, dirs: &[PathBuf], warnings: &mut Vec<String>) -> 
             Ok(entries) => entries,
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
             Err(e) => {
-                warnings.push(format!("{}: {e}", dir.display()));
+                warnings.push(format!("{}: {e}", host.node_path(dir).display()));
                 continue;
             }
         };
@@ -461,7 +578,7 @@ fn conf_files(host: &HostRoot, dirs: &[PathBuf], warnings: &mut Vec<String>) -> 
             let entry = match entry {
                 Ok(entry) => entry,
                 Err(e) => {
-                    warnings.push(format!("{}: {e}", dir.display()));
+                    warnings.push(format!("{}: {e}", host.node_path(dir).display()));
                     continue;
                 }
             };
@@ -490,7 +607,7 @@ fn read_conf_file(host: &HostRoot, path: PathBuf, warnings: &mut Vec<String>) ->
         let meta = match fs::symlink_metadata(&current) {
             Ok(meta) => meta,
             Err(e) => {
-                warnings.push(link_problem(&path, &current, &e.to_string()));
+                warnings.push(link_problem(host, &path, &current, &e.to_string()));
                 return Some(ConfFile {
                     path,
                     target,
@@ -505,7 +622,7 @@ fn read_conf_file(host: &HostRoot, path: PathBuf, warnings: &mut Vec<String>) ->
             let text = match read_optional_text(&current) {
                 Ok(Some(text)) => Some(text),
                 Ok(None) => {
-                    warnings.push(link_problem(&path, &current, "does not exist"));
+                    warnings.push(link_problem(host, &path, &current, "does not exist"));
                     None
                 }
                 Err(e) => {
@@ -518,7 +635,7 @@ fn read_conf_file(host: &HostRoot, path: PathBuf, warnings: &mut Vec<String>) ->
         let link = match fs::read_link(&current) {
             Ok(link) => link,
             Err(e) => {
-                warnings.push(format!("{}: {e}", current.display()));
+                warnings.push(format!("{}: {e}", host.node_path(&current).display()));
                 return Some(ConfFile {
                     path,
                     target,
@@ -547,7 +664,7 @@ fn read_conf_file(host: &HostRoot, path: PathBuf, warnings: &mut Vec<String>) ->
     }
     warnings.push(format!(
         "{}: more than {MAX_LINK_HOPS} symbolic links in a row; file skipped",
-        path.display()
+        host.node_path(&path).display()
     ));
     Some(ConfFile {
         path,
@@ -556,15 +673,19 @@ fn read_conf_file(host: &HostRoot, path: PathBuf, warnings: &mut Vec<String>) ->
     })
 }
 
-/// A warning about `path`, which leads to `current` through links.
-fn link_problem(path: &Path, current: &Path, problem: &str) -> String {
+/// A warning about `path`, which leads to `current` through links, both
+/// named as the node names them.
+fn link_problem(host: &HostRoot, path: &Path, current: &Path, problem: &str) -> String {
     if path == current {
-        format!("{}: {problem}; file skipped", path.display())
+        format!(
+            "{}: {problem}; file skipped",
+            host.node_path(path).display()
+        )
     } else {
         format!(
             "{}: links to {}, which {problem}; file skipped",
-            path.display(),
-            current.display()
+            host.node_path(path).display(),
+            host.node_path(current).display()
         )
     }
 }
@@ -587,7 +708,7 @@ fn normalize(path: &Path) -> PathBuf {
 }
 
 /// A modules-load.d file, by systemd-modules-load's rules.
-fn parse_modules_load(text: &str, path: &Path, config: &mut PersistenceConfig) {
+fn parse_modules_load(text: &str, file: &NodePath, config: &mut PersistenceConfig) {
     for (index, line) in text.lines().enumerate() {
         let entry = line.trim();
         if entry.is_empty() || entry.starts_with(['#', ';']) {
@@ -598,20 +719,18 @@ fn parse_modules_load(text: &str, path: &Path, config: &mut PersistenceConfig) {
             Ok(module) => config.listed.push(Listed {
                 module,
                 source: PersistSource::ModulesLoad {
-                    path: path.to_path_buf(),
+                    file: file.clone(),
                     line: line_no,
                 },
             }),
             Err(_) if entry.contains(char::is_whitespace) => config.warnings.push(format!(
-                "{} line {line_no}: {entry:?} loads nothing at boot: systemd-modules-load takes \
-                 the whole line as one module name (module parameters go in /etc/modprobe.d as \
-                 `options <module> <parameters>`)",
-                path.display()
+                "{file} line {line_no}: {entry:?} loads nothing at boot: systemd-modules-load \
+                 takes the whole line as one module name (module parameters go in \
+                 /etc/modprobe.d as `options <module> <parameters>`)"
             )),
             Err(_) => config.warnings.push(format!(
-                "{} line {line_no}: {entry:?} is not a module name (an alias?); not matched \
-                 against required modules",
-                path.display()
+                "{file} line {line_no}: {entry:?} is not a module name (an alias?); not matched \
+                 against required modules"
             )),
         }
     }
@@ -620,7 +739,7 @@ fn parse_modules_load(text: &str, path: &Path, config: &mut PersistenceConfig) {
 /// /etc/modules read directly, as Debian's kmod init script does: the first
 /// word of each line not starting with `#` is a module, the rest its
 /// parameters.
-fn parse_etc_modules(text: &str, path: &Path, config: &mut PersistenceConfig) {
+fn parse_etc_modules(text: &str, file: &NodePath, config: &mut PersistenceConfig) {
     for (index, line) in text.lines().enumerate() {
         let Some(word) = line.split_whitespace().next() else {
             continue;
@@ -632,35 +751,48 @@ fn parse_etc_modules(text: &str, path: &Path, config: &mut PersistenceConfig) {
             Ok(module) => config.listed.push(Listed {
                 module,
                 source: PersistSource::EtcModules {
-                    path: path.to_path_buf(),
+                    file: file.clone(),
                     line: index + 1,
                 },
             }),
-            Err(e) => config.warnings.push(format!(
-                "{} line {}: {e}; line skipped",
-                path.display(),
-                index + 1
-            )),
+            Err(e) => config
+                .warnings
+                .push(format!("{file} line {}: {e}; line skipped", index + 1)),
         }
     }
 }
 
+/// One line as kmod reads it: lines ending in `\` joined with the next.
+struct LogicalLine {
+    /// 1-based number of its first line.
+    first: usize,
+    /// 1-based number of its last line.
+    last: usize,
+    /// The joined text.
+    text: String,
+}
+
 /// Joins lines ending in `\` with the next, as kmod does, keeping the
-/// 1-based number of each joined line's first line.
-fn logical_lines(text: &str) -> Vec<(usize, String)> {
+/// 1-based numbers of each joined line's first and last lines.
+fn logical_lines(text: &str) -> Vec<LogicalLine> {
     let mut out = Vec::new();
-    let mut pending: Option<(usize, String)> = None;
+    let mut pending: Option<LogicalLine> = None;
     for (index, line) in text.lines().enumerate() {
-        let (start, mut joined) = pending.take().unwrap_or((index + 1, String::new()));
+        let mut joined = pending.take().unwrap_or(LogicalLine {
+            first: index + 1,
+            last: index + 1,
+            text: String::new(),
+        });
+        joined.last = index + 1;
         match line.strip_suffix('\\') {
             Some(head) => {
-                joined.push_str(head);
-                joined.push(' ');
-                pending = Some((start, joined));
+                joined.text.push_str(head);
+                joined.text.push(' ');
+                pending = Some(joined);
             }
             None => {
-                joined.push_str(line);
-                out.push((start, joined));
+                joined.text.push_str(line);
+                out.push(joined);
             }
         }
     }
@@ -670,8 +802,14 @@ fn logical_lines(text: &str) -> Vec<(usize, String)> {
 
 /// A modprobe.d file: the `blacklist` and `install` lines that can stop a
 /// module; the other commands are known and ignored.
-fn parse_modprobe_d(text: &str, path: &Path, config: &mut PersistenceConfig) {
-    for (line, logical) in logical_lines(text) {
+fn parse_modprobe_d(text: &str, file: &NodePath, config: &mut PersistenceConfig) {
+    for logical in logical_lines(text) {
+        let LogicalLine {
+            first: line,
+            last: last_line,
+            text: logical,
+        } = logical;
+        let rule_text = logical.split_whitespace().collect::<Vec<_>>().join(" ");
         let mut words = logical.split_whitespace();
         let Some(command) = words.next() else {
             continue;
@@ -680,10 +818,9 @@ fn parse_modprobe_d(text: &str, path: &Path, config: &mut PersistenceConfig) {
             continue;
         }
         let skip = |config: &mut PersistenceConfig, problem: String| {
-            config.warnings.push(format!(
-                "{} line {line}: {problem}; line skipped",
-                path.display()
-            ));
+            config
+                .warnings
+                .push(format!("{file} line {line}: {problem}; line skipped"));
         };
         match command {
             "blacklist" | "install" => {
@@ -699,8 +836,10 @@ fn parse_modprobe_d(text: &str, path: &Path, config: &mut PersistenceConfig) {
                     config.rules.push(Rule {
                         module,
                         block: Block::Blacklist {
-                            path: path.to_path_buf(),
+                            file: file.clone(),
                             line,
+                            last_line,
+                            text: rule_text,
                         },
                     });
                     continue;
@@ -712,8 +851,10 @@ fn parse_modprobe_d(text: &str, path: &Path, config: &mut PersistenceConfig) {
                     config.rules.push(Rule {
                         module,
                         block: Block::InstallDisabled {
-                            path: path.to_path_buf(),
+                            file: file.clone(),
                             line,
+                            last_line,
+                            text: rule_text,
                             command: words.join(" "),
                         },
                     });
@@ -735,7 +876,7 @@ fn install_disables(words: &[&str]) -> bool {
 /// The kernel command line: `modules-load=`, `rd.modules-load=`,
 /// `modprobe.blacklist=` and `module_blacklist=`. Like the kernel, `-` and
 /// `_` in a parameter name are the same, and double quotes group.
-fn parse_cmdline(text: &str, path: &Path, config: &mut PersistenceConfig) {
+fn parse_cmdline(text: &str, file: &NodePath, config: &mut PersistenceConfig) {
     for word in cmdline_words(text) {
         let Some((key, value)) = word.split_once('=') else {
             continue;
@@ -751,13 +892,19 @@ fn parse_cmdline(text: &str, path: &Path, config: &mut PersistenceConfig) {
             "modprobe.blacklist" => |module, parameter, config| {
                 config.rules.push(Rule {
                     module,
-                    block: Block::CmdlineBlacklist { parameter },
+                    block: Block::CmdlineBlacklist {
+                        parameter,
+                        set_in: Vec::new(),
+                    },
                 });
             },
             "module_blacklist" => |module, parameter, config| {
                 config.rules.push(Rule {
                     module,
-                    block: Block::KernelBlacklist { parameter },
+                    block: Block::KernelBlacklist {
+                        parameter,
+                        set_in: Vec::new(),
+                    },
                 });
             },
             _ => continue,
@@ -766,8 +913,7 @@ fn parse_cmdline(text: &str, path: &Path, config: &mut PersistenceConfig) {
             match ModuleName::parse(name) {
                 Ok(module) => make(module, word.clone(), config),
                 Err(_) => config.warnings.push(format!(
-                    "{}: {name:?} in {word} is not a module name; ignored",
-                    path.display()
+                    "{file}: {name:?} in {word} is not a module name; ignored"
                 )),
             }
         }
@@ -993,6 +1139,11 @@ mod tests {
             self.fake.join(rel)
         }
 
+        /// `rel` under both its names.
+        fn file(&self, rel: &str) -> NodePath {
+            self.root().locate(&self.path(rel))
+        }
+
         fn judge(&self, module: &str) -> Persistence {
             let root = self.root();
             let config = read_persistence_config(&root);
@@ -1003,7 +1154,7 @@ mod tests {
 
     fn modules_load(host: &Host, rel: &str, line: usize) -> PersistSource {
         PersistSource::ModulesLoad {
-            path: host.path(rel),
+            file: host.file(rel),
             line,
         }
     }
@@ -1033,7 +1184,8 @@ mod tests {
 
         // "vfio-pci ids=8086:0953": systemd takes the whole line as a name.
         let config = read_persistence_config(&host.root());
-        let etc_modules = host.path("etc/modules").display().to_string();
+        // Named as the node has it, not under the host root.
+        let etc_modules = "/etc/modules";
         assert!(
             config.warnings().iter().any(|w| w.starts_with(&format!(
                 "{etc_modules} line 11: \"vfio-pci ids=8086:0953\" loads nothing at boot"
@@ -1061,7 +1213,7 @@ mod tests {
         assert_eq!(
             vfio.sources,
             [PersistSource::EtcModules {
-                path: host.path("etc/modules"),
+                file: host.file("etc/modules"),
                 line: 11
             }]
         );
@@ -1084,18 +1236,18 @@ mod tests {
         assert_eq!(
             dm_crypt.blocked_by,
             [Block::InstallDisabled {
-                path: host.path("etc/modprobe.d/cis-hardening.conf"),
+                file: host.file("etc/modprobe.d/cis-hardening.conf"),
                 line: 13,
+                last_line: 13,
+                text: "install dm_crypt /bin/false".to_owned(),
                 command: "/bin/false".to_owned(),
             }]
         );
         let config = read_persistence_config(&host.root());
-        let longhorn = host.path("etc/modules-load.d/longhorn.conf");
         assert!(
-            config.warnings().iter().any(|w| w.starts_with(&format!(
-                "{} line 6: \"dm_crypt foo=1\" loads nothing at boot",
-                longhorn.display()
-            ))),
+            config.warnings().iter().any(|w| w.starts_with(
+                "/etc/modules-load.d/longhorn.conf line 6: \"dm_crypt foo=1\" loads nothing at boot"
+            )),
             "{:#?}",
             config.warnings()
         );
@@ -1137,8 +1289,10 @@ mod tests {
         assert_eq!(
             uio.blocked_by,
             [Block::Blacklist {
-                path: host.path("etc/modprobe.d/cis-hardening.conf"),
+                file: host.file("etc/modprobe.d/cis-hardening.conf"),
                 line: 16,
+                last_line: 17,
+                text: "blacklist uio_pci_generic".to_owned(),
             }]
         );
 
@@ -1159,10 +1313,7 @@ mod tests {
         );
         assert_eq!(
             dm_mod.sources[0].to_string(),
-            format!(
-                "needed by dm_multipath, which is listed in {} line 3",
-                host.path("lib/modules-load.d/multipath.conf").display()
-            )
+            "needed by dm_multipath, which is listed in /lib/modules-load.d/multipath.conf line 3"
         );
         // An install line, unlike a blacklist, stops dependency loads too.
         host.write("etc/modprobe.d/dm.conf", "install dm_mod /usr/bin/false\n");
@@ -1179,11 +1330,14 @@ mod tests {
             pcsp.blocked_by,
             [
                 Block::Blacklist {
-                    path: host.path("etc/modprobe.d/blacklist.conf"),
+                    file: host.file("etc/modprobe.d/blacklist.conf"),
                     line: 42,
+                    last_line: 42,
+                    text: "blacklist snd_pcsp".to_owned(),
                 },
                 Block::CmdlineBlacklist {
-                    parameter: "modprobe.blacklist=evbug,snd_pcsp".to_owned()
+                    parameter: "modprobe.blacklist=evbug,snd_pcsp".to_owned(),
+                    set_in: Vec::new(),
                 },
             ]
         );
@@ -1192,9 +1346,69 @@ mod tests {
         assert_eq!(
             floppy.blocked_by,
             [Block::KernelBlacklist {
-                parameter: "module_blacklist=floppy".to_owned()
+                parameter: "module_blacklist=floppy".to_owned(),
+                set_in: Vec::new(),
             }]
         );
+    }
+
+    #[test]
+    fn command_line_blacklists_name_the_boot_loader_lines_that_set_them() {
+        let host = Host::longhorn_node();
+        // Debian's stock /etc/default/grub, with the parameters added, and
+        // an Ubuntu cloud image's grub.d file.
+        host.write(
+            "etc/default/grub",
+            "GRUB_DEFAULT=0\nGRUB_TIMEOUT=5\nGRUB_DISTRIBUTOR=`lsb_release -i -s 2> /dev/null || \
+             echo Debian`\n#GRUB_CMDLINE_LINUX_DEFAULT=\"quiet modprobe.blacklist=evbug,snd_pcsp\"\n\
+             GRUB_CMDLINE_LINUX_DEFAULT=\"quiet modprobe.blacklist=evbug,snd_pcsp\"\n\
+             GRUB_CMDLINE_LINUX=\"\"\n",
+        );
+        host.write(
+            "etc/default/grub.d/50-cloudimg-settings.cfg",
+            "GRUB_CMDLINE_LINUX_DEFAULT=\"$GRUB_CMDLINE_LINUX_DEFAULT module_blacklist=floppy\"\n",
+        );
+        host.write(
+            "etc/kernel/cmdline",
+            "root=UUID=x ro module_blacklist=floppy2\n",
+        );
+        let pcsp = host.judge("snd_pcsp");
+        assert_eq!(
+            pcsp.blocked_by[1],
+            Block::CmdlineBlacklist {
+                parameter: "modprobe.blacklist=evbug,snd_pcsp".to_owned(),
+                // Not the commented-out line 4.
+                set_in: vec![ConfigLine {
+                    file: host.file("etc/default/grub"),
+                    line: 5,
+                    text: "GRUB_CMDLINE_LINUX_DEFAULT=\"quiet modprobe.blacklist=evbug,snd_pcsp\""
+                        .to_owned(),
+                }],
+            }
+        );
+        // A whole parameter only: not module_blacklist=floppy2.
+        assert_eq!(
+            host.judge("floppy").blocked_by,
+            [Block::KernelBlacklist {
+                parameter: "module_blacklist=floppy".to_owned(),
+                set_in: vec![ConfigLine {
+                    file: host.file("etc/default/grub.d/50-cloudimg-settings.cfg"),
+                    line: 1,
+                    text: "GRUB_CMDLINE_LINUX_DEFAULT=\"$GRUB_CMDLINE_LINUX_DEFAULT \
+                           module_blacklist=floppy\""
+                        .to_owned(),
+                }],
+            }]
+        );
+    }
+
+    #[test]
+    fn whole_parameters_are_found_between_spaces_and_quotes() {
+        assert_eq!(word_at("a=\"x=1 y=2\"", "x=1"), Some(3));
+        assert_eq!(word_at("a=\"x=1 y=2\"", "y=2"), Some(7));
+        assert_eq!(word_at("xx=1 x=1", "x=1"), Some(5));
+        assert_eq!(word_at("x=12", "x=1"), None);
+        assert_eq!(word_at("x=1", ""), None);
     }
 
     #[test]
@@ -1244,11 +1458,10 @@ mod tests {
         let config = read_persistence_config(&host.root());
         assert_eq!(
             config.warnings(),
-            [format!(
-                "{}: links to {}, which No such file or directory (os error 2); file skipped",
-                host.path("etc/modules-load.d/b.conf").display(),
-                host.path("usr/share/gone.conf").display()
-            )]
+            [
+                "/etc/modules-load.d/b.conf: links to /usr/share/gone.conf, which No such file or \
+              directory (os error 2); file skipped"
+            ]
         );
     }
 
@@ -1310,8 +1523,8 @@ mod tests {
             "blacklist\ninstall dm_crypt\nfrobnicate dm_crypt\n  # indented comment\n",
         );
         let config = read_persistence_config(&host.root());
-        let odd = host.path("etc/modprobe.d/odd.conf").display().to_string();
-        let cmdline = host.path("proc/cmdline").display().to_string();
+        let odd = "/etc/modprobe.d/odd.conf";
+        let cmdline = "/proc/cmdline";
         assert_eq!(
             config.warnings(),
             [

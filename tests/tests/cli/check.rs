@@ -57,10 +57,22 @@ fn base_is_met_on_the_real_debian_6_1_root() {
     let base = group(&report, "base");
     assert_eq!(base["mode"], "all_of");
     assert_eq!(base["met"], true);
+    // Loaded, but nothing loads it at boot: the remedy is the line that
+    // does, named as the node has it (and as read, under the host root).
+    let conf = "/etc/modules-load.d/kmod-monitor.conf";
     assert_eq!(
         base["modules"],
-        json!([{"name": "dm_crypt", "state": "loaded", "remedy": null, "persistence": {"persistent": false, "sources": [], "blocked_by": []}}])
+        json!([{"name": "dm_crypt", "state": "loaded", "remedy": {
+            "explanation": "nothing loads dm_crypt at boot",
+            "steps": [{"action": "append_line", "path": conf,
+                       "host_path": host.join(&conf[1..]), "line": "dm_crypt"}],
+            "boot_source": null, "command": null, "persist_line": "dm_crypt",
+            "persist_file": conf, "kernel_config": null,
+        }, "persistence": {"persistent": false, "sources": [], "blocked_by": []}}]),
+        "{}",
+        pretty(base)
     );
+    assert_eq!(report["remedies"]["dm_crypt"], base["modules"][0]["remedy"]);
     // Every file the daemon reads is present and well formed.
     assert_eq!(report["warnings"], json!([]), "{}", pretty(&report));
 }
@@ -78,6 +90,7 @@ fn check_json_has_exactly_the_documented_fields() {
             "met",
             "modules_supported",
             "other_kernels",
+            "remedies",
             "v2",
             "warnings"
         ]
@@ -101,11 +114,13 @@ fn check_json_has_exactly_the_documented_fields() {
     assert_eq!(
         keys(&module(v2, "uio_pci_generic")["remedy"]),
         [
+            "boot_source",
             "command",
             "explanation",
             "kernel_config",
             "persist_file",
-            "persist_line"
+            "persist_line",
+            "steps"
         ]
     );
 }
@@ -144,7 +159,16 @@ fn v2_data_engine_unmet_names_the_module_and_its_fix() {
     for loaded in ["vfio_pci", "nvme_tcp"] {
         let m = module(v2, loaded);
         assert_eq!(m["state"], "loaded", "{}", pretty(v2));
-        assert_eq!(m["remedy"], Value::Null, "a loaded module needs no fix");
+        // Nothing to load; only the line that brings it back after a
+        // reboot.
+        assert_eq!(m["remedy"]["command"], Value::Null, "{}", pretty(v2));
+        assert_eq!(m["remedy"]["persist_line"], loaded, "{}", pretty(v2));
+        assert_eq!(
+            m["remedy"]["steps"].as_array().map(Vec::len),
+            Some(1),
+            "{}",
+            pretty(v2)
+        );
     }
 
     let uio = module(v2, "uio_pci_generic");
@@ -152,6 +176,13 @@ fn v2_data_engine_unmet_names_the_module_and_its_fix() {
     let remedy = &uio["remedy"];
     assert_eq!(remedy["command"], "modprobe uio_pci_generic");
     assert_eq!(remedy["persist_line"], "uio_pci_generic");
+    let actions: Vec<&str> = remedy["steps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s["action"].as_str())
+        .collect();
+    assert_eq!(actions, ["run", "append_line"], "{}", pretty(remedy));
     assert_eq!(remedy["persist_file"], MODULES_LOAD_FILE);
     assert_eq!(remedy["kernel_config"], Value::Null, "{}", pretty(remedy));
     let explanation = remedy["explanation"].as_str().unwrap_or_default();
@@ -198,8 +229,8 @@ fn text_output_has_a_row_per_module_and_the_fixes() {
         .unwrap_or_else(|| panic!("no \"To fix:\" section: {out}"));
     for line in [
         "uio_pci_generic (available):",
-        "now:         modprobe uio_pci_generic",
-        &format!("after boot:  echo uio_pci_generic >> {MODULES_LOAD_FILE}"),
+        "\n      1. modprobe uio_pci_generic\n",
+        &format!("\n      2. echo uio_pci_generic >> {MODULES_LOAD_FILE}\n"),
     ] {
         assert!(fixes.contains(line), "\"To fix\" lacks {line:?}: {out}");
     }
@@ -368,10 +399,20 @@ fn dash_and_underscore_name_the_same_module() {
     let report = check_json(&host, &args!["--config", &config], 0);
     let nvme = group(&report, "nvme");
     assert_eq!(nvme["met"], true, "{}", pretty(&report));
+    let modules = nvme["modules"].as_array().cloned().unwrap_or_default();
+    assert_eq!(modules.len(), 1, "{}", pretty(nvme));
+    let nvme_tcp = &modules[0];
     assert_eq!(
-        nvme["modules"],
-        json!([{"name": "nvme_tcp", "state": "loaded", "remedy": null, "persistence": {"persistent": false, "sources": [], "blocked_by": []}}]),
-        "nvme-tcp is reported under the kernel's name"
+        (&nvme_tcp["name"], &nvme_tcp["state"]),
+        (&json!("nvme_tcp"), &json!("loaded")),
+        "nvme-tcp is reported under the kernel's name: {}",
+        pretty(nvme)
+    );
+    assert_eq!(
+        nvme_tcp["remedy"]["persist_line"],
+        "nvme_tcp",
+        "and persisted under it: {}",
+        pretty(nvme)
     );
 }
 
@@ -533,12 +574,11 @@ fn a_live_module_whose_init_is_still_coming_is_loading() {
     let report = check_json(&host, &[], 1);
     let dm_crypt = module(group(&report, "base"), "dm_crypt");
     assert_eq!(dm_crypt["state"], "loading", "{}", pretty(&report));
-    let explanation = dm_crypt["remedy"]["explanation"]
-        .as_str()
-        .unwrap_or_default();
-    assert!(
-        explanation.contains("again"),
-        "a module in transition should be checked again: {explanation:?}"
+    assert_eq!(
+        dm_crypt["remedy"]["steps"],
+        json!([{"action": "check_again"}]),
+        "a module in transition should be checked again: {}",
+        pretty(dm_crypt)
     );
 }
 

@@ -173,6 +173,7 @@ fn status_and_endpoints_have_the_documented_shape() {
             "persistence",
             "privileges",
             "reconciles",
+            "remedies",
             "source",
             "v2",
             "version",
@@ -180,6 +181,23 @@ fn status_and_endpoints_have_the_documented_shape() {
         ]
     );
     assert_eq!(status["version"], env!("CARGO_PKG_VERSION"));
+    // The unloaded module's remedy, as `check` gives it.
+    assert_eq!(
+        keys(&status["remedies"]["dm_crypt"]),
+        [
+            "boot_source",
+            "command",
+            "explanation",
+            "kernel_config",
+            "persist_file",
+            "persist_line",
+            "steps"
+        ]
+    );
+    assert_eq!(
+        status["remedies"]["dm_crypt"]["command"],
+        "modprobe dm_crypt"
+    );
     assert_eq!(
         status["event_log"],
         Value::Null,

@@ -10,6 +10,8 @@
 //! - `event_log`: the forensic event log written by `run`, `log verify`
 //!   and `log show`, a SIGKILL mid-burst, and a full disk.
 //! - `persistence`: reboot survival in check, /status and metrics; check --fix.
+//! - `remedy`: every combination of loaded, listed and blocked gets the
+//!   remedy that works; applied, the requirement holds and persists.
 //! - `prometheus`: /metrics, the shipped rules and alert delivery against
 //!   the real Prometheus and Alertmanager.
 //! - `alertmanager`: delivery with a hung Alertmanager listed first, https
@@ -37,5 +39,6 @@ mod layers;
 mod longhorn;
 mod persistence;
 mod prometheus;
+mod remedy;
 mod requirements;
 mod source;

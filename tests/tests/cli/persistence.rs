@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use kmod_monitor_tests::{Daemon, FakeHost, args, check, kmod_monitor};
+use serde_json::json;
 
 fn persistent(report: &serde_json::Value, module: &str) -> Option<bool> {
     report["groups"]
@@ -206,6 +207,32 @@ fn status_and_metrics_report_persistence() {
         status["persistence"]["dm_crypt"]["persistent"], false,
         "{status:#}"
     );
+    // Paths as the node has them, and as read under the host root.
+    let source = &status["persistence"]["nvme_tcp"]["sources"][0];
+    assert_eq!(
+        (&source["path"], &source["host_path"]),
+        (&json!("/etc/modules"), &json!(host.join("etc/modules"))),
+        "{status:#}"
+    );
+    // The remedies, as check gives them: every required module but
+    // nvme_tcp, which /etc/modules loads.
+    assert_eq!(
+        kmod_monitor_tests::keys(&status["remedies"]),
+        ["dm_crypt", "uio_pci_generic", "vfio_pci"],
+        "{status:#}"
+    );
+    let conf = "/etc/modules-load.d/kmod-monitor.conf";
+    assert_eq!(
+        status["remedies"]["dm_crypt"],
+        json!({
+            "explanation": "nothing loads dm_crypt at boot",
+            "steps": [{"action": "append_line", "path": conf,
+                       "host_path": host.join(&conf[1..]), "line": "dm_crypt"}],
+            "boot_source": null, "command": null, "persist_line": "dm_crypt",
+            "persist_file": conf, "kernel_config": null,
+        }),
+        "{status:#}"
+    );
     let (_, metrics) = daemon.get("/metrics").unwrap_or_else(|e| panic!("{e}"));
     assert!(
         metrics.contains("kmod_monitor_module_persistent{module=\"nvme_tcp\"} 1"),
@@ -219,6 +246,6 @@ fn status_and_metrics_report_persistence() {
     // A change on disk is picked up by the next reconcile.
     host.write("etc/modules-load.d/crypt.conf", "dm_crypt\n");
     daemon.wait_for("dm_crypt persistent", Duration::from_secs(5), |s| {
-        s["persistence"]["dm_crypt"]["persistent"] == true
+        s["persistence"]["dm_crypt"]["persistent"] == true && s["remedies"]["dm_crypt"].is_null()
     });
 }
