@@ -1,5 +1,6 @@
-//! Fan-out after every change: the /status document, the metrics and the
-//! set of alerts the pusher should hold firing. Everything here reads the
+//! Fan-out after every change: the /status document, the metrics, the
+//! set of alerts the pusher should hold firing and what the Kubernetes
+//! writer should show on the Node. Everything here reads the
 //! daemon's state; nothing changes it.
 use std::sync::Arc;
 
@@ -9,6 +10,7 @@ use super::Daemon;
 use crate::{
     alerting::{self, AlertInputs, WantedSet},
     forensic::EventLog,
+    k8s,
     requirements::{self, V2_GROUP},
     source::RunningSource,
     status::{KernelFiltered, SourceStatus, Status},
@@ -77,6 +79,16 @@ impl Daemon {
             });
             true
         });
+        if let Some(reporter) = &self.k8s {
+            reporter.update(&k8s::Inputs {
+                groups: &status.groups,
+                enablement: &status.v2.enablement,
+                snapshot: &self.snapshot,
+                hugepages: &self.v2.readiness.hugepages,
+                host: &self.settings.common.host,
+                source: running.kind,
+            });
+        }
         status_tx.send_replace(Arc::new(status));
     }
 
