@@ -492,6 +492,40 @@ mod tests {
         assert_eq!(r.groups["base"].met_note, "base is met again");
     }
 
+    /// The actor's pod comes from its cgroup, read from `/proc/<tgid>`
+    /// under the host root when the transition is counted.
+    #[test]
+    fn the_note_names_the_actors_pod() {
+        let w = World::new();
+        let pod = "5d3c1f2e-8a4b-4c6d-9e0f-112233445566";
+        let cid = "ab".repeat(32);
+        w.host
+            .write(
+                "proc/105/stat",
+                "105 (rmmod) S 99 105 99 0 -1 4194560 0 0\n",
+            )
+            .write(
+                "proc/105/cgroup",
+                format!("0::/kubepods/besteffort/pod{pod}/{cid}\n"),
+            );
+        let base_gone = group(
+            "base",
+            vec![module(
+                "dm_crypt",
+                ModuleState::Available,
+                Some((Kind::Unload, 7, true)),
+            )],
+        );
+        let r = w.report(&[base_gone], Some(false), &Report::starting());
+        assert!(
+            r.groups["base"].unmet_note.ends_with(&format!(
+                "Last event: dm_crypt unload by rmmod (pid 105, uid 0, pod {pod})"
+            )),
+            "{}",
+            r.groups["base"].unmet_note
+        );
+    }
+
     #[test]
     fn an_unknown_enablement_is_not_a_change_but_switching_off_is() {
         let w = World::new();
