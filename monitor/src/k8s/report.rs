@@ -94,8 +94,8 @@ pub struct Report {
 }
 
 impl Report {
-    /// Before the daemon published anything (never written: the daemon
-    /// publishes its first state before the writer runs).
+    /// Before the daemon's first publish: Unknown, which the writer's
+    /// start-up wait keeps from being written.
     #[must_use]
     pub fn starting() -> Self {
         Self {
@@ -249,12 +249,22 @@ fn names(groups: &[GroupReport]) -> String {
 
 /// `group: module state (fix); …` for an unmet group.
 fn unmet_group(inputs: &Inputs<'_>, g: &GroupReport) -> String {
+    let (mode, detail) = unmet_detail(inputs, g);
+    format!("{}{mode}: {detail}", g.name)
+}
+
+/// For an unmet group: `" (any one of)"` or `""`, and what is missing with
+/// its fix.
+fn unmet_detail(inputs: &Inputs<'_>, g: &GroupReport) -> (&'static str, String) {
     if g.name == HUGEPAGES_REQUIREMENT {
         let h = inputs.hugepages;
         let total = h.pool.map_or(0, |p| p.total);
-        return format!(
-            "{}: {total} of {} 2 MiB hugepages (fix: sysctl -w vm.nr_hugepages={}, and vm.nr_hugepages={} in /etc/sysctl.d/)",
-            g.name, h.required, h.required, h.required
+        return (
+            "",
+            format!(
+                "{total} of {} 2 MiB hugepages (fix: sysctl -w vm.nr_hugepages={}, and vm.nr_hugepages={} in /etc/sysctl.d/)",
+                h.required, h.required, h.required
+            ),
         );
     }
     let modules: Vec<String> = g
@@ -267,7 +277,7 @@ fn unmet_group(inputs: &Inputs<'_>, g: &GroupReport) -> String {
         crate::requirements::GroupMode::AllOf => "",
         crate::requirements::GroupMode::AnyOf => " (any one of)",
     };
-    format!("{}{mode}: {}", g.name, modules.join("; "))
+    (mode, modules.join("; "))
 }
 
 fn module_fix(snapshot: &Snapshot, m: &ModuleReport) -> String {
@@ -287,16 +297,9 @@ fn module_fix(snapshot: &Snapshot, m: &ModuleReport) -> String {
 fn note(inputs: &Inputs<'_>, g: &GroupReport) -> String {
     let verdict = if g.met {
         format!("{} is met again", g.name)
-    } else if g.name == HUGEPAGES_REQUIREMENT {
-        let total = inputs.hugepages.pool.map_or(0, |p| p.total);
-        format!(
-            "{} is unmet: {total} of {} 2 MiB hugepages",
-            g.name, inputs.hugepages.required
-        )
     } else {
-        unmet_group(inputs, g)
-            .replacen(':', " is unmet:", 1)
-            .replacen(" (any one of) is unmet:", " is unmet (any one of):", 1)
+        let (mode, detail) = unmet_detail(inputs, g);
+        format!("{} is unmet{mode}: {detail}", g.name)
     };
     let cause = g
         .modules
@@ -574,7 +577,7 @@ mod tests {
         assert!(r.condition.message.contains("512 of 1024 2 MiB hugepages"));
         assert_eq!(
             r.groups[HUGEPAGES_REQUIREMENT].unmet_note,
-            "v2-hugepages is unmet: 512 of 1024 2 MiB hugepages"
+            "v2-hugepages is unmet: 512 of 1024 2 MiB hugepages (fix: sysctl -w vm.nr_hugepages=1024, and vm.nr_hugepages=1024 in /etc/sysctl.d/)"
         );
     }
 
