@@ -171,7 +171,15 @@ fn status_and_endpoints_have_the_documented_shape() {
     );
     assert_eq!(
         keys(&status["events"]),
-        ["by_kind", "lost", "received", "undecodable"]
+        [
+            "by_kind",
+            "ignored",
+            "kernel_filtered",
+            "lost",
+            "received",
+            "undecodable",
+            "unload_denied"
+        ]
     );
     let base = group(&status, "base");
     assert_eq!(keys(base), ["met", "mode", "modules", "name", "severity"]);
