@@ -3,7 +3,7 @@
 //! group whether the node is fit.
 //!
 //! Data flows one way: kernel → [`source`] → [`tracker`] → [`status`],
-//! [`metrics`], [`alerting`], [`forensic`] log; the cluster watch
+//! [`metrics`], [`alerting`], [`k8s`], [`forensic`] log; the cluster watch
 //! ([`longhorn`]) beside it decides what is required. Modules are layered;
 //! each uses only its own layer or lower ones (`tests/cli/layers.rs` checks
 //! it):
@@ -30,6 +30,7 @@
 //!    - [`metrics`]: the Prometheus metrics contract.
 //!    - [`alerting`]: the alerts and the Alertmanager push.
 //!    - [`http`]: /status, /healthz and /metrics.
+//!    - [`k8s`]: the Node condition, Events and labels, and their writer.
 //!    - [`config`]: flags, the config file, validators, the one resolver.
 //! 5. Commands.
 //!    - [`daemon`]: `run`: attach, snapshot, apply, reconcile, reload, publish.
@@ -44,6 +45,7 @@ pub mod fix;
 pub mod forensic;
 pub mod host;
 pub mod http;
+pub mod k8s;
 pub mod longhorn;
 pub mod metrics;
 pub mod names;

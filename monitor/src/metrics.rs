@@ -149,6 +149,38 @@ impl Delivery {
     }
 }
 
+/// `kind` label values of `kmod_monitor_k8s_writes_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum K8sWrite {
+    /// The Node condition (server-side apply on `nodes/status`), and the
+    /// read of the Node that precedes the first one.
+    Condition,
+    /// The opt-in node labels (server-side apply on the Node).
+    Labels,
+    /// An Event created, or its series patched.
+    Event,
+}
+
+impl K8sWrite {
+    /// Every kind, for the series exported from the start.
+    pub const ALL: [Self; 3] = [Self::Condition, Self::Labels, Self::Event];
+
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Condition => "condition",
+            Self::Labels => "labels",
+            Self::Event => "event",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct K8sWriteLabels {
+    kind: String,
+    result: String,
+}
+
 /// The label sets of per-group series created so far.
 #[derive(Default)]
 struct Known {
@@ -196,6 +228,7 @@ pub struct Metrics {
     events_ignored: Counter,
     /// What `log_dropped` was last raised to (the log reports a total).
     log_dropped_seen: AtomicU64,
+    k8s_writes: Family<K8sWriteLabels, Counter>,
     known: std::sync::Mutex<Known>,
 }
 
@@ -236,6 +269,7 @@ impl Metrics {
             filtered_seen: [AtomicU64::new(0), AtomicU64::new(0)],
             events_ignored: Counter::default(),
             log_dropped_seen: AtomicU64::new(0),
+            k8s_writes: Family::default(),
             known: std::sync::Mutex::default(),
             registry: Registry::default(),
         };
@@ -362,6 +396,19 @@ impl Metrics {
             "Well-formed kernel events that cannot be about a module (a name no module can have); not a loss",
             m.events_ignored.clone(),
         );
+        registry.register(
+            "k8s_writes",
+            "Writes to the Kubernetes API (kind: condition, labels, event) by result (success, failure); failures are retried with back-off",
+            m.k8s_writes.clone(),
+        );
+        for kind in K8sWrite::ALL {
+            for result in ["success", "failure"] {
+                let _ = m.k8s_writes.get_or_create(&K8sWriteLabels {
+                    kind: kind.as_str().into(),
+                    result: result.into(),
+                });
+            }
+        }
         for reason in [FILTERED_REQUEST_UNTRACKED, FILTERED_DENIED_OVER_LIMIT] {
             let _ = m.kernel_filtered.get_or_create(&ReasonLabels {
                 reason: reason.into(),
@@ -713,6 +760,16 @@ impl Metrics {
         self.alert_deliveries
             .get_or_create(&ResultLabels {
                 result: result.as_str().into(),
+            })
+            .inc();
+    }
+
+    /// Counts one write to the Kubernetes API.
+    pub fn k8s_write(&self, kind: K8sWrite, success: bool) {
+        self.k8s_writes
+            .get_or_create(&K8sWriteLabels {
+                kind: kind.as_str().into(),
+                result: if success { "success" } else { "failure" }.into(),
             })
             .inc();
     }

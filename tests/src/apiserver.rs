@@ -704,11 +704,19 @@ impl ControlPlane {
     /// the shipped ServiceAccount.
     #[must_use]
     pub fn service_account_kubeconfig(&self) -> PathBuf {
+        self.token_kubeconfig(SERVICE_ACCOUNT_NAMESPACE, SERVICE_ACCOUNT)
+    }
+
+    /// A kubeconfig holding a fresh token (TokenRequest API, one hour) of
+    /// ServiceAccount `namespace/name`.
+    ///
+    /// # Panics
+    /// When the TokenRequest fails (no such ServiceAccount).
+    #[must_use]
+    pub fn token_kubeconfig(&self, namespace: &str, name: &str) -> PathBuf {
         let (code, body) = self.request(
             "POST",
-            &format!(
-                "/api/v1/namespaces/{SERVICE_ACCOUNT_NAMESPACE}/serviceaccounts/{SERVICE_ACCOUNT}/token"
-            ),
+            &format!("/api/v1/namespaces/{namespace}/serviceaccounts/{name}/token"),
             Some((
                 "application/json",
                 &json!({
@@ -722,7 +730,10 @@ impl ControlPlane {
         let token = body["status"]["token"]
             .as_str()
             .unwrap_or_else(|| panic!("TokenRequest without status.token: {body}"));
-        let path = self.dir.path().join("service-account.kubeconfig");
+        let path = self
+            .dir
+            .path()
+            .join(format!("{namespace}.{name}.kubeconfig"));
         self.write_kubeconfig(&path, &format!("token: {token}"));
         path
     }
@@ -762,6 +773,91 @@ impl ControlPlane {
             .count()
     }
 
+    /// Every completed request of the daemon so far (a watch once it
+    /// started streaming), from the audit logs, in order.
+    #[must_use]
+    pub fn daemon_calls(&self) -> Vec<Call> {
+        let text = |v: &Value| v.as_str().unwrap_or_default().to_owned();
+        self.audit_events()
+            .iter()
+            .filter(|e| {
+                let stage = if e["verb"] == "watch" {
+                    "ResponseStarted"
+                } else {
+                    "ResponseComplete"
+                };
+                e["stage"] == stage
+            })
+            .map(|e| Call {
+                verb: text(&e["verb"]),
+                group: text(&e["objectRef"]["apiGroup"]),
+                resource: text(&e["objectRef"]["resource"]),
+                subresource: text(&e["objectRef"]["subresource"]),
+                namespace: text(&e["objectRef"]["namespace"]),
+                code: e["responseStatus"]["code"]
+                    .as_u64()
+                    .and_then(|c| u16::try_from(c).ok())
+                    .unwrap_or_default(),
+                at: humantime::parse_rfc3339_weak(
+                    e["requestReceivedTimestamp"].as_str().unwrap_or_default(),
+                )
+                .unwrap_or_else(|err| {
+                    panic!("audit event without a good requestReceivedTimestamp ({err}): {e}")
+                }),
+            })
+            .collect()
+    }
+
+    /// Node `name` as the admin reads it.
+    ///
+    /// # Panics
+    /// Unless it answers 200.
+    #[must_use]
+    #[track_caller]
+    pub fn node(&self, name: &str) -> Value {
+        let (code, body) = self.request("GET", &format!("/api/v1/nodes/{name}"), None);
+        assert_eq!(code, 200, "GET node {name}: {body}");
+        body
+    }
+
+    /// Writes `conditions` into Node `name`'s status as the kubelet does:
+    /// a strategic merge patch of `nodes/status` (merged by `type`) under
+    /// the field manager `kubelet`.
+    ///
+    /// # Panics
+    /// Unless it answers 200.
+    #[track_caller]
+    pub fn kubelet_status(&self, name: &str, conditions: &Value) {
+        let (code, body) = self.request(
+            "PATCH",
+            &format!("/api/v1/nodes/{name}/status?fieldManager=kubelet"),
+            Some((
+                "application/strategic-merge-patch+json",
+                &json!({"status": {"conditions": conditions}}),
+            )),
+        );
+        assert_eq!(code, 200, "kubelet status patch of {name}: {body}");
+    }
+
+    /// The events.k8s.io/v1 Events about Node `name` (in `default`).
+    #[must_use]
+    #[track_caller]
+    pub fn node_events(&self, name: &str) -> Vec<Value> {
+        let (code, body) = self.request(
+            "GET",
+            "/apis/events.k8s.io/v1/namespaces/default/events",
+            None,
+        );
+        assert_eq!(code, 200, "listing events: {body}");
+        body["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["regarding"]["kind"] == "Node" && e["regarding"]["name"] == name)
+            .cloned()
+            .collect()
+    }
+
     /// Compacts etcd's history up to its current revision (physically), so
     /// a watch from any older resourceVersion that etcd serves gets 410.
     /// Returns that revision.
@@ -797,6 +893,40 @@ impl ControlPlane {
         .unwrap_or_else(|e| panic!("etcd compaction: {e}"));
         assert_eq!(compacted.0, 200, "etcd compaction: {compacted:?}");
         revision
+    }
+}
+
+/// One request of the daemon, as the audit log has it.
+#[derive(Clone, Debug)]
+pub struct Call {
+    pub verb: String,
+    /// `""` for the core group.
+    pub group: String,
+    pub resource: String,
+    /// `status` for `nodes/status`; `""` for none.
+    pub subresource: String,
+    pub namespace: String,
+    /// The answer's status code.
+    pub code: u16,
+    /// When the apiserver received it.
+    pub at: std::time::SystemTime,
+}
+
+impl Call {
+    /// `verb group/resource/subresource`, for messages and tallies.
+    #[must_use]
+    pub fn what(&self) -> String {
+        let mut text = format!("{} ", self.verb);
+        if !self.group.is_empty() {
+            text.push_str(&self.group);
+            text.push('/');
+        }
+        text.push_str(&self.resource);
+        if !self.subresource.is_empty() {
+            text.push('/');
+            text.push_str(&self.subresource);
+        }
+        text
     }
 }
 

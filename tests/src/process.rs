@@ -128,12 +128,20 @@ impl Drop for ChildGuard {
 }
 
 /// A `kmod-monitor` command line with the environment every test uses:
-/// plain-text logs at `info` (no colours to trip up string checks).
+/// plain-text logs at `info` (no colours to trip up string checks), and no
+/// way to find a cluster but the `--kubeconfig` a test passes: no
+/// `$KUBECONFIG`, no `~/.kube/config`, no in-cluster service account. The
+/// daemon writes to the cluster it finds (its Node condition, Events), and
+/// a test run on a machine that can reach a real one must not.
 pub(crate) fn command(args: &[OsString]) -> Command {
     let mut cmd = Command::new(kmod_monitor_bin());
     cmd.args(args)
         .env("NO_COLOR", "1")
         .env("KMOD_MONITOR_LOG", "info")
+        .env_remove("KUBECONFIG")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("KUBERNETES_SERVICE_PORT")
+        .env("HOME", "/nonexistent/kmod-monitor-tests-home")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());

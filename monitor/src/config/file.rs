@@ -35,6 +35,9 @@
 //! # alertmanager_basic_auth_password_file = "/etc/kmod-monitor/am-password"
 //! alertmanager_timeout = 10  # seconds per request, connection included
 //! longhorn_version = "1.12"  # whose node requirements apply; default: the cluster's, else the newest known
+//! k8s_report = "auto"        # auto|off: the Node condition and Events, in a cluster
+//! k8s_heartbeat = 300        # seconds between heartbeat writes of the condition, > 0
+//! k8s_node_labels = false    # kmod-monitor.io/<group>=met|unmet labels on the Node
 //!
 //! [groups.base]              # built-in; may be switched off
 //! enabled = false
@@ -169,6 +172,12 @@ pub struct FileConfig {
     pub alertmanager_timeout: Option<Duration>,
     /// `longhorn_version`: whose requirements apply.
     pub longhorn_version: Option<crate::requirements::LonghornVersion>,
+    /// `k8s_report`: write the Node condition and Events (`auto`) or not.
+    pub k8s_report: Option<crate::k8s::ReportMode>,
+    /// `k8s_heartbeat`: least time between heartbeat writes; > 0.
+    pub k8s_heartbeat: Option<Duration>,
+    /// `k8s_node_labels`: keep one label per requirement group on the Node.
+    pub k8s_node_labels: Option<bool>,
     /// `[groups.*]`: the built-in groups' switches and the user's groups.
     pub groups: GroupSettings,
 }
@@ -394,6 +403,9 @@ impl FileConfig {
             alertmanager_basic_auth_password_file,
             alertmanager_timeout,
             longhorn_version,
+            k8s_report,
+            k8s_heartbeat,
+            k8s_node_labels,
             groups,
         } = old.unwrap_or(&none);
         let new = new.unwrap_or(&none);
@@ -465,6 +477,9 @@ impl FileConfig {
                 "longhorn_version",
                 *longhorn_version != new.longhorn_version,
             ),
+            ("k8s_report", *k8s_report != new.k8s_report),
+            ("k8s_heartbeat", *k8s_heartbeat != new.k8s_heartbeat),
+            ("k8s_node_labels", *k8s_node_labels != new.k8s_node_labels),
             ("groups", *groups != new.groups),
         ]
         .into_iter()
@@ -506,6 +521,9 @@ struct RawFile {
     alertmanager_basic_auth_password_file: Option<Spanned<String>>,
     alertmanager_timeout: Option<Spanned<u64>>,
     longhorn_version: Option<Spanned<String>>,
+    k8s_report: Option<crate::k8s::ReportMode>,
+    k8s_heartbeat: Option<Spanned<u64>>,
+    k8s_node_labels: Option<bool>,
     #[serde(default)]
     groups: BTreeMap<Spanned<String>, RawGroup>,
 }
@@ -583,6 +601,9 @@ impl Locator<'_> {
             alertmanager_basic_auth_password_file,
             alertmanager_timeout,
             longhorn_version,
+            k8s_report,
+            k8s_heartbeat,
+            k8s_node_labels,
             groups: raw_groups,
         } = raw;
         let longhorn_namespace = self.check_text(
@@ -688,6 +709,7 @@ impl Locator<'_> {
             "longhorn_version",
             validate::longhorn_version,
         )?;
+        let k8s_heartbeat = self.check(k8s_heartbeat, "k8s_heartbeat", validate::k8s_heartbeat)?;
 
         let mut base_group = BuiltinGroupSettings::default();
         let mut v2_group = BuiltinGroupSettings::default();
@@ -745,6 +767,9 @@ impl Locator<'_> {
             alertmanager_basic_auth_password_file,
             alertmanager_timeout,
             longhorn_version,
+            k8s_report,
+            k8s_heartbeat,
+            k8s_node_labels,
             groups: GroupSettings {
                 base: base_group,
                 v2: v2_group,
@@ -1048,6 +1073,9 @@ alertmanager_bearer_token_file = "/etc/kmod-monitor/am-token"  # or basic auth:
 # alertmanager_basic_auth_password_file = "/etc/kmod-monitor/am-password"
 alertmanager_timeout = 10  # seconds per request, connection included
 longhorn_version = "1.12"  # whose node requirements apply; default: the cluster's, else the newest known
+k8s_report = "auto"        # auto|off: the Node condition and Events, in a cluster
+k8s_heartbeat = 300        # seconds between heartbeat writes of the condition, > 0
+k8s_node_labels = false    # kmod-monitor.io/<group>=met|unmet labels on the Node
 
 [groups.base]              # built-in; may be switched off
 enabled = false
@@ -1109,6 +1137,9 @@ severity = "warning"       # default "critical"; free-form label for alerts
             alertmanager_basic_auth_password_file,
             alertmanager_timeout,
             longhorn_version,
+            k8s_report,
+            k8s_heartbeat,
+            k8s_node_labels,
             groups:
                 GroupSettings {
                     base: base_group,
@@ -1141,6 +1172,9 @@ severity = "warning"       # default "critical"; free-form label for alerts
         assert_eq!(alertmanager_basic_auth_username, None);
         assert_eq!(alertmanager_basic_auth_password_file, None);
         assert_eq!(alertmanager_timeout, Some(Duration::from_secs(10)));
+        assert_eq!(k8s_report, Some(crate::k8s::ReportMode::Auto));
+        assert_eq!(k8s_heartbeat, Some(Duration::from_secs(300)));
+        assert_eq!(k8s_node_labels, Some(false));
         assert_eq!(
             longhorn_version,
             Some(crate::requirements::LonghornVersion::new(1, 12))

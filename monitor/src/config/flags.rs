@@ -9,11 +9,12 @@ use std::path::PathBuf;
 use clap::ValueEnum;
 
 use super::settings::{
-    DEFAULT_ALERT_RESEND_SECS, DEFAULT_LISTEN, DEFAULT_LONGHORN_GRACE_SECS,
-    DEFAULT_POLL_INTERVAL_SECS, DEFAULT_RECONCILE_INTERVAL_SECS,
+    DEFAULT_ALERT_RESEND_SECS, DEFAULT_K8S_HEARTBEAT_SECS, DEFAULT_LISTEN,
+    DEFAULT_LONGHORN_GRACE_SECS, DEFAULT_POLL_INTERVAL_SECS, DEFAULT_RECONCILE_INTERVAL_SECS,
 };
 use crate::{
     forensic::{self, FsyncPolicy},
+    k8s::ReportMode,
     longhorn::{self, LonghornMode},
     source::SourceKind,
 };
@@ -179,6 +180,23 @@ pub struct RunFlags {
         crate::alerting::DEFAULT_ALERTMANAGER_TIMEOUT_SECS,
     ))]
     pub alertmanager_timeout: Option<u64>,
+    /// Write the verdict to this node's Node (a condition and Events) when
+    /// running in a cluster.
+    #[arg(long, value_enum, help = with_default(
+        "Write the verdict to this node's Node (a condition and Events) when running in a cluster",
+        ReportMode::default().to_possible_value().map_or_else(String::new, |v| v.get_name().to_owned()),
+    ))]
+    pub k8s_report: Option<ReportMode>,
+    /// Seconds between heartbeat writes of the Node condition (plus up to 10 % jitter).
+    #[arg(long, value_name = "SECS", help = with_default(
+        "Seconds between heartbeat writes of the Node condition (plus up to 10 % jitter)",
+        DEFAULT_K8S_HEARTBEAT_SECS,
+    ))]
+    pub k8s_heartbeat: Option<u64>,
+    /// Keep a kmod-monitor.io/<group>=met|unmet label per requirement group
+    /// on this node's Node (needs patch on nodes: the node-labels component).
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub k8s_node_labels: Option<bool>,
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

@@ -18,6 +18,7 @@ use crate::{
     alerting::{AlertAuth, AlertClient, DEFAULT_ALERTMANAGER_TIMEOUT_SECS},
     forensic::{self, EventLogSettings, FsyncPolicy},
     host::HostRoot,
+    k8s::K8sSettings,
     longhorn::{self, ClusterSettings, LocalInputs, Source},
     privileges::{PrivilegeError, User},
     requirements::GroupSettings,
@@ -34,6 +35,8 @@ pub const DEFAULT_POLL_INTERVAL_SECS: u64 = 1;
 pub const DEFAULT_ALERT_RESEND_SECS: u64 = 60;
 /// `longhorn_grace`, seconds.
 pub const DEFAULT_LONGHORN_GRACE_SECS: u64 = 300;
+/// `k8s_heartbeat`, seconds: the kubelet's own node status report period.
+pub const DEFAULT_K8S_HEARTBEAT_SECS: u64 = 300;
 /// `runbook_url`: the README's runbook.
 pub const DEFAULT_RUNBOOK_URL: &str =
     "https://github.com/kmod-monitor/kmod-monitor/blob/main/README.md";
@@ -103,6 +106,8 @@ pub struct RunSettings {
     pub keep_privileges: bool,
     /// The forensic event log; `None` = no log.
     pub event_log: Option<EventLogSettings>,
+    /// The Node condition, Events and labels.
+    pub k8s: K8sSettings,
     /// What these were resolved from, for SIGHUP.
     pub inputs: Inputs,
 }
@@ -298,6 +303,9 @@ pub fn resolve_run(
         alertmanager_basic_auth_username,
         alertmanager_basic_auth_password_file,
         alertmanager_timeout,
+        k8s_report,
+        k8s_heartbeat,
+        k8s_node_labels,
         log_format: _,
     } = flags;
     let mut common_settings = resolve_common(common, f)?;
@@ -390,6 +398,17 @@ pub fn resolve_run(
         user: user.as_deref().map(User::resolve).transpose()?,
         keep_privileges: *keep_privileges,
         event_log,
+        k8s: K8sSettings {
+            mode: k8s_report
+                .or_else(|| f.and_then(|f| f.k8s_report))
+                .unwrap_or_default(),
+            heartbeat: checked("--k8s-heartbeat", *k8s_heartbeat, validate::k8s_heartbeat)?
+                .or_else(|| f.and_then(|f| f.k8s_heartbeat))
+                .unwrap_or(Duration::from_secs(DEFAULT_K8S_HEARTBEAT_SECS)),
+            node_labels: k8s_node_labels
+                .or_else(|| f.and_then(|f| f.k8s_node_labels))
+                .unwrap_or(false),
+        },
         inputs: Inputs {
             flags: flags.clone(),
             file,
@@ -653,6 +672,13 @@ pub const KEYS: &[Key] = &[
         Some("--longhorn-version"),
         OnReload::Live,
     ),
+    key("k8s_report", Some("--k8s-report"), OnReload::Restart),
+    key("k8s_heartbeat", Some("--k8s-heartbeat"), OnReload::Restart),
+    key(
+        "k8s_node_labels",
+        Some("--k8s-node-labels"),
+        OnReload::Restart,
+    ),
     key("groups", None, OnReload::Live),
 ];
 
@@ -683,6 +709,9 @@ fn flag_given(flags: &RunFlags, name: &str) -> bool {
         alertmanager_basic_auth_username,
         alertmanager_basic_auth_password_file,
         alertmanager_timeout,
+        k8s_report,
+        k8s_heartbeat,
+        k8s_node_labels,
         log_format: _,
     } = flags;
     let CommonFlags {
@@ -725,6 +754,9 @@ fn flag_given(flags: &RunFlags, name: &str) -> bool {
         "alertmanager_basic_auth_password_file" => alertmanager_basic_auth_password_file.is_some(),
         "alertmanager_timeout" => alertmanager_timeout.is_some(),
         "longhorn_version" => longhorn_version.is_some(),
+        "k8s_report" => k8s_report.is_some(),
+        "k8s_heartbeat" => k8s_heartbeat.is_some(),
+        "k8s_node_labels" => k8s_node_labels.is_some(),
         _ => false,
     }
 }
@@ -823,6 +855,9 @@ alertmanager_basic_auth_username = "u"
 alertmanager_basic_auth_password_file = "/p"
 alertmanager_timeout = 3
 longhorn_version = "1.10"
+k8s_report = "off"
+k8s_heartbeat = 30
+k8s_node_labels = true
 [groups.g]
 all_of = ["nbd"]
 "#;
@@ -865,6 +900,9 @@ all_of = ["nbd"]
             "--alertmanager-basic-auth-password-file=/p",
             "--alertmanager-timeout=1",
             "--longhorn-version=1.9",
+            "--k8s-report=off",
+            "--k8s-heartbeat=1",
+            "--k8s-node-labels",
         ]);
         for k in KEYS {
             assert_eq!(flag_given(&all, k.name), k.flag.is_some(), "{}", k.name);
@@ -888,6 +926,29 @@ all_of = ["nbd"]
         );
         assert_eq!(s.listen.to_string(), DEFAULT_LISTEN);
         assert_eq!(s.common.v2_local.hugepages_source, Source::Default);
+        assert_eq!(
+            s.k8s,
+            K8sSettings {
+                mode: crate::k8s::ReportMode::Auto,
+                heartbeat: Duration::from_secs(DEFAULT_K8S_HEARTBEAT_SECS),
+                node_labels: false,
+            }
+        );
+        let file = parse_config(
+            "k8s_heartbeat = 60\nk8s_node_labels = true\n",
+            std::path::Path::new("/c"),
+        )
+        .unwrap();
+        let s = resolve_run(
+            &flags(&["--k8s-heartbeat=5", "--k8s-report=off"]),
+            Some(file),
+        )
+        .unwrap();
+        assert_eq!(s.k8s.heartbeat, Duration::from_secs(5));
+        assert_eq!(s.k8s.mode, crate::k8s::ReportMode::Off);
+        assert!(s.k8s.node_labels);
+        let s = resolve_run(&flags(&["--k8s-node-labels=false"]), None).unwrap();
+        assert!(!s.k8s.node_labels);
     }
 
     #[test]

@@ -40,6 +40,8 @@ pub const MAX_EVENT_LOG_BUFFER_BYTES: u64 = 1024 * 1024 * 1024;
 pub const MAX_ALERTMANAGER_TIMEOUT_SECS: u64 = 120;
 /// Most 2 MiB hugepages that can be required: 1 TiB.
 pub const MAX_HUGEPAGES_2MI: u64 = 512 * 1024;
+/// Longest accepted `k8s_heartbeat`: a day.
+pub const MAX_K8S_HEARTBEAT_SECS: u64 = 86_400;
 
 fn seconds(value: u64, max: u64) -> Result<Duration, String> {
     match value {
@@ -79,6 +81,14 @@ pub fn alert_resend_interval(secs: u64) -> Result<Duration, String> {
 /// Zero, or more than [`MAX_GRACE_SECS`].
 pub fn longhorn_grace(secs: u64) -> Result<Duration, String> {
     seconds(secs, MAX_GRACE_SECS)
+}
+
+/// `k8s_heartbeat` / `--k8s-heartbeat`.
+///
+/// # Errors
+/// Zero, or more than [`MAX_K8S_HEARTBEAT_SECS`].
+pub fn k8s_heartbeat(secs: u64) -> Result<Duration, String> {
+    seconds(secs, MAX_K8S_HEARTBEAT_SECS)
 }
 
 /// `ring_buffer_size` / `--ring-buffer-size`.
@@ -285,6 +295,8 @@ mod tests {
         assert!(alert_resend_interval(u64::MAX).is_err());
         assert!(longhorn_grace(MAX_GRACE_SECS).is_ok());
         assert!(longhorn_grace(MAX_GRACE_SECS + 1).is_err());
+        assert!(k8s_heartbeat(0).is_err());
+        assert!(k8s_heartbeat(MAX_K8S_HEARTBEAT_SECS + 1).is_err());
     }
 
     #[test]

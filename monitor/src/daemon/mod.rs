@@ -36,7 +36,7 @@ use crate::{
     event::boot_ns_now,
     forensic::{self, EventLog, EventLogStatus, Record, RecordKind},
     host::{self, Snapshot},
-    http,
+    http, k8s,
     longhorn::{self, ClusterView, v2::V2State, watch::WatchTarget},
     metrics::Metrics,
     names::ModuleName,
@@ -89,6 +89,9 @@ struct Daemon {
     loss_reconcile: reconcile::Spaced,
     /// The checks of the host and the cluster, as last judged.
     checks: Vec<crate::longhorn::readiness::Verdict>,
+    /// The Node condition, Events and labels; `None` when nothing is
+    /// written (`--k8s-report off`, or not in a cluster).
+    k8s: Option<k8s::Reporter>,
 }
 
 /// Least time between two reconciles triggered by lost or undecodable
@@ -155,6 +158,7 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
         .transpose()?;
     // The cluster watch (no capability needed; the token is a file).
     let client = longhorn::client(&settings.common.cluster).await?;
+    let report_client = report_client(&settings, client.as_ref()).await?;
     // 2. Snapshot, bracketed by boot-clock readings.
     let snap_start = boot_ns_now();
     let snapshot =
@@ -200,6 +204,15 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
     let tracker = Tracker::new(&snapshot, groups);
     let metrics = Arc::new(Metrics::new(&snapshot.kernel_release));
     let (wanted_tx, wanted_rx) = watch::channel(Arc::new(WantedSet::default()));
+    let reporter = report_client.map(|c| {
+        k8s::Reporter::spawn(
+            c,
+            &settings.k8s,
+            &settings.common.node_name,
+            Arc::clone(&metrics),
+            cancel.clone(),
+        )
+    });
     let boot = crate::remedy::boot_facts(&settings.common.host, &snapshot, tracker.groups());
     for w in &boot.warnings {
         tracing::warn!(warning = %w, "boot-time module configuration");
@@ -227,6 +240,7 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
         aliases,
         loss_reconcile: reconcile::Spaced::default(),
         checks: Vec::new(),
+        k8s: reporter,
     };
     // Judge the checks once; later judgements record what changes.
     d.refresh_boot_facts();
@@ -324,6 +338,9 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
     d.flush_denied(&running);
     d.close_event_log(stop_reason);
     cancel.cancel();
+    if let Some(r) = d.k8s.take() {
+        r.stopped().await;
+    }
     if let Some(p) = pusher
         && let Err(e) = p.await
     {
@@ -335,6 +352,30 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The client the Node condition and Events are written with: the cluster
+/// watch's, or one of its own when `--longhorn off`; none with
+/// `--k8s-report off` or outside a cluster.
+async fn report_client(
+    settings: &RunSettings,
+    watch_client: Option<&kube::Client>,
+) -> anyhow::Result<Option<kube::Client>> {
+    if settings.k8s.mode == k8s::ReportMode::Off {
+        tracing::info!("--k8s-report off: nothing is written to the API server");
+        return Ok(None);
+    }
+    let client = match watch_client {
+        Some(c) => Some(c.clone()),
+        None if settings.common.cluster.mode == longhorn::LonghornMode::Off => {
+            longhorn::connect(settings.common.cluster.kubeconfig.as_deref()).await?
+        }
+        None => None,
+    };
+    if client.is_none() {
+        tracing::info!("--k8s-report auto: not in a cluster; nothing is written to the API server");
+    }
+    Ok(client)
 }
 
 /// The periodic reconcile's timer, first tick one interval from now.

@@ -1,5 +1,6 @@
-//! Fan-out after every change: the /status document, the metrics and the
-//! set of alerts the pusher should hold firing. Everything here reads the
+//! Fan-out after every change: the /status document, the metrics, the
+//! set of alerts the pusher should hold firing and what the Kubernetes
+//! writer should show on the Node. Everything here reads the
 //! daemon's state; nothing changes it.
 use std::sync::Arc;
 
@@ -9,6 +10,7 @@ use super::Daemon;
 use crate::{
     alerting::{self, AlertInputs, WantedSet},
     forensic::EventLog,
+    k8s,
     source::RunningSource,
     status::{KernelFiltered, SourceStatus, Status},
 };
@@ -70,6 +72,15 @@ impl Daemon {
             });
             true
         });
+        if let Some(reporter) = &self.k8s {
+            reporter.update(&k8s::Inputs {
+                groups: &status.groups,
+                enablement: &status.v2.enablement,
+                remedies: &status.remedies,
+                host: &self.settings.common.host,
+                source: running.kind,
+            });
+        }
         status_tx.send_replace(Arc::new(status));
     }
 

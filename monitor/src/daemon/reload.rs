@@ -202,6 +202,7 @@ fn apply_live(running: &mut RunSettings, new: &RunSettings) {
         user: _,
         keep_privileges: _,
         event_log: _,
+        k8s: _,
         inputs,
     } = new;
     running.reconcile_interval = *reconcile_interval;

@@ -55,12 +55,25 @@ pub const DEFAULT_NAMESPACE: &str = "longhorn-system";
 /// at start-up. Without one, finding no cluster is not an error (`Ok(None)`
 /// with the reason logged).
 pub async fn client(settings: &ClusterSettings) -> anyhow::Result<Option<kube::Client>> {
-    use anyhow::Context as _;
     if settings.mode == LonghornMode::Off {
         tracing::info!("--longhorn off: not watching the cluster");
         return Ok(None);
     }
-    let config = if let Some(path) = &settings.kubeconfig {
+    let client = connect(settings.kubeconfig.as_deref()).await?;
+    if client.is_some() {
+        tracing::info!(namespace = %settings.namespace, "longhorn: watching settings and this node's labels");
+    }
+    Ok(client)
+}
+
+/// A client from `--kubeconfig`, or else the in-cluster service account,
+/// `$KUBECONFIG` or `~/.kube/config`; `None` (logged) when none is found.
+///
+/// # Errors
+/// An explicit `kubeconfig` that cannot be read or used.
+pub async fn connect(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<Option<kube::Client>> {
+    use anyhow::Context as _;
+    let config = if let Some(path) = kubeconfig {
         let kc = kube::config::Kubeconfig::read_from(path)
             .with_context(|| format!("--kubeconfig {}: cannot read it", path.display()))?;
         kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
@@ -70,14 +83,14 @@ pub async fn client(settings: &ClusterSettings) -> anyhow::Result<Option<kube::C
         match kube::Config::infer().await {
             Ok(c) => c,
             Err(e) => {
-                tracing::info!(reason = %e, "--longhorn auto: not in a cluster (no service account, no kubeconfig); V2 enablement comes from the flag and the config file");
+                tracing::info!(reason = %e, "not in a cluster (no service account, no kubeconfig): V2 enablement comes from the flag and the config file, and nothing is written to the API");
                 return Ok(None);
             }
         }
     };
     let url = config.cluster_url.to_string();
     let client = kube::Client::try_from(config).context("building the Kubernetes client")?;
-    tracing::info!(api_server = %url, namespace = %settings.namespace, "longhorn: watching settings and this node's labels");
+    tracing::info!(api_server = %url, "Kubernetes API server");
     Ok(Some(client))
 }
 

@@ -9,6 +9,17 @@
 //! is a fresh list. A stream that is merely cut (an API server restart, a
 //! load balancer idle timeout) is resumed from the last resourceVersion and
 //! changes nothing.
+//!
+//! A failure that says nothing about the cluster's answer (the API server
+//! cannot be reached, answers 5xx or 429: a restart or a rolling upgrade)
+//! keeps the last view the watcher had for [`CONNECTION_GRACE`], retrying
+//! meanwhile; only when it lasts longer does the fact become unknown. An
+//! answer that is one (403 forbidden, 404 not found, 401) makes it unknown
+//! at once, and so does any failure before the first successful list:
+//! there is no view to keep. The exception is such an answer within the
+//! grace of an outage: an API server that has just started answers 403
+//! until its RBAC cache has synced (measured: for a moment after
+//! `/readyz`), so it is held like the outage it ends.
 use std::{collections::BTreeMap, time::Duration};
 
 use futures_util::StreamExt as _;
@@ -145,6 +156,11 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// itself would go again at once; a server that keeps cutting must not
 /// make this a hot loop).
 const REWATCH_PAUSE: Duration = Duration::from_secs(1);
+/// How long a connection-level failure keeps the last known view: longer
+/// than an API server takes to restart (a few seconds) or a rolling
+/// upgrade of a control plane takes to move a client to the next server,
+/// far shorter than `--longhorn-grace` (300 s), the alert's.
+pub const CONNECTION_GRACE: Duration = Duration::from_secs(30);
 
 /// Runs a kube-rs watcher for ever: `on_event` gets every event;
 /// `on_failure` gets the reason when a list or watch start fails. After a
@@ -163,6 +179,11 @@ async fn follow<K>(
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
 {
     let mut backoff = BACKOFF_FIRST;
+    // Whether there is a view to keep: a list succeeded and no failure
+    // has been reported since.
+    let mut known = false;
+    // When the current outage (a run of transient failures) began.
+    let mut outage_since: Option<std::time::Instant> = None;
     loop {
         let mut stream = watcher(api.clone(), config.clone()).boxed();
         let pause = loop {
@@ -174,14 +195,31 @@ async fn follow<K>(
                 Some(Ok(event)) => {
                     if matches!(event, watcher::Event::InitDone) {
                         backoff = BACKOFF_FIRST;
+                        known = true;
+                        outage_since = None;
                     }
                     on_event(event);
                 }
                 Some(Err(e)) => match failure_reason(&e, what) {
-                    Some(reason) => {
-                        tracing::warn!(%reason, retry_in = ?backoff, "longhorn: read failed; retrying");
-                        on_failure(reason);
-                        let pause = backoff;
+                    Some((reason, transient)) => {
+                        let now = std::time::Instant::now();
+                        if transient && outage_since.is_none() {
+                            outage_since = Some(now);
+                        }
+                        // Within an outage's grace even a 403 or 404 is
+                        // held: a server just back may not have synced.
+                        let left = outage_since.map_or(Duration::ZERO, |since| {
+                            CONNECTION_GRACE.saturating_sub(now - since)
+                        });
+                        let pause = if known && !left.is_zero() {
+                            tracing::warn!(%reason, keeping_the_last_view_for = ?left, retry_in = ?backoff.min(left), "longhorn: read failed; retrying");
+                            backoff.min(left)
+                        } else {
+                            tracing::warn!(%reason, retry_in = ?backoff, "longhorn: read failed; retrying");
+                            on_failure(reason);
+                            known = false;
+                            backoff
+                        };
                         backoff = (backoff * 2).min(BACKOFF_MAX);
                         break pause;
                     }
@@ -374,24 +412,52 @@ fn kubelet_hugepages(node: &Node) -> Fact<u64> {
     }
 }
 
-/// Why reading `what` failed, for people; `None` for what the watcher
-/// handles by itself (410 Gone: it relists; a cut stream: it re-watches).
-fn failure_reason(e: &watcher::Error, what: &str) -> Option<String> {
+/// Why reading `what` failed, for people, and whether the failure is
+/// transient (see [`is_transient`]); `None` for what the watcher handles by
+/// itself (410 Gone: it relists; a cut stream: it re-watches).
+fn failure_reason(e: &watcher::Error, what: &str) -> Option<(String, bool)> {
     let client_error = match e {
         watcher::Error::WatchError(status) if status.code == 410 => return None,
         watcher::Error::WatchFailed(_) => return None,
         watcher::Error::WatchError(status) => {
-            return Some(format!(
-                "{what}: watch error {}: {}",
-                status.code, status.message
+            return Some((
+                format!("{what}: watch error {}: {}", status.code, status.message),
+                transient_code(status.code),
             ));
         }
         watcher::Error::NoResourceVersion => {
-            return Some(format!("{what}: the API server gave no resourceVersion"));
+            return Some((
+                format!("{what}: the API server gave no resourceVersion"),
+                false,
+            ));
         }
         watcher::Error::InitialListFailed(e) | watcher::Error::WatchStartFailed(e) => e,
     };
-    Some(describe(client_error, what))
+    Some((describe(client_error, what), is_transient(client_error)))
+}
+
+/// A failure that says nothing about what the cluster would answer: the
+/// API server could not be reached (connection refused or reset, TLS,
+/// timeout), or it answered that it cannot serve now (5xx, 429).
+#[must_use]
+pub fn is_transient(e: &kube::Error) -> bool {
+    match e {
+        kube::Error::Api(status) => transient_code(status.code),
+        _ => true,
+    }
+}
+
+const fn transient_code(code: u16) -> bool {
+    code == 429 || code >= 500
+}
+
+/// A client error, for people, without saying what was being read.
+#[must_use]
+pub fn describe_error(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(status) => format!("API error {}: {}", status.code, status.message),
+        other => format!("cannot reach the API server: {}", error_chain(other)),
+    }
 }
 
 /// A client error, for people.

@@ -166,7 +166,7 @@ fn ring_buffer_size_must_be_a_power_of_two_of_a_page() {
 #[test]
 fn zero_intervals_are_rejected() {
     let host = FakeHost::debian_6_1();
-    for flag in ["--reconcile-interval", "--poll-interval"] {
+    for flag in ["--reconcile-interval", "--poll-interval", "--k8s-heartbeat"] {
         run(&host, &args![flag, "0"])
             .expect_code(2)
             .stderr_has(&[flag, "at least 1 second"]);
@@ -174,6 +174,10 @@ fn zero_intervals_are_rejected() {
     rejects_config(
         "reconcile_interval = 0\n",
         &["line 1", "reconcile_interval = 0"],
+    );
+    rejects_config(
+        "\nk8s_heartbeat = 0\n",
+        &["line 2", "k8s_heartbeat = 0", "at least 1 second"],
     );
 }
 
@@ -232,6 +236,7 @@ fn intervals_too_large_for_a_timer_are_rejected_not_a_panic() {
         "--poll-interval",
         "--alert-resend-interval",
         "--longhorn-grace",
+        "--k8s-heartbeat",
     ] {
         let out = run(&host, &args![flag, "18446744073709551615"]);
         out.assert_no_panic();

@@ -209,32 +209,74 @@ fn kubernetes_manifests_are_valid_and_least_privilege() {
         ])
     );
     for doc in &docs {
-        let namespace = match doc["kind"].as_str() {
-            Some("Namespace" | "ClusterRole" | "ClusterRoleBinding") => Value::Null,
+        let namespace = match (doc["kind"].as_str(), doc["metadata"]["name"].as_str()) {
+            (Some("Namespace" | "ClusterRole" | "ClusterRoleBinding"), _) => Value::Null,
             // Longhorn's settings are read where Longhorn keeps them.
-            Some("Role" | "RoleBinding") => "longhorn-system".into(),
+            (Some("Role" | "RoleBinding"), Some("kmod-monitor-longhorn-settings")) => {
+                "longhorn-system".into()
+            }
+            // Events about the (cluster-scoped) Node go to `default`.
+            (Some("Role" | "RoleBinding"), Some("kmod-monitor-events")) => "default".into(),
             _ => "kmod-monitor".into(),
         };
         assert_eq!(doc["metadata"]["namespace"], namespace, "{doc}");
     }
-    // Least privilege: read-only, two resources, nothing else.
-    let read_only = ["get", "list", "watch"];
-    let rules = &one(&docs, "ClusterRole")["rules"];
-    assert_eq!(rules.as_array().map(Vec::len), Some(1), "{rules}");
-    assert_eq!(strings(&rules[0]["apiGroups"]), [""]);
-    assert_eq!(strings(&rules[0]["resources"]), ["nodes"]);
-    assert_eq!(strings(&rules[0]["verbs"]), read_only);
-    let rules = &one(&docs, "Role")["rules"];
-    assert_eq!(rules.as_array().map(Vec::len), Some(1), "{rules}");
-    assert_eq!(strings(&rules[0]["apiGroups"]), ["longhorn.io"]);
-    assert_eq!(strings(&rules[0]["resources"]), ["settings"]);
-    assert_eq!(strings(&rules[0]["verbs"]), read_only);
-    for binding in ["ClusterRoleBinding", "RoleBinding"] {
-        let subjects = &one(&docs, binding)["subjects"];
+    // Least privilege: read the settings and the nodes; patch the nodes'
+    // status (the condition); create and patch Events; nothing else.
+    let rules_of = |kind: &str, name: &str| -> Vec<(Vec<&str>, Vec<&str>, Vec<&str>)> {
+        let doc = docs
+            .iter()
+            .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("no {kind} {name}"));
+        doc["rules"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{kind} {name} has no rules"))
+            .iter()
+            .map(|r| {
+                (
+                    strings(&r["apiGroups"]),
+                    strings(&r["resources"]),
+                    strings(&r["verbs"]),
+                )
+            })
+            .collect()
+    };
+    let read_only = vec!["get", "list", "watch"];
+    assert_eq!(
+        rules_of("ClusterRole", "kmod-monitor-nodes"),
+        [
+            (vec![""], vec!["nodes"], read_only.clone()),
+            (vec![""], vec!["nodes/status"], vec!["patch"]),
+        ]
+    );
+    assert_eq!(
+        rules_of("Role", "kmod-monitor-longhorn-settings"),
+        [(vec!["longhorn.io"], vec!["settings"], read_only)]
+    );
+    assert_eq!(
+        rules_of("Role", "kmod-monitor-events"),
+        [(
+            vec!["events.k8s.io"],
+            vec!["events"],
+            vec!["create", "patch"]
+        )]
+    );
+    let roles = docs.iter().filter(|d| d["kind"] == "Role").count();
+    let cluster_roles = docs.iter().filter(|d| d["kind"] == "ClusterRole").count();
+    assert_eq!((roles, cluster_roles), (2, 1));
+    for doc in docs
+        .iter()
+        .filter(|d| d["kind"] == "ClusterRoleBinding" || d["kind"] == "RoleBinding")
+    {
+        let subjects = &doc["subjects"];
         assert_eq!(subjects.as_array().map(Vec::len), Some(1), "{subjects}");
         assert_eq!(subjects[0]["kind"], "ServiceAccount");
         assert_eq!(subjects[0]["name"], "kmod-monitor");
         assert_eq!(subjects[0]["namespace"], "kmod-monitor");
+        assert_eq!(
+            doc["roleRef"]["name"], doc["metadata"]["name"],
+            "each binding grants its own role: {doc}"
+        );
     }
     assert_eq!(
         one(&docs, "Namespace")["metadata"]["labels"]["pod-security.kubernetes.io/enforce"],
@@ -741,7 +783,9 @@ fn kubernetes_readme_matches_the_manifests() {
             && !readme.contains("never calls the\n  Kubernetes API"),
         "the README still says the pod has no token"
     );
-    // The roles rbac.yaml grants, and that they only read.
+    // The roles rbac.yaml grants (their exact rules are asserted in
+    // `kubernetes_manifests_are_valid_and_least_privilege`), and that the
+    // README names every verb they grant.
     for kind in ["ClusterRole", "Role"] {
         assert!(
             rbac.contains(&format!("kind: {kind}\n")),
@@ -749,9 +793,16 @@ fn kubernetes_readme_matches_the_manifests() {
         );
         assert!(readme.contains(kind), "the README names the {kind}");
     }
-    assert!(readme.contains("no write verb anywhere"));
+    assert!(
+        !readme.contains("no write verb anywhere"),
+        "the README says the token cannot write"
+    );
     for line in rbac.lines().filter(|l| l.trim().starts_with("verbs:")) {
-        assert_eq!(line.trim(), r#"verbs: ["get", "list", "watch"]"#);
+        for verb in ["get", "list", "watch", "create", "patch"] {
+            if line.contains(&format!("\"{verb}\"")) {
+                assert!(readme.contains(verb), "the README never says {verb}");
+            }
+        }
     }
     // Requests and limits.
     let requests = (

@@ -19,7 +19,10 @@ const LAYERS: &[(u8, &[&str])] = &[
     ),
     (2, &["host", "tracker", "remedy"]),
     (3, &["source", "longhorn", "forensic"]),
-    (4, &["status", "metrics", "alerting", "http", "config"]),
+    (
+        4,
+        &["status", "metrics", "alerting", "http", "k8s", "config"],
+    ),
     (5, &["daemon", "check", "fix"]),
 ];
 

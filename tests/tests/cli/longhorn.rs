@@ -550,13 +550,18 @@ fn watch_cut_resumes_and_a_compaction_forces_a_relist() {
     );
 }
 
+/// How long the daemon keeps its last view through a connection-level
+/// failure (`CONNECTION_GRACE` in monitor/src/longhorn/watch.rs).
+const CONNECTION_GRACE: Duration = Duration::from_secs(30);
+
 #[test]
 fn watch_cut_by_an_apiserver_restart() {
     let mut c = Cluster::new(Some("true"));
     let mut d = c.daemon(&[]);
     d.wait_for("V2 on", FLIP, |s| enabled(s) == true);
-    // The only apiserver restarts: the watch is cut, and while it is down
-    // the daemon cannot know (unknown); once it is back, a change arrives.
+    // The only apiserver goes down for longer than the connection grace:
+    // the watch is cut, and once the grace is over the daemon cannot know
+    // (unknown); once it is back, a change arrives.
     c.k8s.stop_apiserver();
     d.wait_for("V2 unknown while the API is down", RECOVER, |s| {
         v2(s)["reason"]
@@ -580,6 +585,53 @@ fn watch_cut_by_an_apiserver_restart() {
             (Value::Null, true.into()),
             (true.into(), false.into()),
         ]
+    );
+}
+
+/// A restart shorter than the connection grace (one apiserver, as in a
+/// rolling upgrade of a small control plane): the daemon keeps its last
+/// view, V2 never goes unknown and its alerts never resolve; the watch is
+/// rebuilt with a fresh list once the server is back.
+#[test]
+fn an_apiserver_restart_within_the_grace_keeps_the_last_view() {
+    let mut c = Cluster::new(Some("true"));
+    let mut d = c.daemon(&[]);
+    d.wait_for("V2 on", FLIP, |s| enabled(s) == true);
+    c.wait_alerts("the V2 module alerts", |a| a == v2_unmet_alerts());
+    let lists = c.k8s.daemon_requests("list", "settings");
+    let down = Instant::now();
+    c.k8s.stop_apiserver();
+    d.wait_for_stderr("keeping_the_last_view_for", FLIP);
+    // Down, and failing to reach it: still on, the alerts still firing.
+    std::thread::sleep(Duration::from_secs(2));
+    let s = d.status();
+    assert_eq!(enabled(&s), true, "{s:#}");
+    base_met(&s);
+    assert!(
+        d.metrics()
+            .contains("kmod_monitor_longhorn_setting_readable 1")
+    );
+    c.wait_alerts("the V2 alerts during the restart", |a| {
+        a == v2_unmet_alerts()
+    });
+    c.k8s.start_apiserver();
+    let outage = down.elapsed();
+    eprintln!("apiserver down for {:.1} s", outage.as_secs_f64());
+    assert!(
+        outage < CONNECTION_GRACE,
+        "the restart took {outage:?}, longer than the grace this test is about"
+    );
+    c.wait_requests("list", lists, &d);
+    // A change after the restart arrives.
+    c.k8s.set_setting(V2, "false");
+    let s = d.wait_for("the change after the restart", FLIP, |s| {
+        enabled(s) == false
+    });
+    base_met(&s);
+    assert_eq!(
+        c.transitions(),
+        [(Value::Null, true.into()), (true.into(), false.into())],
+        "V2 went unknown during the restart\n{d}"
     );
 }
 

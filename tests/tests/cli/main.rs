@@ -24,6 +24,8 @@
 //! - `kube_manifests`: the Kubernetes manifests against a real
 //!   kube-apiserver: server-side validation and apply, and what the shipped
 //!   RBAC lets the daemon's token do.
+//! - `k8s_report`: the Node condition, Events and labels the daemon writes,
+//!   against a real kube-apiserver, beside the kubelet's conditions.
 //! - `layers`: the daemon's modules use only their own layer or lower ones.
 //! - `longhorn`: the cluster watch (V2 enablement from Longhorn's setting and
 //!   the node label) against a real kube-apiserver and etcd; hugepages.
@@ -34,6 +36,7 @@ mod daemon;
 mod deploy;
 mod event_log;
 mod http;
+mod k8s_report;
 mod kube_manifests;
 mod layers;
 mod longhorn;
