@@ -87,6 +87,33 @@ impl Daemon {
             .map_err(|e| format!("reaping kmod-monitor: {e}"))
     }
 
+    /// SIGTERMs the daemon (so it flushes what it gathers, as on a node's
+    /// shutdown) and waits up to `within` for it to exit.
+    pub fn terminate(&mut self, within: Duration) -> Result<ExitStatus, String> {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            return Ok(status);
+        }
+        let pid = i32::try_from(self.child.id())
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+            .ok_or("the daemon's pid does not fit a pid_t")?;
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM)
+            .map_err(|e| format!("SIGTERM to kmod-monitor: {e}"))?;
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Ok(status);
+            }
+            if start.elapsed() >= within {
+                return Err(format!(
+                    "kmod-monitor did not exit within {} s of SIGTERM",
+                    within.as_secs()
+                ));
+            }
+            thread::sleep(POLL_EVERY);
+        }
+    }
+
     /// Whether the process has exited (and how).
     pub fn exited(&mut self) -> Option<ExitStatus> {
         self.child.try_wait().ok().flatten()

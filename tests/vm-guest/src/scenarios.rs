@@ -16,7 +16,7 @@ use crate::{
     api::{Api, POLL_EVERY},
     compat,
     daemon::{self, Daemon},
-    ensure, kmod, loss, more,
+    ensure, hostile, kmod, loss, more,
     report::Report,
     soak,
     status::{Actor, Status},
@@ -102,6 +102,7 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("privileges-dropped", more::privileges_dropped),
     ("alert-latency", more::alert_latency),
     ("loss-never-silent", loss::loss_never_silent),
+    ("unprivileged-flood", hostile::unprivileged_flood),
     ("soak-1000-cycles-under-scrapes", soak::soak),
 ];
 
@@ -255,6 +256,18 @@ impl Guest {
         self.daemon = Some(daemon);
         self.source = source;
         self.api.status()
+    }
+
+    /// SIGTERMs the running daemon and waits for it to exit, as a node's
+    /// shutdown would stop it (it flushes what it gathers).
+    pub fn terminate_daemon(&mut self) -> Outcome {
+        let mut daemon = self.daemon.take().ok_or("no daemon is running")?;
+        let status = daemon.terminate(Duration::from_secs(10))?;
+        ensure!(
+            status.success(),
+            "kmod-monitor exited with {status} on SIGTERM"
+        );
+        Ok(())
     }
 
     /// Makes sure a daemon with `source` runs; returns a fresh `/status`.
