@@ -1,6 +1,6 @@
 //! Scenarios with an adversary on the node (issue 11): an unprivileged
 //! user flooding refused unloads and module requests while root unloads a
-//! required module. The adversary is this same
+//! required module, and a forged module uevent. The adversary is this same
 //! binary re-run as a helper (`vm-guest as-user ...`), which drops to uid
 //! [`USER`] itself: busybox has no `su`, and one helper process looping on
 //! raw syscalls floods faster than a process per attempt.
@@ -39,6 +39,10 @@ const LOG_GROWTH_LIMIT: u64 = 256 * 1024;
 /// and 3 (`request_module("binfmt-cafe")`) before failing with ENOEXEC.
 const UNKNOWN_FORMAT: &str = "/tmp/unknown-format";
 const UNKNOWN_FORMAT_BYTES: &[u8] = b"\x00\x01\xfe\xcaNOT A PROGRAM\n";
+/// The forged message: what the kernel sends when dm_crypt is freed.
+const FORGED_UEVENT: &[u8] = b"remove@/module/dm_crypt\0ACTION=remove\0DEVPATH=/module/dm_crypt\0SUBSYSTEM=module\0SEQNUM=4242424\0";
+/// The kernel's uevent multicast group.
+const UEVENT_GROUP: u32 = 1;
 const CAP_NET_ADMIN: u32 = 12;
 
 // ---- the helper, as the unprivileged user ----
@@ -52,6 +56,7 @@ pub fn as_user(args: &[String]) -> ExitCode {
             .parse()
             .map_err(|e| format!("flood count {n:?}: {e}"))
             .and_then(flood),
+        [task, cap] if task == "uevent" => forge_uevent(cap == "net-admin"),
         _ => Err(format!("unknown helper task {args:?}")),
     };
     match result {
@@ -186,6 +191,62 @@ fn flood(n: usize) -> Result<(), String> {
         other[0]
     );
     Ok(())
+}
+
+/// Sends [`FORGED_UEVENT`] to the kernel's uevent group from a netlink
+/// socket, as uid [`USER`], with or without CAP_NET_ADMIN. Prints `SENT
+/// port=P` or `REFUSED errno=E`.
+fn forge_uevent(net_admin: bool) -> Result<(), String> {
+    become_user(net_admin)?;
+    // SAFETY: plain integer arguments.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            libc::NETLINK_KOBJECT_UEVENT,
+        )
+    };
+    ensure!(fd >= 0, "netlink socket: errno {}", errno());
+    // SAFETY: sockaddr_nl is plain data; all zeroes is a valid value.
+    let mut to: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    to.nl_family = u16::try_from(libc::AF_NETLINK).map_err(|e| e.to_string())?;
+    to.nl_pid = 0;
+    to.nl_groups = UEVENT_GROUP;
+    let len = u32::try_from(std::mem::size_of::<libc::sockaddr_nl>()).map_err(|e| e.to_string())?;
+    // SAFETY: the message and the address live across the call; the
+    // lengths are theirs.
+    let r = unsafe {
+        libc::sendto(
+            fd,
+            FORGED_UEVENT.as_ptr().cast(),
+            FORGED_UEVENT.len(),
+            0,
+            (&raw const to).cast(),
+            len,
+        )
+    };
+    let err = errno();
+    let port = local_port(fd);
+    // SAFETY: our own descriptor, closed once.
+    unsafe { libc::close(fd) };
+    if r < 0 {
+        println!("REFUSED errno={err}");
+    } else {
+        println!("SENT port={}", port?);
+    }
+    Ok(())
+}
+
+/// The netlink port the kernel bound `fd` to.
+fn local_port(fd: i32) -> Result<u32, String> {
+    // SAFETY: sockaddr_nl is plain data; all zeroes is a valid value.
+    let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    let mut len =
+        u32::try_from(std::mem::size_of::<libc::sockaddr_nl>()).map_err(|e| e.to_string())?;
+    // SAFETY: `addr` and `len` are valid for writes of the given size.
+    let r = unsafe { libc::getsockname(fd, (&raw mut addr).cast(), &raw mut len) };
+    ensure!(r == 0, "getsockname: errno {}", errno());
+    Ok(addr.nl_pid)
 }
 
 // ---- the scenarios, as root ----
@@ -459,5 +520,195 @@ pub fn unprivileged_flood(g: &mut Guest) -> Outcome {
         denied.len(),
         slowest.as_secs_f64() * 1000.0
     ));
+    Ok(())
+}
+
+/// A netlink socket of root's that listens to the uevent group, to see
+/// what every member of the group (the daemon among them) receives.
+struct Witness(i32);
+
+impl Witness {
+    fn open() -> Result<Self, String> {
+        // SAFETY: plain integer arguments.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+                libc::NETLINK_KOBJECT_UEVENT,
+            )
+        };
+        ensure!(fd >= 0, "witness netlink socket: errno {}", errno());
+        let witness = Self(fd);
+        // SAFETY: sockaddr_nl is plain data; all zeroes is a valid value.
+        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        addr.nl_family = u16::try_from(libc::AF_NETLINK).map_err(|e| e.to_string())?;
+        addr.nl_groups = UEVENT_GROUP;
+        let len =
+            u32::try_from(std::mem::size_of::<libc::sockaddr_nl>()).map_err(|e| e.to_string())?;
+        // SAFETY: `addr` lives across the call and `len` is its size.
+        let r = unsafe { libc::bind(fd, (&raw const addr).cast(), len) };
+        ensure!(
+            r == 0,
+            "binding the witness to the uevent group: errno {}",
+            errno()
+        );
+        let timeout = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 200_000,
+        };
+        let tlen =
+            u32::try_from(std::mem::size_of::<libc::timeval>()).map_err(|e| e.to_string())?;
+        // SAFETY: `timeout` lives across the call and `tlen` is its size.
+        let r = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&raw const timeout).cast(),
+                tlen,
+            )
+        };
+        ensure!(r == 0, "SO_RCVTIMEO on the witness: errno {}", errno());
+        Ok(witness)
+    }
+
+    /// The sender ports of the copies of [`FORGED_UEVENT`] received
+    /// within `within`.
+    fn forged_from(&self, within: Duration) -> Vec<u32> {
+        let start = Instant::now();
+        let mut ports = Vec::new();
+        let mut buf = vec![0_u8; 8192];
+        while start.elapsed() < within {
+            // SAFETY: sockaddr_nl is plain data; all zeroes is valid.
+            let mut from: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+            let mut len = u32::try_from(std::mem::size_of::<libc::sockaddr_nl>()).unwrap_or(12);
+            // SAFETY: `buf`, `from` and `len` are valid for writes of the
+            // sizes given.
+            let n = unsafe {
+                libc::recvfrom(
+                    self.0,
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    0,
+                    (&raw mut from).cast(),
+                    &raw mut len,
+                )
+            };
+            if let Ok(n) = usize::try_from(n)
+                && buf[..n] == *FORGED_UEVENT
+            {
+                ports.push(from.nl_pid);
+            }
+        }
+        ports
+    }
+}
+
+impl Drop for Witness {
+    fn drop(&mut self) {
+        // SAFETY: our own descriptor, closed once.
+        unsafe { libc::close(self.0) };
+    }
+}
+
+/// Runs the forging helper; returns its one-line verdict.
+fn run_forger(cap: &str) -> Result<String, String> {
+    let helper = spawn_helper(&["uevent", cap])?;
+    let out = helper
+        .wait_with_output()
+        .map_err(|e| format!("waiting for the uevent helper: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    ensure!(
+        out.status.success(),
+        "the uevent helper ({cap}) exited {}: {text}",
+        out.status
+    );
+    Ok(text)
+}
+
+/// Issue 11: a forged `remove@/module/dm_crypt` uevent from userspace
+/// changes nothing. As uid 1000 without capabilities the kernel refuses
+/// to send it (EPERM: the uevent group takes CAP_NET_ADMIN to send to);
+/// with CAP_NET_ADMIN it is delivered (a witness socket receives it, from
+/// a non-zero port), and the daemon, with `--source uevent`, ignores it
+/// and says so once: dm_crypt stays loaded and base met. A real rmmod
+/// afterwards is still seen.
+pub fn forged_uevent_ignored(g: &mut Guest) -> Outcome {
+    let status = g.start_daemon_with("uevent", &[])?;
+    ensure!(
+        status.source.active == "uevent",
+        "source.active is {:?}, expected uevent",
+        status.source.active
+    );
+    if !kmod::listed(DENIED_MODULE)? {
+        kmod::modprobe(DENIED_MODULE)?;
+    }
+    let before = g.api().wait_for("dm_crypt loaded", |s| {
+        Ok(s.state(BASE, DENIED_MODULE)? == "loaded" && s.met(BASE)?)
+    })?;
+    let witness = Witness::open()?;
+    let plain = run_forger("none")?;
+    ensure!(
+        plain == format!("REFUSED errno={}", libc::EPERM),
+        "uid {USER} without capabilities: expected the kernel to refuse the send with EPERM, got {plain:?}"
+    );
+    ensure!(
+        witness.forged_from(Duration::from_millis(300)).is_empty(),
+        "the refused forgery reached the uevent group"
+    );
+    let sent = run_forger("net-admin")?;
+    let port: u32 = sent
+        .strip_prefix("SENT port=")
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(|| format!("uid {USER} with CAP_NET_ADMIN could not send: {sent:?}"))?;
+    let seen = witness.forged_from(Duration::from_secs(1));
+    ensure!(
+        seen == [port] && port != 0,
+        "the witness saw the forgery from ports {seen:?}, expected once from {port}"
+    );
+    // The daemon got it too; it must say it ignored it, and change nothing.
+    let log = g.daemon_log().ok_or("no daemon log")?;
+    let start = Instant::now();
+    let said = loop {
+        let text =
+            fs::read_to_string(&log).map_err(|e| format!("reading {}: {e}", log.display()))?;
+        if text.contains("ignored a message from a userspace sender") {
+            break true;
+        }
+        if start.elapsed() > Duration::from_secs(5) {
+            break false;
+        }
+        thread::sleep(Duration::from_millis(50));
+    };
+    ensure!(
+        said,
+        "the daemon did not log that it ignored the userspace uevent"
+    );
+    let after = g.api().status()?;
+    ensure!(
+        after.state(BASE, DENIED_MODULE)? == "loaded"
+            && after.met(BASE)?
+            && after.events.received == before.events.received
+            && kmod::listed(DENIED_MODULE)?,
+        "after the forged uevent: {} (before: {})",
+        after.summary(),
+        before.summary()
+    );
+    // The kernel's own uevents still count.
+    kmod::rmmod(DENIED_MODULE)?;
+    let gone = g.api().wait_for("dm_crypt unloaded", |s| {
+        Ok(s.state(BASE, DENIED_MODULE)? == "available")
+    })?;
+    ensure!(
+        !gone.met(BASE)?,
+        "base met without dm_crypt: {}",
+        gone.summary()
+    );
+    kmod::modprobe(DENIED_MODULE)?;
+    g.api().wait_for("dm_crypt back", |s| s.met(BASE))?;
+    Report::note(&format!(
+        "forged-uevent: refused without CAP_NET_ADMIN (EPERM); with it, delivered from port {port} and ignored by the daemon"
+    ));
+    g.stop_daemon();
     Ok(())
 }

@@ -103,6 +103,7 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("alert-latency", more::alert_latency),
     ("loss-never-silent", loss::loss_never_silent),
     ("unprivileged-flood", hostile::unprivileged_flood),
+    ("forged-uevent-ignored", hostile::forged_uevent_ignored),
     ("soak-1000-cycles-under-scrapes", soak::soak),
 ];
 
@@ -256,6 +257,11 @@ impl Guest {
         self.daemon = Some(daemon);
         self.source = source;
         self.api.status()
+    }
+
+    /// The running daemon's log file.
+    pub fn daemon_log(&self) -> Option<PathBuf> {
+        self.daemon.as_ref().map(|d| d.log.clone())
     }
 
     /// SIGTERMs the running daemon and waits for it to exit, as a node's
