@@ -28,6 +28,14 @@ impl Daemon {
     /// Starts `kmod-monitor run --listen LISTEN ARGS...` and waits until
     /// `/healthz` answers 200. `log` receives its output.
     pub fn start(args: &[&str], log: PathBuf, api: &Api) -> Result<Self, String> {
+        let mut daemon = Self::spawn(args, log)?;
+        daemon.wait_ready(args, api)?;
+        Ok(daemon)
+    }
+
+    /// Starts `kmod-monitor run --listen LISTEN ARGS...` without waiting
+    /// for it to be ready.
+    pub fn spawn(args: &[&str], log: PathBuf) -> Result<Self, String> {
         let out = File::create(&log).map_err(|e| format!("creating {}: {e}", log.display()))?;
         let err = out
             .try_clone()
@@ -44,17 +52,22 @@ impl Daemon {
             .stderr(err)
             .spawn()
             .map_err(|e| format!("starting {BINARY}: {e}"))?;
-        let mut daemon = Self { child, log };
+        Ok(Self { child, log })
+    }
+
+    /// Waits until `/healthz` answers 200 (`args` name the daemon in
+    /// messages).
+    pub fn wait_ready(&mut self, args: &[&str], api: &Api) -> Result<(), String> {
         let start = Instant::now();
         loop {
-            if let Ok(Some(status)) = daemon.child.try_wait() {
+            if let Ok(Some(status)) = self.child.try_wait() {
                 return Err(format!(
                     "`kmod-monitor run {}` exited with {status} before it was ready",
                     args.join(" ")
                 ));
             }
             let last = match api.healthz() {
-                Ok(200) => return Ok(daemon),
+                Ok(200) => return Ok(()),
                 Ok(code) => format!("/healthz answered {code}"),
                 Err(e) => e,
             };

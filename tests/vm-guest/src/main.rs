@@ -13,6 +13,7 @@ mod hostile;
 mod kmod;
 mod loss;
 mod more;
+mod race;
 mod report;
 mod scenarios;
 mod soak;

@@ -16,7 +16,7 @@ use crate::{
     api::{Api, POLL_EVERY},
     compat,
     daemon::{self, Daemon},
-    ensure, hostile, kmod, loss, more,
+    ensure, hostile, kmod, loss, more, race,
     report::Report,
     soak,
     status::{Actor, Status},
@@ -104,6 +104,7 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("loss-never-silent", loss::loss_never_silent),
     ("unprivileged-flood", hostile::unprivileged_flood),
     ("forged-uevent-ignored", hostile::forged_uevent_ignored),
+    ("startup-race", race::startup_race),
     ("soak-1000-cycles-under-scrapes", soak::soak),
 ];
 
@@ -256,6 +257,29 @@ impl Guest {
         let daemon = Daemon::start(&args, log, &self.api)?;
         self.daemon = Some(daemon);
         self.source = source;
+        self.api.status()
+    }
+
+    /// Starts a daemon like [`start_daemon_with`](Self::start_daemon_with)
+    /// but returns as soon as the process runs, before it is ready; finish
+    /// with [`wait_daemon_ready`](Self::wait_daemon_ready).
+    pub fn spawn_daemon_with(&mut self, source: &'static str, extra: &[&str]) -> Outcome {
+        self.stop_daemon();
+        self.starts += 1;
+        let log = PathBuf::from(format!("/tmp/kmod-monitor.{}.log", self.starts));
+        self.logs.push(log.clone());
+        let mut args = Self::daemon_args(source).to_vec();
+        args.extend_from_slice(extra);
+        self.daemon = Some(Daemon::spawn(&args, log)?);
+        self.source = source;
+        Ok(())
+    }
+
+    /// Waits until the daemon [`spawn_daemon_with`](Self::spawn_daemon_with)
+    /// started answers `/healthz`; returns its first `/status`.
+    pub fn wait_daemon_ready(&mut self) -> Result<Status, String> {
+        let daemon = self.daemon.as_mut().ok_or("no daemon was started")?;
+        daemon.wait_ready(&[self.source], &self.api)?;
         self.api.status()
     }
 
