@@ -263,10 +263,7 @@ fn run_steps(
             detail.push_str(&format!("; {p}"));
         }
         if !o.skipped.is_empty() {
-            detail.push_str(&format!(
-                "; not run (--arm64-full): {}",
-                o.skipped.join(" ")
-            ));
+            detail.push_str(&format!("; not run here: {}", o.skipped.join(" ")));
         }
         steps.push(Step {
             name: format!("vm-test {}", o.label()),
