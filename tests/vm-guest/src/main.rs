@@ -18,6 +18,7 @@ mod report;
 mod scenarios;
 mod soak;
 mod status;
+mod ublk;
 
 use std::process::ExitCode;
 

@@ -20,6 +20,7 @@ use crate::{
     report::Report,
     soak,
     status::{Actor, Status},
+    ublk,
 };
 
 /// Longhorn's base requirement.
@@ -106,6 +107,7 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("forged-uevent-ignored", hostile::forged_uevent_ignored),
     ("startup-race", race::startup_race),
     ("iommu-present", iommu_present),
+    ("ublk-optional-group", |g| ublk::ublk_group(g, CONFIG)),
     ("soak-1000-cycles-under-scrapes", soak::soak),
 ];
 
