@@ -6,7 +6,10 @@
 //! for writing returns once the daemon has opened it for reading, and it
 //! cannot take the snapshot until we have written the file and closed it.
 //! Both events are then older than the snapshot, and must be sorted as
-//! history: no alert, the group met, the last event's actor kept.
+//! history: no alert, the group met, the last event's actor kept. Should
+//! the daemon ever read the kubeconfig elsewhere, this fails rather than
+//! passing by luck: before the attach, the events go unseen (no actor);
+//! after the snapshot, they are live and flip the group.
 use std::{
     ffi::CString,
     fs::{self, OpenOptions},
