@@ -56,6 +56,10 @@ pub fn as_user(args: &[String]) -> ExitCode {
             .parse()
             .map_err(|e| format!("flood count {n:?}: {e}"))
             .and_then(flood),
+        [task, n] if task == "burst" => n
+            .parse()
+            .map_err(|e| format!("burst count {n:?}: {e}"))
+            .and_then(burst),
         [task, cap] if task == "uevent" => forge_uevent(cap == "net-admin"),
         _ => Err(format!("unknown helper task {args:?}")),
     };
@@ -190,6 +194,24 @@ fn flood(n: usize) -> Result<(), String> {
         other.len(),
         other[0]
     );
+    Ok(())
+}
+
+/// `n` refused `delete_module(dm_crypt)` calls as fast as they go; prints
+/// `DONE denied=D`.
+fn burst(n: usize) -> Result<(), String> {
+    become_user(false)?;
+    let module = CString::new(DENIED_MODULE).map_err(|e| e.to_string())?;
+    let mut denied = 0;
+    for _ in 0..n {
+        // SAFETY: a NUL-terminated name that outlives the call.
+        let r =
+            unsafe { libc::syscall(libc::SYS_delete_module, module.as_ptr(), libc::O_NONBLOCK) };
+        let e = errno();
+        ensure!(r == -1 && e == libc::EPERM, "delete_module: {r} errno {e}");
+        denied += 1;
+    }
+    println!("DONE denied={denied}");
     Ok(())
 }
 
@@ -718,6 +740,103 @@ pub fn forged_uevent_ignored(g: &mut Guest) -> Outcome {
     g.api().wait_for("dm_crypt back", |s| s.met(BASE))?;
     Report::note(&format!(
         "forged-uevent: refused without CAP_NET_ADMIN (EPERM); with it, delivered from port {port} and ignored by the daemon"
+    ));
+    g.stop_daemon();
+    Ok(())
+}
+
+/// Refused unloads in one burst, far above the kernel's limit of
+/// [`DENIED_PER_SECOND_PER_CPU`] a second per CPU.
+const BURST: usize = 400;
+/// The kernel's per-CPU budget of refusals a second
+/// (`monitor_common::DENIED_PER_SECOND_PER_CPU`).
+const DENIED_PER_SECOND_PER_CPU: f64 = 20.0;
+
+/// The in-kernel rate limit on refused unloads: as uid 1000, [`BURST`]
+/// refused `delete_module(dm_crypt)` calls in a tight loop. The kernel
+/// passes at most its budget a second per CPU to the ring and counts the
+/// rest; once the daemon's window has closed (and so republished the
+/// counters), reported plus counted is exactly [`BURST`], most of them
+/// counted, and the window's record names uid 1000 with the reported
+/// count.
+pub fn denied_rate_limit(g: &mut Guest) -> Outcome {
+    g.start_daemon_with("ebpf", &[])?;
+    if !kmod::listed(DENIED_MODULE)? {
+        kmod::modprobe(DENIED_MODULE)?;
+    }
+    g.api().wait_for("base met", |s| s.met(BASE))?;
+    let before = g.api().metrics()?;
+    let start_ns = boottime_ns();
+    let start = Instant::now();
+    let helper = spawn_helper(&["burst", &BURST.to_string()])?;
+    let out = helper
+        .wait_with_output()
+        .map_err(|e| format!("waiting for the burst helper: {e}"))?;
+    let took = start.elapsed();
+    let said = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    ensure!(
+        out.status.success() && said == format!("DONE denied={BURST}"),
+        "the burst helper exited {}: {said}",
+        out.status
+    );
+    // The window (10 s from the first refusal the daemon saw) closes with
+    // its record, and the daemon publishes the kernel's counters then.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let record = loop {
+        let found = records_since(start_ns)?
+            .into_iter()
+            .find(|r| r["kind"] == "module_unload_denied");
+        if let Some(r) = found {
+            break r;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no module_unload_denied record within 30 s of the burst"
+        );
+        thread::sleep(Duration::from_millis(200));
+    };
+    let after = g.api().metrics()?;
+    let delta = |series: &str| counter(&after, series) - counter(&before, series);
+    let reported = delta(&format!(
+        "kmod_monitor_unload_denied_total{{module=\"{DENIED_MODULE}\"}}"
+    ));
+    let over_limit =
+        delta("kmod_monitor_kernel_filtered_total{reason=\"unload_denied_over_limit\"}");
+    #[expect(clippy::cast_precision_loss, reason = "a count of 400")]
+    let burst = BURST as f64;
+    // The budget is per second and per CPU: at most two seconds' worth
+    // while the burst ran (it straddles at most one second boundary more
+    // than it lasts).
+    let cpus = thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    #[expect(clippy::cast_precision_loss, reason = "small counts")]
+    let budget = DENIED_PER_SECOND_PER_CPU * (took.as_secs_f64().ceil() + 1.0) * cpus as f64;
+    let all_counted = (reported + over_limit - burst).abs() < 0.5;
+    ensure!(
+        all_counted,
+        "refusals: {reported} reported + {over_limit} counted in the kernel, expected {BURST} in all"
+    );
+    let limited = reported >= 1.0 && reported <= budget && over_limit >= 1.0;
+    ensure!(
+        limited,
+        "{reported} refusals reached the daemon in {:.2} s on {cpus} CPU(s) (budget {budget}), {over_limit} were only counted",
+        took.as_secs_f64()
+    );
+    ensure!(
+        record["module"]["name"] == DENIED_MODULE
+            && record["actor"]["uid"] == USER
+            && record["denied"]["count"].as_f64() == Some(reported),
+        "the window's record: {record}"
+    );
+    let status = g.api().status()?;
+    ensure!(
+        status.events.lost == 0,
+        "events.lost is {} after the burst",
+        status.events.lost
+    );
+    Report::note(&format!(
+        "denied-rate-limit: {BURST} refusals in {:.2} s: {reported} reached the daemon, {over_limit} counted in the kernel; the record says suppressed_in_window={}",
+        took.as_secs_f64(),
+        record["denied"]["suppressed_in_window"]
     ));
     g.stop_daemon();
     Ok(())

@@ -104,6 +104,7 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("alert-latency", more::alert_latency),
     ("loss-never-silent", loss::loss_never_silent),
     ("unprivileged-flood", hostile::unprivileged_flood),
+    ("denied-rate-limit", hostile::denied_rate_limit),
     ("forged-uevent-ignored", hostile::forged_uevent_ignored),
     ("startup-race", race::startup_race),
     ("iommu-present", iommu_present),
