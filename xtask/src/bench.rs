@@ -178,6 +178,7 @@ fn guest(
     let console = dir.join("console.log");
     let run = vm::boot_with(
         &kernel,
+        vm::Machine::Plain,
         &initrd,
         &console,
         timeout,

@@ -22,6 +22,12 @@ use crate::{cmd, cpio, kernel::Kernel};
 /// (whose init fails in every TCG guest) comes on top.
 const REQUIRED_MODULES: &[&str] = &["dm_crypt", "vfio_pci", "uio_pci_generic", "nvme_tcp"];
 
+/// Modules the guest driver uses where the kernel ships them: `ublk_drv`
+/// (Longhorn's ublk frontend; Debian's 6.1 is built without it, 6.12 and
+/// later have it). A kernel without one gets none of its files, and the
+/// driver reports the module missing.
+const OPTIONAL_MODULES: &[&str] = &["ublk_drv"];
+
 /// Where the daemon, the driver and the 32-bit busybox live in the guest
 /// (the driver's `compat.rs` names the same path).
 pub const GUEST_DAEMON: &str = "usr/bin/kmod-monitor";
@@ -190,16 +196,22 @@ fn add_file<W: std::io::Write>(
 }
 
 /// Module files (relative to `lib/modules/RELEASE`) for
-/// [`REQUIRED_MODULES`] and the architecture's failing module, and
-/// everything they pull in, as kmod's own resolver sees it: modules.dep
-/// dependencies and softdeps.
+/// [`REQUIRED_MODULES`], the architecture's failing module and those of
+/// [`OPTIONAL_MODULES`] the kernel ships, and everything they pull in, as
+/// kmod's own resolver sees it: modules.dep dependencies and softdeps.
 fn module_closure(kernel: &Kernel) -> Result<BTreeSet<String>> {
     let modules_dir = kernel.modules_dir();
     let mut files = BTreeSet::new();
+    let shipped = modules_dep_names(&modules_dir)?;
+    let optional = OPTIONAL_MODULES
+        .iter()
+        .copied()
+        .filter(|m| shipped.contains(*m));
     for module in REQUIRED_MODULES
         .iter()
         .copied()
         .chain([kernel.arch.failing_module()])
+        .chain(optional)
     {
         let plan = cmd::stdout(
             Command::new("modprobe")
@@ -232,4 +244,42 @@ fn module_closure(kernel: &Kernel) -> Result<BTreeSet<String>> {
         }
     }
     Ok(files)
+}
+
+/// The module names modules.dep lists (`ublk_drv` for
+/// `kernel/drivers/block/ublk_drv.ko.xz`), `-` written `_`.
+fn modules_dep_names(modules_dir: &Path) -> Result<BTreeSet<String>> {
+    let dep = modules_dir.join("modules.dep");
+    let text = fs::read_to_string(&dep).with_context(|| format!("reading {}", dep.display()))?;
+    Ok(text.lines().filter_map(dep_line_module).collect())
+}
+
+/// The module a modules.dep line is about.
+fn dep_line_module(line: &str) -> Option<String> {
+    let path = line.split(':').next()?;
+    let file = path.rsplit('/').next()?;
+    let name = file.split(".ko").next()?;
+    (!name.is_empty() && file.contains(".ko")).then(|| name.replace('-', "_"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::dep_line_module;
+
+    #[test]
+    fn module_names_from_modules_dep_lines() {
+        assert_eq!(
+            dep_line_module("kernel/drivers/block/ublk_drv.ko.xz:").as_deref(),
+            Some("ublk_drv")
+        );
+        assert_eq!(
+            dep_line_module(
+                "kernel/drivers/nvme/host/nvme-tcp.ko: kernel/drivers/nvme/host/nvme-fabrics.ko"
+            )
+            .as_deref(),
+            Some("nvme_tcp")
+        );
+        assert_eq!(dep_line_module(""), None);
+        assert_eq!(dep_line_module("# comment"), None);
+    }
 }

@@ -45,9 +45,10 @@ enum Cmd {
     VmTest(vm_test::Options),
     /// Run every test: setup, fmt, clippy, cargo test, vm-test on all kernels.
     Test {
-        /// Also run on aarch64 what it skips by default (the soak).
-        #[arg(long)]
-        arm64_full: bool,
+        /// Also run what kernels skip by default for the CI budget (the soak
+        /// on aarch64, the flood and the IOMMU machine beyond one kernel).
+        #[arg(long, alias = "arm64-full")]
+        full: bool,
     },
     /// Measure latency, throughput and footprint in QEMU and on the host
     /// (not part of `test`); `--check` checks the targets.
@@ -96,7 +97,7 @@ fn dispatch(command: Cmd) -> Result<()> {
                 bail!("vm-test failed on {}", failed.join(", "))
             }
         }
-        Cmd::Test { arm64_full } => suite::test(arm64_full),
+        Cmd::Test { full } => suite::test(full),
         Cmd::Bench(options) => bench::bench(&options),
         Cmd::Run { args } => {
             setup::setup()?;

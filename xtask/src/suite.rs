@@ -55,15 +55,15 @@ struct Step {
     detail: String,
 }
 
-/// Runs every test (on aarch64 the soak only with `arm64_full`); `Err` if
+/// Runs every test (what kernels skip for the CI budget only with `full`); `Err` if
 /// any step failed.
-pub fn test(arm64_full: bool) -> Result<()> {
+pub fn test(full: bool) -> Result<()> {
     let start = Instant::now();
     let mut steps: Vec<Step> = Vec::new();
     let mut passed = 0usize;
     let mut failed = 0usize;
 
-    let result = run_steps(&mut steps, &mut passed, &mut failed, arm64_full);
+    let result = run_steps(&mut steps, &mut passed, &mut failed, full);
     if result.is_err() {
         // A failed step that counted no test failure (fmt, clippy, a build)
         // still has to show up in the count.
@@ -133,7 +133,7 @@ fn run_steps(
     steps: &mut Vec<Step>,
     passed: &mut usize,
     failed: &mut usize,
-    arm64_full: bool,
+    full: bool,
 ) -> Result<()> {
     timed(steps, "setup", || {
         setup::setup().map(|()| ((), String::new()))
@@ -221,7 +221,7 @@ fn run_steps(
         archs: Vec::new(),
         kernels: Vec::new(),
         scenarios: Vec::new(),
-        arm64_full,
+        full,
         refresh_kernels: false,
         timeout: 600,
     });
@@ -263,10 +263,7 @@ fn run_steps(
             detail.push_str(&format!("; {p}"));
         }
         if !o.skipped.is_empty() {
-            detail.push_str(&format!(
-                "; not run (--arm64-full): {}",
-                o.skipped.join(" ")
-            ));
+            detail.push_str(&format!("; not run here: {}", o.skipped.join(" ")));
         }
         steps.push(Step {
             name: format!("vm-test {}", o.label()),

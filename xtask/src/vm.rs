@@ -139,6 +139,51 @@ fn parse_done(tail: &str) -> Option<(usize, usize)> {
     Some((passed?, failed?))
 }
 
+/// The QEMU machine a guest boots on. Every scenario shares the plain
+/// one but those that need hardware it lacks; each of these gets a boot of
+/// its own (`vm_test::OWN_MACHINE`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Machine {
+    /// The architecture's machine ([`crate::arch::Arch::qemu_machine`]).
+    Plain,
+    /// x86-64's q35 with an emulated Intel IOMMU (VT-d) and the kernel
+    /// told to use it (`intel_iommu=on`), so `/sys/kernel/iommu_groups`
+    /// fills; the plain `pc` machine has no IOMMU. QEMU wants the IOMMU
+    /// before any other device, and q35's own devices come after it.
+    Iommu,
+}
+
+impl Machine {
+    /// A short name for file names and messages.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Plain => "plain",
+            Self::Iommu => "iommu",
+        }
+    }
+
+    /// QEMU arguments beyond the architecture's, or `None` where `arch`
+    /// has no such machine here (arm64's SMMUv3 would need its driver
+    /// module in the initramfs; not done).
+    pub const fn qemu_args(self, arch: crate::arch::Arch) -> Option<&'static [&'static str]> {
+        match (self, arch) {
+            (Self::Plain, _) => Some(&[]),
+            (Self::Iommu, crate::arch::Arch::X86_64) => {
+                Some(&["-machine", "q35", "-device", "intel-iommu"])
+            }
+            (Self::Iommu, crate::arch::Arch::Aarch64) => None,
+        }
+    }
+
+    /// Kernel command-line arguments the machine needs.
+    pub const fn kernel_args(self) -> &'static str {
+        match self {
+            Self::Plain => "",
+            Self::Iommu => "intel_iommu=on",
+        }
+    }
+}
+
 /// How a QEMU run ended.
 #[derive(Debug)]
 pub struct Run {
@@ -154,12 +199,13 @@ pub struct Run {
     pub console: PathBuf,
 }
 
-/// Boots `kernel` with `initrd`, logging the console to `console` and
-/// echoing it with a `[label]` prefix, with `extra` appended to the kernel
-/// command line (the guest driver reads its mode and scenarios from
-/// /proc/cmdline). Kills QEMU after `timeout`.
+/// Boots `kernel` with `initrd` on `machine`, logging the console to
+/// `console` and echoing it with a `[label]` prefix, with `extra` appended
+/// to the kernel command line (the guest driver reads its mode and
+/// scenarios from /proc/cmdline). Kills QEMU after `timeout`.
 pub fn boot_with(
     kernel: &Kernel,
+    machine: Machine,
     initrd: &Path,
     console: &Path,
     timeout: Duration,
@@ -167,12 +213,16 @@ pub fn boot_with(
     extra: &str,
 ) -> Result<Run> {
     let arch = kernel.arch;
+    let Some(machine_args) = machine.qemu_args(arch) else {
+        return Err(anyhow!("{arch} has no {} machine", machine.name()));
+    };
     let console_arg = format!("console={}", arch.console());
     let append = [
         console_arg.as_str(),
         "quiet",
         "panic=-1",
         arch.kernel_args(),
+        machine.kernel_args(),
         extra,
     ]
     .into_iter()
@@ -181,6 +231,7 @@ pub fn boot_with(
     .join(" ");
     let mut qemu = Command::new(arch.qemu());
     qemu.args(arch.qemu_machine())
+        .args(machine_args)
         .args(["-m", "512", "-nographic", "-no-reboot"])
         // No NIC: the guest only needs loopback, and no option ROM to probe.
         .args(["-nic", "none"])

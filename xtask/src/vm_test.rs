@@ -16,8 +16,13 @@ use crate::{
     arch::{self, Arch},
     binaries, dirs, initramfs,
     kernel::{self, Series},
-    vm,
+    vm::{self, Machine},
 };
+
+/// Scenarios that need a machine of their own ([`Machine`]): each runs in
+/// a boot of its own after the plain one, on the architectures that have
+/// that machine here.
+pub const OWN_MACHINE: &[(&str, Machine)] = &[("iommu-present", Machine::Iommu)];
 
 /// Options of one vm-test run.
 #[derive(Debug, clap::Args)]
@@ -32,13 +37,14 @@ pub struct Options {
     pub kernels: Vec<Series>,
     /// Run only this scenario (repeatable; the names the guest prints, e.g.
     /// `baseline`). Default: all, less the ones an architecture skips
-    /// unless `--arm64-full` is given.
+    /// unless `--full` is given.
     #[arg(long = "scenario")]
     pub scenarios: Vec<String>,
-    /// Also run on aarch64 what it skips by default to keep CI within its
-    /// budget: the 1000-cycle soak.
-    #[arg(long)]
-    pub arm64_full: bool,
+    /// Also run what a kernel skips by default to keep CI within its
+    /// budget (`Arch::skipped_by_default`): the soak on aarch64, the flood
+    /// and the IOMMU machine beyond one kernel each.
+    #[arg(long, alias = "arm64-full")]
+    pub full: bool,
     /// Ask the archive for newer kernel uploads (and busybox) instead of
     /// reusing the cached ones.
     #[arg(long)]
@@ -105,10 +111,11 @@ pub struct Outcome {
     pub duration: Duration,
     /// Time QEMU ran.
     pub boot_duration: Option<Duration>,
-    /// Scenarios left out for this architecture (without `--arm64-full`).
-    pub skipped: &'static [&'static str],
-    /// The console log, once QEMU ran.
-    pub console: Option<PathBuf>,
+    /// Scenarios left out for this architecture (without `--arm64-full`,
+    /// or for want of their machine).
+    pub skipped: Vec<String>,
+    /// The console log of each boot, once QEMU ran.
+    pub consoles: Vec<PathBuf>,
 }
 
 impl Outcome {
@@ -186,13 +193,82 @@ pub fn scenario_arg(scenarios: &[String], skipped: &[&str]) -> String {
     }
 }
 
+/// One boot of a kernel: its machine and the kernel command line that
+/// selects its scenarios.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Boot {
+    pub machine: Machine,
+    pub extra: String,
+}
+
+/// The boots one kernel of `arch` needs for the `named` scenarios (every
+/// scenario but `skipped` when none is named), and the scenarios left out
+/// on it. Named scenarios run even where they would be skipped; one whose
+/// machine `arch` lacks runs on the plain machine, where it fails saying
+/// what it misses.
+pub fn boots(arch: Arch, named: &[String], skipped: &[&str]) -> (Vec<Boot>, Vec<String>) {
+    let own = |name: &str| {
+        OWN_MACHINE
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, m)| *m)
+            .filter(|m| m.qemu_args(arch).is_some())
+    };
+    let mut left_out: Vec<String> = skipped.iter().map(|s| (*s).to_owned()).collect();
+    let mut boots = Vec::new();
+    if named.is_empty() {
+        let mut skip = skipped.to_vec();
+        skip.extend(
+            OWN_MACHINE
+                .iter()
+                .map(|(n, _)| *n)
+                .filter(|n| !skipped.contains(n)),
+        );
+        boots.push(Boot {
+            machine: Machine::Plain,
+            extra: scenario_arg(&[], &skip),
+        });
+        for (name, _) in OWN_MACHINE.iter().filter(|(n, _)| !skipped.contains(n)) {
+            match own(name) {
+                Some(machine) => boots.push(Boot {
+                    machine,
+                    extra: scenario_arg(&[(*name).to_owned()], &[]),
+                }),
+                None => left_out.push((*name).to_owned()),
+            }
+        }
+        return (boots, left_out);
+    }
+    let plain: Vec<String> = named.iter().filter(|n| own(n).is_none()).cloned().collect();
+    if !plain.is_empty() {
+        boots.push(Boot {
+            machine: Machine::Plain,
+            extra: scenario_arg(&plain, &[]),
+        });
+    }
+    let mut machines: Vec<Machine> = named.iter().filter_map(|n| own(n)).collect();
+    machines.dedup();
+    for machine in machines {
+        let names: Vec<String> = named
+            .iter()
+            .filter(|n| own(n) == Some(machine))
+            .cloned()
+            .collect();
+        boots.push(Boot {
+            machine,
+            extra: scenario_arg(&names, &[]),
+        });
+    }
+    (boots, left_out)
+}
+
 /// Runs the VM tests and returns one outcome per kernel, in order.
 pub fn vm_test(options: &Options) -> Result<Vec<Outcome>> {
     let Options {
         archs,
         kernels,
         scenarios,
-        arm64_full,
+        full,
         refresh_kernels,
         timeout,
     } = options;
@@ -209,12 +285,12 @@ pub fn vm_test(options: &Options) -> Result<Vec<Outcome>> {
         let Some((_, apt, binaries)) = prepared.as_mut() else {
             bail!("the {arch} binaries were not prepared");
         };
-        let skipped = if *arm64_full || !scenarios.is_empty() {
+        let skipped = if *full || !scenarios.is_empty() {
             &[]
         } else {
-            arch.skipped_by_default()
+            arch.skipped_by_default(series)
         };
-        let extra = scenario_arg(scenarios, skipped);
+        let (boots, skipped) = boots(arch, scenarios, skipped);
         let start = Instant::now();
         let mut outcome = Outcome {
             arch,
@@ -226,7 +302,7 @@ pub fn vm_test(options: &Options) -> Result<Vec<Outcome>> {
             problems: Vec::new(),
             duration: Duration::ZERO,
             boot_duration: None,
-            console: None,
+            consoles: Vec::new(),
         };
         if let Err(err) = run_one(
             series,
@@ -234,7 +310,7 @@ pub fn vm_test(options: &Options) -> Result<Vec<Outcome>> {
             Duration::from_secs(*timeout),
             apt,
             binaries,
-            &extra,
+            &boots,
             &mut outcome,
         ) {
             outcome.problems.push(format!("{err:#}"));
@@ -252,7 +328,7 @@ fn run_one(
     timeout: Duration,
     apt: &mut kernel::Apt,
     binaries: &GuestBinaries,
-    extra: &str,
+    boots: &[Boot],
     outcome: &mut Outcome,
 ) -> Result<()> {
     let arch = outcome.arch;
@@ -266,25 +342,40 @@ fn run_one(
     binaries
         .initramfs(&kernel, &initrd)
         .with_context(|| format!("building the {label} initramfs"))?;
-    let console = dir.join("console.log");
-    let run = vm::boot_with(&kernel, &initrd, &console, timeout, &label, extra)?;
-    outcome.boot_duration = Some(run.duration);
-    outcome.console = Some(run.console.clone());
-    let text = fs::read(&console).with_context(|| format!("reading {}", console.display()))?;
-    let report = vm::Report::parse(&String::from_utf8_lossy(&text));
-    if run.timed_out {
-        outcome.problems.push(format!(
-            "QEMU was killed after the {} s timeout",
-            timeout.as_secs()
-        ));
-    } else if !run.success {
-        outcome
-            .problems
-            .push(format!("QEMU exited with {}", run.status));
+    for Boot { machine, extra } in boots {
+        // The plain boot keeps the historical file name.
+        let (console, label, on) = match machine {
+            Machine::Plain => (dir.join("console.log"), label.clone(), String::new()),
+            m => (
+                dir.join(format!("console-{}.log", m.name())),
+                format!("{label} {}", m.name()),
+                format!(" (the {} machine)", m.name()),
+            ),
+        };
+        let run = vm::boot_with(&kernel, *machine, &initrd, &console, timeout, &label, extra)?;
+        *outcome.boot_duration.get_or_insert(Duration::ZERO) += run.duration;
+        outcome.consoles.push(run.console.clone());
+        let text = fs::read(&console).with_context(|| format!("reading {}", console.display()))?;
+        let report = vm::Report::parse(&String::from_utf8_lossy(&text));
+        if run.timed_out {
+            outcome.problems.push(format!(
+                "QEMU was killed after the {} s timeout{on}",
+                timeout.as_secs()
+            ));
+        } else if !run.success {
+            outcome
+                .problems
+                .push(format!("QEMU exited with {}{on}", run.status));
+        }
+        outcome.problems.extend(
+            report
+                .problems(&kernel.release)
+                .into_iter()
+                .map(|p| format!("{p}{on}")),
+        );
+        outcome.passed += report.passed.len();
+        outcome.failed.extend(report.failed);
     }
-    outcome.problems.extend(report.problems(&kernel.release));
-    outcome.passed = report.passed.len();
-    outcome.failed = report.failed;
     Ok(())
 }
 
@@ -308,12 +399,12 @@ fn print_outcome(o: &Outcome) {
     }
     if !o.skipped.is_empty() {
         println!(
-            "vm-test {}:   not run here (--arm64-full runs it): {}",
+            "vm-test {}:   not run here (`--full` runs them, but for a machine this architecture lacks here): {}",
             o.label(),
             o.skipped.join(" ")
         );
     }
-    if let Some(console) = &o.console {
+    for console in &o.consoles {
         println!(
             "vm-test {}:   console log: {}",
             o.label(),
@@ -365,16 +456,80 @@ mod tests {
             scenario_arg(&named, &[]),
             "kmod_monitor.scenarios=baseline,failing-load"
         );
-        let soak = Arch::Aarch64.skipped_by_default();
+        let soak = Arch::Aarch64.skipped_by_default(Series::V6_12);
         assert_eq!(
             scenario_arg(&[], soak),
-            "kmod_monitor.skip=soak-1000-cycles-under-scrapes"
+            "kmod_monitor.skip=soak-1000-cycles-under-scrapes,unprivileged-flood"
         );
         // Named scenarios run even where they are skipped by default.
         assert_eq!(
             scenario_arg(&named, soak),
             "kmod_monitor.scenarios=baseline,failing-load"
         );
-        assert!(Arch::X86_64.skipped_by_default().is_empty());
+        // Every x86-64 scenario runs on some kernel by default.
+        for s in ["unprivileged-flood", "iommu-present"] {
+            assert!(
+                Series::ALL
+                    .iter()
+                    .any(|k| !Arch::X86_64.skipped_by_default(*k).contains(&s)),
+                "{s} runs on no x86-64 kernel"
+            );
+        }
+    }
+
+    #[test]
+    fn scenarios_needing_their_own_machine_get_their_own_boot() {
+        let plain = |extra: &str| Boot {
+            machine: Machine::Plain,
+            extra: extra.to_owned(),
+        };
+        let iommu = Boot {
+            machine: Machine::Iommu,
+            extra: "kmod_monitor.scenarios=iommu-present".to_owned(),
+        };
+        // Everything: the plain boot leaves the IOMMU scenario to its own.
+        let (all, left_out) = boots(Arch::X86_64, &[], &[]);
+        assert_eq!(all, [plain("kmod_monitor.skip=iommu-present"), iommu]);
+        assert!(left_out.is_empty());
+        // arm64 has no IOMMU machine here: left out, and said so.
+        let soak = Arch::Aarch64.skipped_by_default(Series::V6_12);
+        let (all, left_out) = boots(Arch::Aarch64, &[], soak);
+        assert_eq!(
+            all,
+            [plain(
+                "kmod_monitor.skip=soak-1000-cycles-under-scrapes,unprivileged-flood,iommu-present"
+            )]
+        );
+        assert_eq!(
+            left_out,
+            [
+                "soak-1000-cycles-under-scrapes",
+                "unprivileged-flood",
+                "iommu-present"
+            ]
+        );
+        // A skipped scenario of its own machine gets no boot.
+        let (all, left_out) = boots(Arch::X86_64, &[], &["iommu-present"]);
+        assert_eq!(all, [plain("kmod_monitor.skip=iommu-present")]);
+        assert_eq!(left_out, ["iommu-present"]);
+        // Named: one boot per machine that is needed, no empty boot.
+        let named = ["iommu-present".to_owned(), "baseline".to_owned()];
+        let (x86, _) = boots(Arch::X86_64, &named, &[]);
+        assert_eq!(
+            x86,
+            [
+                plain("kmod_monitor.scenarios=baseline"),
+                Boot {
+                    machine: Machine::Iommu,
+                    extra: "kmod_monitor.scenarios=iommu-present".to_owned(),
+                }
+            ]
+        );
+        let (only, _) = boots(Arch::X86_64, &named[..1], &[]);
+        assert_eq!(only.len(), 1);
+        assert_eq!(only[0].machine, Machine::Iommu);
+        // Named where its machine is missing: on the plain one, to fail there.
+        let (arm, _) = boots(Arch::Aarch64, &named[..1], &[]);
+        assert_eq!(arm, [plain("kmod_monitor.scenarios=iommu-present")]);
     }
 }

@@ -28,6 +28,14 @@ impl Daemon {
     /// Starts `kmod-monitor run --listen LISTEN ARGS...` and waits until
     /// `/healthz` answers 200. `log` receives its output.
     pub fn start(args: &[&str], log: PathBuf, api: &Api) -> Result<Self, String> {
+        let mut daemon = Self::spawn(args, log)?;
+        daemon.wait_ready(args, api)?;
+        Ok(daemon)
+    }
+
+    /// Starts `kmod-monitor run --listen LISTEN ARGS...` without waiting
+    /// for it to be ready.
+    pub fn spawn(args: &[&str], log: PathBuf) -> Result<Self, String> {
         let out = File::create(&log).map_err(|e| format!("creating {}: {e}", log.display()))?;
         let err = out
             .try_clone()
@@ -44,17 +52,22 @@ impl Daemon {
             .stderr(err)
             .spawn()
             .map_err(|e| format!("starting {BINARY}: {e}"))?;
-        let mut daemon = Self { child, log };
+        Ok(Self { child, log })
+    }
+
+    /// Waits until `/healthz` answers 200 (`args` name the daemon in
+    /// messages).
+    pub fn wait_ready(&mut self, args: &[&str], api: &Api) -> Result<(), String> {
         let start = Instant::now();
         loop {
-            if let Ok(Some(status)) = daemon.child.try_wait() {
+            if let Ok(Some(status)) = self.child.try_wait() {
                 return Err(format!(
                     "`kmod-monitor run {}` exited with {status} before it was ready",
                     args.join(" ")
                 ));
             }
             let last = match api.healthz() {
-                Ok(200) => return Ok(daemon),
+                Ok(200) => return Ok(()),
                 Ok(code) => format!("/healthz answered {code}"),
                 Err(e) => e,
             };
@@ -85,6 +98,33 @@ impl Daemon {
         self.child
             .wait()
             .map_err(|e| format!("reaping kmod-monitor: {e}"))
+    }
+
+    /// SIGTERMs the daemon (so it flushes what it gathers, as on a node's
+    /// shutdown) and waits up to `within` for it to exit.
+    pub fn terminate(&mut self, within: Duration) -> Result<ExitStatus, String> {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            return Ok(status);
+        }
+        let pid = i32::try_from(self.child.id())
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+            .ok_or("the daemon's pid does not fit a pid_t")?;
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM)
+            .map_err(|e| format!("SIGTERM to kmod-monitor: {e}"))?;
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Ok(status);
+            }
+            if start.elapsed() >= within {
+                return Err(format!(
+                    "kmod-monitor did not exit within {} s of SIGTERM",
+                    within.as_secs()
+                ));
+            }
+            thread::sleep(POLL_EVERY);
+        }
     }
 
     /// Whether the process has exited (and how).

@@ -9,13 +9,16 @@ mod api;
 mod bench;
 mod compat;
 mod daemon;
+mod hostile;
 mod kmod;
 mod loss;
 mod more;
+mod race;
 mod report;
 mod scenarios;
 mod soak;
 mod status;
+mod ublk;
 
 use std::process::ExitCode;
 
@@ -40,6 +43,11 @@ fn main() -> ExitCode {
              (its /init sets KMOD_MONITOR_VM_GUEST=1); use `cargo xtask vm-test`"
         );
         return ExitCode::from(2);
+    }
+    // The scenarios re-run this binary as an unprivileged helper.
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(("as-user", task)) = args.split_first().map(|(a, t)| (a.as_str(), t)) {
+        return hostile::as_user(task);
     }
     // `cargo xtask bench` boots the same initramfs with this flag.
     let ok = if bench::wanted() {
