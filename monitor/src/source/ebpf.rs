@@ -317,8 +317,8 @@ pub(crate) fn start(
         control: Some(super::Control {
             tracked: Box::new(tracked),
             noise: Box::new(noise_map),
-            sync: sync_tx,
         }),
+        sync: Some(sync_tx),
     })
 }
 

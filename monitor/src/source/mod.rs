@@ -141,9 +141,11 @@ pub trait Noise: Send + Sync {
 pub(crate) struct Control {
     pub tracked: Box<dyn Tracking>,
     pub noise: Box<dyn Noise>,
-    /// Asks the reader to drain the ring now and answer.
-    pub sync: mpsc::Sender<oneshot::Sender<()>>,
 }
+
+/// Asks a source's reader to read everything its kernel buffer (the ring,
+/// the uevent socket) holds now, and answer.
+pub(crate) type SyncRequests = mpsc::Sender<oneshot::Sender<()>>;
 
 /// The source kinds that can actually run (not `auto`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -206,8 +208,11 @@ pub struct RunningSource {
     cancel: CancellationToken,
     /// Keeps the eBPF object (programs, links, maps) alive.
     _guard: Option<Box<dyn Send + Sync>>,
-    /// The eBPF source's name filter, counters and sync channel.
+    /// The eBPF source's name filter and counters.
     control: Option<Control>,
+    /// Where a source with a kernel buffer ahead of its reader takes sync
+    /// requests.
+    sync: Option<SyncRequests>,
 }
 
 impl RunningSource {
@@ -230,14 +235,15 @@ impl RunningSource {
     }
 
     /// Waits until every event the source had buffered when called is on
-    /// `rx`. eBPF: the reader drains the ring and answers (or is gone). The
-    /// other sources have no buffer ahead of their reader.
+    /// `rx`: the eBPF reader drains the ring, the uevent reader its socket,
+    /// and each answers (or is gone). Polling has no buffer ahead of its
+    /// reader.
     pub async fn sync(&self) {
-        let Some(control) = &self.control else {
+        let Some(sync) = &self.sync else {
             return;
         };
         let (ack, done) = oneshot::channel();
-        if control.sync.send(ack).await.is_ok() {
+        if sync.send(ack).await.is_ok() {
             let _ = done.await;
         }
     }
@@ -269,6 +275,7 @@ pub(crate) struct Started {
     pub details: Vec<String>,
     pub guard: Option<Box<dyn Send + Sync>>,
     pub control: Option<Control>,
+    pub sync: Option<SyncRequests>,
 }
 
 /// Starts the requested source; with `auto`, the best one that starts.
@@ -300,6 +307,7 @@ pub async fn start(
                 details,
                 guard,
                 control,
+                sync,
             }) => {
                 return Ok(RunningSource {
                     kind,
@@ -310,6 +318,7 @@ pub async fn start(
                     cancel,
                     _guard: guard,
                     control,
+                    sync,
                 });
             }
             Err(e) => unavailable.push(Unavailable {

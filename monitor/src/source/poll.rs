@@ -91,6 +91,7 @@ pub(crate) async fn start(
         details: vec![format!("polling /proc/modules every {}", humantime(period))],
         guard: None,
         control: None,
+        sync: None,
     })
 }
 

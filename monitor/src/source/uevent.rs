@@ -18,7 +18,7 @@ use netlink_sys::{
     AsyncSocket as _, AsyncSocketExt as _, SocketAddr, TokioSocket,
     protocols::NETLINK_KOBJECT_UEVENT,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::{SourceMsg, StartError, Started};
@@ -101,53 +101,108 @@ pub(crate) fn start(
         .bind(&SocketAddr::new(0, KERNEL_GROUP))
         .map_err(|e| StartError::new(format!("binding to kernel uevents: {e}")))?;
     details.push("listening for kernel module uevents (from the kernel only)".into());
-    tokio::spawn(async move {
-        let mut ignored: u64 = 0;
-        loop {
-            let received = tokio::select! {
-                () = cancel.cancelled() => return,
-                r = socket.recv_from_full() => r,
-            };
-            let msg = match received {
-                Ok((_, sender)) if !from_kernel(&sender) => {
-                    ignored += 1;
-                    // Said once: a sender that repeats itself must not
-                    // flood the daemon's log either.
-                    if ignored == 1 {
-                        tracing::warn!(
-                            port = sender.port_number(),
-                            groups = sender.multicast_groups(),
-                            "uevent source: ignored a message from a userspace sender (only the kernel's uevents count; further ones are ignored silently)"
-                        );
-                    }
-                    continue;
-                }
-                Ok((buf, sender)) => match accept(&buf, &sender) {
-                    Some(ModuleUevent { raw, module }) => {
-                        SourceMsg::Event(SourceEvent::observed(raw, module, boot_ns_now()))
-                    }
-                    None => continue,
-                },
-                // ENOBUFS: the socket overflowed and uevents were dropped.
-                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
-                    let total = lost.fetch_add(1, Ordering::Relaxed) + 1;
-                    SourceMsg::Lost { total }
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "uevent socket failed; uevent source stopped");
-                    return;
-                }
-            };
-            if tx.send(msg).await.is_err() {
-                return;
-            }
-        }
-    });
+    let (sync_tx, sync_rx) = mpsc::channel(1);
+    tokio::spawn(read_loop(socket, tx, lost, sync_rx, cancel));
     Ok(Started {
         details,
         guard: None,
         control: None,
+        sync: Some(sync_tx),
     })
+}
+
+/// Reads uevents until cancelled. A sync request ([`super::RunningSource::sync`])
+/// reads everything the socket holds now (the kernel queues uevents ahead
+/// of this reader, as the ring does for eBPF) and then acknowledges, so the
+/// start-up drain sees every uevent sent before the snapshot.
+async fn read_loop(
+    socket: TokioSocket,
+    tx: mpsc::Sender<SourceMsg>,
+    lost: Arc<AtomicU64>,
+    mut sync: mpsc::Receiver<oneshot::Sender<()>>,
+    cancel: CancellationToken,
+) {
+    let mut ignored: u64 = 0;
+    loop {
+        let received = tokio::select! {
+            () = cancel.cancelled() => return,
+            Some(ack) = sync.recv() => {
+                // The socket is non-blocking (TokioSocket): read until it
+                // says it would block.
+                loop {
+                    let r = socket.socket_ref().recv_from_full();
+                    if matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock) {
+                        break;
+                    }
+                    match classify(r, &lost, &mut ignored) {
+                        Flow::Send(msg) => {
+                            if tx.send(msg).await.is_err() {
+                                return;
+                            }
+                        }
+                        Flow::Skip => {}
+                        Flow::Stop => return,
+                    }
+                }
+                let _ = ack.send(());
+                continue;
+            }
+            r = socket.recv_from_full() => r,
+        };
+        match classify(received, &lost, &mut ignored) {
+            Flow::Send(msg) => {
+                if tx.send(msg).await.is_err() {
+                    return;
+                }
+            }
+            Flow::Skip => {}
+            Flow::Stop => return,
+        }
+    }
+}
+
+/// What to do with one receive.
+enum Flow {
+    Send(SourceMsg),
+    Skip,
+    Stop,
+}
+
+fn classify(
+    received: std::io::Result<(Vec<u8>, SocketAddr)>,
+    lost: &AtomicU64,
+    ignored: &mut u64,
+) -> Flow {
+    match received {
+        Ok((_, sender)) if !from_kernel(&sender) => {
+            *ignored += 1;
+            // Said once: a sender that repeats itself must not flood the
+            // daemon's log either.
+            if *ignored == 1 {
+                tracing::warn!(
+                    port = sender.port_number(),
+                    groups = sender.multicast_groups(),
+                    "uevent source: ignored a message from a userspace sender (only the kernel's uevents count; further ones are ignored silently)"
+                );
+            }
+            Flow::Skip
+        }
+        Ok((buf, sender)) => match accept(&buf, &sender) {
+            Some(ModuleUevent { raw, module }) => Flow::Send(SourceMsg::Event(
+                SourceEvent::observed(raw, module, boot_ns_now()),
+            )),
+            None => Flow::Skip,
+        },
+        // ENOBUFS: the socket overflowed and uevents were dropped.
+        Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+            let total = lost.fetch_add(1, Ordering::Relaxed) + 1;
+            Flow::Send(SourceMsg::Lost { total })
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "uevent socket failed; uevent source stopped");
+            Flow::Stop
+        }
+    }
 }
 
 #[cfg(test)]

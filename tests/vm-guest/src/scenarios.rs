@@ -107,6 +107,7 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("denied-rate-limit", hostile::denied_rate_limit),
     ("forged-uevent-ignored", hostile::forged_uevent_ignored),
     ("startup-race", race::startup_race),
+    ("startup-race-uevent", race::startup_race_uevent),
     ("iommu-present", iommu_present),
     ("ublk-optional-group", |g| ublk::ublk_group(g, CONFIG)),
     ("soak-1000-cycles-under-scrapes", soak::soak),
