@@ -795,6 +795,33 @@ mod tests {
     }
 
     #[test]
+    fn kernel_lost_starts_at_zero_per_reason_and_follows_the_totals() {
+        let m = Metrics::new("6.1.0-56-amd64");
+        let text = m.encode().unwrap();
+        for reason in KERNEL_LOST_REASONS {
+            assert!(
+                text.contains(&format!(
+                    "kmod_monitor_kernel_lost_total{{reason=\"{reason}\"}} 0\n"
+                )),
+                "{reason}: {text}"
+            );
+        }
+        m.set_kernel_lost([2, 0, 5]);
+        m.set_kernel_lost([3, 0, 5]);
+        // A total never goes down, even if asked.
+        m.set_kernel_lost([1, 0, 4]);
+        let text = m.encode().unwrap();
+        for (reason, want) in KERNEL_LOST_REASONS.into_iter().zip([3, 0, 5]) {
+            assert!(
+                text.contains(&format!(
+                    "kmod_monitor_kernel_lost_total{{reason=\"{reason}\"}} {want}\n"
+                )),
+                "{reason}: {text}"
+            );
+        }
+    }
+
+    #[test]
     fn every_series_exists_from_the_start() {
         let m = Metrics::new("6.1.0-56-amd64");
         m.set_source(ActiveKind::Ebpf);

@@ -774,6 +774,52 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_test_hook_unsets_exactly_the_field_it_names() {
+        let set = monitor_common::FieldOffset {
+            offset: 8,
+            present: 1,
+        };
+        let full = TracepointLayout {
+            load_name: set,
+            load_taints: set,
+            free_name: set,
+            request_name: set,
+            request_wait: set,
+            init_exit_ret: set,
+            delete_enter_name: set,
+            delete_exit_ret: set,
+        };
+        let mut layout = full;
+        unset_field(&mut layout, "free_name").unwrap();
+        assert_eq!(
+            layout,
+            TracepointLayout {
+                free_name: monitor_common::FieldOffset::default(),
+                ..full
+            }
+        );
+        for name in [
+            "load_name",
+            "load_taints",
+            "request_name",
+            "request_wait",
+            "init_exit_ret",
+            "delete_enter_name",
+            "delete_exit_ret",
+        ] {
+            let mut layout = full;
+            unset_field(&mut layout, name).unwrap();
+            assert_ne!(layout, full, "{name}");
+        }
+        let err = unset_field(&mut layout, "free-name").unwrap_err();
+        assert!(
+            err.starts_with("KMOD_MONITOR_TEST_UNSET_LAYOUT=free-name: no such layout field")
+                && err.contains("delete_exit_ret"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn names_are_packed_as_the_program_compares_them() {
         let w = name_words("dm-crypt");
         assert_eq!(w[0], u64::from_le_bytes(*b"dm_crypt"));

@@ -95,3 +95,85 @@ fn flush(logger: &mut EbpfLogger<ToTracing>) -> bool {
     );
     false
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use log::Log as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+
+    use super::*;
+
+    /// Records the target, level and message of every tracing event.
+    #[derive(Clone, Default)]
+    struct Seen(Arc<Mutex<Vec<(String, tracing::Level, String)>>>);
+
+    struct Message(String);
+
+    impl tracing::field::Visit for Message {
+        fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+            if field.name() == "message" {
+                self.0 = format!("{value:?}");
+            }
+        }
+    }
+
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Seen {
+        fn on_event(
+            &self,
+            event: &tracing::Event<'_>,
+            _: tracing_subscriber::layer::Context<'_, S>,
+        ) {
+            let mut message = Message(String::new());
+            event.record(&mut message);
+            let meta = event.metadata();
+            self.0
+                .lock()
+                .unwrap()
+                .push((meta.target().to_owned(), *meta.level(), message.0));
+        }
+    }
+
+    #[test]
+    fn each_record_keeps_its_level_under_the_ebpf_target() {
+        let seen = Seen::default();
+        let subscriber = tracing_subscriber::registry().with(seen.clone());
+        tracing::subscriber::with_default(subscriber, || {
+            for level in [
+                log::Level::Error,
+                log::Level::Warn,
+                log::Level::Info,
+                log::Level::Debug,
+                log::Level::Trace,
+            ] {
+                // aya-log names the program's module as the record's target.
+                ToTracing.log(
+                    &log::Record::builder()
+                        .args(format_args!("layout field free_name is not set ({level})"))
+                        .level(level)
+                        .target("monitor")
+                        .build(),
+                );
+            }
+        });
+        let seen = seen.0.lock().unwrap().clone();
+        let want: Vec<(String, tracing::Level, String)> = [
+            (tracing::Level::ERROR, "ERROR"),
+            (tracing::Level::WARN, "WARN"),
+            (tracing::Level::INFO, "INFO"),
+            (tracing::Level::DEBUG, "DEBUG"),
+            (tracing::Level::TRACE, "TRACE"),
+        ]
+        .into_iter()
+        .map(|(level, name)| {
+            (
+                TARGET.to_owned(),
+                level,
+                format!("layout field free_name is not set ({name})"),
+            )
+        })
+        .collect();
+        assert_eq!(seen, want);
+    }
+}
