@@ -28,6 +28,16 @@ impl Daemon {
     /// Starts `kmod-monitor run --listen LISTEN ARGS...` and waits until
     /// `/healthz` answers 200. `log` receives its output.
     pub fn start(args: &[&str], log: PathBuf, api: &Api) -> Result<Self, String> {
+        Self::start_with_env(args, &[], log, api)
+    }
+
+    /// Like [`start`](Self::start), with `env` added to its environment.
+    pub fn start_with_env(
+        args: &[&str],
+        env: &[(&str, &str)],
+        log: PathBuf,
+        api: &Api,
+    ) -> Result<Self, String> {
         let out = File::create(&log).map_err(|e| format!("creating {}: {e}", log.display()))?;
         let err = out
             .try_clone()
@@ -39,6 +49,7 @@ impl Daemon {
             // on the real kernel.
             .args(["--v2-hugepages-2mi", "0"])
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)

@@ -16,7 +16,7 @@ use crate::{
     api::{Api, POLL_EVERY},
     compat,
     daemon::{self, Daemon},
-    ensure, kmod, loss, more,
+    diagnostics, ensure, kmod, loss, more,
     report::Report,
     soak,
     status::{Actor, Status},
@@ -102,6 +102,10 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("privileges-dropped", more::privileges_dropped),
     ("alert-latency", more::alert_latency),
     ("loss-never-silent", loss::loss_never_silent),
+    (
+        "ebpf-diagnostics",
+        diagnostics::layout_unset_is_logged_and_counted,
+    ),
     ("soak-1000-cycles-under-scrapes", soak::soak),
 ];
 
@@ -228,6 +232,11 @@ impl Guest {
         ]
     }
 
+    /// The log file of the daemon running now.
+    pub fn daemon_log(&self) -> Option<PathBuf> {
+        self.daemon.as_ref().map(|d| d.log.clone())
+    }
+
     /// The daemon's HTTP API.
     pub const fn api(&self) -> &Api {
         &self.api
@@ -245,13 +254,24 @@ impl Guest {
         source: &'static str,
         extra: &[&str],
     ) -> Result<Status, String> {
+        self.start_daemon_env(source, extra, &[])
+    }
+
+    /// Like [`start_daemon_with`](Self::start_daemon_with), with `env`
+    /// added to the daemon's environment.
+    pub fn start_daemon_env(
+        &mut self,
+        source: &'static str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Status, String> {
         self.stop_daemon();
         self.starts += 1;
         let log = PathBuf::from(format!("/tmp/kmod-monitor.{}.log", self.starts));
         self.logs.push(log.clone());
         let mut args = Self::daemon_args(source).to_vec();
         args.extend_from_slice(extra);
-        let daemon = Daemon::start(&args, log, &self.api)?;
+        let daemon = Daemon::start_with_env(&args, env, log, &self.api)?;
         self.daemon = Some(daemon);
         self.source = source;
         self.api.status()
