@@ -97,7 +97,7 @@ fn ebpf_lines(log: &Path) -> Result<Vec<(String, String)>, String> {
 }
 
 /// Online CPUs, from the kernel's list (`0`, `0-1`, `0,2-3`).
-fn online_cpus() -> Result<usize, String> {
+pub fn online_cpus() -> Result<usize, String> {
     let path = "/sys/devices/system/cpu/online";
     let text = fs::read_to_string(path).map_err(|e| format!("reading {path}: {e}"))?;
     let mut n = 0;
