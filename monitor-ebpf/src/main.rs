@@ -375,28 +375,19 @@ fn denied_allowed(now: u64) -> bool {
     true
 }
 
-/// Counts a failed reserve in `EVENTS` and says so (rate-limited). Not
-/// inlined: `emit` is instantiated once per kind of event it sends, and
-/// each copy would carry its own expansion of the log line (a BPF-to-BPF
-/// call, like the ones to `memcpy`, which every supported kernel has).
-#[inline(never)]
-fn reserve_failed(ctx: &TracePointContext, kind: u32) {
-    let n = count_lost();
-    if log_allowed(LOG_RESERVE_FAILED) {
-        warn!(
-            ctx,
-            "ring buffer EVENTS is full: an event of kind {} was dropped ({} on this CPU so far)",
-            kind,
-            n
-        );
-    }
-}
-
 /// Reserves an event, fills the task fields and lets `fill` add the rest.
 /// A failed reserve is counted, never silent, and said (rate-limited).
 fn emit(ctx: &TracePointContext, kind: EventKind, fill: impl FnOnce(&mut ModuleEvent)) {
     let Some(mut entry) = EVENTS.reserve::<ModuleEvent>(0) else {
-        reserve_failed(ctx, kind as u32);
+        let n = count_lost();
+        if log_allowed(LOG_RESERVE_FAILED) {
+            warn!(
+                ctx,
+                "ring buffer EVENTS is full: an event of kind {} was dropped ({} on this CPU so far)",
+                kind as u32,
+                n
+            );
+        }
         return;
     };
     let ev = entry.write(ModuleEvent::ZERO);
