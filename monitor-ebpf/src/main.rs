@@ -377,6 +377,10 @@ fn denied_allowed(now: u64) -> bool {
 
 /// Reserves an event, fills the task fields and lets `fill` add the rest.
 /// A failed reserve is counted, never silent, and said (rate-limited).
+/// The log line is expanded into every instantiation on purpose: as a
+/// BPF-to-BPF subprogram it made the object smaller but doubled the
+/// verifier's work on the programs that call it (see README, Event
+/// sources).
 fn emit(ctx: &TracePointContext, kind: EventKind, fill: impl FnOnce(&mut ModuleEvent)) {
     let Some(mut entry) = EVENTS.reserve::<ModuleEvent>(0) else {
         let n = count_lost();
