@@ -138,6 +138,7 @@ const _: () = {
     assert!(size_of::<TrackedNames>() <= 4096);
     assert!(NOISE_SLOTS as usize * size_of::<u64>() == 4096);
     assert!(size_of::<TracepointLayout>() == 8 * size_of::<FieldOffset>());
+    assert!(DROPPED_SLOTS as usize * size_of::<u64>() == 4096);
 };
 
 /// Where a field lives inside a tracepoint record. For `__data_loc` fields
@@ -219,6 +220,43 @@ pub const NOISE_SLOTS: u32 = 2 * NOISE_CPU_SLOTS;
 /// counted. Security-relevant, so not dropped silently, but an
 /// unprivileged loop of refused `rmmod`s must not fill the ring.
 pub const DENIED_PER_SECOND_PER_CPU: u64 = 20;
+
+/// Events the program had to drop because it could not read them, in the
+/// mmapable array `DROPPED`, laid out like `NOISE`: counter `c` of CPU `n`
+/// is slot `c * DROPPED_CPU_SLOTS + n % DROPPED_CPU_SLOTS`. One page in
+/// all. Unlike `NOISE`, these are losses: userspace adds them to the
+/// events lost and reconciles.
+pub const DROPPED_CPU_SLOTS: u32 = 256;
+/// `DROPPED` counter: a module name that could not be read from the
+/// tracepoint record (a wrong offset, or a kernel whose record differs
+/// from its format file).
+pub const DROPPED_NAME_UNREADABLE: u32 = 0;
+/// `DROPPED` counter: an event whose layout field the loader left unset
+/// (`present == 0` in an attached program).
+pub const DROPPED_LAYOUT_UNSET: u32 = 1;
+/// Entries of the `DROPPED` array.
+pub const DROPPED_SLOTS: u32 = 2 * DROPPED_CPU_SLOTS;
+
+/// What the program logs through aya-log, each kind rate-limited on its
+/// own to one line per [`LOG_INTERVAL_NS`] per CPU (`LOG_LAST` holds each
+/// kind's last line time per CPU). The counters behind them (`LOST`,
+/// `DROPPED`) count every occurrence.
+pub const LOG_RESERVE_FAILED: u32 = 0;
+/// See [`LOG_RESERVE_FAILED`]: a module name that could not be read.
+pub const LOG_NAME_UNREADABLE: u32 = 1;
+/// See [`LOG_RESERVE_FAILED`]: a layout field the loader did not set.
+pub const LOG_LAYOUT_UNSET: u32 = 2;
+/// Entries of `LOG_LAST`.
+pub const LOG_KINDS: u32 = 3;
+/// At most one line of each kind per CPU in this many nanoseconds.
+pub const LOG_INTERVAL_NS: u64 = 1_000_000_000;
+/// Bytes of the aya-log ring `AYA_LOGS` (set at load time; aya-log-ebpf
+/// compiles in 128 KiB). A line takes 256 bytes of it, so it holds 64
+/// lines: ten seconds of the most the rate limits allow on 2 CPUs
+/// (3 kinds, one line each per second per CPU) while the daemon reads
+/// nothing. A line that does not fit is dropped by the kernel, never
+/// waited for; the events have their own ring.
+pub const LOG_RING_BYTES: u32 = 16 * 1024;
 
 #[cfg(feature = "user")]
 mod user {

@@ -19,6 +19,16 @@
 //!   `UnloadDenied` (the rest counted in `NOISE`) instead of a begin/fail
 //!   pair.
 //!
+//! What userspace cannot see otherwise goes to the daemon's log through
+//! aya-log (`AYA_LOGS`, a small ring of its own): a module name that could
+//! not be read, a layout field the loader did not set, and a failed
+//! reserve in `EVENTS`. Each drops an event, so each is also counted
+//! (`DROPPED`, `LOST`), and each kind of line is rate-limited to one per
+//! second per CPU (`LOG_LAST`). No log site is reachable by an
+//! unprivileged task except through those limits: a `delete_module` whose
+//! name pointer cannot be read is the caller's bad argument and is
+//! neither logged nor counted.
+//!
 //! 32-bit compat tasks (ia32 on x86-64, AArch32 on arm64) call the module
 //! syscalls by other numbers, and the kernel skips them at the `syscalls:*`
 //! tracepoints (`ARCH_TRACE_IGNORE_COMPAT_SYSCALLS`). For them only the
@@ -40,10 +50,13 @@ use aya_ebpf::{
     maps::{Array, LruHashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
 };
+use aya_log_ebpf::{error, warn};
 use monitor_common::{
-    DEFAULT_RING_BYTES, DENIED_PER_SECOND_PER_CPU, EventKind, FieldOffset, LOST_MAP_FLAGS,
-    LOST_SLOTS, ModuleEvent, NAME_LEN, NOISE_CPU_SLOTS, NOISE_DENIED_SUPPRESSED,
-    NOISE_REQUEST_UNTRACKED, NOISE_SLOTS, TRACKED_SLOTS, TracepointLayout, TrackedNames,
+    DEFAULT_RING_BYTES, DENIED_PER_SECOND_PER_CPU, DROPPED_CPU_SLOTS, DROPPED_LAYOUT_UNSET,
+    DROPPED_NAME_UNREADABLE, DROPPED_SLOTS, EventKind, FieldOffset, LOG_INTERVAL_NS, LOG_KINDS,
+    LOG_LAYOUT_UNSET, LOG_NAME_UNREADABLE, LOG_RESERVE_FAILED, LOST_MAP_FLAGS, LOST_SLOTS,
+    ModuleEvent, NAME_LEN, NOISE_CPU_SLOTS, NOISE_DENIED_SUPPRESSED, NOISE_REQUEST_UNTRACKED,
+    NOISE_SLOTS, TRACKED_SLOTS, TracepointLayout, TrackedNames,
 };
 
 /// Field offsets for this kernel, set by the loader.
@@ -150,53 +163,150 @@ struct Budget {
 #[map]
 static DENIED_BUDGET: PerCpuArray<Budget> = PerCpuArray::with_max_entries(1, 0);
 
+/// Events dropped because a field could not be read, per counter and CPU
+/// slot (see `monitor_common::DROPPED_SLOTS`); mmapable like `LOST`.
+#[map]
+static DROPPED: Array<u64> = Array::with_max_entries(DROPPED_SLOTS, LOST_MAP_FLAGS);
+
+/// When this CPU last logged each kind of line (`LOG_*`), boot ns.
+#[map]
+static LOG_LAST: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOG_KINDS, 0);
+
+/// Why a module name was not read.
+enum NameError {
+    /// The loader left the field unset (`present == 0`).
+    Unset,
+    /// The read failed (the helper's error), or gave an empty name, which
+    /// no module has: the offset does not match this kernel's record.
+    Unreadable(i64),
+}
+
 /// Reads a `__data_loc char[]` field into `dst`.
 ///
 /// The location word holds the data offset (low 16 bits) from the start of
 /// the record; the length (high 16 bits) is bounded by `dst` anyway.
-fn read_data_loc(ctx: &TracePointContext, field: FieldOffset, dst: &mut [u8]) -> Result<(), i64> {
+fn read_name(
+    ctx: &TracePointContext,
+    field: FieldOffset,
+    dst: &mut [u8; NAME_LEN],
+) -> Result<(), NameError> {
     if field.present == 0 {
-        return Err(-1);
+        return Err(NameError::Unset);
     }
     // SAFETY: read_at uses bpf_probe_read, so an out-of-range offset is an
     // error, not a fault.
-    let loc: u32 = unsafe { ctx.read_at(field.offset as usize) }.map_err(i64::from)?;
+    let loc: u32 = unsafe { ctx.read_at(field.offset as usize) }
+        .map_err(|e| NameError::Unreadable(i64::from(e)))?;
     let data_off = (loc & 0xffff) as usize;
     // SAFETY: the pointer is inside the tracepoint record and the read is
     // bounded by dst; bpf_probe_read_kernel_str faults safely.
-    unsafe {
+    let read = unsafe {
         let src = ctx.as_ptr().cast::<u8>().add(data_off);
-        bpf_probe_read_kernel_str_bytes(src, dst).map_err(i64::from)?;
+        bpf_probe_read_kernel_str_bytes(src, dst)
+            .map(<[u8]>::is_empty)
+            .map_err(|e| NameError::Unreadable(i64::from(e)))?
+    };
+    if read {
+        return Err(NameError::Unreadable(0));
     }
     Ok(())
 }
 
-/// Reads a plain scalar field, or `default` where this kernel lacks it.
+/// Reads a plain scalar field (present: the caller checked), or `default`
+/// when the read fails.
 fn read_field<T: Copy>(ctx: &TracePointContext, field: FieldOffset, default: T) -> T {
-    if field.present == 0 {
-        return default;
-    }
     // SAFETY: bpf_probe_read of a value inside the record; errors map to the
     // default instead of faulting.
     unsafe { ctx.read_at::<T>(field.offset as usize) }.unwrap_or(default)
 }
 
-/// Adds one to this CPU's slot of an mmapable counter array.
-fn count_in(map: &Array<u64>, base: u32, slots: u32) {
+/// Adds one to this CPU's slot of an mmapable counter array; returns the
+/// slot's new value (0 if the slot could not be had).
+fn count_in(map: &Array<u64>, base: u32, slots: u32) -> u64 {
     // SAFETY: a plain helper call without pointer arguments.
     let cpu = unsafe { bpf_get_smp_processor_id() };
-    if let Some(counter) = map.get_ptr_mut(base + cpu % slots) {
-        // SAFETY: this CPU's own slot: a tracepoint program is neither
-        // preempted nor migrated while it runs, so no other writer races
-        // it (CPU ids beyond LOST_SLOTS share slots and may undercount,
-        // never to zero). The BPF target has no atomic read-modify-write
-        // in core.
-        unsafe { *counter += 1 };
+    let Some(counter) = map.get_ptr_mut(base + cpu % slots) else {
+        return 0;
+    };
+    // SAFETY: this CPU's own slot: a tracepoint program is neither
+    // preempted nor migrated while it runs, so no other writer races it
+    // (CPU ids beyond the slots share slots and may undercount, never to
+    // zero). The BPF target has no atomic read-modify-write in core.
+    unsafe {
+        *counter += 1;
+        *counter
     }
 }
 
-fn count_lost() {
-    count_in(&LOST, 0, LOST_SLOTS);
+fn count_lost() -> u64 {
+    count_in(&LOST, 0, LOST_SLOTS)
+}
+
+fn count_dropped(counter: u32) -> u64 {
+    count_in(&DROPPED, counter * DROPPED_CPU_SLOTS, DROPPED_CPU_SLOTS)
+}
+
+/// Whether this CPU may log a line of `kind` now: at most one per
+/// [`LOG_INTERVAL_NS`]. What is not logged is still counted.
+fn log_allowed(kind: u32) -> bool {
+    let Some(last) = LOG_LAST.get_ptr_mut(kind) else {
+        return false;
+    };
+    // SAFETY: a plain helper call without pointer arguments.
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    // SAFETY: this CPU's own value; a tracepoint program is neither
+    // preempted nor migrated while it runs.
+    let last = unsafe { &mut *last };
+    if *last != 0 && now.wrapping_sub(*last) < LOG_INTERVAL_NS {
+        return false;
+    }
+    *last = now;
+    true
+}
+
+/// Drops the event of a program whose layout field `$field` the loader
+/// left unset: counted, and said (rate-limited). The loader sets every
+/// field an attached program reads, so only a broken loader gets here.
+macro_rules! layout_unset {
+    ($ctx:expr, $field:literal) => {{
+        let n = count_dropped(DROPPED_LAYOUT_UNSET);
+        if log_allowed(LOG_LAYOUT_UNSET) {
+            error!(
+                $ctx,
+                "layout field {} is not set: the loader did not fill it in; event dropped ({} on this CPU so far)",
+                $field,
+                n
+            );
+        }
+    }};
+}
+
+/// Reads the module name of `$event` from `$field`, or drops the event
+/// (counted, and said: rate-limited) and returns from the program.
+macro_rules! name_or_drop {
+    ($ctx:expr, $field:expr, $field_name:literal, $event:literal) => {{
+        let mut name = [0u8; NAME_LEN];
+        match read_name($ctx, $field, &mut name) {
+            Ok(()) => name,
+            Err(NameError::Unset) => {
+                layout_unset!($ctx, $field_name);
+                return 0;
+            }
+            Err(NameError::Unreadable(err)) => {
+                let n = count_dropped(DROPPED_NAME_UNREADABLE);
+                if log_allowed(LOG_NAME_UNREADABLE) {
+                    error!(
+                        $ctx,
+                        "{}: the module name could not be read from the record (error {}); event dropped ({} on this CPU so far)",
+                        $event,
+                        err,
+                        n
+                    );
+                }
+                return 0;
+            }
+        }
+    }};
 }
 
 fn count_noise(counter: u32) {
@@ -266,10 +376,22 @@ fn denied_allowed(now: u64) -> bool {
 }
 
 /// Reserves an event, fills the task fields and lets `fill` add the rest.
-/// A failed reserve is counted, never silent.
-fn emit(kind: EventKind, fill: impl FnOnce(&mut ModuleEvent)) {
+/// A failed reserve is counted, never silent, and said (rate-limited).
+/// The log line is expanded into every instantiation on purpose: as a
+/// BPF-to-BPF subprogram it made the object smaller but doubled the
+/// verifier's work on the programs that call it (see README, Event
+/// sources).
+fn emit(ctx: &TracePointContext, kind: EventKind, fill: impl FnOnce(&mut ModuleEvent)) {
     let Some(mut entry) = EVENTS.reserve::<ModuleEvent>(0) else {
-        count_lost();
+        let n = count_lost();
+        if log_allowed(LOG_RESERVE_FAILED) {
+            warn!(
+                ctx,
+                "ring buffer EVENTS is full: an event of kind {} was dropped ({} on this CPU so far)",
+                kind as u32,
+                n
+            );
+        }
         return;
     };
     let ev = entry.write(ModuleEvent::ZERO);
@@ -319,10 +441,11 @@ pub fn init_module_enter(_ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn module_load(ctx: TracePointContext) -> u32 {
     let layout = LAYOUT.load();
-    let mut name = [0u8; NAME_LEN];
-    if read_data_loc(&ctx, layout.load_name, &mut name).is_err() {
+    if layout.load_taints.present == 0 {
+        layout_unset!(&ctx, "load_taints");
         return 0;
     }
+    let name = name_or_drop!(&ctx, layout.load_name, "load_name", "module_load");
     let tid = bpf_get_current_pid_tgid() as u32;
     // Only a load whose syscall entry was seen gets a syscall exit to
     // report its result; any other (a compat task, or no syscall
@@ -346,7 +469,7 @@ pub fn module_load(ctx: TracePointContext) -> u32 {
         );
     }
     let taints = read_field::<u32>(&ctx, layout.load_taints, 0);
-    emit(EventKind::Load, |ev| {
+    emit(&ctx, EventKind::Load, |ev| {
         ev.taints = taints;
         ev.name = name;
     });
@@ -360,10 +483,7 @@ pub fn module_load(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn module_free(ctx: TracePointContext) -> u32 {
     let layout = LAYOUT.load();
-    let mut name = [0u8; NAME_LEN];
-    if read_data_loc(&ctx, layout.free_name, &mut name).is_err() {
-        return 0;
-    }
+    let name = name_or_drop!(&ctx, layout.free_name, "free_name", "module_free");
     let tid = bpf_get_current_pid_tgid() as u32;
     if let Some(pending) = PENDING.get_ptr_mut(tid) {
         // SAFETY: this thread's own entry; only it inserts or removes it.
@@ -371,13 +491,13 @@ pub fn module_free(ctx: TracePointContext) -> u32 {
         if pending.kind == PENDING_DELETE && pending.begun == 0 {
             pending.begun = 1;
             let (at, held) = (pending.boot_ns, pending.name);
-            emit(EventKind::UnloadBegin, |ev| {
+            emit(&ctx, EventKind::UnloadBegin, |ev| {
                 ev.boot_ns = at;
                 ev.name = held;
             });
         }
     }
-    emit(EventKind::Free, |ev| ev.name = name);
+    emit(&ctx, EventKind::Free, |ev| ev.name = name);
     0
 }
 
@@ -386,16 +506,17 @@ pub fn module_free(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn module_request(ctx: TracePointContext) -> u32 {
     let layout = LAYOUT.load();
-    let mut name = [0u8; NAME_LEN];
-    if read_data_loc(&ctx, layout.request_name, &mut name).is_err() {
+    if layout.request_wait.present == 0 {
+        layout_unset!(&ctx, "request_wait");
         return 0;
     }
+    let name = name_or_drop!(&ctx, layout.request_name, "request_name", "module_request");
     if !is_tracked(&name) {
         count_noise(NOISE_REQUEST_UNTRACKED);
         return 0;
     }
     let wait = u32::from(read_field::<u8>(&ctx, layout.request_wait, 0));
-    emit(EventKind::Request, |ev| {
+    emit(&ctx, EventKind::Request, |ev| {
         ev.wait = wait;
         ev.name = name;
     });
@@ -423,8 +544,13 @@ pub fn init_module_exit(ctx: TracePointContext) -> u32 {
     if pending.kind == PENDING_LOAD_ENTERED {
         return 0;
     }
-    let ret = read_field::<i64>(&ctx, LAYOUT.load().init_exit_ret, 0);
-    emit(EventKind::LoadResult, |ev| {
+    let field = LAYOUT.load().init_exit_ret;
+    if field.present == 0 {
+        layout_unset!(&ctx, "init_exit_ret");
+        return 0;
+    }
+    let ret = read_field::<i64>(&ctx, field, 0);
+    emit(&ctx, EventKind::LoadResult, |ev| {
         ev.ret = ret;
         ev.name = pending.name;
     });
@@ -439,6 +565,7 @@ pub fn init_module_exit(ctx: TracePointContext) -> u32 {
 pub fn delete_module_enter(ctx: TracePointContext) -> u32 {
     let layout = LAYOUT.load();
     if layout.delete_enter_name.present == 0 {
+        layout_unset!(&ctx, "delete_enter_name");
         return 0;
     }
     // SAFETY: bpf_probe_read of the pointer argument inside the record.
@@ -447,6 +574,9 @@ pub fn delete_module_enter(ctx: TracePointContext) -> u32 {
         return 0;
     };
     let mut name = [0u8; NAME_LEN];
+    // A pointer that cannot be read is the caller's bad argument (the
+    // syscall fails with EFAULT): anyone can pass one, so it is neither
+    // logged nor counted.
     // SAFETY: the helper validates the user pointer and bounds the copy.
     if unsafe { bpf_probe_read_user_str_bytes(user_ptr as *const u8, &mut name) }.is_err() {
         return 0;
@@ -484,11 +614,16 @@ pub fn delete_module_exit(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let _ = PENDING.remove(tid);
-    let ret = read_field::<i64>(&ctx, LAYOUT.load().delete_exit_ret, 0);
+    let field = LAYOUT.load().delete_exit_ret;
+    if field.present == 0 {
+        layout_unset!(&ctx, "delete_exit_ret");
+        return 0;
+    }
+    let ret = read_field::<i64>(&ctx, field, 0);
     if ret == EPERM {
         // SAFETY: a plain helper call without pointer arguments.
         if denied_allowed(unsafe { bpf_ktime_get_boot_ns() }) {
-            emit(EventKind::UnloadDenied, |ev| {
+            emit(&ctx, EventKind::UnloadDenied, |ev| {
                 ev.boot_ns = pending.boot_ns;
                 ev.ret = ret;
                 ev.name = pending.name;
@@ -499,12 +634,12 @@ pub fn delete_module_exit(ctx: TracePointContext) -> u32 {
         return 0;
     }
     if pending.begun == 0 {
-        emit(EventKind::UnloadBegin, |ev| {
+        emit(&ctx, EventKind::UnloadBegin, |ev| {
             ev.boot_ns = pending.boot_ns;
             ev.name = pending.name;
         });
     }
-    emit(EventKind::UnloadResult, |ev| {
+    emit(&ctx, EventKind::UnloadResult, |ev| {
         ev.ret = ret;
         ev.name = pending.name;
     });

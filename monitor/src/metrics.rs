@@ -94,6 +94,11 @@ pub const FILTERED_REQUEST_UNTRACKED: &str = "request_untracked";
 /// See [`FILTERED_REQUEST_UNTRACKED`].
 pub const FILTERED_DENIED_OVER_LIMIT: &str = "unload_denied_over_limit";
 
+/// The `reason` label values of `kmod_monitor_kernel_lost_total`, in the
+/// order of `kernel_lost_seen`.
+pub const KERNEL_LOST_REASONS: [&str; 3] =
+    ["ring_reserve_failed", "name_unreadable", "layout_unset"];
+
 /// Every `source` label of `requirement_enabled`.
 const ENABLED_SOURCES: [&str; 6] = [
     "flag",
@@ -225,6 +230,9 @@ pub struct Metrics {
     kernel_filtered: Family<ReasonLabels, Counter>,
     /// What each `kernel_filtered` series was last raised to.
     filtered_seen: [AtomicU64; 2],
+    kernel_lost: Family<ReasonLabels, Counter>,
+    /// What each `kernel_lost` series was last raised to.
+    kernel_lost_seen: [AtomicU64; 3],
     events_ignored: Counter,
     /// What `log_dropped` was last raised to (the log reports a total).
     log_dropped_seen: AtomicU64,
@@ -267,6 +275,8 @@ impl Metrics {
             unload_denied: Family::default(),
             kernel_filtered: Family::default(),
             filtered_seen: [AtomicU64::new(0), AtomicU64::new(0)],
+            kernel_lost: Family::default(),
+            kernel_lost_seen: [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)],
             events_ignored: Counter::default(),
             log_dropped_seen: AtomicU64::new(0),
             k8s_writes: Family::default(),
@@ -408,6 +418,16 @@ impl Metrics {
                     result: result.into(),
                 });
             }
+        }
+        registry.register(
+            "kernel_lost",
+            "Events the eBPF program could not deliver, by reason: ring_reserve_failed (the event ring was full), name_unreadable, layout_unset (a field the loader did not set); each is also in events_lost, and the program logs each kind at most once a second per CPU",
+            m.kernel_lost.clone(),
+        );
+        for reason in KERNEL_LOST_REASONS {
+            let _ = m.kernel_lost.get_or_create(&ReasonLabels {
+                reason: reason.into(),
+            });
         }
         for reason in [FILTERED_REQUEST_UNTRACKED, FILTERED_DENIED_OVER_LIMIT] {
             let _ = m.kernel_filtered.get_or_create(&ReasonLabels {
@@ -635,6 +655,25 @@ impl Metrics {
         }
     }
 
+    /// Raises the kernel-lost counters to the program's running totals.
+    /// `totals` are in [`KERNEL_LOST_REASONS`]' order.
+    pub fn set_kernel_lost(&self, totals: [u64; 3]) {
+        for ((reason, total), seen) in KERNEL_LOST_REASONS
+            .into_iter()
+            .zip(totals)
+            .zip(&self.kernel_lost_seen)
+        {
+            let before = seen.fetch_max(total, Ordering::Relaxed);
+            if total > before {
+                self.kernel_lost
+                    .get_or_create(&ReasonLabels {
+                        reason: reason.into(),
+                    })
+                    .inc_by(total - before);
+            }
+        }
+    }
+
     /// Counts an event that cannot be about a module.
     pub fn on_ignored(&self) {
         self.events_ignored.inc();
@@ -810,6 +849,33 @@ mod tests {
 
     fn lines_with<'a>(text: &'a str, prefix: &str) -> Vec<&'a str> {
         text.lines().filter(|l| l.starts_with(prefix)).collect()
+    }
+
+    #[test]
+    fn kernel_lost_starts_at_zero_per_reason_and_follows_the_totals() {
+        let m = Metrics::new("6.1.0-56-amd64");
+        let text = m.encode().unwrap();
+        for reason in KERNEL_LOST_REASONS {
+            assert!(
+                text.contains(&format!(
+                    "kmod_monitor_kernel_lost_total{{reason=\"{reason}\"}} 0\n"
+                )),
+                "{reason}: {text}"
+            );
+        }
+        m.set_kernel_lost([2, 0, 5]);
+        m.set_kernel_lost([3, 0, 5]);
+        // A total never goes down, even if asked.
+        m.set_kernel_lost([1, 0, 4]);
+        let text = m.encode().unwrap();
+        for (reason, want) in KERNEL_LOST_REASONS.into_iter().zip([3, 0, 5]) {
+            assert!(
+                text.contains(&format!(
+                    "kmod_monitor_kernel_lost_total{{reason=\"{reason}\"}} {want}\n"
+                )),
+                "{reason}: {text}"
+            );
+        }
     }
 
     #[test]

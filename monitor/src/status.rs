@@ -37,6 +37,9 @@ pub struct EventCounts {
     /// Kept out of the ring by the eBPF program on purpose (null for the
     /// other sources).
     pub kernel_filtered: Option<KernelFiltered>,
+    /// What the eBPF program could not deliver, by reason; part of `lost`
+    /// (null for the other sources).
+    pub kernel_lost: Option<KernelLost>,
     pub by_kind: BTreeMap<&'static str, u64>,
 }
 
@@ -47,6 +50,17 @@ pub struct KernelFiltered {
     pub requests_untracked: u64,
     /// Refused unloads over the per-CPU rate limit.
     pub unload_denied_over_limit: u64,
+}
+
+/// What the eBPF program could not deliver (each also counted in `lost`).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct KernelLost {
+    /// Reserves in the event ring that failed (the ring was full).
+    pub ring_reserve_failed: u64,
+    /// Events dropped because the module name could not be read.
+    pub name_unreadable: u64,
+    /// Events dropped because the loader left a layout field unset.
+    pub layout_unset: u64,
 }
 
 /// The daemon's state for /status, rebuilt after every change.

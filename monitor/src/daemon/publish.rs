@@ -43,6 +43,13 @@ impl Daemon {
             self.metrics
                 .set_kernel_filtered(f.requests_untracked, f.unload_denied_over_limit);
         }
+        if let Some(l) = &status.events.kernel_lost {
+            self.metrics.set_kernel_lost([
+                l.ring_reserve_failed,
+                l.name_unreadable,
+                l.layout_unset,
+            ]);
+        }
         if let Some(log) = &status.event_log {
             self.metrics.set_event_log(log.degraded, log.write_errors);
             self.metrics.set_event_log_dropped(log.dropped);
@@ -91,6 +98,11 @@ impl Daemon {
         events.kernel_filtered = running.noise().map(|n| KernelFiltered {
             requests_untracked: n.requests_untracked(),
             unload_denied_over_limit: n.denied_suppressed(),
+        });
+        events.kernel_lost = running.kernel_loss().map(|l| crate::status::KernelLost {
+            ring_reserve_failed: l.ring_reserve_failed(),
+            name_unreadable: l.name_unreadable(),
+            layout_unset: l.layout_unset(),
         });
         // Module groups, then the checks that have a verdict.
         let groups: Vec<_> = self

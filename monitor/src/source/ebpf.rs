@@ -1,7 +1,12 @@
 //! The eBPF source: loads the embedded program with this kernel's
 //! tracepoint layout, attaches it, and turns ring-buffer records into
 //! events. Needs Linux 5.8+ (ring buffer) and CAP_BPF + CAP_PERFMON (or
-//! root); 5.10 also needs RLIMIT_MEMLOCK raised, which is done here.
+//! root); 5.10 also needs RLIMIT_MEMLOCK raised, which is done here. The
+//! program's own log lines go to [`super::kernel_log`].
+//!
+//! For tests only, [`UNSET_LAYOUT_VAR`] names a layout field the loader
+//! then leaves unset, as a broken loader would; the program must drop,
+//! count and log what needs it.
 use std::{
     os::fd::{AsFd as _, AsRawFd as _},
     path::{Path, PathBuf},
@@ -18,8 +23,9 @@ use aya::{
     programs::TracePoint,
 };
 use monitor_common::{
-    LOST_SLOTS, NAME_LEN, NOISE_CPU_SLOTS, NOISE_DENIED_SUPPRESSED, NOISE_REQUEST_UNTRACKED,
-    NOISE_SLOTS, TRACKED_SLOTS, TracepointLayout, TrackedNames,
+    DROPPED_CPU_SLOTS, DROPPED_LAYOUT_UNSET, DROPPED_NAME_UNREADABLE, DROPPED_SLOTS,
+    LOG_RING_BYTES, LOST_SLOTS, NAME_LEN, NOISE_CPU_SLOTS, NOISE_DENIED_SUPPRESSED,
+    NOISE_REQUEST_UNTRACKED, NOISE_SLOTS, TRACKED_SLOTS, TracepointLayout, TrackedNames,
 };
 use tokio::{
     io::unix::AsyncFd,
@@ -27,7 +33,7 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use super::{Noise, SourceMsg, SourceOptions, StartError, Started, Tracking, tracefs};
+use super::{KernelLoss, Noise, SourceMsg, SourceOptions, StartError, Started, Tracking, tracefs};
 use crate::{
     event::{Decoded, SourceEvent},
     names::ModuleName,
@@ -67,6 +73,64 @@ const OPTIONAL: [(&str, &str, &str); 6] = [
 /// on x86-64 and arm64), which the program copes with as it does without
 /// them.
 const COMPAT_NOTE: &str = "32-bit compat tasks bypass the syscall tracepoints: their loads are confirmed through /sys/module/<m>/initstate and their unloads seen as module_free";
+
+/// The environment variable that makes the loader leave one layout field
+/// unset (`present = 0`), for the VM test of the program's diagnostics.
+/// Only the daemon's own environment can set it, which is root's to
+/// choose; when set, the source's details (in /status and the start-up
+/// log line) say so.
+pub const UNSET_LAYOUT_VAR: &str = "KMOD_MONITOR_TEST_UNSET_LAYOUT";
+
+/// Leaves the field named `field` of `layout` unset.
+///
+/// # Errors
+/// When no field has that name; the message lists the names.
+fn unset_field(layout: &mut TracepointLayout, field: &str) -> Result<(), String> {
+    let TracepointLayout {
+        load_name,
+        load_taints,
+        free_name,
+        request_name,
+        request_wait,
+        init_exit_ret,
+        delete_enter_name,
+        delete_exit_ret,
+    } = layout;
+    let target = match field {
+        "load_name" => load_name,
+        "load_taints" => load_taints,
+        "free_name" => free_name,
+        "request_name" => request_name,
+        "request_wait" => request_wait,
+        "init_exit_ret" => init_exit_ret,
+        "delete_enter_name" => delete_enter_name,
+        "delete_exit_ret" => delete_exit_ret,
+        other => {
+            return Err(format!(
+                "{UNSET_LAYOUT_VAR}={other}: no such layout field; the fields are load_name, load_taints, free_name, request_name, request_wait, init_exit_ret, delete_enter_name, delete_exit_ret"
+            ));
+        }
+    };
+    *target = monitor_common::FieldOffset::default();
+    Ok(())
+}
+
+/// Applies [`UNSET_LAYOUT_VAR`] when it is set, and says so in `details`.
+fn test_hook(layout: &mut TracepointLayout, details: &mut Vec<String>) -> Result<(), StartError> {
+    let Some(field) = std::env::var_os(UNSET_LAYOUT_VAR) else {
+        return Ok(());
+    };
+    let field = field.to_string_lossy();
+    unset_field(layout, &field).map_err(StartError::new)?;
+    tracing::warn!(
+        field = %field,
+        "{UNSET_LAYOUT_VAR} is set: the eBPF loader leaves this layout field unset on purpose (for tests only); the events that need it are dropped and counted as lost"
+    );
+    details.push(format!(
+        "TEST: layout field {field} left unset on purpose ({UNSET_LAYOUT_VAR})"
+    ));
+    Ok(())
+}
 
 /// The loaded object; dropping it detaches everything.
 struct Loaded {
@@ -208,12 +272,15 @@ fn raise_memlock(details: &mut Vec<String>) {
     }
 }
 
+/// Loads (once) and attaches `program`; the first load of each program
+/// adds its size to `sizes`.
 fn attach(
     ebpf: &mut Ebpf,
     program: &str,
     group: &str,
     event: &str,
     loaded: &mut std::collections::BTreeSet<String>,
+    sizes: &mut Vec<String>,
 ) -> Result<(), String> {
     let prog: &mut TracePoint = ebpf
         .program_mut(program)
@@ -223,10 +290,26 @@ fn attach(
     if loaded.insert(program.to_owned()) {
         prog.load()
             .map_err(|e| format!("loading {program} (verifier): {e:#}"))?;
+        sizes.push(program_size(program, prog));
     }
     prog.attach(group, event)
         .map_err(|e| format!("attaching {program} to {group}:{event}: {e}"))?;
     Ok(())
+}
+
+/// `program`'s size as the kernel reports it: the instructions after
+/// translation and, on Linux 5.16+, how many the verifier processed.
+fn program_size(program: &str, prog: &TracePoint) -> String {
+    match prog.info() {
+        Ok(info) => {
+            let insns = info.size_translated().map_or(0, |b| b / 8);
+            match info.verified_instruction_count() {
+                Some(verified) => format!("{program} {insns} ({verified} verified)"),
+                None => format!("{program} {insns}"),
+            }
+        }
+        Err(e) => format!("{program} ? ({e})"),
+    }
 }
 
 /// Loads, attaches and starts reading.
@@ -242,13 +325,17 @@ pub(crate) fn start(
         ));
     }
     let mut details = Vec::new();
-    let (layout, usable) = read_layout(opts, &mut details)?;
+    let (mut layout, usable) = read_layout(opts, &mut details)?;
+    test_hook(&mut layout, &mut details)?;
     raise_memlock(&mut details);
     let mut ebpf = aya::EbpfLoader::new()
         .override_global("LAYOUT", &layout, true)
         .map_max_entries("EVENTS", opts.ring_buffer_bytes)
+        .map_max_entries("AYA_LOGS", LOG_RING_BYTES)
         .load(OBJECT)
         .map_err(|e| StartError::new(format!("loading the eBPF object: {e}")))?;
+    // Before the programs attach, so no line is written before it is read.
+    super::kernel_log::start(&mut ebpf, cancel.clone()).map_err(StartError::new)?;
     let tracked = match ebpf.map("TRACKED") {
         Some(Map::Array(data)) => TrackedTable::map(data)?,
         Some(_) => return Err(StartError::new("map TRACKED is not an array")),
@@ -258,8 +345,10 @@ pub(crate) fn start(
     let tracking = tracked.write(&opts.tracked);
     details.push(tracking.describe());
     let mut loaded = std::collections::BTreeSet::new();
+    let mut sizes = Vec::new();
     for (program, group, event) in REQUIRED {
-        attach(&mut ebpf, program, group, event, &mut loaded).map_err(StartError::new)?;
+        attach(&mut ebpf, program, group, event, &mut loaded, &mut sizes)
+            .map_err(StartError::new)?;
     }
     let mut attached: Vec<String> = REQUIRED
         .iter()
@@ -278,7 +367,7 @@ pub(crate) fn start(
             ));
             continue;
         }
-        match attach(&mut ebpf, program, group, event, &mut loaded) {
+        match attach(&mut ebpf, program, group, event, &mut loaded, &mut sizes) {
             Ok(()) => attached.push(format!("{group}:{event}")),
             Err(e) => details.push(format!("optional tracepoint not attached: {e}")),
         }
@@ -287,16 +376,16 @@ pub(crate) fn start(
         details.push(COMPAT_NOTE.to_owned());
     }
     details.insert(0, format!("attached: {}", attached.join(", ")));
+    details.push(format!("program instructions: {}", sizes.join(", ")));
     let ring = RingBuf::try_from(
         ebpf.take_map("EVENTS")
             .ok_or_else(|| StartError::new("map EVENTS missing from the eBPF object"))?,
     )
     .map_err(|e| StartError::new(format!("map EVENTS: {e}")))?;
-    let lost_map = match ebpf.take_map("LOST") {
-        Some(Map::Array(data)) => Counters::map(&data, LOST_SLOTS, "LOST")?,
-        Some(_) => return Err(StartError::new("map LOST is not an array")),
-        None => return Err(StartError::new("map LOST missing from the eBPF object")),
-    };
+    let losses = Arc::new(Losses {
+        reserve: take_counters(&mut ebpf, "LOST", LOST_SLOTS)?,
+        dropped: take_counters(&mut ebpf, "DROPPED", DROPPED_SLOTS)?,
+    });
     let noise_map = match ebpf.take_map("NOISE") {
         Some(Map::Array(data)) => Counters::map(&data, NOISE_SLOTS, "NOISE")?,
         Some(_) => return Err(StartError::new("map NOISE is not an array")),
@@ -308,7 +397,14 @@ pub(crate) fn start(
     let fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .map_err(|e| StartError::new(format!("polling the ring buffer: {e}")))?;
     let (sync_tx, sync_rx) = mpsc::channel(1);
-    tokio::spawn(read_loop(fd, lost_map, tx, lost, sync_rx, cancel));
+    tokio::spawn(read_loop(
+        fd,
+        Arc::clone(&losses),
+        tx,
+        lost,
+        sync_rx,
+        cancel,
+    ));
     Ok(Started {
         details,
         guard: Some(Box::new(Loaded {
@@ -317,12 +413,56 @@ pub(crate) fn start(
         control: Some(super::Control {
             tracked: Box::new(tracked),
             noise: Box::new(noise_map),
+            loss: Box::new(losses),
         }),
         sync: Some(sync_tx),
     })
 }
 
-/// An in-kernel counter array (`LOST`, `NOISE`), mapped read-only into
+/// Maps the counter array `name` of `slots` u64 entries (see [`Counters`]).
+fn take_counters(ebpf: &mut Ebpf, name: &str, slots: u32) -> Result<Counters, StartError> {
+    match ebpf.take_map(name) {
+        Some(Map::Array(data)) => Counters::map(&data, slots, name),
+        Some(_) => Err(StartError::new(format!("map {name} is not an array"))),
+        None => Err(StartError::new(format!(
+            "map {name} missing from the eBPF object"
+        ))),
+    }
+}
+
+/// What the program could not deliver: failed reserves in `EVENTS`
+/// (`LOST`) and events dropped for a field it could not read (`DROPPED`).
+/// Their sum is the source's loss total.
+struct Losses {
+    reserve: Counters,
+    dropped: Counters,
+}
+
+impl Losses {
+    fn total(&self) -> u64 {
+        self.reserve.total() + self.dropped.total()
+    }
+}
+
+impl KernelLoss for Arc<Losses> {
+    fn ring_reserve_failed(&self) -> u64 {
+        self.reserve.total()
+    }
+
+    fn name_unreadable(&self) -> u64 {
+        self.dropped.sum(
+            DROPPED_NAME_UNREADABLE * DROPPED_CPU_SLOTS,
+            DROPPED_CPU_SLOTS,
+        )
+    }
+
+    fn layout_unset(&self) -> u64 {
+        self.dropped
+            .sum(DROPPED_LAYOUT_UNSET * DROPPED_CPU_SLOTS, DROPPED_CPU_SLOTS)
+    }
+}
+
+/// An in-kernel counter array (`LOST`, `NOISE`, `DROPPED`), mapped read-only into
 /// this process. Reading it needs no bpf(2) call, so it keeps working
 /// after the privilege drop (Linux before 6.0 refuses map lookups to a
 /// task without CAP_BPF).
@@ -381,7 +521,7 @@ impl Counters {
             .sum()
     }
 
-    /// Events the program could not reserve so far (the `LOST` array).
+    /// The sum of every slot.
     fn total(&self) -> u64 {
         self.sum(0, self.slots)
     }
@@ -551,7 +691,7 @@ fn drain(ring: &mut RingBuf<MapData>, batch: &mut Vec<SourceMsg>, limit: usize) 
 /// committed before the request reaches the daemon before the answer.
 async fn read_loop(
     mut fd: AsyncFd<RingBuf<MapData>>,
-    lost_map: Counters,
+    lost_map: Arc<Losses>,
     tx: mpsc::Sender<SourceMsg>,
     lost: Arc<AtomicU64>,
     mut sync: mpsc::Receiver<oneshot::Sender<()>>,
@@ -609,7 +749,7 @@ async fn read_loop(
 async fn forward(
     tx: &mpsc::Sender<SourceMsg>,
     batch: &mut Vec<SourceMsg>,
-    lost_map: &Counters,
+    lost_map: &Losses,
     lost: &AtomicU64,
 ) -> bool {
     for msg in batch.drain(..) {
@@ -632,6 +772,52 @@ mod tests {
     use std::fs;
 
     use super::*;
+
+    #[test]
+    fn the_test_hook_unsets_exactly_the_field_it_names() {
+        let set = monitor_common::FieldOffset {
+            offset: 8,
+            present: 1,
+        };
+        let full = TracepointLayout {
+            load_name: set,
+            load_taints: set,
+            free_name: set,
+            request_name: set,
+            request_wait: set,
+            init_exit_ret: set,
+            delete_enter_name: set,
+            delete_exit_ret: set,
+        };
+        let mut layout = full;
+        unset_field(&mut layout, "free_name").unwrap();
+        assert_eq!(
+            layout,
+            TracepointLayout {
+                free_name: monitor_common::FieldOffset::default(),
+                ..full
+            }
+        );
+        for name in [
+            "load_name",
+            "load_taints",
+            "request_name",
+            "request_wait",
+            "init_exit_ret",
+            "delete_enter_name",
+            "delete_exit_ret",
+        ] {
+            let mut layout = full;
+            unset_field(&mut layout, name).unwrap();
+            assert_ne!(layout, full, "{name}");
+        }
+        let err = unset_field(&mut layout, "free-name").unwrap_err();
+        assert!(
+            err.starts_with("KMOD_MONITOR_TEST_UNSET_LAYOUT=free-name: no such layout field")
+                && err.contains("delete_exit_ret"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn names_are_packed_as_the_program_compares_them() {

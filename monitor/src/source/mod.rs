@@ -3,6 +3,7 @@
 //! (always works). `auto` takes the best one that starts and records why
 //! each better one could not.
 pub mod ebpf;
+pub mod kernel_log;
 pub mod poll;
 pub mod tracefs;
 pub mod uevent;
@@ -137,10 +138,23 @@ pub trait Noise: Send + Sync {
     fn denied_suppressed(&self) -> u64;
 }
 
+/// Events the eBPF program could not deliver, by reason (running totals).
+/// Each is also in the source's loss total, and each kind is logged by the
+/// program, rate-limited ([`kernel_log`]).
+pub trait KernelLoss: Send + Sync {
+    /// Reserves in the event ring that failed: the ring was full.
+    fn ring_reserve_failed(&self) -> u64;
+    /// Events dropped because the module name could not be read.
+    fn name_unreadable(&self) -> u64;
+    /// Events dropped because the loader left a layout field unset.
+    fn layout_unset(&self) -> u64;
+}
+
 /// What the daemon can ask of a running eBPF source.
 pub(crate) struct Control {
     pub tracked: Box<dyn Tracking>,
     pub noise: Box<dyn Noise>,
+    pub loss: Box<dyn KernelLoss>,
 }
 
 /// Asks a source's reader to read everything its kernel buffer (the ring,
@@ -232,6 +246,12 @@ impl RunningSource {
     #[must_use]
     pub fn noise(&self) -> Option<&dyn Noise> {
         self.control.as_ref().map(|c| &*c.noise)
+    }
+
+    /// What the kernel could not deliver, by reason (eBPF only).
+    #[must_use]
+    pub fn kernel_loss(&self) -> Option<&dyn KernelLoss> {
+        self.control.as_ref().map(|c| &*c.loss)
     }
 
     /// Waits until every event the source had buffered when called is on

@@ -213,6 +213,7 @@ fn status_and_endpoints_have_the_documented_shape() {
             "by_kind",
             "ignored",
             "kernel_filtered",
+            "kernel_lost",
             "lost",
             "received",
             "undecodable",
@@ -223,6 +224,11 @@ fn status_and_endpoints_have_the_documented_shape() {
         status["events"]["kernel_filtered"],
         Value::Null,
         "only the eBPF source filters in the kernel"
+    );
+    assert_eq!(
+        status["events"]["kernel_lost"],
+        Value::Null,
+        "only the eBPF source has a program that can drop events"
     );
     let base = group(&status, "base");
     assert_eq!(keys(base), ["met", "mode", "modules", "name", "severity"]);

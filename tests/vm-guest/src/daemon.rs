@@ -28,7 +28,17 @@ impl Daemon {
     /// Starts `kmod-monitor run --listen LISTEN ARGS...` and waits until
     /// `/healthz` answers 200. `log` receives its output.
     pub fn start(args: &[&str], log: PathBuf, api: &Api) -> Result<Self, String> {
-        let mut daemon = Self::spawn(args, log)?;
+        Self::start_with_env(args, &[], log, api)
+    }
+
+    /// Like [`start`](Self::start), with `env` added to its environment.
+    pub fn start_with_env(
+        args: &[&str],
+        env: &[(&str, &str)],
+        log: PathBuf,
+        api: &Api,
+    ) -> Result<Self, String> {
+        let mut daemon = Self::spawn_with_env(args, env, log)?;
         daemon.wait_ready(args, api)?;
         Ok(daemon)
     }
@@ -36,6 +46,10 @@ impl Daemon {
     /// Starts `kmod-monitor run --listen LISTEN ARGS...` without waiting
     /// for it to be ready.
     pub fn spawn(args: &[&str], log: PathBuf) -> Result<Self, String> {
+        Self::spawn_with_env(args, &[], log)
+    }
+
+    fn spawn_with_env(args: &[&str], env: &[(&str, &str)], log: PathBuf) -> Result<Self, String> {
         let out = File::create(&log).map_err(|e| format!("creating {}: {e}", log.display()))?;
         let err = out
             .try_clone()
@@ -47,6 +61,7 @@ impl Daemon {
             // on the real kernel.
             .args(["--v2-hugepages-2mi", "0"])
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)

@@ -136,6 +136,7 @@ pub fn loss_never_silent(g: &mut Guest) -> Outcome {
     kmod::ensure_unloaded(STORM_MODULE)?;
     let pid = g.daemon_pid().ok_or("no daemon running")?;
     let storm_start = boottime_ns();
+    let storm_clock = Instant::now();
     signal(pid, Signal::STOP)?;
     let storm = (|| -> Outcome {
         for _ in 0..STORM_CYCLES {
@@ -147,6 +148,7 @@ pub fn loss_never_silent(g: &mut Guest) -> Outcome {
         Ok(())
     })();
     signal(pid, Signal::CONT)?;
+    let storm_took = storm_clock.elapsed();
     storm?;
     let resumed = Instant::now();
 
@@ -205,14 +207,42 @@ pub fn loss_never_silent(g: &mut Guest) -> Outcome {
     let alert = rx
         .recv_timeout(HANDLED_WITHIN)
         .map_err(|_| "no KernelModuleMonitorEventsLost alert POSTed within 10 s".to_owned())?;
+    // The failed reserves are exported on their own, and the program said
+    // so through aya-log, at most once a second per CPU.
+    let metrics = g.api().metrics()?;
+    let reserve = metric(
+        &metrics,
+        "kmod_monitor_kernel_lost_total{reason=\"ring_reserve_failed\"}",
+    );
+    ensure!(
+        reserve.is_some_and(|r| r > 0.0) && reserve == lost,
+        "kmod_monitor_kernel_lost_total{{reason=\"ring_reserve_failed\"}} is {reserve:?}, events_lost_total {lost:?}: every loss here is a failed reserve"
+    );
+    let log = g.daemon_log().ok_or("no daemon running")?;
+    let text =
+        std::fs::read_to_string(&log).map_err(|e| format!("reading {}: {e}", log.display()))?;
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains(" kmod_monitor::ebpf: ring buffer EVENTS is full"))
+        .collect();
+    let cpus = crate::diagnostics::online_cpus()?;
+    let most = (usize::try_from(storm_took.as_secs()).map_err(|e| e.to_string())? + 1) * cpus;
+    ensure!(
+        !lines.is_empty() && lines.len() <= most && lines.iter().all(|l| l.contains("WARN")),
+        "{} WARN line(s) under kmod_monitor::ebpf saying the event ring was full, after a {storm_took:?} storm on {cpus} CPU(s) (at least 1, at most {most}) in {}: {lines:?}",
+        lines.len(),
+        log.display()
+    );
     Report::note(&format!(
         "loss: {STORM_CYCLES} cycles of {STORM_MODULE} into a 4 KiB ring with the daemon stopped: \
-         lost {}, received {}, reconciles {} -> {}, alert {}",
+         lost {}, received {}, reconciles {} -> {}, alert {}, {} kernel log line(s): {:?}",
         lost.unwrap_or_default(),
         status.events.received,
         before.reconciles,
         status.reconciles,
-        alert["labels"]
+        alert["labels"],
+        lines.len(),
+        lines.first().copied().unwrap_or_default()
     ));
     g.stop_daemon();
     Ok(())

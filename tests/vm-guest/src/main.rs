@@ -9,6 +9,7 @@ mod api;
 mod bench;
 mod compat;
 mod daemon;
+mod diagnostics;
 mod hostile;
 mod kmod;
 mod loss;

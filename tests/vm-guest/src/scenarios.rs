@@ -16,7 +16,7 @@ use crate::{
     api::{Api, POLL_EVERY},
     compat,
     daemon::{self, Daemon},
-    ensure, hostile, kmod, loss, more, race,
+    diagnostics, ensure, hostile, kmod, loss, more, race,
     report::Report,
     soak,
     status::{Actor, Status},
@@ -103,6 +103,10 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("privileges-dropped", more::privileges_dropped),
     ("alert-latency", more::alert_latency),
     ("loss-never-silent", loss::loss_never_silent),
+    (
+        "ebpf-diagnostics",
+        diagnostics::layout_unset_is_logged_and_counted,
+    ),
     ("unprivileged-flood", hostile::unprivileged_flood),
     ("denied-rate-limit", hostile::denied_rate_limit),
     ("forged-uevent-ignored", hostile::forged_uevent_ignored),
@@ -236,6 +240,11 @@ impl Guest {
         ]
     }
 
+    /// The log file of the daemon running now.
+    pub fn daemon_log(&self) -> Option<PathBuf> {
+        self.daemon.as_ref().map(|d| d.log.clone())
+    }
+
     /// The daemon's HTTP API.
     pub const fn api(&self) -> &Api {
         &self.api
@@ -253,13 +262,24 @@ impl Guest {
         source: &'static str,
         extra: &[&str],
     ) -> Result<Status, String> {
+        self.start_daemon_env(source, extra, &[])
+    }
+
+    /// Like [`start_daemon_with`](Self::start_daemon_with), with `env`
+    /// added to the daemon's environment.
+    pub fn start_daemon_env(
+        &mut self,
+        source: &'static str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Status, String> {
         self.stop_daemon();
         self.starts += 1;
         let log = PathBuf::from(format!("/tmp/kmod-monitor.{}.log", self.starts));
         self.logs.push(log.clone());
         let mut args = Self::daemon_args(source).to_vec();
         args.extend_from_slice(extra);
-        let daemon = Daemon::start(&args, log, &self.api)?;
+        let daemon = Daemon::start_with_env(&args, env, log, &self.api)?;
         self.daemon = Some(daemon);
         self.source = source;
         self.api.status()
@@ -286,11 +306,6 @@ impl Guest {
         let daemon = self.daemon.as_mut().ok_or("no daemon was started")?;
         daemon.wait_ready(&[self.source], &self.api)?;
         self.api.status()
-    }
-
-    /// The running daemon's log file.
-    pub fn daemon_log(&self) -> Option<PathBuf> {
-        self.daemon.as_ref().map(|d| d.log.clone())
     }
 
     /// SIGTERMs the running daemon and waits for it to exit, as a node's

@@ -64,6 +64,18 @@ pub struct Events {
     pub received: u64,
     /// Events the kernel side dropped.
     pub lost: u64,
+    /// Records that could not be decoded.
+    pub undecodable: u64,
+    /// What the eBPF program could not deliver, by reason (eBPF only).
+    pub kernel_lost: Option<KernelLost>,
+}
+
+/// `status.events.kernel_lost`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+pub struct KernelLost {
+    pub ring_reserve_failed: u64,
+    pub name_unreadable: u64,
+    pub layout_unset: u64,
 }
 
 /// One requirement group.
