@@ -232,24 +232,7 @@ fn race(g: &mut Guest, source: &'static str) -> Outcome {
         ) == Some(1.0),
         "kmod_monitor_requirement_met{{requirement=\"{V2}\"}} is not 1"
     );
-    // The pusher sends the alerts in force at start and every second: none
-    // may name the V2 group.
-    thread::sleep(Duration::from_secs(3));
-    let bodies: Vec<serde_json::Value> = alerts.try_iter().collect();
-    ensure!(
-        !bodies.is_empty(),
-        "no POST reached the stand-in Alertmanager in 3 s"
-    );
-    let v2_alerts: Vec<&serde_json::Value> = bodies
-        .iter()
-        .filter_map(serde_json::Value::as_array)
-        .flatten()
-        .filter(|a| a["labels"]["requirement"] == V2 || a["labels"]["module"] == MODULE)
-        .collect();
-    ensure!(
-        v2_alerts.is_empty(),
-        "alerts about {V2} after the race: {v2_alerts:?}"
-    );
+    no_v2_alert(&alerts)?;
     // The forensic log: both events as history, with their actors, and no
     // requirement change (no alert was ever due).
     let start = Instant::now();
@@ -305,6 +288,29 @@ fn race(g: &mut Guest, source: &'static str) -> Outcome {
     Ok(())
 }
 
+/// The pusher sends the alerts in force at start and every second: in its
+/// first 3 s some must arrive, and none may name the V2 group or the
+/// module of the race.
+fn no_v2_alert(alerts: &mpsc::Receiver<serde_json::Value>) -> Outcome {
+    thread::sleep(Duration::from_secs(3));
+    let bodies: Vec<serde_json::Value> = alerts.try_iter().collect();
+    ensure!(
+        !bodies.is_empty(),
+        "no POST reached the stand-in Alertmanager in 3 s"
+    );
+    let v2_alerts: Vec<&serde_json::Value> = bodies
+        .iter()
+        .filter_map(serde_json::Value::as_array)
+        .flatten()
+        .filter(|a| a["labels"]["requirement"] == V2 || a["labels"]["module"] == MODULE)
+        .collect();
+    ensure!(
+        v2_alerts.is_empty(),
+        "alerts about {V2} after the race: {v2_alerts:?}"
+    );
+    Ok(())
+}
+
 /// What the race must give with a source that has no actors: the first
 /// /status right, and no alert about V2 in the pusher's first seconds.
 fn race_without_actors(
@@ -338,22 +344,7 @@ fn race_without_actors(
         "lost {} after the race",
         first.events.lost
     );
-    thread::sleep(Duration::from_secs(3));
-    let bodies: Vec<serde_json::Value> = alerts.try_iter().collect();
-    ensure!(
-        !bodies.is_empty(),
-        "no POST reached the stand-in Alertmanager in 3 s"
-    );
-    let v2_alerts: Vec<&serde_json::Value> = bodies
-        .iter()
-        .filter_map(serde_json::Value::as_array)
-        .flatten()
-        .filter(|a| a["labels"]["requirement"] == V2 || a["labels"]["module"] == MODULE)
-        .collect();
-    ensure!(
-        v2_alerts.is_empty(),
-        "alerts about {V2} after the race with uevents: {v2_alerts:?}"
-    );
+    no_v2_alert(alerts)?;
     Report::note(
         "startup-race-uevent: the uevents queued during the snapshot were applied before the first publish; no alert",
     );
