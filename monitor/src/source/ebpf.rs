@@ -229,13 +229,28 @@ fn attach(
     Ok(())
 }
 
-/// Loads, attaches and starts reading.
-pub(crate) fn start(
-    opts: &SourceOptions,
-    tx: mpsc::Sender<SourceMsg>,
-    lost: Arc<AtomicU64>,
-    cancel: CancellationToken,
-) -> Result<Started, StartError> {
+/// The program loaded and attached, its ring buffer not yet read: what
+/// [`start`] hands to its reader task, and what the benchmark's floor
+/// (`kmod-monitor-floor`, the `bench` feature) drains itself.
+pub struct Attached {
+    ebpf: Ebpf,
+    /// The `EVENTS` ring buffer.
+    pub ring: RingBuf<MapData>,
+    lost: Counters,
+    noise: Counters,
+    tracked: TrackedTable,
+    /// What attached and what did not, for /status.
+    pub details: Vec<String>,
+}
+
+/// Loads the embedded program with this kernel's tracepoint layout, fills
+/// the name filter with `opts.tracked` and attaches every tracepoint it
+/// can use.
+///
+/// # Errors
+/// When the binary carries no program, a required tracepoint is missing,
+/// or loading, verifying or attaching fails.
+pub fn attach_all(opts: &SourceOptions) -> Result<Attached, StartError> {
     if OBJECT.is_empty() {
         return Err(StartError::new(
             "this kmod-monitor was built with AYA_BUILD_SKIP=1 and carries no eBPF object; build it with `cargo xtask build`",
@@ -292,16 +307,49 @@ pub(crate) fn start(
             .ok_or_else(|| StartError::new("map EVENTS missing from the eBPF object"))?,
     )
     .map_err(|e| StartError::new(format!("map EVENTS: {e}")))?;
-    let lost_map = match ebpf.take_map("LOST") {
+    let lost = match ebpf.take_map("LOST") {
         Some(Map::Array(data)) => Counters::map(&data, LOST_SLOTS, "LOST")?,
         Some(_) => return Err(StartError::new("map LOST is not an array")),
         None => return Err(StartError::new("map LOST missing from the eBPF object")),
     };
-    let noise_map = match ebpf.take_map("NOISE") {
+    let noise = match ebpf.take_map("NOISE") {
         Some(Map::Array(data)) => Counters::map(&data, NOISE_SLOTS, "NOISE")?,
         Some(_) => return Err(StartError::new("map NOISE is not an array")),
         None => return Err(StartError::new("map NOISE missing from the eBPF object")),
     };
+    Ok(Attached {
+        ebpf,
+        ring,
+        lost,
+        noise,
+        tracked,
+        details,
+    })
+}
+
+impl Attached {
+    /// Events the program could not reserve so far (the `LOST` array).
+    #[must_use]
+    pub fn lost(&self) -> u64 {
+        self.lost.total()
+    }
+}
+
+/// Loads, attaches and starts reading.
+pub(crate) fn start(
+    opts: &SourceOptions,
+    tx: mpsc::Sender<SourceMsg>,
+    lost: Arc<AtomicU64>,
+    cancel: CancellationToken,
+) -> Result<Started, StartError> {
+    let Attached {
+        ebpf,
+        ring,
+        lost: lost_map,
+        noise: noise_map,
+        tracked,
+        details,
+    } = attach_all(opts)?;
     // SAFETY: the RingBuf owns its map fd for as long as it lives, and
     // the AsyncFd owns the RingBuf, so the fd stays open and unchanged for
     // the AsyncFd's whole lifetime.
