@@ -28,22 +28,36 @@ impl Daemon {
     /// Starts `kmod-monitor run --listen LISTEN ARGS...` and waits until
     /// `/healthz` answers 200. `log` receives its output.
     pub fn start(args: &[&str], log: PathBuf, api: &Api) -> Result<Self, String> {
+        Self::start_binary(BINARY, args, &[], log, api)
+    }
+
+    /// [`Daemon::start`] of another build of the daemon at `binary` (the
+    /// benchmark's `bench`-feature build), with `env` added to its
+    /// environment.
+    pub fn start_binary(
+        binary: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        log: PathBuf,
+        api: &Api,
+    ) -> Result<Self, String> {
         let out = File::create(&log).map_err(|e| format!("creating {}: {e}", log.display()))?;
         let err = out
             .try_clone()
             .map_err(|e| format!("duplicating {}: {e}", log.display()))?;
-        let child = Command::new(BINARY)
+        let child = Command::new(binary)
             .args(["run", "--listen", LISTEN])
             // The 512 MiB guests have no hugepages and these scenarios are
             // about modules; `check_exit_codes` covers the hugepage check
             // on the real kernel.
             .args(["--v2-hugepages-2mi", "0"])
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
             .spawn()
-            .map_err(|e| format!("starting {BINARY}: {e}"))?;
+            .map_err(|e| format!("starting {binary}: {e}"))?;
         let mut daemon = Self { child, log };
         let start = Instant::now();
         loop {
@@ -72,6 +86,27 @@ impl Daemon {
     /// The daemon's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// SIGTERMs the daemon (a clean stop) and reaps it; SIGKILL after
+    /// `within`, which is an error.
+    pub fn terminate(&mut self, within: Duration) -> Result<ExitStatus, String> {
+        let pid = rustix::process::Pid::from_raw(self.child.id().try_into().unwrap_or(i32::MAX))
+            .ok_or_else(|| "kmod-monitor has no pid".to_owned())?;
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM)
+            .map_err(|e| format!("SIGTERM to kmod-monitor: {e}"))?;
+        let start = Instant::now();
+        while start.elapsed() < within {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Ok(status);
+            }
+            thread::sleep(POLL_EVERY);
+        }
+        self.kill()?;
+        Err(format!(
+            "kmod-monitor did not stop within {} s of SIGTERM",
+            within.as_secs()
+        ))
     }
 
     /// SIGKILLs the daemon and reaps it.
