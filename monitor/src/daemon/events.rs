@@ -12,6 +12,7 @@ use crate::{
     forensic::{RecordKind, actor},
     host::{self, InitState},
     source::{RunningSource, SourceMsg},
+    stages::{self, Stage},
     tracker::Outcome,
 };
 
@@ -63,6 +64,7 @@ impl Daemon {
     pub(super) fn handle(&mut self, msg: SourceMsg, running: &RunningSource) {
         match msg {
             SourceMsg::Event(mut ev) => {
+                stages::mark(ev.boot_ns, Stage::Received);
                 // A request by alias (`fs-nfs4`) is about its module (`nfs`).
                 if ev.raw == Raw::Request
                     && !self.tracker.is_required(&ev.module)
@@ -71,6 +73,7 @@ impl Daemon {
                     ev.module = module.clone();
                 }
                 let outcome = self.tracker.apply(&ev);
+                stages::mark(ev.boot_ns, Stage::Tracked);
                 let latency_ns = boot_ns_now().saturating_sub(ev.boot_ns);
                 #[expect(
                     clippy::cast_precision_loss,
@@ -78,6 +81,7 @@ impl Daemon {
                 )]
                 let latency = latency_ns as f64 / 1e9;
                 self.metrics.on_event(&outcome, Some(latency));
+                stages::mark(ev.boot_ns, Stage::Metrics);
                 self.count(outcome.kind);
                 self.trigger_boot_ns = Some(ev.boot_ns);
                 trace_outcome(&outcome, &ev);
@@ -202,8 +206,10 @@ impl Daemon {
         }
         let Some(kind) = o.kind else { return };
         let actor = self.enrich(ev);
+        stages::mark(ev.boot_ns, Stage::Enriched);
         let r = records::event_record(&self.tracker, ev, kind, Some(o), actor, source);
         self.append(r);
+        stages::mark(ev.boot_ns, Stage::HandedOff);
         for r in records::group_changes(
             Some(&o.module),
             &o.group_changes,

@@ -44,6 +44,7 @@ use crate::{
     remedy::BootFacts,
     requirements,
     source::{self, ActiveKind, RunningSource, SourceKind, SourceMsg, SourceOptions, Unavailable},
+    stages::{self, Stage},
     status::EventCounts,
     tracker::{GroupReport, Tracker},
 };
@@ -320,7 +321,10 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
             },
         }
         d.publish(&running, &status_tx);
+        stages::mark_received(Stage::Published);
+        stages::close();
     };
+    stages::dump();
     d.flush_denied(&running);
     d.close_event_log(stop_reason);
     cancel.cancel();

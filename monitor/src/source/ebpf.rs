@@ -31,6 +31,7 @@ use super::{Noise, SourceMsg, SourceOptions, StartError, Started, Tracking, trac
 use crate::{
     event::{Decoded, SourceEvent},
     names::ModuleName,
+    stages::{self, Stage},
 };
 
 /// Most ring-buffer records taken in one go; then the reader hands them to
@@ -559,8 +560,13 @@ fn name_words(name: &str) -> [u64; NAME_LEN / 8] {
 
 /// One record as the daemon takes it.
 fn message(item: &[u8]) -> SourceMsg {
+    let drained = stages::now();
     match SourceEvent::decode(item) {
-        Ok(Decoded::Module(ev)) => SourceMsg::Event(ev),
+        Ok(Decoded::Module(ev)) => {
+            stages::mark_at(ev.boot_ns, Stage::Drained, drained);
+            stages::mark(ev.boot_ns, Stage::Decoded);
+            SourceMsg::Event(ev)
+        }
         Ok(Decoded::AliasRequest { alias, .. }) => SourceMsg::AliasRequest { alias },
         Ok(Decoded::UnloadDenied {
             module,
