@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use super::{Daemon, is_event, records};
 use crate::{
     event::{Kind, Raw, SourceEvent, boot_ns_now},
-    forensic::{RecordKind, actor},
+    forensic::actor,
     host::{self, InitState},
     source::{RunningSource, SourceMsg},
     stages::{self, Stage},
@@ -199,25 +199,15 @@ impl Daemon {
     }
 
     /// The record of one applied event (when it meant something), then one
-    /// `requirement_change` per group it flipped.
+    /// `requirement_change` per group it flipped: taken now, built after
+    /// the publish ([`Daemon::flush_records`]).
     fn record_outcome(&mut self, ev: &SourceEvent, o: &Outcome, source: &str) {
         if self.log.is_none() {
             return;
         }
         let Some(kind) = o.kind else { return };
-        let actor = self.enrich(ev);
-        stages::mark(ev.boot_ns, Stage::Enriched);
-        let r = records::event_record(&self.tracker, ev, kind, Some(o), actor, source);
-        self.append(r);
-        stages::mark(ev.boot_ns, Stage::HandedOff);
-        for r in records::group_changes(
-            Some(&o.module),
-            &o.group_changes,
-            RecordKind::of_event(kind),
-            ev.boot_ns,
-        ) {
-            self.append(r);
-        }
+        let pending = records::PendingEvent::new(&self.tracker, ev, kind, Some(o), source);
+        self.deferred.event(pending);
     }
 
     /// An event from before the snapshot: history only, no state change.
@@ -225,17 +215,33 @@ impl Daemon {
         if self.log.is_none() {
             return;
         }
-        let actor = self.enrich(ev);
-        let r = records::event_record(&self.tracker, ev, kind, None, actor, self.active.as_str());
-        self.append(r);
+        let pending =
+            records::PendingEvent::new(&self.tracker, ev, kind, None, self.active.as_str());
+        self.deferred.event(pending);
     }
 
-    /// The event's actor, enriched from /proc/<tgid> (a few small procfs
-    /// reads, done now so the process is still likely to exist).
-    fn enrich(&self, ev: &SourceEvent) -> Option<crate::forensic::record::ActorInfo> {
-        ev.actor
-            .as_ref()
-            .map(|a| actor::enrich(&self.settings.common.host, a))
+    /// After the publish: enriches the waiting events' actors from
+    /// /proc/<tgid> (a few small procfs reads; the process is still likely
+    /// to exist), builds their records and hands everything waiting to the
+    /// log, in order. Nothing here changes the state, so none of it sits
+    /// between an event and /status.
+    pub(super) fn flush_records(&mut self) {
+        if self.deferred.is_empty() {
+            return;
+        }
+        let host = &self.settings.common.host;
+        let records = self.deferred.drain(|boot_ns, a| {
+            let info = actor::enrich(host, a);
+            stages::mark(boot_ns, Stage::Enriched);
+            info
+        });
+        if let Some(log) = &mut self.log {
+            for r in records {
+                let boot_ns = r.boot_ns;
+                log.append(r);
+                stages::mark(boot_ns, Stage::HandedOff);
+            }
+        }
     }
 
     /// Arms the initstate check while some module is `loading`.

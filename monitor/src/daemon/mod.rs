@@ -90,6 +90,8 @@ struct Daemon {
     loss_reconcile: reconcile::Spaced,
     /// The checks of the host and the cluster, as last judged.
     checks: Vec<crate::longhorn::readiness::Verdict>,
+    /// Records waiting for the publish (see [`records::Deferred`]).
+    deferred: records::Deferred,
 }
 
 /// Least time between two reconciles triggered by lost or undecodable
@@ -228,6 +230,7 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
         aliases,
         loss_reconcile: reconcile::Spaced::default(),
         checks: Vec::new(),
+        deferred: records::Deferred::default(),
     };
     // Judge the checks once; later judgements record what changes.
     d.refresh_boot_facts();
@@ -245,6 +248,7 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
     }
     let (status_tx, status_rx) = watch::channel(Arc::new(d.status(&running)));
     d.publish(&running, &status_tx);
+    d.flush_records();
     let pusher = pusher.map(|p| p.spawn(wanted_rx, Arc::clone(&metrics), cancel.clone()));
     let server = http::serve(
         http::Listener {
@@ -322,6 +326,9 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
         }
         d.publish(&running, &status_tx);
         stages::mark_received(Stage::Published);
+        // Only now the forensic records of what was applied: actor
+        // enrichment, building and the hand-off wait for the publish.
+        d.flush_records();
         stages::close();
     };
     stages::dump();
@@ -415,6 +422,7 @@ impl Daemon {
     /// Writes `monitor_stop` and closes the log, waiting a bounded time for
     /// the writer.
     fn close_event_log(&mut self, reason: &str) {
+        self.flush_records();
         if let Some(mut log) = self.log.take() {
             let mut r = Record::new(RecordKind::MonitorStop, boot_ns_now());
             r.reason = Some(reason.to_owned());
@@ -429,9 +437,16 @@ impl Daemon {
         }
     }
 
-    /// Hands a record to the event log, if there is one (never blocks).
+    /// Hands a record to the event log, if there is one (never blocks);
+    /// behind the records waiting for the publish, if any, so the log
+    /// keeps the order they were made in.
     fn append(&mut self, record: Record) {
-        if let Some(log) = &mut self.log {
+        if self.log.is_none() {
+            return;
+        }
+        if let Some(record) = self.deferred.record(record)
+            && let Some(log) = &mut self.log
+        {
             log.append(record);
         }
     }
