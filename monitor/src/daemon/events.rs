@@ -220,6 +220,17 @@ impl Daemon {
         self.deferred.event(pending);
     }
 
+    /// Whether records wait for [`flush_records`](Self::flush_records).
+    pub(super) fn deferred_waiting(&self) -> bool {
+        !self.deferred.is_empty()
+    }
+
+    /// Whether so many records wait that they are flushed even while
+    /// events keep coming (a storm must not hold them without bound).
+    pub(super) fn deferred_full(&self) -> bool {
+        self.deferred.len() >= records::DEFERRED_MAX
+    }
+
     /// After the publish: enriches the waiting events' actors from
     /// /proc/<tgid> (a few small procfs reads; the process is still likely
     /// to exist), builds their records and hands everything waiting to the

@@ -326,10 +326,19 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
         }
         d.publish(&running, &status_tx);
         stages::mark_received(Stage::Published);
-        // Only now the forensic records of what was applied: actor
-        // enrichment, building and the hand-off wait for the publish.
-        d.flush_records();
-        stages::close();
+        // Only now the forensic records of what was applied (actor
+        // enrichment, building, the hand-off), and only if no event is
+        // waiting: the yield lets the reader take what the ring holds, and
+        // an event it found is applied and published first.
+        if d.deferred_waiting() {
+            tokio::task::yield_now().await;
+            if running.rx.is_empty() || d.deferred_full() {
+                d.flush_records();
+            }
+        }
+        if !d.deferred_waiting() {
+            stages::close();
+        }
     };
     stages::dump();
     d.flush_denied(&running);

@@ -184,6 +184,10 @@ impl PendingEvent {
     }
 }
 
+/// Most events and records [`Deferred`] holds while events keep coming;
+/// past it the daemon flushes them anyway (one ring drain batch).
+pub const DEFERRED_MAX: usize = 256;
+
 /// Records waiting for the daemon to publish the state, in the order they
 /// were made: events' (not built yet, their actors not enriched) and any
 /// other record made after one of those, so the log keeps the daemon's
@@ -223,6 +227,12 @@ impl Deferred {
     #[must_use]
     pub fn is_empty(&self) -> bool {
         self.items.is_empty()
+    }
+
+    /// How many events and records wait.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.items.len()
     }
 
     /// Builds every waiting record, in order, calling `enrich` with each
