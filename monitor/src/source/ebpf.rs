@@ -613,6 +613,8 @@ async fn read_loop(
 ) {
     let mut batch = Vec::with_capacity(DRAIN_BATCH);
     loop {
+        // Whether the ring may hold more than this turn took.
+        let mut more = false;
         let ack = tokio::select! {
             () = cancel.cancelled() => return,
             Some(ack) = sync.recv() => Some(ack),
@@ -625,6 +627,7 @@ async fn read_loop(
                     }
                 };
                 let full = drain(guard.get_inner_mut(), &mut batch, DRAIN_BATCH) == DRAIN_BATCH;
+                more = full;
                 if !full {
                     // Caught up: clear readiness, then look once more, since
                     // a record committed between the last read and the
@@ -653,8 +656,13 @@ async fn read_loop(
             let _ = ack.send(());
         }
         // Let the daemon, the HTTP server and the signals run between
-        // batches, however fast the ring refills.
-        tokio::task::yield_now().await;
+        // batches, however fast the ring refills. After a partial batch
+        // the ring is empty and the next select waits anyway, which lets
+        // them run without the extra turn (and its epoll call) between the
+        // record and the daemon.
+        if more {
+            tokio::task::yield_now().await;
+        }
     }
 }
 
