@@ -174,11 +174,48 @@ pub fn seal(record: &Record, head: &Head) -> Result<Sealed, SealError> {
             "a record is not a JSON object",
         )));
     };
-    let hash = record_hash(&map);
-    map.insert("hash".to_owned(), Value::String(hash.clone()));
-    let mut line = String::new();
-    write_object(&mut line, &map, None);
-    line.push('\n');
+    map.remove("hash");
+    // The canonical form once, split where `hash` sorts in: the members
+    // before it and after it. The hash covers the two joined; the line is
+    // the same text with the hash member between them.
+    let mut members: Vec<(&String, &Value)> = map.iter().collect();
+    members.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    let split = members.partition_point(|(k, _)| k.as_str() < "hash");
+    let join = |part: &[(&String, &Value)]| {
+        let mut out = String::new();
+        for (i, (key, value)) in part.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            write_string(&mut out, key);
+            out.push(':');
+            write_canonical(&mut out, value);
+        }
+        out
+    };
+    let (before, after) = (join(&members[..split]), join(&members[split..]));
+    let sep = if before.is_empty() || after.is_empty() {
+        ""
+    } else {
+        ","
+    };
+    let hash = hex::encode(Sha256::digest(
+        format!("{{{before}{sep}{after}}}").as_bytes(),
+    ));
+    let mut line = String::with_capacity(before.len() + after.len() + hash.len() + 16);
+    line.push('{');
+    line.push_str(&before);
+    if !before.is_empty() {
+        line.push(',');
+    }
+    line.push_str("\"hash\":\"");
+    line.push_str(&hash);
+    line.push('"');
+    if !after.is_empty() {
+        line.push(',');
+        line.push_str(&after);
+    }
+    line.push_str("}\n");
     Ok(Sealed {
         line,
         head: Head {
