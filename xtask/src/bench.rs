@@ -886,6 +886,20 @@ pub fn readme_section(c: &Value) -> String {
     for (name, b) in hp["summary"].as_object().unwrap_or(&empty) {
         let _ = writeln!(s, "| {name} | {} |", cell(&b["events_per_s"], 0));
     }
+    let fl = &c["longhorn_flip"];
+    if !fl.is_null() {
+        let _ = writeln!(
+            s,
+            "\nLonghorn `v2-data-engine` flip to `/status` (`tests/src/bin/flip_bench.rs`: the real daemon on the host against the real kube-apiserver and etcd on loopback, {} flips, one run): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; RSS {} KiB with `--longhorn off`, {} KiB watching, {} KiB after the flips (glibc host build).",
+            t(&fl["flips"]),
+            f(&fl["flip_to_status_ms"]["p50"]),
+            f(&fl["flip_to_status_ms"]["p99"]),
+            f(&fl["flip_to_status_ms"]["max"]),
+            t(&fl["rss_kib"]["longhorn_off"]),
+            t(&fl["rss_kib"]["watching_start"]),
+            t(&fl["rss_kib"]["watching_after_flips"])
+        );
+    }
     let misses = misses(c);
     if misses.is_empty() {
         let _ = writeln!(s, "\n`--check` on these figures: every target met.");
@@ -991,6 +1005,29 @@ mod tests {
             m.iter()
                 .any(|m| m.contains("p50_ms 0.400 ms is 2.00x the floor's")),
             "{m:?}"
+        );
+    }
+
+    /// The README's Performance tables are exactly what the committed
+    /// JSON generates: nobody edits a figure by hand, and a new run
+    /// updates both.
+    #[test]
+    fn the_readme_tables_are_generated_from_the_committed_json() {
+        let root = dirs::workspace_root();
+        let json_path = root.join(COMMITTED_JSON);
+        let text = fs::read_to_string(&json_path)
+            .unwrap_or_else(|e| panic!("{}: {e}", json_path.display()));
+        let c: Value =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", json_path.display()));
+        let readme =
+            fs::read_to_string(root.join("README.md")).unwrap_or_else(|e| panic!("README.md: {e}"));
+        let regenerated = splice_readme(&readme, &readme_section(&c))
+            .unwrap_or_else(|e| panic!("README.md: {e}"));
+        assert!(
+            readme == regenerated,
+            "README.md's Performance tables differ from what {COMMITTED_JSON} generates; \
+             run `cargo xtask bench --readme` (or `--reuse --readme` after copying the \
+             JSON to target/bench/combined.json) instead of editing them"
         );
     }
 
