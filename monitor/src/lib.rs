@@ -14,6 +14,7 @@
 //!    - [`event`]: the decoded module event every source produces.
 //!    - [`requirements`]: requirement groups, the built-in ones, resolution.
 //!    - [`privileges`]: dropping capabilities (and the user) after attach.
+//!    - [`stages`]: per-stage timestamps of an event (`bench` builds only).
 //! 2. Facts and judgement.
 //!    - [`host`]: everything read from the host (or `--host-root`):
 //!      /proc/modules, modules.builtin, modules.dep, kernel config,
@@ -53,6 +54,7 @@ pub mod privileges;
 pub mod remedy;
 pub mod requirements;
 pub mod source;
+pub mod stages;
 pub mod state;
 pub mod status;
 #[cfg(any(test, feature = "test-support"))]

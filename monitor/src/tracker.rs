@@ -340,6 +340,20 @@ impl Tracker {
         outcomes
     }
 
+    /// Each group that holds `module`, with its verdict now, in group
+    /// order: what a record about the module reports, without building a
+    /// whole [`report`](Self::report).
+    pub fn verdicts_holding<'a>(
+        &'a self,
+        module: &'a ModuleName,
+    ) -> impl Iterator<Item = (&'a str, bool)> + 'a {
+        self.groups
+            .iter()
+            .zip(&self.met)
+            .filter(move |(g, _)| g.modules.contains(module))
+            .map(|(g, &met)| (g.name.as_str(), met))
+    }
+
     /// Every enabled group's verdict with its modules.
     #[must_use]
     pub fn report(&self) -> Vec<GroupReport> {

@@ -72,6 +72,46 @@ pub fn build_static_daemon(arch: Arch) -> Result<PathBuf> {
     build_static(arch, DAEMON, DAEMON, true)
 }
 
+/// The floor binary of `cargo xtask bench` (monitor, `bench` feature).
+pub const FLOOR: &str = "kmod-monitor-floor";
+
+/// Builds, for `cargo xtask bench`, the daemon with the `bench` feature
+/// (per-stage timestamps) and the floor, static for `arch`, and copies
+/// them to `into` as `kmod-monitor-bench` and `kmod-monitor-floor`: the
+/// feature build lands where the product daemon does, so neither may be
+/// read from cargo's path afterwards. Returns (daemon, floor).
+pub fn build_bench_binaries(arch: Arch, into: &std::path::Path) -> Result<(PathBuf, PathBuf)> {
+    cmd::run(cargo(Some(arch)).args([
+        "build",
+        "--release",
+        "--target",
+        arch.musl_target(),
+        "--package",
+        DAEMON,
+        "--features",
+        "bench",
+        "--bin",
+        DAEMON,
+        "--bin",
+        FLOOR,
+    ]))
+    .with_context(|| format!("building the bench binaries for {}", arch.musl_target()))?;
+    std::fs::create_dir_all(into).with_context(|| format!("creating {}", into.display()))?;
+    let mut out = Vec::new();
+    for (bin, name) in [(DAEMON, "kmod-monitor-bench"), (FLOOR, FLOOR)] {
+        let built = dirs::musl_release_bin(arch, bin);
+        let to = into.join(name);
+        std::fs::copy(&built, &to)
+            .with_context(|| format!("copying {} to {}", built.display(), to.display()))?;
+        println!("build: {}", elf::check_static(&to, arch, true)?);
+        out.push(to);
+    }
+    let [daemon, floor]: [PathBuf; 2] = out
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("two bench binaries expected"))?;
+    Ok((daemon, floor))
+}
+
 /// Builds the static musl guest driver for `arch`.
 pub fn build_guest_driver(arch: Arch) -> Result<PathBuf> {
     build_static(arch, GUEST_PACKAGE, GUEST_DRIVER, false)

@@ -72,6 +72,9 @@ pub struct Binaries<'a> {
     pub daemon: &'a Path,
     /// The guest driver.
     pub driver: &'a Path,
+    /// More files for `usr/bin` (the benchmark's floor and bench daemon):
+    /// (name in the guest, file on the host).
+    pub extras: &'a [(String, std::path::PathBuf)],
 }
 
 /// Builds the gzip-compressed initramfs for `kernel` at `out`.
@@ -81,6 +84,7 @@ pub fn build(kernel: &Kernel, binaries: &Binaries<'_>, out: &Path) -> Result<()>
         compat_busybox,
         daemon,
         driver,
+        extras,
     } = binaries;
     let module_files = module_closure(kernel)?;
     let modules_dir = kernel.modules_dir();
@@ -175,6 +179,9 @@ pub fn build(kernel: &Kernel, binaries: &Binaries<'_>, out: &Path) -> Result<()>
     add_file(&mut w, GUEST_DAEMON, 0o755, daemon)?;
     add_file(&mut w, GUEST_DRIVER, 0o755, driver)?;
     add_file(&mut w, GUEST_COMPAT_BUSYBOX, 0o755, compat_busybox)?;
+    for (name, path) in *extras {
+        add_file(&mut w, &format!("usr/bin/{name}"), 0o755, path)?;
+    }
     w.file("init", 0o755, INIT.as_bytes()).map_err(io)?;
 
     let gz = w.finish().map_err(io)?;

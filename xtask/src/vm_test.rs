@@ -136,6 +136,8 @@ pub struct GuestBinaries {
     compat_busybox: PathBuf,
     daemon: PathBuf,
     driver: PathBuf,
+    /// More programs for `usr/bin` (the benchmark's).
+    extras: Vec<(String, PathBuf)>,
 }
 
 impl GuestBinaries {
@@ -146,6 +148,7 @@ impl GuestBinaries {
             compat_busybox,
             daemon,
             driver,
+            extras,
         } = self;
         initramfs::build(
             kernel,
@@ -154,10 +157,29 @@ impl GuestBinaries {
                 compat_busybox,
                 daemon,
                 driver,
+                extras,
             },
             out,
         )
     }
+}
+
+/// [`guest_binaries`] plus what `cargo xtask bench` runs in the guest:
+/// the floor and the `bench` build of the daemon, all copied to `dir`
+/// first (the feature build overwrites cargo's product binary).
+pub fn bench_guest_binaries(arch: Arch, dir: &std::path::Path) -> Result<GuestBinaries> {
+    let mut b = guest_binaries(arch, false)?;
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let product = dir.join(binaries::DAEMON);
+    fs::copy(&b.daemon, &product)
+        .with_context(|| format!("copying {} to {}", b.daemon.display(), product.display()))?;
+    b.daemon = product;
+    let (bench, floor) = binaries::build_bench_binaries(arch, dir)?;
+    b.extras = vec![
+        ("kmod-monitor-bench".to_owned(), bench),
+        (binaries::FLOOR.to_owned(), floor),
+    ];
+    Ok(b)
 }
 
 /// Builds and fetches what `arch`'s guests run.
@@ -176,6 +198,7 @@ pub fn guest_binaries(arch: Arch, refresh: bool) -> Result<GuestBinaries> {
         compat_busybox,
         daemon,
         driver,
+        extras: Vec::new(),
     })
 }
 

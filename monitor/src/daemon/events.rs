@@ -9,9 +9,10 @@ use tokio::time::Instant;
 use super::{Daemon, is_event, records};
 use crate::{
     event::{Kind, Raw, SourceEvent, boot_ns_now},
-    forensic::{RecordKind, actor},
+    forensic::actor,
     host::{self, InitState},
     source::{RunningSource, SourceMsg},
+    stages::{self, Stage},
     tracker::Outcome,
 };
 
@@ -63,6 +64,7 @@ impl Daemon {
     pub(super) fn handle(&mut self, msg: SourceMsg, running: &RunningSource) {
         match msg {
             SourceMsg::Event(mut ev) => {
+                stages::mark(ev.boot_ns, Stage::Received);
                 // A request by alias (`fs-nfs4`) is about its module (`nfs`).
                 if ev.raw == Raw::Request
                     && !self.tracker.is_required(&ev.module)
@@ -71,6 +73,7 @@ impl Daemon {
                     ev.module = module.clone();
                 }
                 let outcome = self.tracker.apply(&ev);
+                stages::mark(ev.boot_ns, Stage::Tracked);
                 let latency_ns = boot_ns_now().saturating_sub(ev.boot_ns);
                 #[expect(
                     clippy::cast_precision_loss,
@@ -78,6 +81,7 @@ impl Daemon {
                 )]
                 let latency = latency_ns as f64 / 1e9;
                 self.metrics.on_event(&outcome, Some(latency));
+                stages::mark(ev.boot_ns, Stage::Metrics);
                 self.count(outcome.kind);
                 self.trigger_boot_ns = Some(ev.boot_ns);
                 trace_outcome(&outcome, &ev);
@@ -195,23 +199,15 @@ impl Daemon {
     }
 
     /// The record of one applied event (when it meant something), then one
-    /// `requirement_change` per group it flipped.
+    /// `requirement_change` per group it flipped: taken now, built after
+    /// the publish ([`Daemon::flush_records`]).
     fn record_outcome(&mut self, ev: &SourceEvent, o: &Outcome, source: &str) {
         if self.log.is_none() {
             return;
         }
         let Some(kind) = o.kind else { return };
-        let actor = self.enrich(ev);
-        let r = records::event_record(&self.tracker, ev, kind, Some(o), actor, source);
-        self.append(r);
-        for r in records::group_changes(
-            Some(&o.module),
-            &o.group_changes,
-            RecordKind::of_event(kind),
-            ev.boot_ns,
-        ) {
-            self.append(r);
-        }
+        let pending = records::PendingEvent::new(&self.tracker, ev, kind, Some(o), source);
+        self.deferred.event(pending);
     }
 
     /// An event from before the snapshot: history only, no state change.
@@ -219,17 +215,44 @@ impl Daemon {
         if self.log.is_none() {
             return;
         }
-        let actor = self.enrich(ev);
-        let r = records::event_record(&self.tracker, ev, kind, None, actor, self.active.as_str());
-        self.append(r);
+        let pending =
+            records::PendingEvent::new(&self.tracker, ev, kind, None, self.active.as_str());
+        self.deferred.event(pending);
     }
 
-    /// The event's actor, enriched from /proc/<tgid> (a few small procfs
-    /// reads, done now so the process is still likely to exist).
-    fn enrich(&self, ev: &SourceEvent) -> Option<crate::forensic::record::ActorInfo> {
-        ev.actor
-            .as_ref()
-            .map(|a| actor::enrich(&self.settings.common.host, a))
+    /// Whether records wait for [`flush_records`](Self::flush_records).
+    pub(super) fn deferred_waiting(&self) -> bool {
+        !self.deferred.is_empty()
+    }
+
+    /// Whether so many records wait that they are flushed even while
+    /// events keep coming (a storm must not hold them without bound).
+    pub(super) fn deferred_full(&self) -> bool {
+        self.deferred.len() >= records::DEFERRED_MAX
+    }
+
+    /// After the publish: enriches the waiting events' actors from
+    /// /proc/<tgid> (a few small procfs reads; the process is still likely
+    /// to exist), builds their records and hands everything waiting to the
+    /// log, in order. Nothing here changes the state, so none of it sits
+    /// between an event and /status.
+    pub(super) fn flush_records(&mut self) {
+        if self.deferred.is_empty() {
+            return;
+        }
+        let host = &self.settings.common.host;
+        let records = self.deferred.drain(|boot_ns, a| {
+            let info = actor::enrich(host, a);
+            stages::mark(boot_ns, Stage::Enriched);
+            info
+        });
+        if let Some(log) = &mut self.log {
+            for r in records {
+                let boot_ns = r.boot_ns;
+                log.append(r);
+                stages::mark(boot_ns, Stage::HandedOff);
+            }
+        }
     }
 
     /// Arms the initstate check while some module is `loading`.

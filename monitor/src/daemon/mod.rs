@@ -44,6 +44,7 @@ use crate::{
     remedy::BootFacts,
     requirements,
     source::{self, ActiveKind, RunningSource, SourceKind, SourceMsg, SourceOptions, Unavailable},
+    stages::{self, Stage},
     status::EventCounts,
     tracker::{GroupReport, Tracker},
 };
@@ -92,6 +93,8 @@ struct Daemon {
     /// The Node condition, Events and labels; `None` when nothing is
     /// written (`--k8s-report off`, or not in a cluster).
     k8s: Option<k8s::Reporter>,
+    /// Records waiting for the publish (see [`records::Deferred`]).
+    deferred: records::Deferred,
 }
 
 /// Least time between two reconciles triggered by lost or undecodable
@@ -241,6 +244,7 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
         loss_reconcile: reconcile::Spaced::default(),
         checks: Vec::new(),
         k8s: reporter,
+        deferred: records::Deferred::default(),
     };
     // Judge the checks once; later judgements record what changes.
     d.refresh_boot_facts();
@@ -258,6 +262,7 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
     }
     let (status_tx, status_rx) = watch::channel(Arc::new(d.status(&running)));
     d.publish(&running, &status_tx);
+    d.flush_records();
     let pusher = pusher.map(|p| p.spawn(wanted_rx, Arc::clone(&metrics), cancel.clone()));
     let server = http::serve(
         http::Listener {
@@ -334,7 +339,22 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
             },
         }
         d.publish(&running, &status_tx);
+        stages::mark_received(Stage::Published);
+        // Only now the forensic records of what was applied (actor
+        // enrichment, building, the hand-off), and only if no event is
+        // waiting: the yield lets the reader take what the ring holds, and
+        // an event it found is applied and published first.
+        if d.deferred_waiting() {
+            tokio::task::yield_now().await;
+            if running.rx.is_empty() || d.deferred_full() {
+                d.flush_records();
+            }
+        }
+        if !d.deferred_waiting() {
+            stages::close();
+        }
     };
+    stages::dump();
     d.flush_denied(&running);
     d.close_event_log(stop_reason);
     cancel.cancel();
@@ -452,6 +472,7 @@ impl Daemon {
     /// Writes `monitor_stop` and closes the log, waiting a bounded time for
     /// the writer.
     fn close_event_log(&mut self, reason: &str) {
+        self.flush_records();
         if let Some(mut log) = self.log.take() {
             let mut r = Record::new(RecordKind::MonitorStop, boot_ns_now());
             r.reason = Some(reason.to_owned());
@@ -466,9 +487,16 @@ impl Daemon {
         }
     }
 
-    /// Hands a record to the event log, if there is one (never blocks).
+    /// Hands a record to the event log, if there is one (never blocks);
+    /// behind the records waiting for the publish, if any, so the log
+    /// keeps the order they were made in.
     fn append(&mut self, record: Record) {
-        if let Some(log) = &mut self.log {
+        if self.log.is_none() {
+            return;
+        }
+        if let Some(record) = self.deferred.record(record)
+            && let Some(log) = &mut self.log
+        {
             log.append(record);
         }
     }

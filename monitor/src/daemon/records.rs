@@ -1,9 +1,16 @@
 //! The forensic records the daemon writes, built from what the tracker and
 //! the cluster state say. Pure: no I/O, no clock reads (the caller passes
-//! every timestamp and the already-enriched actor), so each builder is
-//! unit-tested here.
+//! every timestamp and the already-enriched actor, or the function that
+//! enriches it), so each builder is unit-tested here.
+//!
+//! An event's record is not built on the event path: [`PendingEvent`]
+//! keeps what the record needs from the moment the event was applied (the
+//! state change and the verdicts then), and [`Deferred`] holds it, in
+//! order with every other record made meanwhile, until the daemon has
+//! published the new state; only then are actors enriched from /proc and
+//! records built and handed to the log.
 use crate::{
-    event::{Kind, SourceEvent, taint_letters},
+    event::{Actor, Kind, SourceEvent, taint_letters},
     forensic::{
         Record, RecordKind,
         chain::{canonical, sha256_hex},
@@ -42,17 +49,12 @@ pub fn effects(
     module: &ModuleName,
     changes: &[GroupChange],
 ) -> Vec<RequirementEffect> {
-    if !tracker.is_required(module) {
-        return Vec::new();
-    }
     tracker
-        .report()
-        .into_iter()
-        .filter(|g| g.modules.iter().any(|m| &m.name == module))
-        .map(|g| RequirementEffect {
-            changed: changes.iter().any(|c| c.group == g.name),
-            name: g.name,
-            met: g.met,
+        .verdicts_holding(module)
+        .map(|(name, met)| RequirementEffect {
+            changed: changes.iter().any(|c| c.group == name),
+            name: name.to_owned(),
+            met,
         })
         .collect()
 }
@@ -83,23 +85,171 @@ pub fn event_record(
     actor: Option<ActorInfo>,
     source: &str,
 ) -> Record {
-    let mut r = Record::new(RecordKind::of_event(kind), ev.boot_ns);
-    // Only eBPF's module_load carries taints.
-    let taints = (kind == Kind::Load && ev.actor.is_some()).then(|| taint_letters(ev.taints));
-    r.module = Some(module_info(&ev.module, taints));
-    r.actor = actor;
-    r.source = Some(source.to_owned());
-    match outcome {
-        Some(o) => {
-            r.state = Some(StateChange {
-                from: o.from.to_string(),
-                to: o.to.to_string(),
-            });
-            r.requirements = effects(tracker, &o.module, &o.group_changes);
+    PendingEvent::new(tracker, ev, kind, outcome, source)
+        .into_records(actor)
+        .swap_remove(0)
+}
+
+/// What an event's records need from the moment the event was applied:
+/// the event, the state change and every verdict then. Cheap to make; the
+/// records themselves are built by [`into_records`](Self::into_records)
+/// once the actor is enriched.
+#[derive(Clone, Debug)]
+pub struct PendingEvent {
+    ev: SourceEvent,
+    kind: Kind,
+    /// The state change, the groups holding the module (with their
+    /// verdicts then) and the groups it flipped; `None` for an event from
+    /// before the snapshot.
+    applied: Option<(
+        StateChange,
+        Vec<RequirementEffect>,
+        ModuleName,
+        Vec<GroupChange>,
+    )>,
+    source: String,
+}
+
+impl PendingEvent {
+    /// Takes what the records of `ev` (applied with `outcome`) need from
+    /// `tracker` now.
+    #[must_use]
+    pub fn new(
+        tracker: &Tracker,
+        ev: &SourceEvent,
+        kind: Kind,
+        outcome: Option<&Outcome>,
+        source: &str,
+    ) -> Self {
+        Self {
+            ev: ev.clone(),
+            kind,
+            applied: outcome.map(|o| {
+                (
+                    StateChange {
+                        from: o.from.to_string(),
+                        to: o.to.to_string(),
+                    },
+                    effects(tracker, &o.module, &o.group_changes),
+                    o.module.clone(),
+                    o.group_changes.clone(),
+                )
+            }),
+            source: source.to_owned(),
         }
-        None => r.historical = true,
     }
-    r
+
+    /// The event's in-kernel (or observed) time.
+    #[must_use]
+    pub const fn boot_ns(&self) -> u64 {
+        self.ev.boot_ns
+    }
+
+    /// Who caused the event, as the kernel saw it.
+    #[must_use]
+    pub const fn actor(&self) -> Option<&Actor> {
+        self.ev.actor.as_ref()
+    }
+
+    /// The event's record, with `actor` (enriched by the caller), then one
+    /// `requirement_change` per group it flipped.
+    #[must_use]
+    pub fn into_records(self, actor: Option<ActorInfo>) -> Vec<Record> {
+        let Self {
+            ev,
+            kind,
+            applied,
+            source,
+        } = self;
+        let mut r = Record::new(RecordKind::of_event(kind), ev.boot_ns);
+        // Only eBPF's module_load carries taints.
+        let taints = (kind == Kind::Load && ev.actor.is_some()).then(|| taint_letters(ev.taints));
+        r.module = Some(module_info(&ev.module, taints));
+        r.actor = actor;
+        r.source = Some(source);
+        let Some((state, requirements, module, changes)) = applied else {
+            r.historical = true;
+            return vec![r];
+        };
+        r.state = Some(state);
+        r.requirements = requirements;
+        let mut out = vec![r];
+        out.extend(group_changes(
+            Some(&module),
+            &changes,
+            RecordKind::of_event(kind),
+            ev.boot_ns,
+        ));
+        out
+    }
+}
+
+/// Most events and records [`Deferred`] holds while events keep coming;
+/// past it the daemon flushes them anyway (one ring drain batch).
+pub const DEFERRED_MAX: usize = 256;
+
+/// Records waiting for the daemon to publish the state, in the order they
+/// were made: events' (not built yet, their actors not enriched) and any
+/// other record made after one of those, so the log keeps the daemon's
+/// order.
+#[derive(Debug, Default)]
+pub struct Deferred {
+    items: Vec<DeferredItem>,
+}
+
+#[derive(Debug)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "items wait one loop turn in a reused Vec; boxing would allocate per record"
+)]
+enum DeferredItem {
+    Event(PendingEvent),
+    Ready(Record),
+}
+
+impl Deferred {
+    /// Holds an event's records until [`drain`](Self::drain).
+    pub fn event(&mut self, pending: PendingEvent) {
+        self.items.push(DeferredItem::Event(pending));
+    }
+
+    /// A record made now: held behind the waiting ones if there are any
+    /// (`None`), else handed back to be appended at once.
+    pub fn record(&mut self, record: Record) -> Option<Record> {
+        if self.items.is_empty() {
+            return Some(record);
+        }
+        self.items.push(DeferredItem::Ready(record));
+        None
+    }
+
+    /// Whether nothing waits.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// How many events and records wait.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// Builds every waiting record, in order, calling `enrich` with each
+    /// event's time and actor (the /proc reads) only now.
+    pub fn drain(&mut self, mut enrich: impl FnMut(u64, &Actor) -> ActorInfo) -> Vec<Record> {
+        let mut out = Vec::with_capacity(self.items.len());
+        for item in self.items.drain(..) {
+            match item {
+                DeferredItem::Ready(r) => out.push(r),
+                DeferredItem::Event(p) => {
+                    let actor = p.actor().map(|a| enrich(p.boot_ns(), a));
+                    out.extend(p.into_records(actor));
+                }
+            }
+        }
+        out
+    }
 }
 
 /// One `requirement_change` per flipped group, caused by `cause` (the kind
@@ -403,6 +553,83 @@ mod tests {
         // The group changes follow, caused by this record's kind.
         let flips = group_changes(Some(&o.module), &o.group_changes, r.kind, 7);
         assert_eq!(flips.len(), o.group_changes.len());
+    }
+
+    #[test]
+    fn deferred_records_keep_their_order_and_enrich_only_when_drained() {
+        let mut t = Tracker::new(&snapshot_debian_6_1(), longhorn_groups());
+        let mut deferred = Deferred::default();
+        let lone = Record::new(RecordKind::EventsLost, 1);
+        assert!(
+            deferred.record(lone).is_some(),
+            "nothing waits: appended at once"
+        );
+        // dm_crypt's unload breaks base: its record and the group change
+        // wait, and so does every record made after them.
+        let mut ev = event(Raw::Free, "dm_crypt", 9);
+        ev.actor = Some(crate::event::Actor {
+            pid: 7,
+            tgid: 7,
+            uid: 0,
+            gid: 0,
+            comm: "rmmod".into(),
+            cgroup_id: 0,
+        });
+        let o = t.apply(&ev);
+        let expected = event_record(
+            &t,
+            &ev,
+            o.kind.unwrap(),
+            Some(&o),
+            Some(ActorInfo {
+                comm: "enriched".into(),
+                ..ActorInfo::default()
+            }),
+            "ebpf",
+        );
+        deferred.event(PendingEvent::new(
+            &t,
+            &ev,
+            o.kind.unwrap(),
+            Some(&o),
+            "ebpf",
+        ));
+        // The state moves on before the records are built: they still say
+        // what it was when the event was applied.
+        t.apply(&event(Raw::Load, "dm_crypt", 10));
+        assert!(
+            deferred
+                .record(Record::new(RecordKind::EventsLost, 11))
+                .is_none()
+        );
+        let mut enriched = Vec::new();
+        let records = deferred.drain(|boot_ns, actor| {
+            enriched.push((boot_ns, actor.comm.clone()));
+            ActorInfo {
+                comm: "enriched".into(),
+                ..ActorInfo::default()
+            }
+        });
+        assert_eq!(enriched, [(9, "rmmod".to_owned())]);
+        let kinds: Vec<RecordKind> = records.iter().map(|r| r.kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                RecordKind::ModuleUnload,
+                RecordKind::RequirementChange,
+                RecordKind::EventsLost
+            ]
+        );
+        assert_eq!(records[0], expected);
+        assert_eq!(
+            records[0].requirements,
+            [RequirementEffect {
+                name: "base".into(),
+                met: false,
+                changed: true
+            }]
+        );
+        assert!(deferred.is_empty());
     }
 
     #[test]

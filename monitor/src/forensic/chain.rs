@@ -78,19 +78,30 @@ fn write_object(out: &mut String, map: &Map<String, Value>, skip: Option<&str>) 
 
 fn write_string(out: &mut String, s: &str) {
     out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\u{8}' => out.push_str("\\b"),
-            '\t' => out.push_str("\\t"),
-            '\n' => out.push_str("\\n"),
-            '\u{c}' => out.push_str("\\f"),
-            '\r' => out.push_str("\\r"),
-            c if u32::from(c) < 0x20 => out.push_str(&format!("\\u{:04x}", u32::from(c))),
-            c => out.push(c),
+    // Runs of bytes that need no escape are copied whole; every byte that
+    // does is ASCII, so the runs split the text at character boundaries.
+    let mut start = 0;
+    for (i, b) in s.bytes().enumerate() {
+        let escape = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            0x08 => "\\b",
+            b'\t' => "\\t",
+            b'\n' => "\\n",
+            0x0c => "\\f",
+            b'\r' => "\\r",
+            b if b < 0x20 => "",
+            _ => continue,
+        };
+        out.push_str(&s[start..i]);
+        if escape.is_empty() {
+            out.push_str(&format!("\\u{b:04x}"));
+        } else {
+            out.push_str(escape);
         }
+        start = i + 1;
     }
+    out.push_str(&s[start..]);
     out.push('"');
 }
 
@@ -174,11 +185,48 @@ pub fn seal(record: &Record, head: &Head) -> Result<Sealed, SealError> {
             "a record is not a JSON object",
         )));
     };
-    let hash = record_hash(&map);
-    map.insert("hash".to_owned(), Value::String(hash.clone()));
-    let mut line = String::new();
-    write_object(&mut line, &map, None);
-    line.push('\n');
+    map.remove("hash");
+    // The canonical form once, split where `hash` sorts in: the members
+    // before it and after it. The hash covers the two joined; the line is
+    // the same text with the hash member between them.
+    let mut members: Vec<(&String, &Value)> = map.iter().collect();
+    members.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    let split = members.partition_point(|(k, _)| k.as_str() < "hash");
+    let join = |part: &[(&String, &Value)]| {
+        let mut out = String::new();
+        for (i, (key, value)) in part.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            write_string(&mut out, key);
+            out.push(':');
+            write_canonical(&mut out, value);
+        }
+        out
+    };
+    let (before, after) = (join(&members[..split]), join(&members[split..]));
+    let sep = if before.is_empty() || after.is_empty() {
+        ""
+    } else {
+        ","
+    };
+    let hash = hex::encode(Sha256::digest(
+        format!("{{{before}{sep}{after}}}").as_bytes(),
+    ));
+    let mut line = String::with_capacity(before.len() + after.len() + hash.len() + 16);
+    line.push('{');
+    line.push_str(&before);
+    if !before.is_empty() {
+        line.push(',');
+    }
+    line.push_str("\"hash\":\"");
+    line.push_str(&hash);
+    line.push('"');
+    if !after.is_empty() {
+        line.push(',');
+        line.push_str(&after);
+    }
+    line.push_str("}\n");
     Ok(Sealed {
         line,
         head: Head {

@@ -37,6 +37,7 @@ use super::{KernelLoss, Noise, SourceMsg, SourceOptions, StartError, Started, Tr
 use crate::{
     event::{Decoded, SourceEvent},
     names::ModuleName,
+    stages::{self, Stage},
 };
 
 /// Most ring-buffer records taken in one go; then the reader hands them to
@@ -312,13 +313,32 @@ fn program_size(program: &str, prog: &TracePoint) -> String {
     }
 }
 
-/// Loads, attaches and starts reading.
-pub(crate) fn start(
+/// The program loaded and attached, its ring buffer not yet read: what
+/// [`start`] hands to its reader task, and what the benchmark's floor
+/// (`kmod-monitor-floor`, the `bench` feature) drains itself.
+pub struct Attached {
+    ebpf: Ebpf,
+    /// The `EVENTS` ring buffer.
+    pub ring: RingBuf<MapData>,
+    losses: Arc<Losses>,
+    noise: Counters,
+    tracked: TrackedTable,
+    /// What attached and what did not, for /status.
+    pub details: Vec<String>,
+}
+
+/// Loads the embedded program with this kernel's tracepoint layout, fills
+/// the name filter with `opts.tracked` and attaches every tracepoint it
+/// can use. With `kernel_log`, the program's aya-log lines are forwarded
+/// to tracing until it is cancelled (the floor reads none).
+///
+/// # Errors
+/// When the binary carries no program, a required tracepoint is missing,
+/// or loading, verifying or attaching fails.
+pub fn attach_all(
     opts: &SourceOptions,
-    tx: mpsc::Sender<SourceMsg>,
-    lost: Arc<AtomicU64>,
-    cancel: CancellationToken,
-) -> Result<Started, StartError> {
+    kernel_log: Option<&CancellationToken>,
+) -> Result<Attached, StartError> {
     if OBJECT.is_empty() {
         return Err(StartError::new(
             "this kmod-monitor was built with AYA_BUILD_SKIP=1 and carries no eBPF object; build it with `cargo xtask build`",
@@ -335,7 +355,9 @@ pub(crate) fn start(
         .load(OBJECT)
         .map_err(|e| StartError::new(format!("loading the eBPF object: {e}")))?;
     // Before the programs attach, so no line is written before it is read.
-    super::kernel_log::start(&mut ebpf, cancel.clone()).map_err(StartError::new)?;
+    if let Some(cancel) = kernel_log {
+        super::kernel_log::start(&mut ebpf, cancel.clone()).map_err(StartError::new)?;
+    }
     let tracked = match ebpf.map("TRACKED") {
         Some(Map::Array(data)) => TrackedTable::map(data)?,
         Some(_) => return Err(StartError::new("map TRACKED is not an array")),
@@ -386,11 +408,44 @@ pub(crate) fn start(
         reserve: take_counters(&mut ebpf, "LOST", LOST_SLOTS)?,
         dropped: take_counters(&mut ebpf, "DROPPED", DROPPED_SLOTS)?,
     });
-    let noise_map = match ebpf.take_map("NOISE") {
+    let noise = match ebpf.take_map("NOISE") {
         Some(Map::Array(data)) => Counters::map(&data, NOISE_SLOTS, "NOISE")?,
         Some(_) => return Err(StartError::new("map NOISE is not an array")),
         None => return Err(StartError::new("map NOISE missing from the eBPF object")),
     };
+    Ok(Attached {
+        ebpf,
+        ring,
+        losses,
+        noise,
+        tracked,
+        details,
+    })
+}
+
+impl Attached {
+    /// Events the program could not deliver so far (`LOST` and `DROPPED`).
+    #[must_use]
+    pub fn lost(&self) -> u64 {
+        self.losses.total()
+    }
+}
+
+/// Loads, attaches and starts reading.
+pub(crate) fn start(
+    opts: &SourceOptions,
+    tx: mpsc::Sender<SourceMsg>,
+    lost: Arc<AtomicU64>,
+    cancel: CancellationToken,
+) -> Result<Started, StartError> {
+    let Attached {
+        ebpf,
+        ring,
+        losses,
+        noise: noise_map,
+        tracked,
+        details,
+    } = attach_all(opts, Some(&cancel))?;
     // SAFETY: the RingBuf owns its map fd for as long as it lives, and
     // the AsyncFd owns the RingBuf, so the fd stays open and unchanged for
     // the AsyncFd's whole lifetime.
@@ -651,8 +706,13 @@ fn name_words(name: &str) -> [u64; NAME_LEN / 8] {
 
 /// One record as the daemon takes it.
 fn message(item: &[u8]) -> SourceMsg {
+    let drained = stages::now();
     match SourceEvent::decode(item) {
-        Ok(Decoded::Module(ev)) => SourceMsg::Event(ev),
+        Ok(Decoded::Module(ev)) => {
+            stages::mark_at(ev.boot_ns, Stage::Drained, drained);
+            stages::mark(ev.boot_ns, Stage::Decoded);
+            SourceMsg::Event(ev)
+        }
         Ok(Decoded::AliasRequest { alias, .. }) => SourceMsg::AliasRequest { alias },
         Ok(Decoded::UnloadDenied {
             module,
@@ -699,6 +759,8 @@ async fn read_loop(
 ) {
     let mut batch = Vec::with_capacity(DRAIN_BATCH);
     loop {
+        // Whether the ring may hold more than this turn took.
+        let mut more = false;
         let ack = tokio::select! {
             () = cancel.cancelled() => return,
             Some(ack) = sync.recv() => Some(ack),
@@ -711,6 +773,7 @@ async fn read_loop(
                     }
                 };
                 let full = drain(guard.get_inner_mut(), &mut batch, DRAIN_BATCH) == DRAIN_BATCH;
+                more = full;
                 if !full {
                     // Caught up: clear readiness, then look once more, since
                     // a record committed between the last read and the
@@ -739,8 +802,13 @@ async fn read_loop(
             let _ = ack.send(());
         }
         // Let the daemon, the HTTP server and the signals run between
-        // batches, however fast the ring refills.
-        tokio::task::yield_now().await;
+        // batches, however fast the ring refills. After a partial batch
+        // the ring is empty and the next select waits anyway, which lets
+        // them run without the extra turn (and its epoll call) between the
+        // record and the daemon.
+        if more {
+            tokio::task::yield_now().await;
+        }
     }
 }
 

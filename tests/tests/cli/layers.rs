@@ -15,7 +15,14 @@ use kmod_monitor_tests::workspace_dir;
 const LAYERS: &[(u8, &[&str])] = &[
     (
         1,
-        &["names", "state", "event", "requirements", "privileges"],
+        &[
+            "names",
+            "state",
+            "event",
+            "requirements",
+            "privileges",
+            "stages",
+        ],
     ),
     (2, &["host", "tracker", "remedy"]),
     (3, &["source", "longhorn", "forensic"]),

@@ -1,14 +1,22 @@
 //! The guest half of `cargo xtask bench`: started instead of the scenarios
 //! when the kernel command line carries `kmod_monitor.bench=1`. It measures
-//! detection latency per source, a storm's throughput and loss at the
-//! default ring size, and the daemon's footprint, and prints everything as
-//! one `VMBENCH {json}` line that the host turns into the report. It
-//! reports figures only; the targets are checked on the host.
+//! detection latency per source against the floor (`kmod-monitor-floor`:
+//! the same eBPF program drained by a bare poll(2) loop, run before and
+//! after each daemon run), a storm's throughput and loss at the default
+//! ring size, the daemon's footprint, and, with the `bench` build of the
+//! daemon, where one event's time goes. Every measurement is repeated
+//! (`kmod_monitor.bench_reps=N`, default 3) and each run reported on its
+//! own; the host takes the medians. Everything goes out as one
+//! `VMBENCH {json}` line. It reports figures only; the targets are checked
+//! on the host.
 use std::{
     ffi::CString,
     fs,
+    io::{BufRead as _, BufReader},
     os::fd::AsRawFd as _,
     path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::mpsc,
     thread,
     time::{Duration, Instant},
 };
@@ -21,17 +29,54 @@ use crate::{api::Api, daemon::Daemon, kmod, more::boottime_ns, report::Report};
 /// the V2 group (`--v2-data-engine`).
 const MODULE: &str = "uio_pci_generic";
 const V2: &str = "v2-data-engine";
-/// Load/unload cycles per source for the latency figures.
-const CYCLES: usize = 200;
-/// Poll detects a change only at its next 1 s tick and each transition
-/// starts at a random phase, so each costs about a second; 100 cycles
-/// still give 200 samples.
-const POLL_CYCLES: usize = 100;
 /// How long to wait for one state change to show in /status.
 const CHANGE_WITHIN: Duration = Duration::from_secs(5);
-const IDLE: Duration = Duration::from_secs(60);
 /// Events the footprint storm drives through the daemon.
 const FOOTPRINT_EVENTS: u64 = 10_000;
+/// The floor binary (`bench` feature) in the initramfs.
+const FLOOR: &str = "/usr/bin/kmod-monitor-floor";
+/// The daemon built with the `bench` feature (per-stage timestamps).
+const BENCH_DAEMON: &str = "/usr/bin/kmod-monitor-bench";
+/// Where the bench daemon writes its stage summary when it stops.
+const STAGES_FILE: &str = "/tmp/kmod-monitor-stages.json";
+/// How long after a load or unload returned the driver waits before it
+/// looks for the result, the same for the floor and every daemon run: a
+/// driver polling /status every few ms would compete with the daemon for
+/// the guest's one vCPU (and its one event thread) and measure itself.
+const SETTLE: Duration = Duration::from_millis(20);
+
+/// How much to measure: `kmod_monitor.bench_reps=N` on the kernel command
+/// line repeats everything N times (at least 1).
+#[derive(Clone, Copy, Debug)]
+struct Plan {
+    reps: usize,
+    /// Load/unload cycles per latency run (floor, eBPF, uevent); two
+    /// samples each.
+    cycles: usize,
+    /// Poll detects a change only at its next 1 s tick and each
+    /// transition starts at a random phase, so each costs about a second.
+    poll_cycles: usize,
+    /// The idle window of each footprint run.
+    idle: Duration,
+}
+
+impl Plan {
+    fn from_cmdline() -> Self {
+        let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
+        let reps = cmdline
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("kmod_monitor.bench_reps="))
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(3)
+            .max(1);
+        Self {
+            reps,
+            cycles: 100,
+            poll_cycles: 20,
+            idle: Duration::from_secs(30),
+        }
+    }
+}
 const EVENT_LOG: &str = "/tmp/kmod-monitor-bench.jsonl";
 /// Flag of finit_module(2) for an .ko.xz/.ko.zst file (Linux 6.6+ with
 /// CONFIG_MODULE_DECOMPRESS).
@@ -73,7 +118,7 @@ fn start_daemon(api: &Api, source: &str, n: usize) -> Result<Daemon, String> {
     )
 }
 
-/// p50, p99 and max of `samples` (ms), sorted in place.
+/// p50, p90, p99 and max of `samples` (ms), sorted in place.
 fn percentiles(samples: &mut [f64]) -> Value {
     samples.sort_by(f64::total_cmp);
     let at = |q: f64| {
@@ -89,6 +134,7 @@ fn percentiles(samples: &mut [f64]) -> Value {
     json!({
         "samples": samples.len(),
         "p50_ms": at(0.5),
+        "p90_ms": at(0.9),
         "p99_ms": at(0.99),
         "max_ms": at(1.0),
     })
@@ -158,6 +204,7 @@ fn latency(api: &Api, source: &str, cycles: usize) -> Result<Value, String> {
                 delete_module()?;
             }
             let returned = boottime_ns();
+            thread::sleep(SETTLE);
             let (event_ns, applied_ns) = wait_applied(api, state, before)?;
             let from = match source {
                 "ebpf" => event_ns,
@@ -371,7 +418,7 @@ fn bpf_stats(pid: u32) -> Result<Value, String> {
 }
 
 /// Storm throughput and loss at the default ring size, then the footprint.
-fn storm_and_footprint(api: &Api) -> Result<Value, String> {
+fn storm_and_footprint(api: &Api, idle: Duration) -> Result<Value, String> {
     // Stats accumulate only while enabled.
     fs::write("/proc/sys/kernel/bpf_stats_enabled", "1")
         .map_err(|e| format!("enabling kernel.bpf_stats_enabled: {e}"))?;
@@ -401,11 +448,11 @@ fn storm_and_footprint(api: &Api) -> Result<Value, String> {
     let rss_after = rss_kib(pid)?;
     let stats = bpf_stats(pid)?;
 
-    // Idle: nobody scrapes for 60 s.
+    // Idle: nobody scrapes.
     let (cpu0, sw0) = (cpu_ticks(pid)?, ctxt_switches(pid)?);
-    thread::sleep(IDLE);
+    thread::sleep(idle);
     let (cpu1, sw1) = (cpu_ticks(pid)?, ctxt_switches(pid)?);
-    let idle_s = IDLE.as_secs_f64();
+    let idle_s = idle.as_secs_f64();
     #[expect(clippy::cast_precision_loss, reason = "rates for a report")]
     let figures = json!({
         "storm": {
@@ -434,27 +481,223 @@ fn storm_and_footprint(api: &Api) -> Result<Value, String> {
     Ok(figures)
 }
 
+/// The floor: `kmod-monitor-floor` (the daemon's eBPF program, drained by
+/// a bare poll(2) loop) over `cycles` load/unload cycles, paced exactly as
+/// [`latency`] paces the daemon. The samples are the records the daemon's
+/// state changes come from: the load syscall's exit with 0 (`loaded`) and
+/// `module_free` (`available`); each is the time from the record's
+/// in-kernel timestamp to the moment the floor took it from the ring.
+fn floor(cycles: usize) -> Result<Value, String> {
+    kmod::ensure_unloaded(MODULE)?;
+    let module = module_file()?;
+    let mut floor = Floor::start()?;
+    let mut samples = Vec::with_capacity(cycles * 2);
+    for _ in 0..cycles {
+        for (kind, load) in [(KIND_LOAD_RESULT, true), (KIND_FREE, false)] {
+            let before = boottime_ns();
+            if load {
+                finit_module(&module)?;
+            } else {
+                delete_module()?;
+            }
+            thread::sleep(SETTLE);
+            let (boot_ns, taken_ns) = floor.wait_for(kind, before)?;
+            #[expect(clippy::cast_precision_loss, reason = "milliseconds for a report")]
+            samples.push(taken_ns.saturating_sub(boot_ns) as f64 / 1e6);
+        }
+    }
+    let lost = floor.stop()?;
+    let mut out = percentiles(&mut samples);
+    out["source"] = json!("floor");
+    out["cycles"] = json!(cycles);
+    out["events_lost"] = json!(lost);
+    out["event_time"] =
+        json!("in-kernel event timestamp; taken = CLOCK_BOOTTIME when the record left the ring");
+    Ok(out)
+}
+
+/// `EventKind::LoadResult` and `EventKind::Free` (monitor-common).
+const KIND_LOAD_RESULT: u32 = 4;
+const KIND_FREE: u32 = 2;
+
+/// A running `kmod-monitor-floor` and the lines it prints.
+struct Floor {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Floor {
+    /// Starts the floor and waits until it has attached.
+    fn start() -> Result<Self, String> {
+        let mut child = Command::new(FLOOR)
+            .args(["--track", MODULE])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("starting {FLOOR}: {e}"))?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| format!("{FLOOR}: no stdout"))?;
+        let (tx, lines) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut floor = Self { child, lines };
+        match floor.next_line(Duration::from_secs(60))? {
+            l if l == "FLOOR READY" => Ok(floor),
+            l => Err(format!("{FLOOR} said {l:?} instead of FLOOR READY")),
+        }
+    }
+
+    fn next_line(&mut self, within: Duration) -> Result<String, String> {
+        self.lines.recv_timeout(within).map_err(|e| {
+            let status = self.child.try_wait().ok().flatten();
+            format!(
+                "{FLOOR}: no line within {} s ({e}; exit status {status:?})",
+                within.as_secs()
+            )
+        })
+    }
+
+    /// The (event, taken) times of the next `MODULE` record of `kind`
+    /// (with a return value of 0) from after `after_ns`.
+    fn wait_for(&mut self, kind: u32, after_ns: u64) -> Result<(u64, u64), String> {
+        let start = Instant::now();
+        loop {
+            let left = CHANGE_WITHIN.saturating_sub(start.elapsed());
+            let line = self.next_line(left)?;
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let [_, k, ret, name, boot, taken] = f.as_slice() else {
+                continue;
+            };
+            let (Ok(k), Ok(boot), Ok(taken)) =
+                (k.parse::<u32>(), boot.parse::<u64>(), taken.parse::<u64>())
+            else {
+                continue;
+            };
+            if k == kind && *ret == "0" && *name == MODULE && boot > after_ns {
+                return Ok((boot, taken));
+            }
+        }
+    }
+
+    /// Closes the floor's stdin, which stops it; returns the ring's loss
+    /// count it reported.
+    fn stop(mut self) -> Result<u64, String> {
+        drop(self.child.stdin.take());
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(10) {
+            let Ok(line) = self.next_line(Duration::from_secs(10)) else {
+                break;
+            };
+            if let Some(n) = line.strip_prefix("FLOOR LOST ") {
+                let _ = self.child.wait();
+                return n
+                    .trim()
+                    .parse()
+                    .map_err(|e| format!("FLOOR LOST {n:?}: {e}"));
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        Err(format!("{FLOOR} did not stop when its stdin closed"))
+    }
+}
+
+impl Drop for Floor {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Where one event's time goes: the `bench` build of the daemon over
+/// `cycles` cycles, then SIGTERM, on which it writes its stage summary.
+fn stages(api: &Api, cycles: usize) -> Result<Value, String> {
+    kmod::ensure_unloaded(MODULE)?;
+    let module = module_file()?;
+    let _ = fs::remove_file(STAGES_FILE);
+    let mut daemon = Daemon::start_binary(
+        BENCH_DAEMON,
+        &[
+            "--source",
+            "ebpf",
+            "--v2-data-engine",
+            "--event-log",
+            EVENT_LOG,
+        ],
+        &[("KMOD_MONITOR_BENCH_STAGES", STAGES_FILE)],
+        PathBuf::from("/tmp/kmod-monitor-bench.stages.log"),
+        api,
+    )?;
+    for _ in 0..cycles {
+        for (state, load) in [("loaded", true), ("available", false)] {
+            let before = boottime_ns();
+            if load {
+                finit_module(&module)?;
+            } else {
+                delete_module()?;
+            }
+            thread::sleep(SETTLE);
+            wait_applied(api, state, before)?;
+        }
+    }
+    daemon.terminate(Duration::from_secs(10))?;
+    let text = fs::read_to_string(STAGES_FILE)
+        .map_err(|e| format!("the bench daemon wrote no {STAGES_FILE}: {e}"))?;
+    serde_json::from_str(&text).map_err(|e| format!("{STAGES_FILE}: {e}"))
+}
+
 fn measure() -> Result<Value, String> {
+    let plan = Plan::from_cmdline();
+    Report::note(&format!("bench: {plan:?}"));
     let api = Api::new();
     // Loads the dependency uio, which the raw finit_module calls need.
     kmod::modprobe(MODULE)?;
     let mut latencies = Vec::new();
-    for (source, cycles) in [("ebpf", CYCLES), ("uevent", CYCLES), ("poll", POLL_CYCLES)] {
-        let t = Instant::now();
-        let l = latency(&api, source, cycles)?;
-        Report::note(&format!(
-            "bench: {source} latency {l} ({:.0} s)",
-            t.elapsed().as_secs_f64()
-        ));
+    let mut timed = |what: &str, run: usize, l: Result<Value, String>| -> Result<(), String> {
+        let mut l = l?;
+        l["run"] = json!(run);
+        Report::note(&format!("bench: {what} run {run}: {l}"));
         latencies.push(l);
+        Ok(())
+    };
+    // The floor before and after every daemon run, in the same guest.
+    for run in 0..plan.reps {
+        timed("floor", run, floor(plan.cycles))?;
+        timed("ebpf", run, latency(&api, "ebpf", plan.cycles))?;
     }
-    let rest = storm_and_footprint(&api)?;
+    timed("floor", plan.reps, floor(plan.cycles))?;
+    for run in 0..plan.reps {
+        timed("uevent", run, latency(&api, "uevent", plan.cycles))?;
+    }
+    for run in 0..plan.reps {
+        timed("poll", run, latency(&api, "poll", plan.poll_cycles))?;
+    }
+    let mut storms = Vec::new();
+    let mut footprints = Vec::new();
+    for run in 0..plan.reps {
+        let rest = storm_and_footprint(&api, plan.idle)?;
+        Report::note(&format!("bench: storm and footprint run {run}: {rest}"));
+        storms.push(rest["storm"].clone());
+        footprints.push(rest["footprint"].clone());
+    }
+    let stages = stages(&api, plan.cycles)?;
     kmod::ensure_unloaded(MODULE)?;
     Ok(json!({
         "kernel": kmod::kernel_release()?,
         "module": MODULE,
+        "reps": plan.reps,
+        "settle_ms": SETTLE.as_secs_f64() * 1e3,
         "latency": latencies,
-        "storm": rest["storm"],
-        "footprint": rest["footprint"],
+        "storm": storms,
+        "footprint": footprints,
+        "stages": stages,
     }))
 }

@@ -28,7 +28,7 @@ impl Daemon {
     /// Starts `kmod-monitor run --listen LISTEN ARGS...` and waits until
     /// `/healthz` answers 200. `log` receives its output.
     pub fn start(args: &[&str], log: PathBuf, api: &Api) -> Result<Self, String> {
-        Self::start_with_env(args, &[], log, api)
+        Self::start_binary(BINARY, args, &[], log, api)
     }
 
     /// Like [`start`](Self::start), with `env` added to its environment.
@@ -38,7 +38,20 @@ impl Daemon {
         log: PathBuf,
         api: &Api,
     ) -> Result<Self, String> {
-        let mut daemon = Self::spawn_with_env(args, env, log)?;
+        Self::start_binary(BINARY, args, env, log, api)
+    }
+
+    /// [`Daemon::start`] of another build of the daemon at `binary` (the
+    /// benchmark's `bench`-feature build), with `env` added to its
+    /// environment.
+    pub fn start_binary(
+        binary: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        log: PathBuf,
+        api: &Api,
+    ) -> Result<Self, String> {
+        let mut daemon = Self::spawn_binary(binary, args, env, log)?;
         daemon.wait_ready(args, api)?;
         Ok(daemon)
     }
@@ -46,15 +59,20 @@ impl Daemon {
     /// Starts `kmod-monitor run --listen LISTEN ARGS...` without waiting
     /// for it to be ready.
     pub fn spawn(args: &[&str], log: PathBuf) -> Result<Self, String> {
-        Self::spawn_with_env(args, &[], log)
+        Self::spawn_binary(BINARY, args, &[], log)
     }
 
-    fn spawn_with_env(args: &[&str], env: &[(&str, &str)], log: PathBuf) -> Result<Self, String> {
+    fn spawn_binary(
+        binary: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        log: PathBuf,
+    ) -> Result<Self, String> {
         let out = File::create(&log).map_err(|e| format!("creating {}: {e}", log.display()))?;
         let err = out
             .try_clone()
             .map_err(|e| format!("duplicating {}: {e}", log.display()))?;
-        let child = Command::new(BINARY)
+        let child = Command::new(binary)
             .args(["run", "--listen", LISTEN])
             // The 512 MiB guests have no hugepages and these scenarios are
             // about modules; `check_exit_codes` covers the hugepage check
@@ -66,7 +84,7 @@ impl Daemon {
             .stdout(out)
             .stderr(err)
             .spawn()
-            .map_err(|e| format!("starting {BINARY}: {e}"))?;
+            .map_err(|e| format!("starting {binary}: {e}"))?;
         Ok(Self { child, log })
     }
 
@@ -116,7 +134,7 @@ impl Daemon {
     }
 
     /// SIGTERMs the daemon (so it flushes what it gathers, as on a node's
-    /// shutdown) and waits up to `within` for it to exit.
+    /// shutdown) and reaps it; SIGKILL after `within`, which is an error.
     pub fn terminate(&mut self, within: Duration) -> Result<ExitStatus, String> {
         if let Ok(Some(status)) = self.child.try_wait() {
             return Ok(status);
@@ -133,8 +151,9 @@ impl Daemon {
                 return Ok(status);
             }
             if start.elapsed() >= within {
+                self.kill()?;
                 return Err(format!(
-                    "kmod-monitor did not exit within {} s of SIGTERM",
+                    "kmod-monitor did not exit within {} s of SIGTERM (killed)",
                     within.as_secs()
                 ));
             }

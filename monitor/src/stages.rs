@@ -1,0 +1,301 @@
+//! Where one event's time goes, for `cargo xtask bench`: with the `bench`
+//! feature, the eBPF reader and the daemon stamp each module event with
+//! CLOCK_BOOTTIME as it passes each stage (taken from the ring, decoded,
+//! received by the daemon task, applied by the tracker, counted in the
+//! metrics, published, its actor enriched, its record handed to the
+//! forensic log), and on a clean stop the daemon writes a summary to the
+//! file named by `KMOD_MONITOR_BENCH_STAGES`. Without the feature every
+//! function here is empty and compiles away: release builds carry no
+//! stamps.
+//!
+//! Events are keyed by their in-kernel timestamp (`boot_ns`), so no type
+//! on the event path changes. A stage that did not happen for an event (no
+//! actor to enrich, no log to hand to) is absent from its chain; each
+//! stage's time is measured from the stage before it in time.
+
+/// A point an event passes on its way from the ring to the log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// Taken from the ring buffer by the reader.
+    Drained,
+    /// Decoded into an event.
+    Decoded,
+    /// Received by the daemon task (after the channel between the tasks).
+    Received,
+    /// Applied by the tracker (`applied_ns`).
+    Tracked,
+    /// Counted in the metrics.
+    Metrics,
+    /// The state including it published to /status and the alerts.
+    Published,
+    /// Its actor enriched from /proc.
+    Enriched,
+    /// Its forensic record handed to the log's writer.
+    HandedOff,
+}
+
+impl Stage {
+    /// Every stage, in index order.
+    pub const ALL: [Self; 8] = [
+        Self::Drained,
+        Self::Decoded,
+        Self::Received,
+        Self::Tracked,
+        Self::Metrics,
+        Self::Published,
+        Self::Enriched,
+        Self::HandedOff,
+    ];
+
+    /// What the time up to this stage is spent on, for the report.
+    #[must_use]
+    pub const fn describe(self) -> &'static str {
+        match self {
+            Self::Drained => "ring wake-up and drain",
+            Self::Decoded => "decode",
+            Self::Received => "hand-over to the daemon task",
+            Self::Tracked => "tracker (applied_ns)",
+            Self::Metrics => "metrics",
+            Self::Published => "status publish",
+            Self::Enriched => "actor enrichment (/proc)",
+            Self::HandedOff => "forensic record and hand-off",
+        }
+    }
+}
+
+/// CLOCK_BOOTTIME now in bench builds; 0 otherwise (never read then).
+#[must_use]
+#[inline]
+pub fn now() -> u64 {
+    if cfg!(feature = "bench") {
+        crate::event::boot_ns_now()
+    } else {
+        0
+    }
+}
+
+/// Stamps `stage` of the event `boot_ns` now.
+#[inline]
+pub fn mark(boot_ns: u64, stage: Stage) {
+    mark_at(boot_ns, stage, now());
+}
+
+/// Stamps `stage` of the event `boot_ns` at `at_ns`.
+#[inline]
+pub fn mark_at(boot_ns: u64, stage: Stage, at_ns: u64) {
+    #[cfg(feature = "bench")]
+    imp::mark_at(boot_ns, stage, at_ns);
+    #[cfg(not(feature = "bench"))]
+    let _ = (boot_ns, stage, at_ns);
+}
+
+/// Stamps `stage` now on every event the daemon has received and not yet
+/// closed (a publish covers them all).
+#[inline]
+pub fn mark_received(stage: Stage) {
+    #[cfg(feature = "bench")]
+    imp::mark_received(stage, now());
+    #[cfg(not(feature = "bench"))]
+    let _ = stage;
+}
+
+/// Ends the daemon's loop turn: every received event is done.
+#[inline]
+pub fn close() {
+    #[cfg(feature = "bench")]
+    imp::close();
+}
+
+/// Writes the summary to `$KMOD_MONITOR_BENCH_STAGES`, if set.
+#[inline]
+pub fn dump() {
+    #[cfg(feature = "bench")]
+    imp::dump();
+}
+
+#[cfg(feature = "bench")]
+mod imp {
+    use std::sync::{Mutex, PoisonError};
+
+    use serde_json::{Value, json};
+
+    use super::Stage;
+
+    const STAGES: usize = Stage::ALL.len();
+    /// Events still on their way; past this the oldest is dropped (an
+    /// event the daemon never receives as a module event).
+    const OPEN_MAX: usize = 4096;
+    /// Finished events kept for the summary.
+    const DONE_MAX: usize = 200_000;
+
+    /// An event's in-kernel time and its stamps (0: not passed).
+    type Stamps = (u64, [u64; STAGES]);
+
+    struct State {
+        open: Vec<Stamps>,
+        done: Vec<Stamps>,
+    }
+
+    static STATE: Mutex<State> = Mutex::new(State {
+        open: Vec::new(),
+        done: Vec::new(),
+    });
+
+    fn index(stage: Stage) -> usize {
+        Stage::ALL.iter().position(|s| *s == stage).unwrap_or(0)
+    }
+
+    pub fn mark_at(boot_ns: u64, stage: Stage, at_ns: u64) {
+        let mut s = STATE.lock().unwrap_or_else(PoisonError::into_inner);
+        let i = index(stage);
+        if let Some(e) = s.open.iter_mut().rev().find(|e| e.0 == boot_ns) {
+            if e.1[i] == 0 {
+                e.1[i] = at_ns;
+            }
+            return;
+        }
+        if s.open.len() >= OPEN_MAX {
+            s.open.remove(0);
+        }
+        let mut stamps = [0; STAGES];
+        stamps[i] = at_ns;
+        s.open.push((boot_ns, stamps));
+    }
+
+    pub fn mark_received(stage: Stage, at_ns: u64) {
+        let (received, i) = (index(Stage::Received), index(stage));
+        let mut s = STATE.lock().unwrap_or_else(PoisonError::into_inner);
+        for e in s.open.iter_mut().filter(|e| e.1[received] != 0) {
+            if e.1[i] == 0 {
+                e.1[i] = at_ns;
+            }
+        }
+    }
+
+    pub fn close() {
+        let received = index(Stage::Received);
+        let mut s = STATE.lock().unwrap_or_else(PoisonError::into_inner);
+        let State { open, done } = &mut *s;
+        let mut keep = Vec::with_capacity(open.len());
+        for e in open.drain(..) {
+            if e.1[received] == 0 {
+                keep.push(e);
+            } else if done.len() < DONE_MAX {
+                done.push(e);
+            }
+        }
+        *open = keep;
+    }
+
+    /// The `q` quantile of sorted `v` (nearest rank).
+    fn quantile(v: &[f64], q: f64) -> f64 {
+        #[expect(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            clippy::cast_precision_loss,
+            reason = "an index into a sample list"
+        )]
+        let i = ((v.len() as f64 - 1.0) * q).round() as usize;
+        v.get(i).copied().unwrap_or(f64::NAN)
+    }
+
+    /// Per stage, the time from the stage before it (in time; the kernel's
+    /// event for the first), over every finished event.
+    pub fn summary(done: &[Stamps]) -> Value {
+        let mut per: Vec<Vec<f64>> = vec![Vec::new(); STAGES];
+        let mut total: Vec<Vec<f64>> = vec![Vec::new(); STAGES];
+        for (boot_ns, stamps) in done {
+            let mut chain: Vec<(u64, usize)> = stamps
+                .iter()
+                .enumerate()
+                .filter(|(_, t)| **t != 0)
+                .map(|(i, t)| (*t, i))
+                .collect();
+            chain.sort_unstable();
+            let mut prev = *boot_ns;
+            for (t, i) in chain {
+                #[expect(clippy::cast_precision_loss, reason = "microseconds for a report")]
+                {
+                    per[i].push(t.saturating_sub(prev) as f64 / 1e3);
+                    total[i].push(t.saturating_sub(*boot_ns) as f64 / 1e3);
+                }
+                prev = t;
+            }
+        }
+        let mut rows: Vec<(f64, Value)> = Vec::new();
+        for (i, stage) in Stage::ALL.iter().enumerate() {
+            let (v, c) = (&mut per[i], &mut total[i]);
+            if v.is_empty() {
+                continue;
+            }
+            v.sort_by(f64::total_cmp);
+            c.sort_by(f64::total_cmp);
+            let since_event = quantile(c, 0.5);
+            rows.push((
+                since_event,
+                json!({
+                    "stage": stage.describe(),
+                    "n": v.len(),
+                    "p50_us": quantile(v, 0.5),
+                    "p90_us": quantile(v, 0.9),
+                    "p99_us": quantile(v, 0.99),
+                    "since_event_p50_us": since_event,
+                }),
+            ));
+        }
+        rows.sort_by(|a, b| a.0.total_cmp(&b.0));
+        json!({
+            "events": done.len(),
+            "stages": rows.into_iter().map(|(_, r)| r).collect::<Vec<_>>(),
+        })
+    }
+
+    pub fn dump() {
+        let Some(path) = std::env::var_os("KMOD_MONITOR_BENCH_STAGES") else {
+            return;
+        };
+        let s = STATE.lock().unwrap_or_else(PoisonError::into_inner);
+        let text = summary(&s.done).to_string();
+        if let Err(e) = std::fs::write(&path, text) {
+            tracing::warn!(path = ?path, error = %e, "could not write the bench stage summary");
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn each_stage_counts_from_the_one_before_it_in_time() {
+            let mut a = [0; STAGES];
+            a[index(Stage::Drained)] = 1_100_000;
+            a[index(Stage::Tracked)] = 1_300_000;
+            // Published before enrichment: enrichment counts from it.
+            a[index(Stage::Published)] = 1_400_000;
+            a[index(Stage::Enriched)] = 1_900_000;
+            let s = summary(&[(1_000_000, a)]);
+            let names: Vec<&str> = s["stages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["stage"].as_str().unwrap())
+                .collect();
+            assert_eq!(
+                names,
+                [
+                    "ring wake-up and drain",
+                    "tracker (applied_ns)",
+                    "status publish",
+                    "actor enrichment (/proc)"
+                ]
+            );
+            let p50: Vec<f64> = s["stages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["p50_us"].as_f64().unwrap())
+                .collect();
+            assert_eq!(p50, [100.0, 200.0, 100.0, 500.0]);
+        }
+    }
+}
