@@ -184,8 +184,11 @@ impl PendingEvent {
     }
 }
 
-/// Most events and records [`Deferred`] holds while events keep coming;
-/// past it the daemon flushes them anyway (one ring drain batch).
+/// How many events and records [`Deferred`] may hold before the daemon
+/// flushes them even while events keep coming (one ring drain batch). It
+/// is checked between turns of the loop, and one turn takes at most what
+/// the source queue holds, so the real bound is this plus
+/// [`crate::source::QUEUE_CAPACITY`].
 pub const DEFERRED_MAX: usize = 256;
 
 /// Records waiting for the daemon to publish the state, in the order they

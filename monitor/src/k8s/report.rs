@@ -158,18 +158,30 @@ pub fn build(inputs: &Inputs<'_>, previous: &Report) -> Report {
         }
         tally.last_known = Some(g.met);
     }
-    // A group that is no longer judged because it was switched off starts
-    // afresh; one whose enablement is unknown keeps its last verdict.
-    for (name, tally) in &mut groups {
-        if tally.met.is_none() && !unknown.iter().any(|(u, _)| u == name) {
-            tally.last_known = None;
-        }
-    }
+    // A group that is no longer judged starts afresh when it was switched
+    // off. While some enablement is unknown (the cluster cannot be read),
+    // the groups it governs (V2's checks too) are not judged rather than
+    // off: they keep their last verdict, so a blip of the API server is no
+    // change, and their labels say `unknown`.
     let mut labels: BTreeMap<String, String> = inputs
         .groups
         .iter()
         .filter_map(|g| label_key(&g.name).map(|k| (k, met_word(g.met).to_owned())))
         .collect();
+    for (name, tally) in &mut groups {
+        if tally.met.is_some() {
+            continue;
+        }
+        let governed = unknown.iter().any(|(u, _)| u == name)
+            || (!unknown.is_empty() && tally.last_known.is_some());
+        if governed {
+            if let Some(k) = label_key(name) {
+                labels.insert(k, "unknown".to_owned());
+            }
+        } else {
+            tally.last_known = None;
+        }
+    }
     for (name, _) in &unknown {
         if let Some(k) = label_key(name) {
             labels.insert(k, "unknown".to_owned());
@@ -269,7 +281,11 @@ fn names(groups: &[GroupReport]) -> String {
         .map(|g| g.name.as_str())
         .collect();
     if met.is_empty() {
-        return "no requirement is enabled".to_owned();
+        return if groups.is_empty() {
+            "no requirement is enabled".to_owned()
+        } else {
+            "none".to_owned()
+        };
     }
     met.into_iter().collect::<Vec<_>>().join(", ")
 }
@@ -575,26 +591,48 @@ mod tests {
             "v2-data-engine",
             vec![module("uio_pci_generic", ModuleState::Available, None)],
         );
+        // A check V2 governs: not judged while V2's enablement is unknown.
+        let iommu = check(
+            "v2-iommu",
+            false,
+            "critical",
+            "0 IOMMU groups",
+            "turn on the IOMMU",
+        );
         let on = w.report(
-            &[base.clone(), v2_unmet.clone()],
+            &[base.clone(), v2_unmet.clone(), iommu.clone()],
             Some(true),
             &Report::starting(),
         );
         assert_eq!(on.groups["v2-data-engine"].became_unmet, 1);
+        assert_eq!(on.groups["v2-iommu"].became_unmet, 1);
         assert_eq!(
             on.groups["base"].became_unmet, 0,
             "met from the start: no change"
         );
-        // The cluster becomes unreadable, then readable: no new transition.
+        // The cluster becomes unreadable, then readable: no new transition,
+        // and V2's groups are labelled unknown meanwhile.
         let unknown = w.report(std::slice::from_ref(&base), None, &on);
         assert_eq!(unknown.groups["v2-data-engine"].met, None);
-        let back = w.report(&[base.clone(), v2_unmet.clone()], Some(true), &unknown);
+        assert_eq!(unknown.labels["kmod-monitor.io/v2-data-engine"], "unknown");
+        assert_eq!(unknown.labels["kmod-monitor.io/v2-iommu"], "unknown");
+        let back = w.report(
+            &[base.clone(), v2_unmet.clone(), iommu.clone()],
+            Some(true),
+            &unknown,
+        );
         assert_eq!(back.groups["v2-data-engine"].became_unmet, 1);
+        assert_eq!(
+            back.groups["v2-iommu"].became_unmet, 1,
+            "a blip is no change"
+        );
         // Switched off, then on again: a new transition.
         let off = w.report(std::slice::from_ref(&base), Some(false), &back);
         assert!(!off.labels.contains_key("kmod-monitor.io/v2-data-engine"));
-        let again = w.report(&[base, v2_unmet], Some(true), &off);
+        assert!(!off.labels.contains_key("kmod-monitor.io/v2-iommu"));
+        let again = w.report(&[base, v2_unmet, iommu], Some(true), &off);
         assert_eq!(again.groups["v2-data-engine"].became_unmet, 2);
+        assert_eq!(again.groups["v2-iommu"].became_unmet, 2);
     }
 
     #[test]
@@ -644,6 +682,17 @@ mod tests {
         );
         let r = w.report(&[base.clone(), pool, iommu], Some(true), &r);
         assert_eq!(r.condition.reason, REASON_NODE, "not only hugepages");
+
+        // Nothing but an unmet warning: True, and nothing is said to be met.
+        let r = w.report(std::slice::from_ref(&recommended), Some(true), &r);
+        assert_eq!(r.condition.status, Status::True);
+        assert!(
+            r.condition
+                .message
+                .starts_with("Met: none. Warnings: v2-kernel-recommended"),
+            "{}",
+            r.condition.message
+        );
 
         // Only a warning is unmet: the condition is True and says so.
         let r = w.report(&[base, recommended], Some(true), &r);

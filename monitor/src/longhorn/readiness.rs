@@ -359,14 +359,18 @@ pub fn judge(inputs: &CheckInputs<'_>) -> Vec<Verdict> {
         );
         if hugepages_on == Some(true) {
             let h = &r.hugepages;
+            // A detail is the verdict's text (alert descriptions, the Node
+            // condition): nothing in it may move without the verdict, so
+            // the pool's free and reserved counts stay in /metrics and
+            // v2.readiness (and multipathd's pid below stays out too).
             push(
                 "v2-hugepages",
                 Level::Required,
                 h.pool.as_ref().map(|p| p.total >= required_pages),
                 match &h.pool {
                     Some(p) => format!(
-                        "{} of {required_pages} 2 MiB hugepages in the pool ({required_pages_source}; free {}, reserved {}, from {})",
-                        p.total, p.free, p.reserved, p.source
+                        "{} of {required_pages} 2 MiB hugepages in the pool ({required_pages_source}, from {})",
+                        p.total, p.source
                     ),
                     None => format!(
                         "the 2 MiB hugepage pool cannot be read: {}",
@@ -472,9 +476,9 @@ pub fn judge(inputs: &CheckInputs<'_>) -> Vec<Verdict> {
         },
         match (&r.multipathd.error, r.multipathd.pid) {
             (Some(e), _) => format!("cannot tell whether multipathd runs: {e}"),
-            (None, Some(pid)) => format!(
-                "multipathd runs (pid {pid}); it can claim Longhorn's block devices"
-            ),
+            (None, Some(_)) => {
+                "multipathd runs; it can claim Longhorn's block devices".to_owned()
+            }
             (None, None) => "multipathd is not running".to_owned(),
         },
         Some(

@@ -44,6 +44,9 @@ use crate::{
 /// the daemon and yields, so a flood cannot starve the one thread that
 /// also serves HTTP and signals.
 pub const DRAIN_BATCH: usize = 256;
+/// Most batches one sync drains (the default 256 KiB ring holds fewer
+/// records; a larger one is stopped by the channel's room first).
+const SYNC_BATCHES: usize = 64;
 
 /// The eBPF object built by build.rs, embedded so the binary stands alone.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/monitor"));
@@ -787,9 +790,17 @@ async fn read_loop(
             }
         };
         if ack.is_some() {
-            // Everything committed so far, however much.
+            // Everything committed so far, but never into a channel without
+            // room for a batch (the daemon, waiting for this answer, is not
+            // draining it) and never more than SYNC_BATCHES while the ring
+            // refills: the rest is read as usual after the answer.
             let ring = fd.get_mut();
-            while drain(ring, &mut batch, DRAIN_BATCH) > 0 {
+            for _ in 0..SYNC_BATCHES {
+                if tx.capacity() < DRAIN_BATCH + batch.len()
+                    || drain(ring, &mut batch, DRAIN_BATCH) == 0
+                {
+                    break;
+                }
                 if !forward(&tx, &mut batch, &lost_map, &lost).await {
                     return;
                 }

@@ -33,6 +33,9 @@ const KERNEL_GROUP: u32 = 1;
 /// Receive buffer for bursts (a module storm sends two uevents per cycle).
 const RCVBUF_BYTES: usize = 4 * 1024 * 1024;
 
+/// Most messages one start-up sync reads from the socket.
+const SYNC_MAX: usize = 4096;
+
 /// A parsed module uevent.
 #[derive(Debug, PartialEq, Eq)]
 pub struct ModuleUevent {
@@ -70,6 +73,12 @@ pub fn parse(msg: &[u8]) -> Option<ModuleUevent> {
     for f in fields {
         if let Some(v) = f.strip_prefix(b"SUBSYSTEM=") {
             subsystem = Some(v);
+        }
+        // Written to /sys/module/<name>/uevent (Linux 4.13+ marks such a
+        // synthetic event, `SYNTH_UUID=0` when no uuid was given): the
+        // kernel sends it, but nothing was loaded or freed.
+        if f.starts_with(b"SYNTH_UUID=") {
+            return None;
         }
     }
     if subsystem != Some(b"module".as_slice()) {
@@ -128,8 +137,19 @@ async fn read_loop(
             () = cancel.cancelled() => return,
             Some(ack) = sync.recv() => {
                 // The socket is non-blocking (TokioSocket): read until it
-                // says it would block.
-                loop {
+                // says it would block, but never more than SYNC_MAX
+                // messages, never into a full channel (the daemon, waiting
+                // for this answer, is not draining it), and yielding now
+                // and then, so a uevent storm can neither spin the one
+                // runtime thread nor deadlock the daemon. What is left is
+                // read by the loop as usual.
+                for read in 0..SYNC_MAX {
+                    if tx.capacity() == 0 || cancel.is_cancelled() {
+                        break;
+                    }
+                    if read % 64 == 63 {
+                        tokio::task::yield_now().await;
+                    }
                     let r = socket.socket_ref().recv_from_full();
                     if matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock) {
                         break;
@@ -221,6 +241,9 @@ mod tests {
         );
         let rm = b"remove@/module/dm_crypt\0ACTION=remove\0DEVPATH=/module/dm_crypt\0SUBSYSTEM=module\0SEQNUM=2114\0";
         assert_eq!(parse(rm).map(|u| u.raw), Some(Raw::Absent));
+        // `echo remove > /sys/module/dm_crypt/uevent`: the module stays.
+        let synthetic = b"remove@/module/dm_crypt\0ACTION=remove\0DEVPATH=/module/dm_crypt\0SUBSYSTEM=module\0SYNTH_UUID=0\0SEQNUM=2115\0";
+        assert_eq!(parse(synthetic), None);
     }
 
     #[test]
