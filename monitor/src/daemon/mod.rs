@@ -270,6 +270,7 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
             web,
         },
         status_rx,
+        d.log.as_ref().map(EventLog::view),
         Arc::clone(&metrics),
         cancel.clone(),
     )

@@ -164,6 +164,34 @@ pub fn read_boot_id(host: &HostRoot) -> String {
         .unwrap_or_default()
 }
 
+/// The log's status as other tasks (the HTTP server) read it, at the
+/// moment they ask.
+#[derive(Clone)]
+pub struct StatusView {
+    status: watch::Receiver<EventLogStatus>,
+    budget: Arc<budget::Budget>,
+}
+
+impl StatusView {
+    /// The writer's last word, with what is waiting and what was dropped
+    /// counted as of now.
+    #[must_use]
+    pub fn now(&self) -> EventLogStatus {
+        let mut status = self.status.borrow().clone();
+        let budget::Usage {
+            limit,
+            bytes,
+            records,
+            dropped,
+        } = self.budget.usage();
+        status.pending = records;
+        status.pending_bytes = bytes;
+        status.buffer_bytes = limit;
+        status.dropped = dropped;
+        status
+    }
+}
+
 /// The daemon's handle on the log: append records, watch the status, close.
 pub struct EventLog {
     tx: mpsc::Sender<writer::Msg>,
@@ -245,7 +273,11 @@ impl EventLog {
         }
     }
 
-    /// Changes of the status (the daemon republishes /status on them).
+    /// Changes that matter beyond /status (degraded, write errors): the
+    /// daemon republishes the metrics and alerts on them. Records written
+    /// and the queue's length change without a notification; /status reads
+    /// them live through [`view`](Self::view), so a write never wakes the
+    /// event loop.
     #[must_use]
     pub fn subscribe(&self) -> watch::Receiver<EventLogStatus> {
         self.status.clone()
@@ -255,18 +287,16 @@ impl EventLog {
     /// dropped counted as of this moment (so a hung writer cannot hide it).
     #[must_use]
     pub fn status(&self) -> EventLogStatus {
-        let mut status = self.status.borrow().clone();
-        let budget::Usage {
-            limit,
-            bytes,
-            records,
-            dropped,
-        } = self.budget.usage();
-        status.pending = records;
-        status.pending_bytes = bytes;
-        status.buffer_bytes = limit;
-        status.dropped = dropped;
-        status
+        self.view().now()
+    }
+
+    /// A handle other tasks read the status through ([`StatusView::now`]).
+    #[must_use]
+    pub fn view(&self) -> StatusView {
+        StatusView {
+            status: self.status.clone(),
+            budget: Arc::clone(&self.budget),
+        }
     }
 
     /// Writes what is pending, fsyncs and stops the writer, waiting at most

@@ -524,11 +524,7 @@ impl Writer {
                 self.dirty = true;
                 self.release(self.pending.range(..n));
                 self.pending.drain(..n);
-                self.status.send_modify(|s| {
-                    s.records += n as u64;
-                    s.last_seq = self.head.seq;
-                    s.last_hash.clone_from(&self.head.hash);
-                });
+                self.count_written(n as u64);
                 if self.settings.fsync == FsyncPolicy::Always {
                     self.sync();
                 }
@@ -580,11 +576,7 @@ impl Writer {
                 self.needs_newline = false;
                 self.head = sealed.head;
                 self.dirty = true;
-                self.status.send_modify(|s| {
-                    s.records += 1;
-                    s.last_seq = self.head.seq;
-                    s.last_hash.clone_from(&self.head.hash);
-                });
+                self.count_written(1);
                 if self.settings.fsync == FsyncPolicy::Always {
                     self.sync();
                 }
@@ -699,12 +691,25 @@ impl Writer {
         self.publish();
     }
 
+    /// The queue's length for /status, without a notification (see
+    /// [`count_written`](Self::count_written)).
     fn publish(&self) {
         let pending = self.pending.len() as u64;
         self.status.send_if_modified(|s| {
-            let changed = s.pending != pending;
             s.pending = pending;
-            changed
+            false
+        });
+    }
+
+    /// `n` more records are on disk. Readers see it at their next look; no
+    /// one is woken: the daemon would otherwise republish after every
+    /// write, and that work would sit in front of the next event.
+    fn count_written(&self, n: u64) {
+        self.status.send_if_modified(|s| {
+            s.records += n;
+            s.last_seq = self.head.seq;
+            s.last_hash.clone_from(&self.head.hash);
+            false
         });
     }
 }

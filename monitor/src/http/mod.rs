@@ -47,11 +47,14 @@ use self::{
     auth::Gate,
     limits::{Guarded, Slot, Slots},
 };
-use crate::{metrics::Metrics, status::Status};
+use crate::{forensic::StatusView, metrics::Metrics, status::Status};
 
 #[derive(Clone)]
 struct Shared {
     status: watch::Receiver<Arc<Status>>,
+    /// The event log's status, read when /status is asked for: the writer
+    /// does not wake the daemon after every record.
+    event_log: Option<StatusView>,
     metrics: Arc<Metrics>,
 }
 
@@ -70,6 +73,7 @@ pub struct Listener {
 pub async fn serve(
     listener: Listener,
     status: watch::Receiver<Arc<Status>>,
+    event_log: Option<StatusView>,
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
 ) -> io::Result<JoinHandle<io::Result<()>>> {
@@ -89,7 +93,11 @@ pub async fn serve(
         "HTTP listener limits"
     );
     let gate = Arc::new(Gate::new(&web));
-    let app = router(Shared { status, metrics })
+    let app = router(Shared {
+        status,
+        event_log,
+        metrics,
+    })
         .layer(axum::middleware::from_fn_with_state(gate, auth::guard));
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
@@ -240,7 +248,13 @@ fn router(status: Shared) -> Router {
 }
 
 async fn get_status(State(shared): State<Shared>) -> Json<Arc<Status>> {
-    Json(Arc::clone(&shared.status.borrow()))
+    let published = Arc::clone(&shared.status.borrow());
+    let Some(view) = &shared.event_log else {
+        return Json(published);
+    };
+    let mut status = Status::clone(&published);
+    status.event_log = Some(view.now());
+    Json(Arc::new(status))
 }
 
 async fn get_metrics(State(shared): State<Shared>) -> Response {
