@@ -176,15 +176,15 @@ pub fn seal(record: &Record, head: &Head) -> Result<Sealed, SealError> {
         .seq
         .checked_add(1)
         .ok_or(SealError::SeqExhausted { seq: head.seq })?;
-    let mut record = record.clone();
-    record.seq = seq;
-    record.prev_hash.clone_from(&head.hash);
-    record.hash.clear();
-    let Value::Object(mut map) = serde_json::to_value(&record)? else {
+    // The record as it is, then its chain members set in the tree: no
+    // copy of the record itself.
+    let Value::Object(mut map) = serde_json::to_value(record)? else {
         return Err(SealError::Encode(serde::ser::Error::custom(
             "a record is not a JSON object",
         )));
     };
+    map.insert("seq".to_owned(), Value::from(seq));
+    map.insert("prev_hash".to_owned(), Value::from(head.hash.as_str()));
     map.remove("hash");
     // The canonical form once, split where `hash` sorts in: the members
     // before it and after it. The hash covers the two joined; the line is
@@ -210,9 +210,15 @@ pub fn seal(record: &Record, head: &Head) -> Result<Sealed, SealError> {
     } else {
         ","
     };
-    let hash = hex::encode(Sha256::digest(
-        format!("{{{before}{sep}{after}}}").as_bytes(),
-    ));
+    let hash = hex::encode(
+        Sha256::new()
+            .chain_update("{")
+            .chain_update(&before)
+            .chain_update(sep)
+            .chain_update(&after)
+            .chain_update("}")
+            .finalize(),
+    );
     let mut line = String::with_capacity(before.len() + after.len() + hash.len() + 16);
     line.push('{');
     line.push_str(&before);
@@ -229,10 +235,7 @@ pub fn seal(record: &Record, head: &Head) -> Result<Sealed, SealError> {
     line.push_str("}\n");
     Ok(Sealed {
         line,
-        head: Head {
-            seq: record.seq,
-            hash,
-        },
+        head: Head { seq, hash },
     })
 }
 
