@@ -1,7 +1,7 @@
 //! Where one event's time goes, for `cargo xtask bench`: with the `bench`
-//! feature, the eBPF reader and the daemon stamp each module event with
+//! feature, the source and the daemon stamp each module event with
 //! CLOCK_BOOTTIME as it passes each stage (taken from the ring, decoded,
-//! received by the daemon task, applied by the tracker, counted in the
+//! taken by the daemon's loop, applied by the tracker, counted in the
 //! metrics, published, its actor enriched, its record handed to the
 //! forensic log), and on a clean stop the daemon writes a summary to the
 //! file named by `KMOD_MONITOR_BENCH_STAGES`. Without the feature every
@@ -20,13 +20,22 @@ pub enum Stage {
     Drained,
     /// Decoded into an event.
     Decoded,
-    /// Received by the daemon task (after the channel between the tasks).
+    /// Taken by the daemon's loop (after the records drained before it in
+    /// the same batch; for the uevent and poll sources, after the queue
+    /// from their reader task).
     Received,
     /// Applied by the tracker (`applied_ns`).
     Tracked,
     /// Counted in the metrics.
     Metrics,
-    /// The state including it published to /status and the alerts.
+    /// The /status document for the state including it built.
+    StatusBuilt,
+    /// The gauges derived from that document set.
+    GaugesSet,
+    /// The set of alerts that should fire computed and handed over.
+    AlertsComputed,
+    /// The state including it published (the Kubernetes reporter told,
+    /// /status swapped).
     Published,
     /// Its actor enriched from /proc.
     Enriched,
@@ -36,12 +45,15 @@ pub enum Stage {
 
 impl Stage {
     /// Every stage, in index order.
-    pub const ALL: [Self; 8] = [
+    pub const ALL: [Self; 11] = [
         Self::Drained,
         Self::Decoded,
         Self::Received,
         Self::Tracked,
         Self::Metrics,
+        Self::StatusBuilt,
+        Self::GaugesSet,
+        Self::AlertsComputed,
         Self::Published,
         Self::Enriched,
         Self::HandedOff,
@@ -53,10 +65,13 @@ impl Stage {
         match self {
             Self::Drained => "ring wake-up and drain",
             Self::Decoded => "decode",
-            Self::Received => "hand-over to the daemon task",
+            Self::Received => "hand-over to the daemon loop",
             Self::Tracked => "tracker (applied_ns)",
             Self::Metrics => "metrics",
-            Self::Published => "status publish",
+            Self::StatusBuilt => "publish: /status document built",
+            Self::GaugesSet => "publish: gauges set",
+            Self::AlertsComputed => "publish: alert set computed",
+            Self::Published => "publish: Kubernetes hand-off, /status swap",
             Self::Enriched => "actor enrichment (/proc)",
             Self::HandedOff => "forensic record and hand-off",
         }
@@ -87,6 +102,17 @@ pub fn mark_at(boot_ns: u64, stage: Stage, at_ns: u64) {
     imp::mark_at(boot_ns, stage, at_ns);
     #[cfg(not(feature = "bench"))]
     let _ = (boot_ns, stage, at_ns);
+}
+
+/// Marks the event `boot_ns` as decisive: it changed whether a required
+/// module meets its requirement (a load's result, a free). These are the
+/// events the latency runs time, summarised on their own.
+#[inline]
+pub fn mark_decisive(boot_ns: u64) {
+    #[cfg(feature = "bench")]
+    imp::mark_decisive(boot_ns);
+    #[cfg(not(feature = "bench"))]
+    let _ = boot_ns;
 }
 
 /// Stamps `stage` now on every event the daemon has received and not yet
@@ -128,8 +154,9 @@ mod imp {
     /// Finished events kept for the summary.
     const DONE_MAX: usize = 200_000;
 
-    /// An event's in-kernel time and its stamps (0: not passed).
-    type Stamps = (u64, [u64; STAGES]);
+    /// An event's in-kernel time, its stamps (0: not passed) and whether
+    /// it was decisive.
+    type Stamps = (u64, [u64; STAGES], bool);
 
     struct State {
         open: Vec<Stamps>,
@@ -159,7 +186,14 @@ mod imp {
         }
         let mut stamps = [0; STAGES];
         stamps[i] = at_ns;
-        s.open.push((boot_ns, stamps));
+        s.open.push((boot_ns, stamps, false));
+    }
+
+    pub fn mark_decisive(boot_ns: u64) {
+        let mut s = STATE.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(e) = s.open.iter_mut().rev().find(|e| e.0 == boot_ns) {
+            e.2 = true;
+        }
     }
 
     pub fn mark_received(stage: Stage, at_ns: u64) {
@@ -199,12 +233,21 @@ mod imp {
         v.get(i).copied().unwrap_or(f64::NAN)
     }
 
-    /// Per stage, the time from the stage before it (in time; the kernel's
-    /// event for the first), over every finished event.
+    /// The stages of the decisive events (the ones the latency runs time)
+    /// and, under `all`, of every finished event.
     pub fn summary(done: &[Stamps]) -> Value {
+        let decisive: Vec<Stamps> = done.iter().filter(|e| e.2).copied().collect();
+        let mut out = per_stage(&decisive);
+        out["all"] = per_stage(done);
+        out
+    }
+
+    /// Per stage, the time from the stage before it (in time; the kernel's
+    /// event for the first), over `done`.
+    fn per_stage(done: &[Stamps]) -> Value {
         let mut per: Vec<Vec<f64>> = vec![Vec::new(); STAGES];
         let mut total: Vec<Vec<f64>> = vec![Vec::new(); STAGES];
-        for (boot_ns, stamps) in done {
+        for (boot_ns, stamps, _) in done {
             let mut chain: Vec<(u64, usize)> = stamps
                 .iter()
                 .enumerate()
@@ -273,7 +316,9 @@ mod imp {
             // Published before enrichment: enrichment counts from it.
             a[index(Stage::Published)] = 1_400_000;
             a[index(Stage::Enriched)] = 1_900_000;
-            let s = summary(&[(1_000_000, a)]);
+            let s = summary(&[(1_000_000, a, true), (2_000_000, [0; STAGES], false)]);
+            assert_eq!(s["events"], 1, "only the decisive event");
+            assert_eq!(s["all"]["events"], 2);
             let names: Vec<&str> = s["stages"]
                 .as_array()
                 .unwrap()
@@ -285,7 +330,7 @@ mod imp {
                 [
                     "ring wake-up and drain",
                     "tracker (applied_ns)",
-                    "status publish",
+                    "publish: Kubernetes hand-off, /status swap",
                     "actor enrichment (/proc)"
                 ]
             );

@@ -74,6 +74,9 @@ impl Daemon {
                 }
                 let outcome = self.tracker.apply(&ev);
                 stages::mark(ev.boot_ns, Stage::Tracked);
+                if outcome.required && outcome.from.satisfies() != outcome.to.satisfies() {
+                    stages::mark_decisive(ev.boot_ns);
+                }
                 let latency_ns = boot_ns_now().saturating_sub(ev.boot_ns);
                 #[expect(
                     clippy::cast_precision_loss,

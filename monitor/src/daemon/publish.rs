@@ -12,6 +12,7 @@ use crate::{
     forensic::EventLog,
     k8s,
     source::RunningSource,
+    stages::{self, Stage},
     status::{KernelFiltered, SourceStatus, Status},
 };
 
@@ -19,6 +20,7 @@ impl Daemon {
     /// Publishes the new state to /status, the metrics and the alert pusher.
     pub(super) fn publish(&self, running: &RunningSource, status_tx: &watch::Sender<Arc<Status>>) {
         let status = self.status(running);
+        stages::mark_received(Stage::StatusBuilt);
         self.metrics
             .set_enabled(status.v2.enablement.iter().map(|(name, d)| (*name, d)));
         self.metrics.set_cluster_readable(self.v2.readable());
@@ -54,6 +56,7 @@ impl Daemon {
             self.metrics.set_event_log(log.degraded, log.write_errors);
             self.metrics.set_event_log_dropped(log.dropped);
         }
+        stages::mark_received(Stage::GaugesSet);
         let alerts = alerting::wanted_alerts(&AlertInputs {
             instance: &self.settings.common.node_name,
             runbook_url: &self.settings.runbook_url,
@@ -79,6 +82,7 @@ impl Daemon {
             });
             true
         });
+        stages::mark_received(Stage::AlertsComputed);
         if let Some(reporter) = &self.k8s {
             reporter.update(&k8s::Inputs {
                 groups: &status.groups,
