@@ -185,6 +185,17 @@ impl Tracker {
         self.groups.iter().any(|g| g.modules.contains(name))
     }
 
+    /// Whether a required module is between the start of a load or an
+    /// unload and its result (`loading`, `unloading`). Neither state
+    /// changes a verdict: `loading` fails a requirement as `available`
+    /// did, `unloading` meets it as `loaded` did.
+    #[must_use]
+    pub fn in_transition(&self) -> bool {
+        self.present.iter().any(|(name, p)| {
+            matches!(p, Presence::Loading | Presence::Unloading { .. }) && self.is_required(name)
+        })
+    }
+
     /// Modules whose init has not been confirmed yet: the daemon confirms
     /// these through /sys/module/<m>/initstate when no syscall-exit event
     /// arrives (kernels without syscall tracepoints, or the uevent source).
@@ -606,6 +617,33 @@ mod tests {
             }]
         );
         assert_eq!(t.loading().count(), 0);
+    }
+
+    #[test]
+    fn a_transition_is_in_flight_only_between_a_start_and_its_result_and_changes_no_verdict() {
+        let mut t = Tracker::new(&snapshot_6_1(), longhorn_groups());
+        // (event, in transition after it)
+        let steps: [(SourceEvent, bool); 7] = [
+            // Not required: its load is nobody's transition.
+            (ev(Raw::Load, "snd_dummy", 1), false),
+            (ev(Raw::Load, "uio_pci_generic", 2), true),
+            (ev(Raw::LoadResult { ret: 0 }, "uio_pci_generic", 3), false),
+            (ev(Raw::UnloadBegin, "uio_pci_generic", 4), true),
+            (ev(Raw::Free, "uio_pci_generic", 5), false),
+            (ev(Raw::UnloadBegin, "dm_crypt", 6), true),
+            // A refused unload (in use): back to loaded.
+            (ev(Raw::UnloadResult { ret: -11 }, "dm_crypt", 7), false),
+        ];
+        for (e, in_flight) in steps {
+            let o = t.apply(&e);
+            assert_eq!(t.in_transition(), in_flight, "after {e:?}");
+            if in_flight {
+                assert!(
+                    o.group_changes.is_empty(),
+                    "a transition's start changed a verdict: {e:?}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -11,7 +11,7 @@ use crate::{
     event::{Kind, Raw, SourceEvent, boot_ns_now},
     forensic::actor,
     host::{self, InitState},
-    source::{RunningSource, SourceMsg},
+    source::{self, RunningSource, SourceMsg},
     stages::{self, Stage},
     tracker::Outcome,
 };
@@ -21,6 +21,11 @@ use crate::{
 const CONFIRM_AFTER: Duration = Duration::from_millis(500);
 /// Longest wait between initstate checks of a slow init.
 const CONFIRM_MAX: Duration = Duration::from_secs(5);
+/// How long a load's or an unload's in-between state (`loading`,
+/// `unloading`) may go unpublished while its result is awaited. Neither
+/// state changes a verdict, so no alert, condition or gauge waits for it;
+/// only /status's view of the in-between state and its records do.
+pub(super) const SETTLE_MAX: Duration = Duration::from_millis(20);
 
 impl Daemon {
     /// Start-up step 3: what the source buffered while the snapshot was
@@ -33,7 +38,10 @@ impl Daemon {
         snap_end: u64,
     ) {
         let mut in_window = false;
-        while let Ok(msg) = running.rx.try_recv() {
+        // Bounded: a ring refilled by a flood as fast as it is read must
+        // not hold the start-up; the rest is read as live events.
+        for _ in 0..source::SYNC_MAX {
+            let Some(msg) = running.try_recv() else { break };
             if let Some(ev) = is_event(&msg) {
                 if ev.boot_ns < snap_start {
                     let kind = self.tracker.record_historical(ev);
@@ -256,6 +264,27 @@ impl Daemon {
                 stages::mark(boot_ns, Stage::HandedOff);
             }
         }
+    }
+
+    /// Whether to hold the publish (and the records) of this turn: a
+    /// required module is `loading` or `unloading`, for less than
+    /// [`SETTLE_MAX`] so far. Publishing that state would put the work in
+    /// front of the result the kernel is about to send, on the CPU the
+    /// loading process needs to send it.
+    pub(super) fn settling(&mut self) -> bool {
+        if !self.tracker.in_transition() {
+            self.settle_since = None;
+            return false;
+        }
+        let since = *self.settle_since.get_or_insert_with(Instant::now);
+        Instant::now() < since + SETTLE_MAX
+    }
+
+    /// When the held publish is due, while one is held.
+    pub(super) fn settle_deadline(&self) -> Option<Instant> {
+        self.settle_since
+            .map(|since| since + SETTLE_MAX)
+            .filter(|at| *at > Instant::now())
     }
 
     /// Arms the initstate check while some module is `loading`.

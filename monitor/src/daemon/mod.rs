@@ -95,12 +95,19 @@ struct Daemon {
     k8s: Option<k8s::Reporter>,
     /// Records waiting for the publish (see [`records::Deferred`]).
     deferred: records::Deferred,
+    /// Since when a required module has been between a load's or an
+    /// unload's start and its result (see [`Daemon::settling`]).
+    settle_since: Option<Instant>,
 }
 
 /// Least time between two reconciles triggered by lost or undecodable
 /// events: each re-reads /proc/modules, and a source reporting losses in a
 /// burst must not turn into a read per report.
 pub const LOSS_RECONCILE_SPACING: Duration = Duration::from_secs(1);
+
+/// Most source messages applied in one turn of the loop before the state
+/// is published and the other tasks get the thread.
+const TURN_MAX: usize = source::ebpf::DRAIN_BATCH;
 
 /// The names the kernel's filter lets through: every module any enabled
 /// group could require (V2's included, whatever its enablement, so a flip
@@ -245,6 +252,7 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
         checks: Vec::new(),
         k8s: reporter,
         deferred: records::Deferred::default(),
+        settle_since: None,
     };
     // Judge the checks once; later judgements record what changes.
     d.refresh_boot_facts();
@@ -252,9 +260,10 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
     // The event log starts with who we are and what the snapshot saw,
     // before any event is applied.
     d.open_event_log(snap_end)?;
-    // 3. Apply what the source buffered meanwhile: first have the reader
-    // hand over everything the kernel holds (an eBPF reader task has not
-    // run yet), so events from before the snapshot are sorted as such.
+    // 3. Apply what the source buffered meanwhile: everything the kernel
+    // holds (the uevent reader reads its socket dry first; the ring is
+    // read directly), so events from before the snapshot are sorted as
+    // such.
     running.sync().await;
     d.drain_startup(&mut running, snap_start, snap_end);
     for g in d.tracker.report() {
@@ -291,6 +300,9 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
         let denied_at = d.denied.due();
         let loss_at = d.loss_reconcile.due();
         let grace_at = d.v2.grace_ends().map(Instant::from_std);
+        let settle_at = d.settle_deadline();
+        // Whether this turn stopped at TURN_MAX messages with more waiting.
+        let mut busy = false;
         tokio::select! {
             () = sleep_until(lost_alert_ends) => d.lost_at = None,
             _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break "SIGTERM"; }
@@ -314,7 +326,8 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
                 // judged from a later state (and its queued events then
                 // misread).
                 running.sync().await;
-                while let Ok(msg) = running.rx.try_recv() {
+                for _ in 0..source::SYNC_MAX {
+                    let Some(msg) = running.try_recv() else { break };
                     d.handle(msg, &running);
                 }
                 d.confirm_loading();
@@ -324,11 +337,20 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
             Some(view) = cluster_changed(&mut cluster_rx) => d.on_view(view),
             // The unreadable-cluster alert is due: republish.
             () = sleep_until(grace_at) => {}
-            msg = running.rx.recv() => match msg {
+            // A load or unload took longer than the settle window: publish
+            // its in-between state.
+            () = sleep_until(settle_at) => {}
+            msg = running.recv() => match msg {
                 Some(msg) => {
                     d.handle(msg, &running);
-                    // Take what else is queued before publishing once.
-                    while let Ok(msg) = running.rx.try_recv() {
+                    // Take what else is waiting before publishing once, at
+                    // most a batch: then publish and yield (below).
+                    busy = true;
+                    for _ in 1..TURN_MAX {
+                        let Some(msg) = running.try_recv() else {
+                            busy = false;
+                            break;
+                        };
                         d.handle(msg, &running);
                     }
                 }
@@ -339,6 +361,13 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
                 }
             },
         }
+        // A load or unload under way: its result follows within
+        // microseconds, so publish (and build records) once it is in, and
+        // meanwhile sleep, which lets the loading or unloading process run
+        // to its result instead of waiting behind the publish.
+        if d.settling() {
+            continue;
+        }
         d.publish(&running, &status_tx);
         stages::mark_received(Stage::Published);
         // Only now the forensic records of what was applied (actor
@@ -347,12 +376,17 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
         // an event it found is applied and published first.
         if d.deferred_waiting() {
             tokio::task::yield_now().await;
-            if running.rx.is_empty() || d.deferred_full() {
+            if running.is_empty() || d.deferred_full() {
                 d.flush_records();
             }
         }
         if !d.deferred_waiting() {
             stages::close();
+        }
+        // Let the HTTP server, the pushers and the signals run between
+        // batches, however fast the source refills.
+        if busy {
+            tokio::task::yield_now().await;
         }
     };
     stages::dump();

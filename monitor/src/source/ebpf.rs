@@ -8,6 +8,7 @@
 //! then leaves unset, as a broken loader would; the program must drop,
 //! count and log what needs it.
 use std::{
+    collections::VecDeque,
     os::fd::{AsFd as _, AsRawFd as _},
     path::{Path, PathBuf},
     ptr::NonNull,
@@ -27,10 +28,7 @@ use monitor_common::{
     LOG_RING_BYTES, LOST_SLOTS, NAME_LEN, NOISE_CPU_SLOTS, NOISE_DENIED_SUPPRESSED,
     NOISE_REQUEST_UNTRACKED, NOISE_SLOTS, TRACKED_SLOTS, TracepointLayout, TrackedNames,
 };
-use tokio::{
-    io::unix::AsyncFd,
-    sync::{mpsc, oneshot},
-};
+use tokio::io::unix::AsyncFd;
 use tokio_util::sync::CancellationToken;
 
 use super::{KernelLoss, Noise, SourceMsg, SourceOptions, StartError, Started, Tracking, tracefs};
@@ -40,13 +38,10 @@ use crate::{
     stages::{self, Stage},
 };
 
-/// Most ring-buffer records taken in one go; then the reader hands them to
-/// the daemon and yields, so a flood cannot starve the one thread that
-/// also serves HTTP and signals.
+/// Most ring-buffer records taken in one go: the daemon applies at most
+/// this many per turn, publishes, and yields, so a flood cannot starve the
+/// one thread that also serves HTTP and signals.
 pub const DRAIN_BATCH: usize = 256;
-/// Most batches one sync drains (the default 256 KiB ring holds fewer
-/// records; a larger one is stopped by the channel's room first).
-const SYNC_BATCHES: usize = 64;
 
 /// The eBPF object built by build.rs, embedded so the binary stands alone.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/monitor"));
@@ -317,7 +312,7 @@ fn program_size(program: &str, prog: &TracePoint) -> String {
 }
 
 /// The program loaded and attached, its ring buffer not yet read: what
-/// [`start`] hands to its reader task, and what the benchmark's floor
+/// [`start`] turns into the daemon's [`RingFeed`], and what the benchmark's floor
 /// (`kmod-monitor-floor`, the `bench` feature) drains itself.
 pub struct Attached {
     ebpf: Ebpf,
@@ -434,12 +429,11 @@ impl Attached {
     }
 }
 
-/// Loads, attaches and starts reading.
+/// Loads and attaches; the daemon reads the ring itself ([`RingFeed`]).
 pub(crate) fn start(
     opts: &SourceOptions,
-    tx: mpsc::Sender<SourceMsg>,
     lost: Arc<AtomicU64>,
-    cancel: CancellationToken,
+    cancel: &CancellationToken,
 ) -> Result<Started, StartError> {
     let Attached {
         ebpf,
@@ -448,21 +442,12 @@ pub(crate) fn start(
         noise: noise_map,
         tracked,
         details,
-    } = attach_all(opts, Some(&cancel))?;
+    } = attach_all(opts, Some(cancel))?;
     // SAFETY: the RingBuf owns its map fd for as long as it lives, and
     // the AsyncFd owns the RingBuf, so the fd stays open and unchanged for
     // the AsyncFd's whole lifetime.
     let fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .map_err(|e| StartError::new(format!("polling the ring buffer: {e}")))?;
-    let (sync_tx, sync_rx) = mpsc::channel(1);
-    tokio::spawn(read_loop(
-        fd,
-        Arc::clone(&losses),
-        tx,
-        lost,
-        sync_rx,
-        cancel,
-    ));
     Ok(Started {
         details,
         guard: Some(Box::new(Loaded {
@@ -471,9 +456,16 @@ pub(crate) fn start(
         control: Some(super::Control {
             tracked: Box::new(tracked),
             noise: Box::new(noise_map),
-            loss: Box::new(losses),
+            loss: Box::new(Arc::clone(&losses)),
         }),
-        sync: Some(sync_tx),
+        sync: None,
+        ring: Some(RingFeed {
+            fd,
+            losses,
+            lost,
+            pending: VecDeque::with_capacity(DRAIN_BATCH),
+            failed: false,
+        }),
     })
 }
 
@@ -736,114 +728,93 @@ fn message(item: &[u8]) -> SourceMsg {
 }
 
 /// Takes at most `limit` records; returns how many.
-fn drain(ring: &mut RingBuf<MapData>, batch: &mut Vec<SourceMsg>, limit: usize) -> usize {
+fn drain(ring: &mut RingBuf<MapData>, into: &mut VecDeque<SourceMsg>, limit: usize) -> usize {
     let mut taken = 0;
     while taken < limit {
         let Some(item) = ring.next() else { break };
-        batch.push(message(&item));
+        into.push_back(message(&item));
         taken += 1;
     }
     taken
 }
 
-/// Drains the ring buffer whenever it is readable, [`DRAIN_BATCH`] records
-/// at a time with a yield between batches; after each batch checks the
-/// in-kernel loss counter, so a loss is reported as soon as userspace
-/// catches up (no timer needed). A sync request ([`super::RunningSource::sync`])
-/// drains everything the ring holds now and then acknowledges: every record
-/// committed before the request reaches the daemon before the answer.
-async fn read_loop(
-    mut fd: AsyncFd<RingBuf<MapData>>,
-    lost_map: Arc<Losses>,
-    tx: mpsc::Sender<SourceMsg>,
+/// The ring buffer as the daemon reads it: from its own task, with no
+/// reader task, queue or wake-up between a record and the tracker. A
+/// record leaves the ring only into `pending`, in the same poll that
+/// returns the first of them, so [`recv`](Self::recv) is cancel-safe.
+pub(crate) struct RingFeed {
+    fd: AsyncFd<RingBuf<MapData>>,
+    losses: Arc<Losses>,
+    /// The source's loss total, as last reported.
     lost: Arc<AtomicU64>,
-    mut sync: mpsc::Receiver<oneshot::Sender<()>>,
-    cancel: CancellationToken,
-) {
-    let mut batch = Vec::with_capacity(DRAIN_BATCH);
-    loop {
-        // Whether the ring may hold more than this turn took.
-        let mut more = false;
-        let ack = tokio::select! {
-            () = cancel.cancelled() => return,
-            Some(ack) = sync.recv() => Some(ack),
-            g = fd.readable_mut() => {
-                let mut guard = match g {
-                    Ok(g) => g,
-                    Err(e) => {
-                        tracing::error!(error = %e, "ring buffer poll failed; eBPF source stopped");
-                        return;
-                    }
-                };
-                let full = drain(guard.get_inner_mut(), &mut batch, DRAIN_BATCH) == DRAIN_BATCH;
-                more = full;
-                if !full {
-                    // Caught up: clear readiness, then look once more, since
-                    // a record committed between the last read and the
-                    // clear would otherwise wait for the next wake-up (the
-                    // kernel only notifies a consumer that has caught up).
-                    guard.clear_ready();
-                    let room = DRAIN_BATCH - batch.len();
-                    drain(guard.get_inner_mut(), &mut batch, room);
-                }
-                None
-            }
-        };
-        if ack.is_some() {
-            // Everything committed so far, but never into a channel without
-            // room for a batch (the daemon, waiting for this answer, is not
-            // draining it) and never more than SYNC_BATCHES while the ring
-            // refills: the rest is read as usual after the answer.
-            let ring = fd.get_mut();
-            for _ in 0..SYNC_BATCHES {
-                if tx.capacity() < DRAIN_BATCH + batch.len()
-                    || drain(ring, &mut batch, DRAIN_BATCH) == 0
-                {
-                    break;
-                }
-                if !forward(&tx, &mut batch, &lost_map, &lost).await {
-                    return;
-                }
-            }
-        }
-        if !forward(&tx, &mut batch, &lost_map, &lost).await {
-            return;
-        }
-        if let Some(ack) = ack {
-            let _ = ack.send(());
-        }
-        // Let the daemon, the HTTP server and the signals run between
-        // batches, however fast the ring refills. After a partial batch
-        // the ring is empty and the next select waits anyway, which lets
-        // them run without the extra turn (and its epoll call) between the
-        // record and the daemon.
-        if more {
-            tokio::task::yield_now().await;
-        }
-    }
+    pending: VecDeque<SourceMsg>,
+    /// Polling the ring failed: the source is dead (the daemon falls back).
+    failed: bool,
 }
 
-/// Hands a batch to the daemon, then reports a grown loss count. False
-/// once the daemon is gone.
-async fn forward(
-    tx: &mpsc::Sender<SourceMsg>,
-    batch: &mut Vec<SourceMsg>,
-    lost_map: &Losses,
-    lost: &AtomicU64,
-) -> bool {
-    for msg in batch.drain(..) {
-        if tx.send(msg).await.is_err() {
-            return false;
+impl RingFeed {
+    /// The next message, waiting for the ring when none is taken yet;
+    /// `None` once the ring cannot be polled.
+    pub(crate) async fn recv(&mut self) -> Option<SourceMsg> {
+        loop {
+            if let Some(msg) = self.pending.pop_front() {
+                return Some(msg);
+            }
+            if self.failed {
+                return None;
+            }
+            let mut guard = match self.fd.readable_mut().await {
+                Ok(g) => g,
+                Err(e) => {
+                    tracing::error!(error = %e, "ring buffer poll failed; eBPF source stopped");
+                    self.failed = true;
+                    continue;
+                }
+            };
+            let taken = drain(guard.get_inner_mut(), &mut self.pending, DRAIN_BATCH);
+            if taken < DRAIN_BATCH {
+                // Caught up: clear readiness, then look once more, since a
+                // record committed between the last read and the clear
+                // would otherwise wait for the next wake-up (the kernel
+                // only notifies a consumer that has caught up).
+                guard.clear_ready();
+                drain(guard.get_inner_mut(), &mut self.pending, DRAIN_BATCH - taken);
+            }
+            drop(guard);
+            self.note_losses();
         }
     }
-    let total = lost_map.total();
-    if total > lost.load(Ordering::Relaxed) {
-        lost.store(total, Ordering::Relaxed);
-        if tx.send(SourceMsg::Lost { total }).await.is_err() {
-            return false;
+
+    /// A message the ring already holds, without waiting: everything
+    /// committed before the call is reachable this way (the start-up drain
+    /// and the initstate check rely on it).
+    pub(crate) fn try_recv(&mut self) -> Option<SourceMsg> {
+        if self.pending.is_empty() && !self.failed {
+            drain(self.fd.get_mut(), &mut self.pending, DRAIN_BATCH);
+            self.note_losses();
+        }
+        self.pending.pop_front()
+    }
+
+    /// Whether a message is waiting (taking what the ring holds to know).
+    pub(crate) fn is_empty(&mut self) -> bool {
+        if self.pending.is_empty() && !self.failed {
+            drain(self.fd.get_mut(), &mut self.pending, DRAIN_BATCH);
+            self.note_losses();
+        }
+        self.pending.is_empty()
+    }
+
+    /// After a drain: a grown in-kernel loss count becomes a message behind
+    /// the records taken, so a loss is reported as soon as userspace
+    /// catches up (no timer needed).
+    fn note_losses(&mut self) {
+        let total = self.losses.total();
+        if total > self.lost.load(Ordering::Relaxed) {
+            self.lost.store(total, Ordering::Relaxed);
+            self.pending.push_back(SourceMsg::Lost { total });
         }
     }
-    true
 }
 
 #[cfg(test)]

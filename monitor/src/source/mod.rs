@@ -65,10 +65,16 @@ impl std::fmt::Display for SourceKind {
     }
 }
 
-/// Capacity of the queue between a source and the daemon. A full queue
-/// makes the eBPF reader wait, so the ring buffer (counted in-kernel)
-/// absorbs the burst: nothing is dropped in userspace.
+/// Capacity of the queue between a reader task (uevent, poll) and the
+/// daemon. The eBPF ring needs none: the daemon reads it itself, and a
+/// ring it has not read yet absorbs a burst (losses counted in-kernel).
 pub const QUEUE_CAPACITY: usize = 8192;
+
+/// Most messages the daemon takes in one go when it wants everything
+/// already buffered (the start-up drain, the initstate check): enough for
+/// any ring or socket backlog, and a bound when a flood refills it as fast
+/// as it is read.
+pub const SYNC_MAX: usize = 64 * ebpf::DRAIN_BATCH;
 
 /// What a source sends to the daemon.
 #[derive(Debug)]
@@ -209,12 +215,21 @@ pub struct SourceOptions {
     pub tracked: Vec<ModuleName>,
 }
 
-/// A running source: its events arrive on `rx`; dropping the handle (or
-/// cancelling its token) stops it.
+/// Where the daemon takes a source's messages from.
+enum Feed {
+    /// A reader task's queue (uevent, poll).
+    Queue(mpsc::Receiver<SourceMsg>),
+    /// The eBPF ring, read by the daemon's own task.
+    Ring(Box<ebpf::RingFeed>),
+}
+
+/// A running source: the daemon takes its messages with
+/// [`recv`](Self::recv) and [`try_recv`](Self::try_recv); dropping the
+/// handle (or cancelling its token) stops it.
 pub struct RunningSource {
     pub kind: ActiveKind,
     pub unavailable: Vec<Unavailable>,
-    pub rx: mpsc::Receiver<SourceMsg>,
+    feed: Feed,
     /// Events known lost so far (in-kernel counter or netlink overflow).
     pub lost: Arc<AtomicU64>,
     /// Extra live facts for /status (e.g. which eBPF programs attached).
@@ -230,6 +245,31 @@ pub struct RunningSource {
 }
 
 impl RunningSource {
+    /// The next message, waiting for one; `None` once the source has
+    /// stopped (the daemon falls back). Cancel-safe.
+    pub async fn recv(&mut self) -> Option<SourceMsg> {
+        match &mut self.feed {
+            Feed::Queue(rx) => rx.recv().await,
+            Feed::Ring(ring) => ring.recv().await,
+        }
+    }
+
+    /// A message that is already waiting, if any.
+    pub fn try_recv(&mut self) -> Option<SourceMsg> {
+        match &mut self.feed {
+            Feed::Queue(rx) => rx.try_recv().ok(),
+            Feed::Ring(ring) => ring.try_recv(),
+        }
+    }
+
+    /// Whether no message is waiting.
+    pub fn is_empty(&mut self) -> bool {
+        match &mut self.feed {
+            Feed::Queue(rx) => rx.is_empty(),
+            Feed::Ring(ring) => ring.is_empty(),
+        }
+    }
+
     /// Events lost so far.
     #[must_use]
     pub fn lost(&self) -> u64 {
@@ -254,10 +294,10 @@ impl RunningSource {
         self.control.as_ref().map(|c| &*c.loss)
     }
 
-    /// Waits until every event the source had buffered when called is on
-    /// `rx`: the eBPF reader drains the ring, the uevent reader its socket,
-    /// and each answers (or is gone). Polling has no buffer ahead of its
-    /// reader.
+    /// Waits until every event the source had buffered when called can be
+    /// taken with [`try_recv`](Self::try_recv): the uevent reader drains
+    /// its socket and answers (or is gone). The eBPF ring is read by
+    /// `try_recv` itself, and polling has no buffer ahead of its reader.
     pub async fn sync(&self) {
         let Some(sync) = &self.sync else {
             return;
@@ -296,6 +336,9 @@ pub(crate) struct Started {
     pub guard: Option<Box<dyn Send + Sync>>,
     pub control: Option<Control>,
     pub sync: Option<SyncRequests>,
+    /// The ring the daemon reads itself (eBPF); the others send on the
+    /// queue.
+    pub ring: Option<ebpf::RingFeed>,
 }
 
 /// Starts the requested source; with `auto`, the best one that starts.
@@ -318,7 +361,7 @@ pub async fn start(
         let lost = Arc::new(AtomicU64::new(0));
         let cancel = CancellationToken::new();
         let started = match kind {
-            ActiveKind::Ebpf => ebpf::start(opts, tx, Arc::clone(&lost), cancel.clone()),
+            ActiveKind::Ebpf => ebpf::start(opts, Arc::clone(&lost), &cancel),
             ActiveKind::Uevent => uevent::start(tx, Arc::clone(&lost), cancel.clone()),
             ActiveKind::Poll => poll::start(opts, tx, cancel.clone()).await,
         };
@@ -328,11 +371,12 @@ pub async fn start(
                 guard,
                 control,
                 sync,
+                ring,
             }) => {
                 return Ok(RunningSource {
                     kind,
                     unavailable,
-                    rx,
+                    feed: ring.map_or(Feed::Queue(rx), |r| Feed::Ring(Box::new(r))),
                     lost,
                     details,
                     cancel,

@@ -92,6 +92,7 @@ pub(crate) async fn start(
         guard: None,
         control: None,
         sync: None,
+        ring: None,
     })
 }
 

@@ -117,6 +117,7 @@ pub(crate) fn start(
         guard: None,
         control: None,
         sync: Some(sync_tx),
+        ring: None,
     })
 }
 
