@@ -186,9 +186,11 @@ impl Tracker {
     }
 
     /// Whether a required module is between the start of a load or an
-    /// unload and its result (`loading`, `unloading`). Neither state
-    /// changes a verdict: `loading` fails a requirement as `available`
-    /// did, `unloading` meets it as `loaded` did.
+    /// unload and its result (`loading`, `unloading`). Entering either
+    /// from a settled state changes no verdict (`loading` fails a
+    /// requirement as `available` did, `unloading` meets it as `loaded`
+    /// did); an unload begun while still `loading` does (it counts as
+    /// `unloading`), and the daemon publishes such a turn at once.
     #[must_use]
     pub fn in_transition(&self) -> bool {
         self.present.iter().any(|(name, p)| {

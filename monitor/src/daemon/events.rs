@@ -22,9 +22,10 @@ const CONFIRM_AFTER: Duration = Duration::from_millis(500);
 /// Longest wait between initstate checks of a slow init.
 const CONFIRM_MAX: Duration = Duration::from_secs(5);
 /// How long a load's or an unload's in-between state (`loading`,
-/// `unloading`) may go unpublished while its result is awaited. Neither
-/// state changes a verdict, so no alert, condition or gauge waits for it;
-/// only /status's view of the in-between state and its records do.
+/// `unloading`) may go unpublished while its result is awaited. A turn
+/// that changed a verdict is never held (see [`Daemon::settling`]), so no
+/// alert or condition waits for it; /status's view of the in-between
+/// state and its records do.
 pub(super) const SETTLE_MAX: Duration = Duration::from_millis(20);
 
 impl Daemon {
@@ -38,9 +39,13 @@ impl Daemon {
         snap_end: u64,
     ) {
         let mut in_window = false;
-        // Bounded: a ring refilled by a flood as fast as it is read must
-        // not hold the start-up; the rest is read as live events.
-        for _ in 0..source::SYNC_MAX {
+        // Everything from before the snapshot is read, however much the
+        // ring holds (it was all committed before this drain began, so it
+        // is finite); what came later is bounded, so a ring refilled by a
+        // flood as fast as it is read cannot hold the start-up: the rest
+        // is read as live events, which it is.
+        let mut later = 0;
+        while later < source::SYNC_MAX {
             let Some(msg) = running.try_recv() else { break };
             if let Some(ev) = is_event(&msg) {
                 if ev.boot_ns < snap_start {
@@ -53,6 +58,7 @@ impl Daemon {
                 }
                 in_window |= ev.boot_ns <= snap_end;
             }
+            later += 1;
             self.handle(msg, running);
         }
         if in_window {
@@ -68,36 +74,35 @@ impl Daemon {
         }
     }
 
+    /// Applies a turn's messages: the module events first to the tracker,
+    /// each run of them at once, and only then their metrics, log lines
+    /// and records, so nothing but the tracker stands between an event and
+    /// the state change of the events behind it in the batch. Any other
+    /// message ends a run, so the order of everything is kept.
+    pub(super) fn handle_batch(&mut self, batch: &mut Vec<SourceMsg>, running: &RunningSource) {
+        let mut run: Vec<Applied> = Vec::new();
+        for msg in batch.drain(..) {
+            match msg {
+                SourceMsg::Event(ev) => run.push(self.apply_event(ev)),
+                other => {
+                    for a in run.drain(..) {
+                        self.finish_event(a);
+                    }
+                    self.handle(other, running);
+                }
+            }
+        }
+        for a in run {
+            self.finish_event(a);
+        }
+    }
+
     /// Applies one message from the source.
     pub(super) fn handle(&mut self, msg: SourceMsg, running: &RunningSource) {
         match msg {
-            SourceMsg::Event(mut ev) => {
-                stages::mark(ev.boot_ns, Stage::Received);
-                // A request by alias (`fs-nfs4`) is about its module (`nfs`).
-                if ev.raw == Raw::Request
-                    && !self.tracker.is_required(&ev.module)
-                    && let Some(module) = self.aliases.get(&ev.module)
-                {
-                    ev.module = module.clone();
-                }
-                let outcome = self.tracker.apply(&ev);
-                stages::mark(ev.boot_ns, Stage::Tracked);
-                if outcome.required && outcome.from.satisfies() != outcome.to.satisfies() {
-                    stages::mark_decisive(ev.boot_ns);
-                }
-                let latency_ns = boot_ns_now().saturating_sub(ev.boot_ns);
-                #[expect(
-                    clippy::cast_precision_loss,
-                    reason = "a latency in seconds for a histogram"
-                )]
-                let latency = latency_ns as f64 / 1e9;
-                self.metrics.on_event(&outcome, Some(latency));
-                stages::mark(ev.boot_ns, Stage::Metrics);
-                self.count(outcome.kind);
-                self.trigger_boot_ns = Some(ev.boot_ns);
-                trace_outcome(&outcome, &ev);
-                let source = self.active.as_str();
-                self.record_outcome(&ev, &outcome, source);
+            SourceMsg::Event(ev) => {
+                let applied = self.apply_event(ev);
+                self.finish_event(applied);
             }
             SourceMsg::AliasRequest { alias } => {
                 self.count(Some(Kind::Request));
@@ -112,6 +117,7 @@ impl Daemon {
                     boot_ns_now(),
                 ));
                 self.counts.lost = total;
+                self.turn_decided = true;
                 self.metrics.set_lost_total(total);
                 self.lost_at = Some(Instant::now());
                 tracing::error!(lost_total = total, "module events were lost; reconciling");
@@ -125,6 +131,7 @@ impl Daemon {
                     boot_ns_now(),
                 ));
                 self.counts.undecodable += 1;
+                self.turn_decided = true;
                 self.metrics.add_lost(1);
                 self.lost_at = Some(Instant::now());
                 tracing::error!(%reason, "undecodable event from the kernel; reconciling");
@@ -140,6 +147,68 @@ impl Daemon {
                 actor,
                 boot_ns,
             } => self.on_denied(module, &actor, boot_ns, running),
+        }
+    }
+
+    /// The state change of one module event, and what its record needs
+    /// from the state right after it.
+    fn apply_event(&mut self, mut ev: SourceEvent) -> Applied {
+        stages::mark(ev.boot_ns, Stage::Received);
+        // A request by alias (`fs-nfs4`) is about its module (`nfs`).
+        if ev.raw == Raw::Request
+            && !self.tracker.is_required(&ev.module)
+            && let Some(module) = self.aliases.get(&ev.module)
+        {
+            ev.module = module.clone();
+        }
+        let outcome = self.tracker.apply(&ev);
+        let applied_ns = boot_ns_now();
+        stages::mark_at(ev.boot_ns, Stage::Tracked, applied_ns);
+        self.turn_decided |= !outcome.group_changes.is_empty();
+        if outcome.required && outcome.from.satisfies() != outcome.to.satisfies() {
+            stages::mark_decisive(ev.boot_ns);
+        }
+        // The record's view of the groups is taken now, before the next
+        // event moves the state on.
+        let pending = match (&self.log, outcome.kind) {
+            (Some(_), Some(kind)) => Some(records::PendingEvent::new(
+                &self.tracker,
+                &ev,
+                kind,
+                Some(&outcome),
+                self.active.as_str(),
+            )),
+            _ => None,
+        };
+        Applied {
+            latency_ns: applied_ns.saturating_sub(ev.boot_ns),
+            ev,
+            outcome,
+            pending,
+        }
+    }
+
+    /// Everything else an applied event leads to: metrics, counts, the log
+    /// line, the record.
+    fn finish_event(&mut self, a: Applied) {
+        let Applied {
+            ev,
+            outcome,
+            latency_ns,
+            pending,
+        } = a;
+        #[expect(
+            clippy::cast_precision_loss,
+            reason = "a latency in seconds for a histogram"
+        )]
+        let latency = latency_ns as f64 / 1e9;
+        self.metrics.on_event(&outcome, Some(latency));
+        stages::mark(ev.boot_ns, Stage::Metrics);
+        self.count(outcome.kind);
+        self.trigger_boot_ns = Some(ev.boot_ns);
+        trace_outcome(&outcome, &ev);
+        if let Some(pending) = pending {
+            self.deferred.event(pending);
         }
     }
 
@@ -212,6 +281,7 @@ impl Daemon {
     /// The record of one applied event (when it meant something), then one
     /// `requirement_change` per group it flipped: taken now, built after
     /// the publish ([`Daemon::flush_records`]).
+    /// Holds the records of `ev`, applied with `o`, for the flush.
     fn record_outcome(&mut self, ev: &SourceEvent, o: &Outcome, source: &str) {
         if self.log.is_none() {
             return;
@@ -266,25 +336,45 @@ impl Daemon {
         }
     }
 
-    /// Whether to hold the publish (and the records) of this turn: a
-    /// required module is `loading` or `unloading`, for less than
-    /// [`SETTLE_MAX`] so far. Publishing that state would put the work in
-    /// front of the result the kernel is about to send, on the CPU the
-    /// loading process needs to send it.
-    pub(super) fn settling(&mut self) -> bool {
+    /// Whether to hold the publish (and the records) of this turn: it only
+    /// applied source messages (`events_only`), none of which changed a
+    /// verdict or reported a loss, and a required module is `loading` or
+    /// `unloading`, for less than [`SETTLE_MAX`] so far. Publishing that
+    /// state would put the work in front of the result the kernel is about
+    /// to send, on the CPU the loading process needs to send it. A held
+    /// turn's other news (another module's in-between state, counters)
+    /// waits at most [`SETTLE_MAX`].
+    ///
+    /// While holding, the waiting events' actors are read from /proc all
+    /// the same: the loader is still inside its syscall now, and may exit
+    /// right after the result.
+    pub(super) fn settling(&mut self, events_only: bool) -> bool {
+        self.held_until = None;
+        let decided = std::mem::take(&mut self.turn_decided);
         if !self.tracker.in_transition() {
             self.settle_since = None;
             return false;
         }
-        let since = *self.settle_since.get_or_insert_with(Instant::now);
-        Instant::now() < since + SETTLE_MAX
+        if decided || !events_only {
+            return false;
+        }
+        let now = Instant::now();
+        let due = *self.settle_since.get_or_insert(now) + SETTLE_MAX;
+        if now >= due {
+            return false;
+        }
+        // Armed for exactly this hold, even if `due` has passed by the
+        // time the loop waits: then it fires once and the turn publishes.
+        self.held_until = Some(due);
+        let host = &self.settings.common.host;
+        self.deferred
+            .enrich_waiting(|_, actor| actor::enrich(host, actor));
+        true
     }
 
     /// When the held publish is due, while one is held.
-    pub(super) fn settle_deadline(&self) -> Option<Instant> {
-        self.settle_since
-            .map(|since| since + SETTLE_MAX)
-            .filter(|at| *at > Instant::now())
+    pub(super) const fn settle_deadline(&self) -> Option<Instant> {
+        self.held_until
     }
 
     /// Arms the initstate check while some module is `loading`.
@@ -335,6 +425,17 @@ impl Daemon {
 
 /// The daemon's log line for a required module's event, and for each group
 /// it flipped.
+/// A module event the tracker has applied, waiting for the rest of its
+/// handling ([`Daemon::finish_event`]).
+struct Applied {
+    ev: SourceEvent,
+    outcome: Outcome,
+    /// From the event to its state change.
+    latency_ns: u64,
+    /// Its record, when there is a log and the event meant something.
+    pending: Option<records::PendingEvent>,
+}
+
 fn trace_outcome(o: &Outcome, ev: &SourceEvent) {
     if let Some(kind) = o.kind
         && o.required

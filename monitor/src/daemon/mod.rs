@@ -98,6 +98,11 @@ struct Daemon {
     /// Since when a required module has been between a load's or an
     /// unload's start and its result (see [`Daemon::settling`]).
     settle_since: Option<Instant>,
+    /// When the publish held this turn is due (see [`Daemon::settling`]).
+    held_until: Option<Instant>,
+    /// This turn changed a verdict or reported a loss: it is published at
+    /// once, whatever else is under way.
+    turn_decided: bool,
 }
 
 /// Least time between two reconciles triggered by lost or undecodable
@@ -253,6 +258,8 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
         k8s: reporter,
         deferred: records::Deferred::default(),
         settle_since: None,
+        held_until: None,
+        turn_decided: false,
     };
     // Judge the checks once; later judgements record what changes.
     d.refresh_boot_facts();
@@ -292,6 +299,8 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
     let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let mut reconcile = reconcile_timer(d.settings.reconcile_interval);
     let mut log_status = d.log.as_ref().map(EventLog::subscribe);
+    // One turn's messages from the source (reused).
+    let mut batch = Vec::with_capacity(TURN_MAX);
     let stop_reason = loop {
         d.schedule_confirm();
         let confirm_at = d.confirm.map(|(at, _)| at);
@@ -303,6 +312,8 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
         let settle_at = d.settle_deadline();
         // Whether this turn stopped at TURN_MAX messages with more waiting.
         let mut busy = false;
+        // Whether this turn only applied what the source sent.
+        let mut events_only = false;
         tokio::select! {
             () = sleep_until(lost_alert_ends) => d.lost_at = None,
             _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break "SIGTERM"; }
@@ -342,17 +353,19 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
             () = sleep_until(settle_at) => {}
             msg = running.recv() => match msg {
                 Some(msg) => {
-                    d.handle(msg, &running);
+                    events_only = true;
                     // Take what else is waiting before publishing once, at
                     // most a batch: then publish and yield (below).
+                    batch.push(msg);
                     busy = true;
                     for _ in 1..TURN_MAX {
                         let Some(msg) = running.try_recv() else {
                             busy = false;
                             break;
                         };
-                        d.handle(msg, &running);
+                        batch.push(msg);
                     }
+                    d.handle_batch(&mut batch, &running);
                 }
                 None => {
                     running = fall_back(&running, &opts).await?;
@@ -365,7 +378,15 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
         // microseconds, so publish (and build records) once it is in, and
         // meanwhile sleep, which lets the loading or unloading process run
         // to its result instead of waiting behind the publish.
-        if d.settling() {
+        if d.settling(events_only) {
+            // Still bounded while held: the records past the cap go out,
+            // and a full batch gives the other tasks the thread.
+            if d.deferred_full() {
+                d.flush_records();
+            }
+            if busy {
+                tokio::task::yield_now().await;
+            }
             continue;
         }
         d.publish(&running, &status_tx);

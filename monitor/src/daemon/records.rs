@@ -108,6 +108,8 @@ pub struct PendingEvent {
         Vec<GroupChange>,
     )>,
     source: String,
+    /// The actor as /proc showed it, once read ([`Deferred::enrich_waiting`]).
+    enriched: Option<ActorInfo>,
 }
 
 impl PendingEvent {
@@ -136,6 +138,7 @@ impl PendingEvent {
                 )
             }),
             source: source.to_owned(),
+            enriched: None,
         }
     }
 
@@ -160,6 +163,7 @@ impl PendingEvent {
             kind,
             applied,
             source,
+            enriched: _,
         } = self;
         let mut r = Record::new(RecordKind::of_event(kind), ev.boot_ns);
         // Only eBPF's module_load carries taints.
@@ -238,15 +242,32 @@ impl Deferred {
         self.items.len()
     }
 
+    /// Reads the actors of the waiting events that have not been read yet,
+    /// while their processes are still likely to exist (a held publish
+    /// waits for a load's result; a loader may exit right after it).
+    pub fn enrich_waiting(&mut self, mut enrich: impl FnMut(u64, &Actor) -> ActorInfo) {
+        for item in &mut self.items {
+            if let DeferredItem::Event(p) = item
+                && p.enriched.is_none()
+                && let Some(actor) = p.ev.actor.as_ref()
+            {
+                p.enriched = Some(enrich(p.ev.boot_ns, actor));
+            }
+        }
+    }
+
     /// Builds every waiting record, in order, calling `enrich` with each
-    /// event's time and actor (the /proc reads) only now.
+    /// event's time and actor (the /proc reads) for those not read yet.
     pub fn drain(&mut self, mut enrich: impl FnMut(u64, &Actor) -> ActorInfo) -> Vec<Record> {
         let mut out = Vec::with_capacity(self.items.len());
         for item in self.items.drain(..) {
             match item {
                 DeferredItem::Ready(r) => out.push(r),
-                DeferredItem::Event(p) => {
-                    let actor = p.actor().map(|a| enrich(p.boot_ns(), a));
+                DeferredItem::Event(mut p) => {
+                    let actor = match p.enriched.take() {
+                        Some(info) => Some(info),
+                        None => p.actor().map(|a| enrich(p.boot_ns(), a)),
+                    };
                     out.extend(p.into_records(actor));
                 }
             }
@@ -633,6 +654,45 @@ mod tests {
             }]
         );
         assert!(deferred.is_empty());
+    }
+
+    #[test]
+    fn an_actor_read_while_the_publish_is_held_is_not_read_again() {
+        let mut t = Tracker::new(&snapshot_debian_6_1(), longhorn_groups());
+        let mut deferred = Deferred::default();
+        let mut ev = event(Raw::Load, "uio_pci_generic", 3);
+        ev.actor = Some(crate::event::Actor {
+            pid: 8,
+            tgid: 8,
+            uid: 0,
+            gid: 0,
+            comm: "loader".into(),
+            cgroup_id: 0,
+        });
+        let o = t.apply(&ev);
+        deferred.event(PendingEvent::new(
+            &t,
+            &ev,
+            o.kind.unwrap(),
+            Some(&o),
+            "ebpf",
+        ));
+        let read = |comm: &str| {
+            let comm = comm.to_owned();
+            move |_: u64, _: &crate::event::Actor| ActorInfo {
+                comm: comm.clone(),
+                ..ActorInfo::default()
+            }
+        };
+        // Held: read now, while the loader is still in finit_module.
+        deferred.enrich_waiting(read("while held"));
+        // A second look reads nothing more.
+        deferred.enrich_waiting(|_, _| panic!("read twice"));
+        let records = deferred.drain(|_, _| panic!("read again at the flush"));
+        assert_eq!(
+            records[0].actor.as_ref().map(|a| a.comm.as_str()),
+            Some("while held")
+        );
     }
 
     #[test]

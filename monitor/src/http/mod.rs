@@ -98,7 +98,7 @@ pub async fn serve(
         event_log,
         metrics,
     })
-        .layer(axum::middleware::from_fn_with_state(gate, auth::guard));
+    .layer(axum::middleware::from_fn_with_state(gate, auth::guard));
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(limits::HEADER_READ_TIMEOUT)
@@ -258,6 +258,13 @@ async fn get_status(State(shared): State<Shared>) -> Json<Arc<Status>> {
 }
 
 async fn get_metrics(State(shared): State<Shared>) -> Response {
+    // The log's figures as of now, as /status shows them: records are
+    // dropped after the daemon's publish, which would leave them stale.
+    if let Some(view) = &shared.event_log {
+        let log = view.now();
+        shared.metrics.set_event_log(log.degraded, log.write_errors);
+        shared.metrics.set_event_log_dropped(log.dropped);
+    }
     match shared.metrics.encode() {
         Ok(text) => (
             [(

@@ -778,7 +778,11 @@ impl RingFeed {
                 // would otherwise wait for the next wake-up (the kernel
                 // only notifies a consumer that has caught up).
                 guard.clear_ready();
-                drain(guard.get_inner_mut(), &mut self.pending, DRAIN_BATCH - taken);
+                drain(
+                    guard.get_inner_mut(),
+                    &mut self.pending,
+                    DRAIN_BATCH - taken,
+                );
             }
             drop(guard);
             self.note_losses();
