@@ -23,7 +23,9 @@ use std::{
 
 use serde_json::{Value, json};
 
-use crate::{api::Api, daemon::Daemon, kmod, more::boottime_ns, report::Report};
+use crate::{
+    api::Api, daemon::Daemon, hostile::SustainedFlood, kmod, more::boottime_ns, report::Report,
+};
 
 /// The required module cycled: small, loads in every TCG guest, part of
 /// the V2 group (`--v2-data-engine`).
@@ -188,6 +190,27 @@ fn latency(api: &Api, source: &str, cycles: usize) -> Result<Value, String> {
     kmod::ensure_unloaded(MODULE)?;
     let module = module_file()?;
     let daemon = start_daemon(api, source, 0)?;
+    let mut samples = cycle_samples(api, source, &module, cycles)?;
+    drop(daemon);
+    let mut out = percentiles(&mut samples);
+    out["source"] = json!(source);
+    out["cycles"] = json!(cycles);
+    out["event_time"] = json!(match source {
+        "ebpf" => "in-kernel event timestamp (last_event.boot_ns)",
+        "uevent" => "guest CLOCK_BOOTTIME before the syscall (upper bound)",
+        _ => "guest CLOCK_BOOTTIME after the syscall returned",
+    });
+    Ok(out)
+}
+
+/// The samples of [`latency`]: `cycles` load/unload cycles of `MODULE`
+/// against the running daemon of `source`, in ms.
+fn cycle_samples(
+    api: &Api,
+    source: &str,
+    module: &(PathBuf, u32),
+    cycles: usize,
+) -> Result<Vec<f64>, String> {
     let mut samples = Vec::with_capacity(cycles * 2);
     for _ in 0..cycles {
         for (state, load) in [("loaded", true), ("available", false)] {
@@ -199,7 +222,7 @@ fn latency(api: &Api, source: &str, cycles: usize) -> Result<Value, String> {
             }
             let before = boottime_ns();
             if load {
-                finit_module(&module)?;
+                finit_module(module)?;
             } else {
                 delete_module()?;
             }
@@ -215,16 +238,7 @@ fn latency(api: &Api, source: &str, cycles: usize) -> Result<Value, String> {
             samples.push(applied_ns.saturating_sub(from) as f64 / 1e6);
         }
     }
-    drop(daemon);
-    let mut out = percentiles(&mut samples);
-    out["source"] = json!(source);
-    out["cycles"] = json!(cycles);
-    out["event_time"] = json!(match source {
-        "ebpf" => "in-kernel event timestamp (last_event.boot_ns)",
-        "uevent" => "guest CLOCK_BOOTTIME before the syscall (upper bound)",
-        _ => "guest CLOCK_BOOTTIME after the syscall returned",
-    });
-    Ok(out)
+    Ok(samples)
 }
 
 /// The module's file and the finit_module flags it needs.
@@ -331,12 +345,17 @@ fn drained(api: &Api) -> Result<crate::status::Status, String> {
 
 /// `VmRSS` of `pid` in KiB.
 pub fn rss_kib(pid: u32) -> Result<u64, String> {
+    proc_status_kib(pid, "VmRSS")
+}
+
+/// A KiB line of `/proc/PID/status` (`VmRSS`, `VmHWM`).
+fn proc_status_kib(pid: u32, field: &str) -> Result<u64, String> {
     let text = fs::read_to_string(format!("/proc/{pid}/status"))
         .map_err(|e| format!("reading /proc/{pid}/status: {e}"))?;
     text.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .ok_or_else(|| format!("no VmRSS in /proc/{pid}/status"))
+        .ok_or_else(|| format!("no {field} in /proc/{pid}/status"))
 }
 
 /// utime + stime of `pid` (all threads) in clock ticks (100 Hz).
@@ -479,6 +498,105 @@ fn storm_and_footprint(api: &Api, idle: Duration) -> Result<Value, String> {
     });
     drop(daemon);
     Ok(figures)
+}
+
+/// Processes driving the unprivileged flood. The guest has one vCPU, so
+/// one flooder alone leaves it idle whenever the kernel waits on its
+/// `request_module` (the usermode helper); three keep it busy, and each
+/// competes with the daemon and the driver as an attacker's would.
+const FLOOD_PROCS: usize = 3;
+
+/// The forensic log's size now (0 before it exists).
+fn event_log_bytes() -> u64 {
+    fs::metadata(EVENT_LOG).map_or(0, |m| m.len())
+}
+
+/// The daemon (eBPF, as started for [`latency`]) under issue 11's
+/// unprivileged flood, sustained by [`FLOOD_PROCS`] flooders as uid 1000
+/// (refused unloads of dm_crypt and execs of an unknown binary format)
+/// while `cycles` load/unload cycles of `MODULE` measure the detection
+/// latency exactly as [`latency`] does. Reports what the flooders did,
+/// what the daemon accounted for and lost, its CPU over the flood's wall
+/// time, its RSS and the forensic log's growth.
+fn under_flood(api: &Api, cycles: usize) -> Result<Value, String> {
+    kmod::ensure_unloaded(MODULE)?;
+    let module = module_file()?;
+    let daemon = start_daemon(api, "ebpf", 2)?;
+    let pid = daemon.pid();
+    thread::sleep(Duration::from_secs(1));
+    let rss_before = rss_kib(pid)?;
+    let log_before = event_log_bytes();
+    let before = api.status()?;
+    let mut flood = SustainedFlood::start(FLOOD_PROCS)?;
+    let (start, cpu_start) = (Instant::now(), cpu_ticks(pid)?);
+    let mut samples = cycle_samples(api, "ebpf", &module, cycles)?;
+    let rss_end = rss_kib(pid)?;
+    let done = flood.stop()?;
+    let wall = start.elapsed();
+    let cpu_end = cpu_ticks(pid)?;
+    // The kernel's filter counters reach /status when the daemon next
+    // publishes: one more cycle, after the flood, makes it publish.
+    for (state, load) in [("loaded", true), ("available", false)] {
+        let at = boottime_ns();
+        if load {
+            finit_module(&module)?;
+        } else {
+            delete_module()?;
+        }
+        wait_applied(api, state, at)?;
+    }
+    let after = drained(api)?;
+    let rss_peak = proc_status_kib(pid, "VmHWM")?;
+    let log_after = event_log_bytes();
+    drop(daemon);
+    let filtered = |s: &crate::status::Status| {
+        s.events.kernel_filtered.map_or((0, 0), |f| {
+            (f.unload_denied_over_limit, f.requests_untracked)
+        })
+    };
+    let (over_limit0, untracked0) = filtered(&before);
+    let (over_limit1, untracked1) = filtered(&after);
+    let denied_accounted = after
+        .events
+        .unload_denied
+        .saturating_sub(before.events.unload_denied)
+        + over_limit1.saturating_sub(over_limit0);
+    let requests_accounted = untracked1.saturating_sub(untracked0);
+    let reserve_failed =
+        |s: &crate::status::Status| s.events.kernel_lost.map_or(0, |l| l.ring_reserve_failed);
+    let secs = wall.as_secs_f64();
+    let produced = done.denied + done.noexec;
+    let accounted = denied_accounted + requests_accounted;
+    let signed = |a: u64, b: u64| {
+        i64::try_from(a)
+            .unwrap_or(i64::MAX)
+            .saturating_sub(i64::try_from(b).unwrap_or(i64::MAX))
+    };
+    let mut latency = percentiles(&mut samples);
+    latency["cycles"] = json!(cycles);
+    #[expect(clippy::cast_precision_loss, reason = "rates for a report")]
+    Ok(json!({
+        "flooders": FLOOD_PROCS,
+        "uid": crate::hostile::USER,
+        "wall_s": secs,
+        "refused_unloads": done.denied,
+        "binfmt_requests": done.noexec,
+        "events_per_s": produced as f64 / secs,
+        "refused_unloads_accounted": denied_accounted,
+        "binfmt_requests_accounted": requests_accounted,
+        "absorbed_per_s": accounted as f64 / secs,
+        "refused_unloads_unaccounted": signed(done.denied, denied_accounted),
+        "binfmt_requests_unaccounted": signed(done.noexec, requests_accounted),
+        "events_lost": after.events.lost.saturating_sub(before.events.lost),
+        "ring_reserve_failed": reserve_failed(&after).saturating_sub(reserve_failed(&before)),
+        "daemon_cpu_ticks": cpu_end.saturating_sub(cpu_start),
+        "daemon_cpu_percent": cpu_end.saturating_sub(cpu_start) as f64 / 100.0 / secs * 100.0,
+        "rss_before_kib": rss_before,
+        "rss_end_kib": rss_end,
+        "rss_peak_kib": rss_peak,
+        "event_log_growth_bytes": log_after.saturating_sub(log_before),
+        "latency": latency,
+    }))
 }
 
 /// The floor: `kmod-monitor-floor` (the daemon's eBPF program, drained by
@@ -680,6 +798,13 @@ fn measure() -> Result<Value, String> {
     for run in 0..plan.reps {
         timed("poll", run, latency(&api, "poll", plan.poll_cycles))?;
     }
+    let mut floods = Vec::new();
+    for run in 0..plan.reps {
+        let mut flood = under_flood(&api, plan.cycles)?;
+        flood["run"] = json!(run);
+        Report::note(&format!("bench: under a flood run {run}: {flood}"));
+        floods.push(flood);
+    }
     let mut storms = Vec::new();
     let mut footprints = Vec::new();
     for run in 0..plan.reps {
@@ -698,6 +823,7 @@ fn measure() -> Result<Value, String> {
         "latency": latencies,
         "storm": storms,
         "footprint": footprints,
+        "flood": floods,
         "stages": stages,
     }))
 }
