@@ -56,7 +56,8 @@ pub fn as_user(args: &[String]) -> ExitCode {
             .parse()
             .map_err(|e| format!("flood count {n:?}: {e}"))
             .and_then(flood),
-        [task] if task == "flood-until-eof" => flood_until_eof(),
+        [task] if task == "flood-until-eof" => flood_until_eof(false),
+        [task] if task == "unloads-until-eof" => flood_until_eof(true),
         [task, n] if task == "burst" => n
             .parse()
             .map_err(|e| format!("burst count {n:?}: {e}"))
@@ -182,6 +183,12 @@ impl Flooder {
 
     /// One refused unload and one exec of an unknown format.
     fn round(&mut self) {
+        self.refused_unload();
+        self.unknown_format_exec();
+    }
+
+    /// One refused `delete_module` of [`DENIED_MODULE`].
+    fn refused_unload(&mut self) {
         // SAFETY: a NUL-terminated name that outlives the call.
         let r = unsafe {
             libc::syscall(
@@ -194,6 +201,10 @@ impl Flooder {
             (-1, libc::EPERM) => self.denied += 1,
             (r, e) => self.other.push(format!("delete_module: {r} errno {e}")),
         }
+    }
+
+    /// One exec of [`UNKNOWN_FORMAT`].
+    fn unknown_format_exec(&mut self) {
         let argv = [self.path.as_ptr(), std::ptr::null()];
         let envp = [std::ptr::null()];
         // A failed execve returns: the kernel looks for a handler (and asks
@@ -237,8 +248,10 @@ fn flood(n: usize) -> Result<(), String> {
 }
 
 /// Flood rounds (see [`Flooder`]) until stdin closes; prints `READY` once
-/// it is uid [`USER`] and `DONE denied=D noexec=E` at the end.
-fn flood_until_eof() -> Result<(), String> {
+/// it is uid [`USER`] and `DONE denied=D noexec=E` at the end. With
+/// `unloads_only`, each round is the refused unload alone: no exec, so no
+/// usermode `modprobe` to wait for, as fast as the syscall goes.
+fn flood_until_eof(unloads_only: bool) -> Result<(), String> {
     let mut flooder = Flooder::become_user()?;
     let mut out = std::io::stdout();
     let _ = writeln!(out, "READY");
@@ -256,7 +269,11 @@ fn flood_until_eof() -> Result<(), String> {
             // Input or hang-up: the driver is done with us.
             break;
         }
-        flooder.round();
+        if unloads_only {
+            flooder.refused_unload();
+        } else {
+            flooder.round();
+        }
     }
     flooder.done()
 }
@@ -367,20 +384,22 @@ pub struct FloodDone {
     pub noexec: u64,
 }
 
-/// The `unprivileged-flood` scenario's flood, for the benchmark: `procs`
-/// helpers as uid [`USER`], each doing flood rounds (see [`Flooder`])
-/// from [`start`](Self::start) until [`stop`](Self::stop). Killed when
-/// dropped.
+/// The `unprivileged-flood` scenario's flood, for the benchmark: helpers
+/// as uid [`USER`], each doing flood rounds (see [`Flooder`]), or refused
+/// unloads alone, from [`start`](Self::start) until [`stop`](Self::stop).
+/// Killed when dropped.
 pub struct SustainedFlood {
     helpers: Vec<Child>,
     lines: mpsc::Receiver<(usize, String)>,
 }
 
 impl SustainedFlood {
-    /// Starts `procs` flooders and waits until each is uid [`USER`] and
-    /// flooding.
-    pub fn start(procs: usize) -> Result<Self, String> {
+    /// Starts `rounds` flooders of the scenario's rounds and
+    /// `unloads_only` of refused unloads alone, and waits until each is
+    /// uid [`USER`] and flooding.
+    pub fn start(rounds: usize, unloads_only: usize) -> Result<Self, String> {
         write_unknown_format()?;
+        let procs = rounds + unloads_only;
         let (tx, lines) = mpsc::channel();
         let mut flood = Self {
             helpers: Vec::with_capacity(procs),
@@ -388,7 +407,12 @@ impl SustainedFlood {
         };
         for i in 0..procs {
             let mut helper = Command::new("/proc/self/exe")
-                .args(["as-user", "flood-until-eof"])
+                .arg("as-user")
+                .arg(if i < rounds {
+                    "flood-until-eof"
+                } else {
+                    "unloads-until-eof"
+                })
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit())
