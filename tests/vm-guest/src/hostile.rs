@@ -281,18 +281,17 @@ fn flood_until_eof(unloads_only: bool) -> Result<(), String> {
 /// `n` refused `delete_module(dm_crypt)` calls as fast as they go; prints
 /// `DONE denied=D`.
 fn burst(n: usize) -> Result<(), String> {
-    become_user(false)?;
-    let module = CString::new(DENIED_MODULE).map_err(|e| e.to_string())?;
-    let mut denied = 0;
+    let mut flooder = Flooder::become_user()?;
     for _ in 0..n {
-        // SAFETY: a NUL-terminated name that outlives the call.
-        let r =
-            unsafe { libc::syscall(libc::SYS_delete_module, module.as_ptr(), libc::O_NONBLOCK) };
-        let e = errno();
-        ensure!(r == -1 && e == libc::EPERM, "delete_module: {r} errno {e}");
-        denied += 1;
+        flooder.refused_unload();
     }
-    println!("DONE denied={denied}");
+    println!("DONE denied={}", flooder.denied);
+    ensure!(
+        flooder.other.is_empty(),
+        "{} calls did not fail with EPERM, first: {}",
+        flooder.other.len(),
+        flooder.other[0]
+    );
     Ok(())
 }
 
