@@ -780,7 +780,7 @@ fn table(c: &Value) -> String {
         if let Some(groups) = flood_figures(k) {
             let _ = writeln!(s, "  under an unprivileged flood (uid 1000):");
             for (label, value) in groups.iter().flatten() {
-                let _ = writeln!(s, "    {label:<40} {value}");
+                let _ = writeln!(s, "    {label:<52} {value}");
             }
         }
         if let Some(stages) = k["stages"]["stages"].as_array() {
