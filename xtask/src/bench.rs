@@ -79,6 +79,17 @@ const PIPELINE_EVENTS_PER_S: f64 = 200_000.0;
 /// Issue 7: "flips take effect within seconds"; the target leaves a wide
 /// margin under that.
 const FLIP_P99_MS: f64 = 1000.0;
+/// Issue 11: the required-module detection p50 under the unprivileged
+/// flood at most this many times the idle eBPF p50 of the same guest. The
+/// first measurements (2026-11-27, one rep each, the 2-core host shared
+/// with another bench at load 2 to 5) gave 1.39x on x86-64 6.1 (0.735 ->
+/// 1.020 ms), 1.06x on arm64 6.1 (1.229 -> 1.305 ms) and 3.63x on x86-64
+/// 6.12 (0.652 -> 2.367 ms): 8x leaves twice the worst of those as margin
+/// for a noisy host, and still fails a flood that starves the event path
+/// (tens of ms, as a full ring or a blocked drain would give). The tail is
+/// not a target: p99 went to 3.9 to 4.2x idle on x86-64, the driver and
+/// the daemon sharing one vCPU with three busy flooders.
+const FLOOD_P50_OVER_IDLE: f64 = 8.0;
 /// The daemon's default reconcile interval, which the idle window sees.
 const RECONCILE_INTERVAL_S: f64 = 60.0;
 /// Voluntary context switches one wake of the daemon may cost across its
@@ -277,6 +288,12 @@ fn guest(
         .ok_or_else(|| anyhow!("no VMBENCH line in {}", console.display()))?;
     let mut figures: Value = serde_json::from_str(line)
         .with_context(|| format!("parsing the VMBENCH line of {}", console.display()))?;
+    if figures["flood"].as_array().is_none_or(Vec::is_empty) {
+        bail!(
+            "the guest benchmark reported no flood pass (console: {})",
+            console.display()
+        );
+    }
     figures["boot_s"] = json!(run.duration.as_secs_f64());
     Ok(figures)
 }
@@ -461,9 +478,11 @@ fn summarize(k: &Value) -> Value {
                 - x["rss_start_kib"].as_u64().unwrap_or(0) as f64
         })
         .collect();
+    let flood = flood_summary(list("flood"), &latency);
     json!({
         "latency": latency,
         "ratios": ratios,
+        "flood": flood,
         "storm": {
             "runs": storm.len(),
             "events_received": over(storm, &["events_received"]),
@@ -482,6 +501,180 @@ fn summarize(k: &Value) -> Value {
             "bpf_ns_per_run": over(fp, &["bpf", "ns_per_run"]),
         },
     })
+}
+
+/// The flood passes reduced to medians with min and max, and the flood's
+/// detection latency over the idle eBPF runs' of the same guest (medians
+/// over medians). Null without flood passes (a JSON from before the flood
+/// bench).
+fn flood_summary(runs: &[Value], latency: &serde_json::Map<String, Value>) -> Value {
+    if runs.is_empty() {
+        return Value::Null;
+    }
+    let over = |path: &[&str]| {
+        spread(
+            &runs
+                .iter()
+                .map(|x| f(path.iter().fold(x, |v, p| &v[*p])))
+                .collect::<Vec<_>>(),
+        )
+    };
+    let mut out = serde_json::Map::new();
+    out.insert("runs".to_owned(), json!(runs.len()));
+    for key in FLOOD_FIGURES {
+        out.insert(key.to_owned(), over(&[key]));
+    }
+    let mut lat = serde_json::Map::new();
+    let samples: u64 = runs
+        .iter()
+        .filter_map(|r| r["latency"]["samples"].as_u64())
+        .sum();
+    lat.insert("samples".to_owned(), json!(samples));
+    for p in ["p50_ms", "p90_ms", "p99_ms", "max_ms"] {
+        lat.insert(p.to_owned(), over(&["latency", p]));
+    }
+    let idle = |p: &str| med(&latency.get("ebpf").map_or(Value::Null, |v| v[p].clone()));
+    let ratio = |p: &str| med(&lat[p]) / idle(p);
+    let ratios = json!({
+        "p50": ratio("p50_ms"),
+        "p90": ratio("p90_ms"),
+        "p99": ratio("p99_ms"),
+    });
+    out.insert("latency".to_owned(), Value::Object(lat));
+    out.insert("flood_over_idle".to_owned(), ratios);
+    Value::Object(out)
+}
+
+/// The per-run figures of a flood pass that are reduced to a [`spread`].
+const FLOOD_FIGURES: [&str; 25] = [
+    "flooders",
+    "flooders_rounds",
+    "flooders_unloads_only",
+    "wall_s",
+    "alone_s",
+    "refused_unloads",
+    "binfmt_requests",
+    "events_per_s",
+    "refused_unloads_reported",
+    "refused_unloads_over_limit",
+    "refused_unloads_accounted",
+    "binfmt_requests_accounted",
+    "absorbed_per_s",
+    "refused_unloads_unaccounted",
+    "binfmt_requests_unaccounted",
+    "events_lost",
+    "ring_reserve_failed",
+    "daemon_cpu_percent_alone",
+    "daemon_cpu_percent",
+    "rss_before_kib",
+    "rss_end_kib",
+    "rss_peak_before_kib",
+    "rss_peak_kib",
+    "event_log_growth_bytes",
+    "event_log_flood_bytes",
+];
+
+/// Labelled figures, in print order.
+type Figures = Vec<(&'static str, String)>;
+
+/// One guest's flood figures as (label, value) pairs: what the flood did
+/// and what it cost, then the detection latency beside the idle eBPF
+/// run's. The README table and the console report both print these.
+/// `None` when the guest has no flood passes.
+fn flood_figures(k: &Value) -> Option<[Figures; 2]> {
+    let fl = &k["summary"]["flood"];
+    if fl.is_null() {
+        return None;
+    }
+    let load = vec![
+        (
+            "flooders (rounds + unloads only) × runs",
+            format!(
+                "{:.0} + {:.0} × {}",
+                f(&fl["flooders_rounds"]["median"]),
+                f(&fl["flooders_unloads_only"]["median"]),
+                t(&fl["runs"])
+            ),
+        ),
+        ("flood, s", cell(&fl["wall_s"], 1)),
+        ("refused unloads", cell(&fl["refused_unloads"], 0)),
+        ("binfmt requests", cell(&fl["binfmt_requests"], 0)),
+        ("both, /s", cell(&fl["events_per_s"], 0)),
+        (
+            "accounted by the daemon, /s",
+            cell(&fl["absorbed_per_s"], 0),
+        ),
+        (
+            "refusals past the kernel's limit (counted there)",
+            cell(&fl["refused_unloads_over_limit"], 0),
+        ),
+        (
+            "unaccounted (refusals, requests)",
+            format!(
+                "{}, {}",
+                cell(&fl["refused_unloads_unaccounted"], 0),
+                cell(&fl["binfmt_requests_unaccounted"], 0)
+            ),
+        ),
+        ("events lost", cell(&fl["events_lost"], 0)),
+        (
+            "daemon CPU, % (flood alone; with the cycles)",
+            format!(
+                "{}; {}",
+                cell(&fl["daemon_cpu_percent_alone"], 1),
+                cell(&fl["daemon_cpu_percent"], 1)
+            ),
+        ),
+        (
+            "RSS before → at the end, KiB",
+            format!(
+                "{} → {}",
+                cell(&fl["rss_before_kib"], 0),
+                cell(&fl["rss_end_kib"], 0)
+            ),
+        ),
+        (
+            "peak RSS (VmHWM) before → after, KiB",
+            format!(
+                "{} → {}",
+                cell(&fl["rss_peak_before_kib"], 0),
+                cell(&fl["rss_peak_kib"], 0)
+            ),
+        ),
+        (
+            "event log: the flood's records (all records), bytes",
+            format!(
+                "{} ({})",
+                cell(&fl["event_log_flood_bytes"], 0),
+                cell(&fl["event_log_growth_bytes"], 0)
+            ),
+        ),
+    ];
+    let idle = &k["summary"]["latency"]["ebpf"];
+    let lat = &fl["latency"];
+    let r = &fl["flood_over_idle"];
+    let beside =
+        |p: &str, digits: usize| format!("{} → {}", cell(&idle[p], digits), cell(&lat[p], digits));
+    let latency = vec![
+        (
+            "samples (idle, flood)",
+            format!("{}, {}", t(&idle["samples"]), t(&lat["samples"])),
+        ),
+        ("p50 idle → flood", beside("p50_ms", 3)),
+        ("p90 idle → flood", beside("p90_ms", 3)),
+        ("p99 idle → flood", beside("p99_ms", 3)),
+        ("max idle → flood", beside("max_ms", 2)),
+        (
+            "flood / idle p50, p90, p99",
+            format!(
+                "{:.2}×, {:.2}×, {:.2}×",
+                f(&r["p50"]),
+                f(&r["p90"]),
+                f(&r["p99"])
+            ),
+        ),
+    ];
+    Some([load, latency])
 }
 
 /// The pipeline runs reduced per bench function.
@@ -508,16 +701,6 @@ fn t(v: &Value) -> String {
 
 fn f(v: &Value) -> f64 {
     v.as_f64().unwrap_or(f64::NAN)
-}
-
-/// `median (min–max)` of a [`spread`], with `digits` decimals.
-fn mmm(v: &Value, digits: usize) -> String {
-    format!(
-        "{:.digits$} ({:.digits$}–{:.digits$})",
-        f(&v["median"]),
-        f(&v["min"]),
-        f(&v["max"])
-    )
 }
 
 /// The forensic-log pipeline figure of the host bench.
@@ -565,10 +748,10 @@ fn table(c: &Value) -> String {
                 "  {source:<7} runs {} samples {:>5}  p50 {}  p90 {}  p99 {}  max {}",
                 t(&l["runs"]),
                 t(&l["samples"]),
-                mmm(&l["p50_ms"], 3),
-                mmm(&l["p90_ms"], 3),
-                mmm(&l["p99_ms"], 3),
-                mmm(&l["max_ms"], 3),
+                cell(&l["p50_ms"], 3),
+                cell(&l["p90_ms"], 3),
+                cell(&l["p99_ms"], 3),
+                cell(&l["max_ms"], 3),
             );
         }
         let r = &sum["ratios"];
@@ -586,15 +769,21 @@ fn table(c: &Value) -> String {
         let _ = writeln!(
             s,
             "  storm: {} events, handled {} /s, lost {}; RSS start {} KiB, after 10k events {} KiB; idle CPU {} %, wakeups/s {}; BPF ns/run {}",
-            mmm(&st["events_received"], 0),
-            mmm(&st["handled_events_per_s"], 0),
-            mmm(&st["events_lost"], 0),
-            mmm(&fp["rss_start_kib"], 0),
-            mmm(&fp["rss_after_events_kib"], 0),
-            mmm(&fp["idle_cpu_percent"], 3),
-            mmm(&fp["idle_wakeups_per_s"], 3),
-            mmm(&fp["bpf_ns_per_run"], 0),
+            cell(&st["events_received"], 0),
+            cell(&st["handled_events_per_s"], 0),
+            cell(&st["events_lost"], 0),
+            cell(&fp["rss_start_kib"], 0),
+            cell(&fp["rss_after_events_kib"], 0),
+            cell(&fp["idle_cpu_percent"], 3),
+            cell(&fp["idle_wakeups_per_s"], 3),
+            cell(&fp["bpf_ns_per_run"], 0),
         );
+        if let Some(groups) = flood_figures(k) {
+            let _ = writeln!(s, "  under an unprivileged flood (uid 1000):");
+            for (label, value) in groups.iter().flatten() {
+                let _ = writeln!(s, "    {label:<52} {value}");
+            }
+        }
         if let Some(stages) = k["stages"]["stages"].as_array() {
             let _ = writeln!(
                 s,
@@ -651,7 +840,7 @@ fn table(c: &Value) -> String {
         hp["host_load_before"], hp["host_load_after"]
     );
     for (name, b) in hp["summary"].as_object().unwrap_or(&empty) {
-        let _ = writeln!(s, "  {name:<45} {} events/s", mmm(&b["events_per_s"], 0));
+        let _ = writeln!(s, "  {name:<45} {} events/s", cell(&b["events_per_s"], 0));
     }
     s
 }
@@ -718,6 +907,7 @@ fn misses(c: &Value) -> Vec<String> {
                 "{name}: RSS grew {growth} KiB over 10,000 events (flat: <= {RSS_GROWTH_KIB} KiB)"
             ));
         }
+        misses_under_flood(name, sum, &mut out);
         let lost = f(&sum["storm"]["events_lost"]["max"]);
         if lost.is_nan() || lost > 0.0 {
             out.push(format!(
@@ -740,7 +930,41 @@ fn misses(c: &Value) -> Vec<String> {
     out
 }
 
-/// A figure for the README: `median` and, below it, `min–max`.
+/// The flood's targets for guest `name`: no event lost and every refused
+/// unload accounted for in any run, and the detection p50 within
+/// [`FLOOD_P50_OVER_IDLE`] of idle. Nothing to judge in a JSON from
+/// before the flood bench (a new run always has its flood passes: see
+/// [`guest`]).
+fn misses_under_flood(name: &str, sum: &Value, out: &mut Vec<String>) {
+    let fl = &sum["flood"];
+    if fl.is_null() {
+        return;
+    }
+    let lost = f(&fl["events_lost"]["max"]) + f(&fl["ring_reserve_failed"]["max"]);
+    if lost.is_nan() || lost > 0.0 {
+        out.push(format!(
+            "{name}: {lost} events lost under the unprivileged flood (target 0)"
+        ));
+    }
+    let (over, under) = (
+        f(&fl["refused_unloads_unaccounted"]["max"]),
+        f(&fl["refused_unloads_unaccounted"]["min"]),
+    );
+    if over.is_nan() || over != 0.0 || under != 0.0 {
+        out.push(format!(
+            "{name}: refused unloads of a required module the daemon did not account for under the flood: {under} to {over} per run (target 0)"
+        ));
+    }
+    let ratio = f(&fl["flood_over_idle"]["p50"]);
+    if ratio.is_nan() || ratio > FLOOD_P50_OVER_IDLE {
+        out.push(format!(
+            "{name}: detection p50 under the flood is {ratio:.2}x idle (target <= {FLOOD_P50_OVER_IDLE}x)"
+        ));
+    }
+}
+
+/// A figure for the README and the console: `median (min–max)` of a
+/// [`spread`] with `digits` decimals, `–` when there is none.
 fn cell(v: &Value, digits: usize) -> String {
     if v["median"].is_null() {
         return "–".to_owned();
@@ -839,6 +1063,48 @@ pub fn readme_section(c: &Value) -> String {
             cell(&fp["idle_wakeups_per_s"], 3),
             cell(&fp["bpf_ns_per_run"], 0),
         );
+    }
+    let flooded: Vec<(&String, [Figures; 2])> = kernels
+        .iter()
+        .filter_map(|(name, k)| Some((name, flood_figures(k)?)))
+        .collect();
+    let first_flood = kernels.values().find_map(|k| k["flood"].get(0));
+    if let (Some((_, [load, latency])), Some(run)) = (flooded.first(), first_flood) {
+        let _ = writeln!(
+            s,
+            "\nUnder an unprivileged flood (issue 11), as uid 1000: {} processes loop on the `unprivileged-flood` scenario's round, a refused `delete_module(dm_crypt)` (a required module) and an exec of a file of unknown binary format (the kernel runs its usermode `modprobe` for `request_module(\"binfmt-cafe\")` each time), and {} loops on the refused unload alone, as fast as it goes. The flood runs {} s alone, then on while {} load/unload cycles of `{}` run as root, timed as the idle eBPF row above times them, against the same daemon in the same boot. Counts and rates are what the flooders did over the whole flood; accounted is what the daemon counted of them (`/status` `unload_denied` + `kernel_filtered`); CPU is the daemon's over the flood alone, then over the whole flood (the driver's `/status` polling and the cycles' module events included); the event log's bytes are the flood's own records (actor uid 1000, the SIGTERM flush included) and, in brackets, every record written meanwhile. Reproduce: `cargo xtask bench --reps {}` (`--kernel 6.1` for one guest); the pass is `under_flood` in `tests/vm-guest/src/bench.rs`.\n",
+            t(&run["flooders_rounds"]),
+            t(&run["flooders_unloads_only"]),
+            f(&run["alone_s"]).round(),
+            t(&run["latency"]["cycles"]),
+            t(&c["kernels"]
+                .as_object()
+                .and_then(|o| o.values().next())
+                .map_or(Value::Null, |k| k["module"].clone())),
+            t(&c["reps"]),
+        );
+        for (i, rows) in [load, latency].into_iter().enumerate() {
+            if i == 1 {
+                let _ = writeln!(
+                    s,
+                    "\nRequired-module detection latency, ms, idle (the daemon, eBPF row above) → under the flood:\n"
+                );
+            }
+            let mut header = "| guest |".to_owned();
+            let mut rule = "|---|".to_owned();
+            for (label, _) in rows {
+                let _ = write!(header, " {label} |");
+                rule.push_str("---|");
+            }
+            let _ = writeln!(s, "{header}\n{rule}");
+            for (name, figures) in &flooded {
+                let mut row = format!("| {name} |");
+                for (_, value) in &figures[i] {
+                    let _ = write!(row, " {value} |");
+                }
+                let _ = writeln!(s, "{row}");
+            }
+        }
     }
     let staged: Vec<(&String, &Value)> = kernels
         .iter()
@@ -1007,6 +1273,61 @@ mod tests {
                 .any(|m| m.contains("p50_ms 0.400 ms is 2.00x the floor's")),
             "{m:?}"
         );
+    }
+
+    /// A flood pass with detection p50 `p50` ms and `unaccounted` refused
+    /// unloads the daemon did not count.
+    fn flood(p50: f64, unaccounted: i64) -> Value {
+        json!({
+            "flooders": 3, "flooders_rounds": 2, "flooders_unloads_only": 1, "wall_s": 20.0, "alone_s": 10.0, "refused_unloads": 3000, "binfmt_requests": 3000,
+            "events_per_s": 300.0, "refused_unloads_accounted": 3000, "binfmt_requests_accounted": 3000,
+            "absorbed_per_s": 300.0, "refused_unloads_unaccounted": unaccounted,
+            "binfmt_requests_unaccounted": 0, "events_lost": 0, "ring_reserve_failed": 0,
+            "daemon_cpu_percent": 4.0, "daemon_cpu_percent_alone": 3.0,
+            "rss_before_kib": 9000, "rss_end_kib": 9100, "rss_peak_before_kib": 9200,
+            "rss_peak_kib": 9200, "event_log_growth_bytes": 1200, "event_log_flood_bytes": 600,
+            "refused_unloads_reported": 200, "refused_unloads_over_limit": 2800,
+            "latency": {"samples": 200, "cycles": 100, "p50_ms": p50, "p90_ms": p50 * 2.0, "p99_ms": p50 * 4.0, "max_ms": p50 * 8.0},
+        })
+    }
+
+    #[test]
+    fn the_flood_is_judged_against_idle_and_absent_from_old_json() {
+        // Idle eBPF p50 median 0.25 ms.
+        let mut k = guest(0.2, 0.25);
+        k["flood"] = json!([flood(0.5, 0), flood(0.75, 0), flood(0.5, 0)]);
+        k["summary"] = summarize(&k);
+        let fl = &k["summary"]["flood"];
+        assert_eq!(fl["latency"]["p50_ms"]["median"], json!(0.5));
+        assert_eq!(fl["flood_over_idle"]["p50"], json!(2.0));
+        let c = json!({"kernels": {"x86_64 6.1": k.clone()}, "reps": 3});
+        assert!(
+            !misses(&c).iter().any(|m| m.contains("flood")),
+            "{:?}",
+            misses(&c)
+        );
+        let section = readme_section(&c);
+        assert!(section.contains("Under an unprivileged flood"), "{section}");
+        assert!(section.contains("| x86_64 6.1 | 2 + 1 × 3 |"), "{section}");
+        assert!(table(&c).contains("under an unprivileged flood"));
+
+        k["flood"] = json!([flood(0.25 * (FLOOD_P50_OVER_IDLE + 1.0), 2)]);
+        k["summary"] = summarize(&k);
+        let m = misses(&json!({"kernels": {"x86_64 6.1": k.clone()}}));
+        assert!(m.iter().any(|m| m.contains("under the flood is")), "{m:?}");
+        assert!(m.iter().any(|m| m.contains("did not account")), "{m:?}");
+
+        // A JSON from before the flood bench: no table, no judgement.
+        k.as_object_mut().map(|o| o.remove("flood"));
+        k["summary"] = summarize(&k);
+        let c = json!({"kernels": {"x86_64 6.1": k}, "reps": 3});
+        assert!(k_has_no_flood(&c));
+        assert!(!readme_section(&c).contains("unprivileged flood"));
+        assert!(!misses(&c).iter().any(|m| m.contains("flood")));
+    }
+
+    fn k_has_no_flood(c: &Value) -> bool {
+        c["kernels"]["x86_64 6.1"]["summary"]["flood"].is_null()
     }
 
     /// The README's Performance tables are exactly what the committed

@@ -23,7 +23,9 @@ use std::{
 
 use serde_json::{Value, json};
 
-use crate::{api::Api, daemon::Daemon, kmod, more::boottime_ns, report::Report};
+use crate::{
+    api::Api, daemon::Daemon, hostile::SustainedFlood, kmod, more::boottime_ns, report::Report,
+};
 
 /// The required module cycled: small, loads in every TCG guest, part of
 /// the V2 group (`--v2-data-engine`).
@@ -188,6 +190,27 @@ fn latency(api: &Api, source: &str, cycles: usize) -> Result<Value, String> {
     kmod::ensure_unloaded(MODULE)?;
     let module = module_file()?;
     let daemon = start_daemon(api, source, 0)?;
+    let mut samples = cycle_samples(api, source, &module, cycles)?;
+    drop(daemon);
+    let mut out = percentiles(&mut samples);
+    out["source"] = json!(source);
+    out["cycles"] = json!(cycles);
+    out["event_time"] = json!(match source {
+        "ebpf" => "in-kernel event timestamp (last_event.boot_ns)",
+        "uevent" => "guest CLOCK_BOOTTIME before the syscall (upper bound)",
+        _ => "guest CLOCK_BOOTTIME after the syscall returned",
+    });
+    Ok(out)
+}
+
+/// The samples of [`latency`]: `cycles` load/unload cycles of `MODULE`
+/// against the running daemon of `source`, in ms.
+fn cycle_samples(
+    api: &Api,
+    source: &str,
+    module: &(PathBuf, u32),
+    cycles: usize,
+) -> Result<Vec<f64>, String> {
     let mut samples = Vec::with_capacity(cycles * 2);
     for _ in 0..cycles {
         for (state, load) in [("loaded", true), ("available", false)] {
@@ -199,7 +222,7 @@ fn latency(api: &Api, source: &str, cycles: usize) -> Result<Value, String> {
             }
             let before = boottime_ns();
             if load {
-                finit_module(&module)?;
+                finit_module(module)?;
             } else {
                 delete_module()?;
             }
@@ -215,16 +238,7 @@ fn latency(api: &Api, source: &str, cycles: usize) -> Result<Value, String> {
             samples.push(applied_ns.saturating_sub(from) as f64 / 1e6);
         }
     }
-    drop(daemon);
-    let mut out = percentiles(&mut samples);
-    out["source"] = json!(source);
-    out["cycles"] = json!(cycles);
-    out["event_time"] = json!(match source {
-        "ebpf" => "in-kernel event timestamp (last_event.boot_ns)",
-        "uevent" => "guest CLOCK_BOOTTIME before the syscall (upper bound)",
-        _ => "guest CLOCK_BOOTTIME after the syscall returned",
-    });
-    Ok(out)
+    Ok(samples)
 }
 
 /// The module's file and the finit_module flags it needs.
@@ -331,12 +345,17 @@ fn drained(api: &Api) -> Result<crate::status::Status, String> {
 
 /// `VmRSS` of `pid` in KiB.
 pub fn rss_kib(pid: u32) -> Result<u64, String> {
+    proc_status_kib(pid, "VmRSS")
+}
+
+/// A KiB line of `/proc/PID/status` (`VmRSS`, `VmHWM`).
+fn proc_status_kib(pid: u32, field: &str) -> Result<u64, String> {
     let text = fs::read_to_string(format!("/proc/{pid}/status"))
         .map_err(|e| format!("reading /proc/{pid}/status: {e}"))?;
     text.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .ok_or_else(|| format!("no VmRSS in /proc/{pid}/status"))
+        .ok_or_else(|| format!("no {field} in /proc/{pid}/status"))
 }
 
 /// utime + stime of `pid` (all threads) in clock ticks (100 Hz).
@@ -479,6 +498,149 @@ fn storm_and_footprint(api: &Api, idle: Duration) -> Result<Value, String> {
     });
     drop(daemon);
     Ok(figures)
+}
+
+/// Flooders doing the `unprivileged-flood` scenario's rounds: a refused
+/// unload of dm_crypt and an exec of an unknown binary format. Each exec
+/// waits for the kernel's usermode `modprobe binfmt-cafe`, so one such
+/// flooder leaves the guest's one vCPU idle while it waits; two overlap.
+const FLOOD_ROUND_PROCS: usize = 2;
+/// Flooders doing refused unloads alone, as fast as the syscall goes: what
+/// the guest can produce at most, past the kernel's limit of 20 a second
+/// per CPU (the rest are counted in the kernel).
+const FLOOD_UNLOAD_PROCS: usize = 1;
+/// The flood alone, before the detection cycles start: the window of the
+/// daemon's CPU under the flood with no other work.
+const FLOOD_ALONE: Duration = Duration::from_secs(10);
+
+/// The forensic log's size now (0 before it exists).
+fn event_log_bytes() -> u64 {
+    fs::metadata(EVENT_LOG).map_or(0, |m| m.len())
+}
+
+/// Bytes of the forensic log's records from at or after `since_ns` whose
+/// actor is `uid`.
+fn event_log_bytes_of(uid: u32, since_ns: u64) -> u64 {
+    let text = fs::read_to_string(EVENT_LOG).unwrap_or_default();
+    text.lines()
+        .filter(|l| {
+            serde_json::from_str::<Value>(l).is_ok_and(|r| {
+                r["boot_ns"].as_u64().is_some_and(|t| t >= since_ns)
+                    && r["actor"]["uid"].as_u64() == Some(u64::from(uid))
+            })
+        })
+        .map(|l| l.len() as u64 + 1)
+        .sum()
+}
+
+/// The daemon (eBPF, as started for [`latency`]) under issue 11's
+/// unprivileged flood, sustained as uid 1000 by [`FLOOD_ROUND_PROCS`] +
+/// [`FLOOD_UNLOAD_PROCS`] flooders: [`FLOOD_ALONE`] of the flood alone,
+/// then `cycles` load/unload cycles of `MODULE` timed exactly as
+/// [`latency`] times them, with the flood going on. Reports what the
+/// flooders did, what the daemon accounted for and lost, its CPU (over the
+/// flood alone, and over the whole flood), its RSS and what the forensic
+/// log gained.
+fn under_flood(api: &Api, cycles: usize) -> Result<Value, String> {
+    kmod::ensure_unloaded(MODULE)?;
+    let module = module_file()?;
+    let mut daemon = start_daemon(api, "ebpf", 2)?;
+    let pid = daemon.pid();
+    thread::sleep(Duration::from_secs(1));
+    let rss_before = rss_kib(pid)?;
+    let peak_before = proc_status_kib(pid, "VmHWM")?;
+    let log_before = event_log_bytes();
+    let before = api.status()?;
+    let start_ns = boottime_ns();
+    let mut flood = SustainedFlood::start(FLOOD_ROUND_PROCS, FLOOD_UNLOAD_PROCS)?;
+    let (start, cpu_start) = (Instant::now(), cpu_ticks(pid)?);
+    thread::sleep(FLOOD_ALONE);
+    let (alone, cpu_alone) = (start.elapsed(), cpu_ticks(pid)?);
+    let mut samples = cycle_samples(api, "ebpf", &module, cycles)?;
+    let rss_end = rss_kib(pid)?;
+    let done = flood.stop()?;
+    let wall = start.elapsed();
+    let cpu_end = cpu_ticks(pid)?;
+    // The kernel's filter counters reach /status when the daemon next
+    // publishes: one more cycle, after the flood, makes it publish.
+    for (state, load) in [("loaded", true), ("available", false)] {
+        let at = boottime_ns();
+        if load {
+            finit_module(&module)?;
+        } else {
+            delete_module()?;
+        }
+        wait_applied(api, state, at)?;
+    }
+    let after = drained(api)?;
+    let peak_after = proc_status_kib(pid, "VmHWM")?;
+    let log_after = event_log_bytes();
+    // SIGTERM flushes the refusal windows still open into the log.
+    daemon.terminate(Duration::from_secs(10))?;
+    let log_flood = event_log_bytes_of(crate::hostile::USER, start_ns);
+    let filtered = |s: &crate::status::Status| {
+        s.events.kernel_filtered.map_or((0, 0), |f| {
+            (f.unload_denied_over_limit, f.requests_untracked)
+        })
+    };
+    let (over_limit0, untracked0) = filtered(&before);
+    let (over_limit1, untracked1) = filtered(&after);
+    let reported = after
+        .events
+        .unload_denied
+        .saturating_sub(before.events.unload_denied);
+    let over_limit = over_limit1.saturating_sub(over_limit0);
+    let denied_accounted = reported + over_limit;
+    let requests_accounted = untracked1.saturating_sub(untracked0);
+    let reserve_failed =
+        |s: &crate::status::Status| s.events.kernel_lost.map_or(0, |l| l.ring_reserve_failed);
+    let secs = wall.as_secs_f64();
+    let produced = done.denied + done.noexec;
+    let accounted = denied_accounted + requests_accounted;
+    let signed = |a: u64, b: u64| {
+        i64::try_from(a)
+            .unwrap_or(i64::MAX)
+            .saturating_sub(i64::try_from(b).unwrap_or(i64::MAX))
+    };
+    let percent = |ticks: u64, over: Duration| {
+        #[expect(clippy::cast_precision_loss, reason = "a percentage for a report")]
+        let t = ticks as f64;
+        t / 100.0 / over.as_secs_f64() * 100.0
+    };
+    let mut latency = percentiles(&mut samples);
+    latency["cycles"] = json!(cycles);
+    #[expect(clippy::cast_precision_loss, reason = "rates for a report")]
+    Ok(json!({
+        "flooders": FLOOD_ROUND_PROCS + FLOOD_UNLOAD_PROCS,
+        "flooders_rounds": FLOOD_ROUND_PROCS,
+        "flooders_unloads_only": FLOOD_UNLOAD_PROCS,
+        "uid": crate::hostile::USER,
+        "wall_s": secs,
+        "alone_s": alone.as_secs_f64(),
+        "refused_unloads": done.denied,
+        "binfmt_requests": done.noexec,
+        "events_per_s": produced as f64 / secs,
+        "refused_unloads_reported": reported,
+        "refused_unloads_over_limit": over_limit,
+        "refused_unloads_accounted": denied_accounted,
+        "binfmt_requests_accounted": requests_accounted,
+        "absorbed_per_s": accounted as f64 / secs,
+        "refused_unloads_unaccounted": signed(done.denied, denied_accounted),
+        "binfmt_requests_unaccounted": signed(done.noexec, requests_accounted),
+        "events_lost": after.events.lost.saturating_sub(before.events.lost),
+        "ring_reserve_failed": reserve_failed(&after).saturating_sub(reserve_failed(&before)),
+        "daemon_cpu_ticks_alone": cpu_alone.saturating_sub(cpu_start),
+        "daemon_cpu_percent_alone": percent(cpu_alone.saturating_sub(cpu_start), alone),
+        "daemon_cpu_ticks": cpu_end.saturating_sub(cpu_start),
+        "daemon_cpu_percent": percent(cpu_end.saturating_sub(cpu_start), wall),
+        "rss_before_kib": rss_before,
+        "rss_end_kib": rss_end,
+        "rss_peak_before_kib": peak_before,
+        "rss_peak_kib": peak_after,
+        "event_log_growth_bytes": log_after.saturating_sub(log_before),
+        "event_log_flood_bytes": log_flood,
+        "latency": latency,
+    }))
 }
 
 /// The floor: `kmod-monitor-floor` (the daemon's eBPF program, drained by
@@ -680,6 +842,13 @@ fn measure() -> Result<Value, String> {
     for run in 0..plan.reps {
         timed("poll", run, latency(&api, "poll", plan.poll_cycles))?;
     }
+    let mut floods = Vec::new();
+    for run in 0..plan.reps {
+        let mut flood = under_flood(&api, plan.cycles)?;
+        flood["run"] = json!(run);
+        Report::note(&format!("bench: under a flood run {run}: {flood}"));
+        floods.push(flood);
+    }
     let mut storms = Vec::new();
     let mut footprints = Vec::new();
     for run in 0..plan.reps {
@@ -698,6 +867,7 @@ fn measure() -> Result<Value, String> {
         "latency": latencies,
         "storm": storms,
         "footprint": footprints,
+        "flood": floods,
         "stages": stages,
     }))
 }

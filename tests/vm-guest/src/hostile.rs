@@ -9,7 +9,7 @@ use std::{
     fs,
     io::{BufRead as _, BufReader, Write as _},
     os::unix::fs::PermissionsExt as _,
-    process::{Command, ExitCode, Stdio},
+    process::{Child, Command, ExitCode, Stdio},
     sync::mpsc,
     thread,
     time::{Duration, Instant},
@@ -56,6 +56,8 @@ pub fn as_user(args: &[String]) -> ExitCode {
             .parse()
             .map_err(|e| format!("flood count {n:?}: {e}"))
             .and_then(flood),
+        [task] if task == "flood-until-eof" => flood_until_eof(false),
+        [task] if task == "unloads-until-eof" => flood_until_eof(true),
         [task, n] if task == "burst" => n
             .parse()
             .map_err(|e| format!("burst count {n:?}: {e}"))
@@ -152,66 +154,144 @@ fn become_user(net_admin: bool) -> Result<(), String> {
     Ok(())
 }
 
-/// `n` refused `delete_module(dm_crypt)` calls and `n` execs of
-/// [`UNKNOWN_FORMAT`], interleaved; prints `HALF` halfway and `DONE
-/// denied=D noexec=E` at the end. Each must fail as an unprivileged call
-/// does: EPERM and ENOEXEC.
-fn flood(n: usize) -> Result<(), String> {
-    become_user(false)?;
-    let module = CString::new(DENIED_MODULE).map_err(|e| e.to_string())?;
-    let path = CString::new(UNKNOWN_FORMAT).map_err(|e| e.to_string())?;
-    let argv = [path.as_ptr(), std::ptr::null()];
-    let envp = [std::ptr::null()];
-    let (mut denied, mut noexec) = (0, 0);
-    let mut other = Vec::new();
-    let mut out = std::io::stdout();
-    for i in 0..n {
+/// One unprivileged flooder's syscalls and what became of them: each round
+/// is one refused `delete_module(dm_crypt)` and one exec of
+/// [`UNKNOWN_FORMAT`] (which makes the kernel call
+/// `request_module("binfmt-cafe")`). Each must fail as an unprivileged
+/// call does: EPERM and ENOEXEC. Shared by the `unprivileged-flood`
+/// scenario (a fixed count) and the benchmark (until told to stop).
+struct Flooder {
+    module: CString,
+    path: CString,
+    denied: u64,
+    noexec: u64,
+    other: Vec<String>,
+}
+
+impl Flooder {
+    /// Drops to uid [`USER`] and gets ready to flood.
+    fn become_user() -> Result<Self, String> {
+        become_user(false)?;
+        Ok(Self {
+            module: CString::new(DENIED_MODULE).map_err(|e| e.to_string())?,
+            path: CString::new(UNKNOWN_FORMAT).map_err(|e| e.to_string())?,
+            denied: 0,
+            noexec: 0,
+            other: Vec::new(),
+        })
+    }
+
+    /// One refused unload and one exec of an unknown format.
+    fn round(&mut self) {
+        self.refused_unload();
+        self.unknown_format_exec();
+    }
+
+    /// One refused `delete_module` of [`DENIED_MODULE`].
+    fn refused_unload(&mut self) {
         // SAFETY: a NUL-terminated name that outlives the call.
-        let r =
-            unsafe { libc::syscall(libc::SYS_delete_module, module.as_ptr(), libc::O_NONBLOCK) };
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_delete_module,
+                self.module.as_ptr(),
+                libc::O_NONBLOCK,
+            )
+        };
         match (r, errno()) {
-            (-1, libc::EPERM) => denied += 1,
-            (r, e) => other.push(format!("delete_module: {r} errno {e}")),
+            (-1, libc::EPERM) => self.denied += 1,
+            (r, e) => self.other.push(format!("delete_module: {r} errno {e}")),
         }
+    }
+
+    /// One exec of [`UNKNOWN_FORMAT`].
+    fn unknown_format_exec(&mut self) {
+        let argv = [self.path.as_ptr(), std::ptr::null()];
+        let envp = [std::ptr::null()];
         // A failed execve returns: the kernel looks for a handler (and asks
         // for the module) before the point of no return.
         // SAFETY: NUL-terminated path and NULL-terminated argv and envp
         // arrays that outlive the call.
-        let r = unsafe { libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
+        let r = unsafe { libc::execve(self.path.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
         match (r, errno()) {
-            (-1, libc::ENOEXEC) => noexec += 1,
-            (r, e) => other.push(format!("execve: {r} errno {e}")),
+            (-1, libc::ENOEXEC) => self.noexec += 1,
+            (r, e) => self.other.push(format!("execve: {r} errno {e}")),
         }
+    }
+
+    /// Prints `DONE denied=D noexec=E`; fails if any call did not fail as
+    /// expected.
+    fn done(self) -> Result<(), String> {
+        println!("DONE denied={} noexec={}", self.denied, self.noexec);
+        ensure!(
+            self.other.is_empty(),
+            "{} calls did not fail as expected, first: {}",
+            self.other.len(),
+            self.other[0]
+        );
+        Ok(())
+    }
+}
+
+/// `n` flood rounds (see [`Flooder`]); prints `HALF` halfway and `DONE
+/// denied=D noexec=E` at the end.
+fn flood(n: usize) -> Result<(), String> {
+    let mut flooder = Flooder::become_user()?;
+    let mut out = std::io::stdout();
+    for i in 0..n {
+        flooder.round();
         if i + 1 == n / 2 {
             let _ = writeln!(out, "HALF");
             let _ = out.flush();
         }
     }
-    println!("DONE denied={denied} noexec={noexec}");
-    ensure!(
-        other.is_empty(),
-        "{} calls did not fail as expected, first: {}",
-        other.len(),
-        other[0]
-    );
-    Ok(())
+    flooder.done()
+}
+
+/// Flood rounds (see [`Flooder`]) until stdin closes; prints `READY` once
+/// it is uid [`USER`] and `DONE denied=D noexec=E` at the end. With
+/// `unloads_only`, each round is the refused unload alone: no exec, so no
+/// usermode `modprobe` to wait for, as fast as the syscall goes.
+fn flood_until_eof(unloads_only: bool) -> Result<(), String> {
+    let mut flooder = Flooder::become_user()?;
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "READY");
+    let _ = out.flush();
+    loop {
+        let mut stdin = libc::pollfd {
+            fd: 0,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd that lives across the call; no wait.
+        let r = unsafe { libc::poll(&raw mut stdin, 1, 0) };
+        ensure!(r >= 0, "poll(stdin): errno {}", errno());
+        if r > 0 {
+            // Input or hang-up: the driver is done with us.
+            break;
+        }
+        if unloads_only {
+            flooder.refused_unload();
+        } else {
+            flooder.round();
+        }
+    }
+    flooder.done()
 }
 
 /// `n` refused `delete_module(dm_crypt)` calls as fast as they go; prints
 /// `DONE denied=D`.
 fn burst(n: usize) -> Result<(), String> {
-    become_user(false)?;
-    let module = CString::new(DENIED_MODULE).map_err(|e| e.to_string())?;
-    let mut denied = 0;
+    let mut flooder = Flooder::become_user()?;
     for _ in 0..n {
-        // SAFETY: a NUL-terminated name that outlives the call.
-        let r =
-            unsafe { libc::syscall(libc::SYS_delete_module, module.as_ptr(), libc::O_NONBLOCK) };
-        let e = errno();
-        ensure!(r == -1 && e == libc::EPERM, "delete_module: {r} errno {e}");
-        denied += 1;
+        flooder.refused_unload();
     }
-    println!("DONE denied={denied}");
+    println!("DONE denied={}", flooder.denied);
+    ensure!(
+        flooder.other.is_empty(),
+        "{} calls did not fail with EPERM, first: {}",
+        flooder.other.len(),
+        flooder.other[0]
+    );
     Ok(())
 }
 
@@ -285,6 +365,142 @@ fn spawn_helper(args: &[&str]) -> Result<std::process::Child, String> {
         .map_err(|e| format!("starting the as-user helper {args:?}: {e}"))
 }
 
+/// Writes [`UNKNOWN_FORMAT`], executable by everyone.
+fn write_unknown_format() -> Result<(), String> {
+    fs::write(UNKNOWN_FORMAT, UNKNOWN_FORMAT_BYTES)
+        .and_then(|()| fs::set_permissions(UNKNOWN_FORMAT, fs::Permissions::from_mode(0o755)))
+        .map_err(|e| format!("writing {UNKNOWN_FORMAT}: {e}"))
+}
+
+/// What a [`SustainedFlood`] did: its flooders' calls, each refused as an
+/// unprivileged call is.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FloodDone {
+    /// Refused `delete_module` of a required module (EPERM).
+    pub denied: u64,
+    /// Execs of an unknown binary format (ENOEXEC), each a
+    /// `request_module("binfmt-…")` in the kernel.
+    pub noexec: u64,
+}
+
+/// The `unprivileged-flood` scenario's flood, for the benchmark: helpers
+/// as uid [`USER`], each doing flood rounds (see [`Flooder`]), or refused
+/// unloads alone, from [`start`](Self::start) until [`stop`](Self::stop).
+/// Killed when dropped.
+pub struct SustainedFlood {
+    helpers: Vec<Child>,
+    lines: mpsc::Receiver<(usize, String)>,
+}
+
+impl SustainedFlood {
+    /// Starts `rounds` flooders of the scenario's rounds and
+    /// `unloads_only` of refused unloads alone, and waits until each is
+    /// uid [`USER`] and flooding.
+    pub fn start(rounds: usize, unloads_only: usize) -> Result<Self, String> {
+        write_unknown_format()?;
+        let procs = rounds + unloads_only;
+        let (tx, lines) = mpsc::channel();
+        let mut flood = Self {
+            helpers: Vec::with_capacity(procs),
+            lines,
+        };
+        for i in 0..procs {
+            let mut helper = Command::new("/proc/self/exe")
+                .arg("as-user")
+                .arg(if i < rounds {
+                    "flood-until-eof"
+                } else {
+                    "unloads-until-eof"
+                })
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .map_err(|e| format!("starting flooder {i}: {e}"))?;
+            let stdout = helper
+                .stdout
+                .take()
+                .ok_or("the flooder's stdout is not piped")?;
+            flood.helpers.push(helper);
+            let tx = tx.clone();
+            thread::spawn(move || {
+                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                    if tx.send((i, line)).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        let mut ready = 0;
+        while ready < procs {
+            match flood.lines.recv_timeout(Duration::from_secs(30)) {
+                Ok((_, line)) if line == "READY" => ready += 1,
+                Ok((i, line)) => return Err(format!("flooder {i} said {line:?} before READY")),
+                Err(e) => return Err(format!("{ready} of {procs} flooders ready in 30 s: {e}")),
+            }
+        }
+        Ok(flood)
+    }
+
+    /// Closes every flooder's stdin, which stops it, and adds up what
+    /// they did.
+    pub fn stop(&mut self) -> Result<FloodDone, String> {
+        for helper in &mut self.helpers {
+            drop(helper.stdin.take());
+        }
+        let mut done = FloodDone::default();
+        let mut finished = 0;
+        let mut said = Vec::new();
+        while finished < self.helpers.len() {
+            let (i, line) = self
+                .lines
+                .recv_timeout(Duration::from_secs(30))
+                .map_err(|e| {
+                    format!(
+                        "{finished} of {} flooders reported within 30 s of stop ({e}): {}",
+                        self.helpers.len(),
+                        said.join(" | ")
+                    )
+                })?;
+            let counts = line.strip_prefix("DONE ").and_then(|rest| {
+                let (d, n) = rest.split_once(' ')?;
+                Some((
+                    d.strip_prefix("denied=")?.parse::<u64>().ok()?,
+                    n.strip_prefix("noexec=")?.parse::<u64>().ok()?,
+                ))
+            });
+            match counts {
+                Some((d, n)) => {
+                    done.denied += d;
+                    done.noexec += n;
+                    finished += 1;
+                }
+                None => said.push(format!("{i}: {line}")),
+            }
+        }
+        for (i, helper) in self.helpers.iter_mut().enumerate() {
+            let status = helper
+                .wait()
+                .map_err(|e| format!("waiting for flooder {i}: {e}"))?;
+            ensure!(
+                status.success(),
+                "flooder {i} exited {status}: {}",
+                said.join(" | ")
+            );
+        }
+        Ok(done)
+    }
+}
+
+impl Drop for SustainedFlood {
+    fn drop(&mut self) {
+        for helper in &mut self.helpers {
+            let _ = helper.kill();
+            let _ = helper.wait();
+        }
+    }
+}
+
 /// The event log's size now.
 fn log_size() -> Result<u64, String> {
     fs::metadata(EVENT_LOG)
@@ -335,9 +551,7 @@ pub fn unprivileged_flood(g: &mut Guest) -> Outcome {
     // one-page ring (loss-never-silent) or other settings.
     g.start_daemon_with("ebpf", &[])?;
     all_met(g)?;
-    fs::write(UNKNOWN_FORMAT, UNKNOWN_FORMAT_BYTES)
-        .and_then(|()| fs::set_permissions(UNKNOWN_FORMAT, fs::Permissions::from_mode(0o755)))
-        .map_err(|e| format!("writing {UNKNOWN_FORMAT}: {e}"))?;
+    write_unknown_format()?;
     let before = g.api().metrics()?;
     let size_before = log_size()?;
     let start_ns = boottime_ns();

@@ -66,8 +66,21 @@ pub struct Events {
     pub lost: u64,
     /// Records that could not be decoded.
     pub undecodable: u64,
+    /// Refused unloads of a required module the kernel reported.
+    pub unload_denied: u64,
+    /// What the eBPF program kept out of the ring on purpose (eBPF only).
+    pub kernel_filtered: Option<KernelFiltered>,
     /// What the eBPF program could not deliver, by reason (eBPF only).
     pub kernel_lost: Option<KernelLost>,
+}
+
+/// `status.events.kernel_filtered`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+pub struct KernelFiltered {
+    /// `module_request`s for names nothing requires.
+    pub requests_untracked: u64,
+    /// Refused unloads over the kernel's per-CPU rate limit.
+    pub unload_denied_over_limit: u64,
 }
 
 /// `status.events.kernel_lost`.
