@@ -27,6 +27,9 @@ const CONFIRM_MAX: Duration = Duration::from_secs(5);
 /// alert or condition waits for it; /status's view of the in-between
 /// state and its records do.
 pub(super) const SETTLE_MAX: Duration = Duration::from_millis(20);
+/// How long into a hold the waiting events' actors are read anyway (see
+/// [`Daemon::settling`]).
+const ENRICH_AFTER: Duration = Duration::from_millis(5);
 
 impl Daemon {
     /// Start-up step 3: what the source buffered while the snapshot was
@@ -337,38 +340,45 @@ impl Daemon {
     }
 
     /// Whether to hold the publish (and the records) of this turn: it only
-    /// applied source messages (`events_only`), none of which changed a
-    /// verdict or reported a loss, and a required module is `loading` or
-    /// `unloading`, for less than [`SETTLE_MAX`] so far. Publishing that
-    /// state would put the work in front of the result the kernel is about
-    /// to send, on the CPU the loading process needs to send it. A held
-    /// turn's other news (another module's in-between state, counters)
-    /// waits at most [`SETTLE_MAX`].
+    /// applied source messages or woke for the hold itself (`may_hold`),
+    /// nothing in it changed a verdict or reported a loss, and a required
+    /// module is `loading` or `unloading`, for less than [`SETTLE_MAX`] so
+    /// far. Publishing that state would put the work in front of the
+    /// result the kernel is about to send, on the CPU the loading process
+    /// needs to send it. A held turn's other news (another module's
+    /// in-between state, counters) waits at most [`SETTLE_MAX`].
     ///
-    /// While holding, the waiting events' actors are read from /proc all
-    /// the same: the loader is still inside its syscall now, and may exit
-    /// right after the result.
-    pub(super) fn settling(&mut self, events_only: bool) -> bool {
+    /// A result that takes longer than [`ENRICH_AFTER`] (a slow init) has
+    /// the waiting events' actors read from /proc then, while the loader is
+    /// certainly still inside its syscall; a quick one has them read right
+    /// after its publish, as every other event.
+    pub(super) fn settling(&mut self, may_hold: bool) -> bool {
         self.held_until = None;
         let decided = std::mem::take(&mut self.turn_decided);
         if !self.tracker.in_transition() {
             self.settle_since = None;
             return false;
         }
-        if decided || !events_only {
+        if decided || !may_hold {
             return false;
         }
         let now = Instant::now();
-        let due = *self.settle_since.get_or_insert(now) + SETTLE_MAX;
+        let since = *self.settle_since.get_or_insert(now);
+        let due = since + SETTLE_MAX;
         if now >= due {
             return false;
         }
-        // Armed for exactly this hold, even if `due` has passed by the
-        // time the loop waits: then it fires once and the turn publishes.
-        self.held_until = Some(due);
-        let host = &self.settings.common.host;
-        self.deferred
-            .enrich_waiting(|_, actor| actor::enrich(host, actor));
+        // Each hold is armed with its own deadline, which fires once even
+        // if it has passed by the time the loop waits.
+        let enrich_at = since + ENRICH_AFTER;
+        if now < enrich_at {
+            self.held_until = Some(enrich_at);
+        } else {
+            self.held_until = Some(due);
+            let host = &self.settings.common.host;
+            self.deferred
+                .enrich_waiting(|_, actor| actor::enrich(host, actor));
+        }
         true
     }
 

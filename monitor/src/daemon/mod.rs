@@ -312,8 +312,9 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
         let settle_at = d.settle_deadline();
         // Whether this turn stopped at TURN_MAX messages with more waiting.
         let mut busy = false;
-        // Whether this turn only applied what the source sent.
-        let mut events_only = false;
+        // Whether this turn only applied what the source sent, or woke for
+        // a hold: such a turn may be held (see Daemon::settling).
+        let mut may_hold = false;
         tokio::select! {
             () = sleep_until(lost_alert_ends) => d.lost_at = None,
             _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break "SIGTERM"; }
@@ -348,12 +349,12 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
             Some(view) = cluster_changed(&mut cluster_rx) => d.on_view(view),
             // The unreadable-cluster alert is due: republish.
             () = sleep_until(grace_at) => {}
-            // A load or unload took longer than the settle window: publish
-            // its in-between state.
-            () = sleep_until(settle_at) => {}
+            // A hold's next step: read the actors, or publish the
+            // in-between state of a load or unload that is taking long.
+            () = sleep_until(settle_at) => may_hold = true,
             msg = running.recv() => match msg {
                 Some(msg) => {
-                    events_only = true;
+                    may_hold = true;
                     // Take what else is waiting before publishing once, at
                     // most a batch: then publish and yield (below).
                     batch.push(msg);
@@ -378,7 +379,7 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
         // microseconds, so publish (and build records) once it is in, and
         // meanwhile sleep, which lets the loading or unloading process run
         // to its result instead of waiting behind the publish.
-        if d.settling(events_only) {
+        if d.settling(may_hold) {
             // Still bounded while held: the records past the cap go out,
             // and a full batch gives the other tasks the thread.
             if d.deferred_full() {
