@@ -660,15 +660,8 @@ mod tests {
     fn an_actor_read_while_the_publish_is_held_is_not_read_again() {
         let mut t = Tracker::new(&snapshot_debian_6_1(), longhorn_groups());
         let mut deferred = Deferred::default();
-        let mut ev = event(Raw::Load, "uio_pci_generic", 3);
-        ev.actor = Some(crate::event::Actor {
-            pid: 8,
-            tgid: 8,
-            uid: 0,
-            gid: 0,
-            comm: "loader".into(),
-            cgroup_id: 0,
-        });
+        // testing::event gives it an actor (modprobe).
+        let ev = event(Raw::Load, "uio_pci_generic", 3);
         let o = t.apply(&ev);
         deferred.event(PendingEvent::new(
             &t,

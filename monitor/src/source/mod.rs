@@ -71,9 +71,9 @@ impl std::fmt::Display for SourceKind {
 pub const QUEUE_CAPACITY: usize = 8192;
 
 /// Most messages the daemon takes in one go when it wants everything
-/// already buffered (the start-up drain, the initstate check): enough for
-/// any ring or socket backlog, and a bound when a flood refills it as fast
-/// as it is read.
+/// already buffered (the initstate check; at start-up, the messages from
+/// after the snapshot began): enough for any ring or socket backlog, and a
+/// bound when a flood refills it as fast as it is read.
 pub const SYNC_MAX: usize = 64 * ebpf::DRAIN_BATCH;
 
 /// What a source sends to the daemon.
