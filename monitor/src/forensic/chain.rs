@@ -166,77 +166,58 @@ pub enum SealError {
     },
 }
 
-/// Gives `record` the next seq after `head`, links it to `head` and hashes
-/// it.
+/// Gives `record` the next seq after `head`, links it to `head`, hashes it
+/// and sets its `hash`; returns the line to write.
+///
+/// The record's derived serialisation is its canonical form (see
+/// [`Record`]), so the hashed text and the line are each one serde_json
+/// pass over the record: no JSON tree, no sort.
 ///
 /// # Errors
 /// When the record cannot be turned into JSON, or `head` is at `u64::MAX`.
-pub fn seal(record: &Record, head: &Head) -> Result<Sealed, SealError> {
+pub fn seal(record: &mut Record, head: &Head) -> Result<Sealed, SealError> {
     let seq = head
         .seq
         .checked_add(1)
         .ok_or(SealError::SeqExhausted { seq: head.seq })?;
-    // The record as it is, then its chain members set in the tree: no
-    // copy of the record itself.
-    let Value::Object(mut map) = serde_json::to_value(record)? else {
-        return Err(SealError::Encode(serde::ser::Error::custom(
-            "a record is not a JSON object",
-        )));
-    };
-    map.insert("seq".to_owned(), Value::from(seq));
-    map.insert("prev_hash".to_owned(), Value::from(head.hash.as_str()));
-    map.remove("hash");
-    // The canonical form once, split where `hash` sorts in: the members
-    // before it and after it. The hash covers the two joined; the line is
-    // the same text with the hash member between them.
-    let mut members: Vec<(&String, &Value)> = map.iter().collect();
-    members.sort_unstable_by(|a, b| a.0.cmp(b.0));
-    let split = members.partition_point(|(k, _)| k.as_str() < "hash");
-    let join = |part: &[(&String, &Value)]| {
-        let mut out = String::new();
-        for (i, (key, value)) in part.iter().enumerate() {
-            if i > 0 {
-                out.push(',');
-            }
-            write_string(&mut out, key);
-            out.push(':');
-            write_canonical(&mut out, value);
-        }
-        out
-    };
-    let (before, after) = (join(&members[..split]), join(&members[split..]));
-    let sep = if before.is_empty() || after.is_empty() {
-        ""
-    } else {
-        ","
-    };
-    let hash = hex::encode(
-        Sha256::new()
-            .chain_update("{")
-            .chain_update(&before)
-            .chain_update(sep)
-            .chain_update(&after)
-            .chain_update("}")
-            .finalize(),
-    );
-    let mut line = String::with_capacity(before.len() + after.len() + hash.len() + 16);
-    line.push('{');
-    line.push_str(&before);
-    if !before.is_empty() {
-        line.push(',');
-    }
-    line.push_str("\"hash\":\"");
-    line.push_str(&hash);
-    line.push('"');
-    if !after.is_empty() {
-        line.push(',');
-        line.push_str(&after);
-    }
-    line.push_str("}\n");
+    record.seq = seq;
+    record.prev_hash.clone_from(&head.hash);
+    // An empty `hash` is left out: this is the text the hash covers.
+    record.hash.clear();
+    let body = serde_json::to_vec(&*record)?;
+    record.hash = hex::encode(Sha256::digest(&body));
+    let mut line = serde_json::to_string(&*record)?;
+    #[cfg(debug_assertions)]
+    check_canonical(&line, &body);
+    line.push('\n');
     Ok(Sealed {
         line,
-        head: Head { seq, hash },
+        head: Head {
+            seq,
+            hash: record.hash.clone(),
+        },
     })
+}
+
+/// Debug builds: `line` (and `body`, the same without `hash`) are the
+/// canonical form of what they encode, i.e. every struct in [`Record`]
+/// still declares its members in the byte order of their names.
+#[cfg(debug_assertions)]
+fn check_canonical(line: &str, body: &[u8]) {
+    let parsed = |text: &[u8]| match serde_json::from_slice::<Value>(text) {
+        Ok(v) => v,
+        Err(e) => panic!("a sealed record does not parse back: {e}"),
+    };
+    assert_eq!(
+        canonical(&parsed(line.as_bytes())),
+        line,
+        "a record's members are not in canonical order (see Record)"
+    );
+    assert_eq!(
+        canonical(&parsed(body)).as_bytes(),
+        body,
+        "a record's members are not in canonical order (see Record)"
+    );
 }
 
 #[cfg(test)]
@@ -299,7 +280,7 @@ mod tests {
             name: "nvme_tcp".into(),
             taints: None,
         });
-        let sealed = seal(&r, &Head::genesis()).unwrap();
+        let sealed = seal(&mut r, &Head::genesis()).unwrap();
         assert_eq!(
             sealed.line,
             concat!(
@@ -314,14 +295,126 @@ mod tests {
         assert_eq!(sealed.head.seq, 1);
     }
 
+    /// Every member of every struct in a record set (no `None`, no empty
+    /// list, `historical` true): the line `seal` writes straight from serde
+    /// is the canonical form of what it encodes, so no member is declared
+    /// out of order, and its hash is what `log verify` computes.
+    #[test]
+    fn a_record_with_every_member_seals_to_its_canonical_form() {
+        use crate::forensic::record::{
+            ActorInfo, ConfigInfo, DeniedInfo, EnablementInfo, ModuleStateInfo, MonitorInfo,
+            RequirementEffect, RequirementFlip, StateChange, TornLine,
+        };
+        let some = |s: &str| Some(s.to_owned());
+        let mut r = Record::new(RecordKind::ModuleLoad, 7);
+        r.time = "2026-11-27T20:00:00.000000000Z".into();
+        r.boot_id = "b".into();
+        r.host = "h\u{1}\"é".into();
+        r.module = Some(ModuleInfo {
+            name: "nvme_tcp".into(),
+            taints: some("OE"),
+        });
+        r.actor = Some(ActorInfo {
+            cgroup: some("/kubepods"),
+            cgroup_id: 9,
+            cmdline: Some(vec!["modprobe".into(), "a\tb".into()]),
+            comm: "modprobe".into(),
+            container_id: some("c"),
+            exe: some("/usr/bin/kmod"),
+            gid: 0,
+            pid: 1,
+            pod_uid: some("p"),
+            ppid: Some(2),
+            read_late: true,
+            tgid: 1,
+            uid: 0,
+        });
+        r.source = some("ebpf");
+        r.historical = true;
+        r.state = Some(StateChange {
+            from: "available".into(),
+            to: "loaded".into(),
+        });
+        r.requirements = vec![RequirementEffect {
+            changed: true,
+            met: true,
+            name: "base".into(),
+        }];
+        r.requirement = Some(RequirementFlip {
+            met: true,
+            name: "base".into(),
+            was: false,
+        });
+        r.cause = Some(RecordKind::ModuleLoad);
+        r.modules = vec![ModuleStateInfo {
+            name: "dm_crypt".into(),
+            state: "loaded".into(),
+            taints: some(""),
+        }];
+        r.monitor = Some(MonitorInfo {
+            config_digest: "d".into(),
+            config_digest_of: "file".into(),
+            config_file: some("/etc/k.toml"),
+            groups: vec!["base".into()],
+            kernel_release: "6.1".into(),
+            pid: 3,
+            source: "ebpf".into(),
+            version: "0.1.0".into(),
+        });
+        r.enablement = Some(EnablementInfo {
+            enabled: Some(true),
+            reason: "r".into(),
+            requirement: "v2-data-engine".into(),
+            source: "flag".into(),
+            was: Some(false),
+        });
+        r.denied = Some(DeniedInfo {
+            count: 1,
+            first_boot_ns: 2,
+            last_boot_ns: 3,
+            suppressed_in_window: 4,
+            window_secs: 5,
+        });
+        r.config = Some(ConfigInfo {
+            accepted: true,
+            applied: vec!["a".into()],
+            digest: some("d"),
+            error: some("e"),
+            file: "f".into(),
+            groups: vec!["base".into()],
+            overridden: vec!["o".into()],
+            restart_required: vec!["r".into()],
+        });
+        r.lost_total = Some(1);
+        r.reason = some("why");
+        r.torn = vec![TornLine {
+            bytes: 1,
+            line: 2,
+            unterminated: true,
+        }];
+        r.after_seq = Some(4);
+        r.dropped = Some(5);
+        r.hash = "stale".into();
+        let sealed = seal(&mut r, &Head::genesis()).unwrap();
+        let v: Value = serde_json::from_str(&sealed.line).unwrap();
+        assert_eq!(canonical(&v) + "\n", sealed.line);
+        let Value::Object(map) = v else {
+            unreachable!()
+        };
+        assert_eq!(record_hash(&map), sealed.head.hash);
+        assert_eq!(r.hash, sealed.head.hash, "the record carries its hash");
+        // Every member is in the line: none was left out as empty.
+        assert_eq!(map.len(), 27, "{}", sealed.line);
+    }
+
     #[test]
     fn sealing_never_wraps_the_seq() {
-        let r = Record::new(RecordKind::MonitorStart, 1);
+        let mut r = Record::new(RecordKind::MonitorStart, 1);
         let head = Head {
             seq: u64::MAX,
             hash: GENESIS.to_owned(),
         };
-        let err = seal(&r, &head).unwrap_err();
+        let err = seal(&mut r, &head).unwrap_err();
         assert!(
             matches!(err, SealError::SeqExhausted { seq: u64::MAX }),
             "{err}"
@@ -331,9 +424,9 @@ mod tests {
 
     #[test]
     fn sealing_links_to_the_head() {
-        let r = Record::new(RecordKind::MonitorStart, 1);
-        let first = seal(&r, &Head::genesis()).unwrap();
-        let second = seal(&r, &first.head).unwrap();
+        let mut r = Record::new(RecordKind::MonitorStart, 1);
+        let first = seal(&mut r, &Head::genesis()).unwrap();
+        let second = seal(&mut r, &first.head).unwrap();
         let v: Value = serde_json::from_str(&second.line).unwrap();
         assert_eq!(v["seq"], 2);
         assert_eq!(v["prev_hash"], first.head.hash.as_str());

@@ -158,32 +158,32 @@ pub struct ModuleInfo {
 /// was reused).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ActorInfo {
-    /// Thread id.
-    pub pid: u32,
-    /// Process id.
-    pub tgid: u32,
-    /// Parent process id (read late).
-    pub ppid: Option<u32>,
-    pub uid: u32,
-    pub gid: u32,
-    /// The thread's name, at most 15 bytes.
-    pub comm: String,
-    /// `/proc/<tgid>/exe` (read late).
-    pub exe: Option<String>,
+    /// The cgroup path from `/proc/<tgid>/cgroup` (read late).
+    pub cgroup: Option<String>,
+    /// The kernel's cgroup v2 id of the task.
+    pub cgroup_id: u64,
     /// `/proc/<tgid>/cmdline`, one string per argument, at most
     /// [`CMDLINE_MAX`](super::actor::CMDLINE_MAX) bytes in all (read late).
     pub cmdline: Option<Vec<String>>,
-    /// The kernel's cgroup v2 id of the task.
-    pub cgroup_id: u64,
-    /// The cgroup path from `/proc/<tgid>/cgroup` (read late).
-    pub cgroup: Option<String>,
+    /// The thread's name, at most 15 bytes.
+    pub comm: String,
     /// 64-hex container id found in the cgroup path (read late).
     pub container_id: Option<String>,
+    /// `/proc/<tgid>/exe` (read late).
+    pub exe: Option<String>,
+    pub gid: u32,
+    /// Thread id.
+    pub pid: u32,
     /// Kubernetes pod UID found in the cgroup path (read late).
     pub pod_uid: Option<String>,
+    /// Parent process id (read late).
+    pub ppid: Option<u32>,
     /// Always true: the fields marked "read late" come from /proc after the
     /// event, not from the kernel at the event.
     pub read_late: bool,
+    /// Process id.
+    pub tgid: u32,
+    pub uid: u32,
 }
 
 /// A module's state before and after a record's event.
@@ -196,38 +196,38 @@ pub struct StateChange {
 /// One requirement group an event touches, after the event.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RequirementEffect {
-    /// The group.
-    pub name: String,
-    /// Whether it is met after the event.
-    pub met: bool,
     /// Whether this event flipped it (it was `!met` before).
     pub changed: bool,
+    /// Whether it is met after the event.
+    pub met: bool,
+    /// The group.
+    pub name: String,
 }
 
 /// A group that went from met to unmet or back.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RequirementFlip {
+    /// After.
+    pub met: bool,
     pub name: String,
     /// Before.
     pub was: bool,
-    /// After.
-    pub met: bool,
 }
 
 /// What `requirement_enablement` says.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EnablementInfo {
-    /// `v2-data-engine` or `v2-hugepages`.
-    pub requirement: String,
-    /// Before: true, false, or null for unknown.
-    pub was: Option<bool>,
     /// After.
     pub enabled: Option<bool>,
+    /// One sentence: the setting's value, the label, the API error.
+    pub reason: String,
+    /// `v2-data-engine` or `v2-hugepages`.
+    pub requirement: String,
     /// The input that decided (`flag`, `node-label`, `longhorn-setting`,
     /// `config`, `default`), or the one that could not be read.
     pub source: String,
-    /// One sentence: the setting's value, the label, the API error.
-    pub reason: String,
+    /// Before: true, false, or null for unknown.
+    pub was: Option<bool>,
 }
 
 /// What `module_unload_denied` says: one user's refused attempts on one
@@ -239,11 +239,11 @@ pub struct DeniedInfo {
     /// CLOCK_BOOTTIME of the first and the last of them.
     pub first_boot_ns: u64,
     pub last_boot_ns: u64,
-    /// The window they were gathered over, seconds.
-    pub window_secs: u64,
     /// Attempts by anyone the kernel only counted in the window (over its
     /// per-CPU rate limit), so not attributed to an actor.
     pub suppressed_in_window: u64,
+    /// The window they were gathered over, seconds.
+    pub window_secs: u64,
 }
 
 /// A required module in a `snapshot` record.
@@ -258,56 +258,56 @@ pub struct ModuleStateInfo {
 /// What `monitor_start` says about the daemon.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MonitorInfo {
-    /// kmod-monitor's version.
-    pub version: String,
-    /// `uname -r` of the host.
-    pub kernel_release: String,
-    /// The active event source (`ebpf`, `uevent`, `poll`).
-    pub source: String,
-    /// The daemon's pid.
-    pub pid: u32,
-    /// The enabled groups.
-    pub groups: Vec<String>,
-    /// The config file, if any.
-    pub config_file: Option<String>,
     /// Hex SHA-256 of the config file's bytes, or (no file) of the resolved
     /// groups as JSON.
     pub config_digest: String,
     /// `file` or `groups`: what `config_digest` is a digest of.
     pub config_digest_of: String,
+    /// The config file, if any.
+    pub config_file: Option<String>,
+    /// The enabled groups.
+    pub groups: Vec<String>,
+    /// `uname -r` of the host.
+    pub kernel_release: String,
+    /// The daemon's pid.
+    pub pid: u32,
+    /// The active event source (`ebpf`, `uevent`, `poll`).
+    pub source: String,
+    /// kmod-monitor's version.
+    pub version: String,
 }
 
 /// What `config_reload` says.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConfigInfo {
-    /// The config file.
-    pub file: String,
-    /// Hex SHA-256 of the bytes read (null when unreadable).
-    pub digest: Option<String>,
     /// Whether the new config was taken (false: rejected, old one kept).
     pub accepted: bool,
-    /// Why it was rejected.
-    pub error: Option<String>,
-    /// The enabled groups after the reload.
-    pub groups: Vec<String>,
     /// Keys the file changed that took effect at once.
     #[serde(default)]
     pub applied: Vec<String>,
-    /// Keys the file changed that take effect only at the next start.
-    #[serde(default)]
-    pub restart_required: Vec<String>,
+    /// Hex SHA-256 of the bytes read (null when unreadable).
+    pub digest: Option<String>,
+    /// Why it was rejected.
+    pub error: Option<String>,
+    /// The config file.
+    pub file: String,
+    /// The enabled groups after the reload.
+    pub groups: Vec<String>,
     /// Keys the file changed that a command-line flag still overrides.
     #[serde(default)]
     pub overridden: Vec<String>,
+    /// Keys the file changed that take effect only at the next start.
+    #[serde(default)]
+    pub restart_required: Vec<String>,
 }
 
 /// A torn or unparsable line named by `log_recovered`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TornLine {
-    /// 1-based line number in the same file as the `log_recovered` record.
-    pub line: u64,
     /// Its length in bytes, without the newline.
     pub bytes: u64,
+    /// 1-based line number in the same file as the `log_recovered` record.
+    pub line: u64,
     /// Whether it lacked its newline (a write cut short); start-up added one.
     pub unterminated: bool,
 }
@@ -316,81 +316,89 @@ pub struct TornLine {
 ///
 /// Optional members are left out when they do not apply (`None`, empty,
 /// false), so a record carries only what its kind needs.
+///
+/// The members of this struct and of every struct in it are declared in the
+/// byte order of their names, and every map in it is sorted: serde_json's
+/// compact output of a record is then its canonical form (chain.rs), which
+/// [`seal`](super::chain::seal) writes directly (debug builds check it).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
-    /// Schema version, [`SCHEMA_VERSION`].
-    pub v: u32,
-    /// 1 for the first record ever; +1 per record, across restarts and
-    /// rotated files.
-    pub seq: u64,
-    /// RFC 3339 UTC with nanoseconds: the wall clock when the daemon made the
-    /// record (a record held back by a failing disk keeps its time).
-    pub time: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor: Option<ActorInfo>,
+    /// `log_recovered`: seq of the last good record it continues from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after_seq: Option<u64>,
     /// `/proc/sys/kernel/random/boot_id` of the host (`""` if unreadable).
     pub boot_id: String,
     /// CLOCK_BOOTTIME ns of the event (in-kernel for eBPF, receipt for
     /// uevent/poll), or of the record for records that are not events.
     pub boot_ns: u64,
-    /// The node name.
-    pub host: String,
-    pub kind: RecordKind,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub module: Option<ModuleInfo>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub actor: Option<ActorInfo>,
-    /// The event source that saw it (`ebpf`, `uevent`, `poll`,
-    /// `initstate`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub source: Option<String>,
-    /// The event happened before the start-up snapshot: history only, it
-    /// changed no state.
-    #[serde(default, skip_serializing_if = "is_false")]
-    pub historical: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub state: Option<StateChange>,
-    /// Module events: each group holding the module. Snapshot and reload:
-    /// every group.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub requirements: Vec<RequirementEffect>,
-    /// `requirement_change`: the group that flipped.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub requirement: Option<RequirementFlip>,
     /// `requirement_change`: the kind of record that caused it (the record
     /// just before it), e.g. `module_unload`, `drift`, `config_reload`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cause: Option<RecordKind>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<ConfigInfo>,
+    /// `module_unload_denied`: how many attempts, when.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub denied: Option<DeniedInfo>,
+    /// `log_dropped`: how many records were not written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dropped: Option<u64>,
+    /// `requirement_enablement`: what switched, and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enablement: Option<EnablementInfo>,
+    /// Hex SHA-256 of this record's canonical form without `hash` (left
+    /// out while empty, which is how [`seal`](super::chain::seal) hashes
+    /// the record).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub hash: String,
+    /// The event happened before the start-up snapshot: history only, it
+    /// changed no state.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub historical: bool,
+    /// The node name.
+    pub host: String,
+    pub kind: RecordKind,
+    /// `events_lost`: the source's running total of lost events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost_total: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module: Option<ModuleInfo>,
     /// `snapshot`: every required module's state.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub modules: Vec<ModuleStateInfo>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub monitor: Option<MonitorInfo>,
-    /// `requirement_enablement`: what switched, and why.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub enablement: Option<EnablementInfo>,
-    /// `module_unload_denied`: how many attempts, when.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub denied: Option<DeniedInfo>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub config: Option<ConfigInfo>,
-    /// `events_lost`: the source's running total of lost events.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lost_total: Option<u64>,
+    /// Hex SHA-256 of the previous record (64 zeros before the first).
+    pub prev_hash: String,
     /// `events_lost` (undecodable record), `monitor_stop` (signal): why.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// `requirement_change`: the group that flipped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requirement: Option<RequirementFlip>,
+    /// Module events: each group holding the module. Snapshot and reload:
+    /// every group.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub requirements: Vec<RequirementEffect>,
+    /// 1 for the first record ever; +1 per record, across restarts and
+    /// rotated files.
+    pub seq: u64,
+    /// The event source that saw it (`ebpf`, `uevent`, `poll`,
+    /// `initstate`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<StateChange>,
+    /// RFC 3339 UTC with nanoseconds: the wall clock when the daemon made the
+    /// record (a record held back by a failing disk keeps its time).
+    pub time: String,
     /// `log_recovered`: the lines after the last good record.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub torn: Vec<TornLine>,
-    /// `log_recovered`: seq of the last good record it continues from.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub after_seq: Option<u64>,
-    /// `log_dropped`: how many records were not written.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dropped: Option<u64>,
-    /// Hex SHA-256 of the previous record (64 zeros before the first).
-    pub prev_hash: String,
-    /// Hex SHA-256 of this record's canonical form without `hash`.
-    pub hash: String,
+    /// Schema version, [`SCHEMA_VERSION`].
+    pub v: u32,
 }
 
 #[expect(
@@ -590,6 +598,13 @@ impl Heap for TornLine {
     }
 }
 
+/// A chain member (`prev_hash`, `hash`) as the record holds it once sealed
+/// (64 hex digits): records are charged when queued, before the writer
+/// seals them, and a sealed record held behind a failing disk keeps them.
+fn chain_member_bytes(s: &String) -> usize {
+    s.heap_bytes().max(64 + ALLOC_OVERHEAD)
+}
+
 impl Record {
     /// Bytes this record takes in memory once boxed: the struct, every heap
     /// block it owns, and the allocator's overhead on each. The event log's
@@ -643,8 +658,8 @@ impl Record {
             + reason.heap_bytes()
             + torn.heap_bytes()
             + denied.heap_bytes()
-            + prev_hash.heap_bytes()
-            + hash.heap_bytes()
+            + chain_member_bytes(prev_hash)
+            + chain_member_bytes(hash)
     }
 
     /// A record of `kind` about something at `boot_ns`; the log fills in
@@ -691,7 +706,11 @@ mod tests {
     fn footprint_counts_the_struct_and_every_heap_block() {
         let bare = Record::new(RecordKind::MonitorStop, 5);
         let base = bare.footprint();
-        assert_eq!(base, std::mem::size_of::<Record>() + ALLOC_OVERHEAD);
+        // The chain members count as sealed from the start.
+        assert_eq!(
+            base,
+            std::mem::size_of::<Record>() + ALLOC_OVERHEAD + 2 * (64 + ALLOC_OVERHEAD)
+        );
         let mut r = bare.clone();
         r.reason = Some(String::with_capacity(100));
         assert_eq!(r.footprint(), base + 100 + ALLOC_OVERHEAD);
@@ -711,7 +730,9 @@ mod tests {
 
     #[test]
     fn optional_members_are_left_out() {
-        let r = Record::new(RecordKind::MonitorStop, 5);
+        let mut r = Record::new(RecordKind::MonitorStop, 5);
+        // Sealed: `hash` is left out only while empty (what is hashed).
+        r.hash = "h".into();
         let json = serde_json::to_value(&r).unwrap();
         let mut keys: Vec<&str> = json
             .as_object()

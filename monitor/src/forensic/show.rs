@@ -505,7 +505,7 @@ mod tests {
         let mut head = Head::genesis();
         let mut text = String::new();
         for r in records {
-            let sealed = seal(r, &head).unwrap();
+            let sealed = seal(&mut r.clone(), &head).unwrap();
             text.push_str(&sealed.line);
             head = sealed.head;
         }

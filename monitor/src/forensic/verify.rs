@@ -625,7 +625,7 @@ mod tests {
                     name: "dm_crypt".into(),
                     taints: None,
                 });
-                let Sealed { line, head: next } = seal(&r, &head).unwrap();
+                let Sealed { line, head: next } = seal(&mut r, &head).unwrap();
                 head = next;
                 line
             })
@@ -885,7 +885,7 @@ mod tests {
                 .unwrap()
                 .to_owned(),
         };
-        let sealed = seal(&recovery, &head).unwrap();
+        let sealed = seal(&mut recovery, &head).unwrap();
         // Names line 3 (itself) but the torn line is line 2.
         let torn = "{\"v\":1,\"se\n".to_owned();
         let path = write_file(

@@ -426,10 +426,10 @@ impl Writer {
                     }
                 }
                 // A rotation or a pinned record: one at a time.
-                let Some(p) = self.pending.pop_front() else {
+                let Some(mut p) = self.pending.pop_front() else {
                     break;
                 };
-                if let Err(error) = self.write_one(&p) {
+                if let Err(error) = self.write_one(&mut p) {
                     self.pending.push_front(p);
                     self.degrade(&error);
                     return;
@@ -484,11 +484,11 @@ impl Writer {
         let mut buf = Vec::new();
         let mut head = self.head.clone();
         let mut n = 0;
-        for p in &self.pending {
+        for p in &mut self.pending {
             if p.pinned {
                 break;
             }
-            let sealed = chain::seal(&p.record, &head)
+            let sealed = chain::seal(&mut p.record, &head)
                 .map_err(|e| format!("sealing a {} record: {e}", p.record.kind))?;
             let newline = n == 0 && self.needs_newline;
             let len = sealed.line.len() + usize::from(newline);
@@ -547,9 +547,9 @@ impl Writer {
     }
 
     /// Seals and writes one record with a single `write(2)`.
-    fn write_one(&mut self, p: &Pending) -> Result<(), String> {
+    fn write_one(&mut self, p: &mut Pending) -> Result<(), String> {
         let path = self.settings.path.clone();
-        let sealed = chain::seal(&p.record, &self.head)
+        let sealed = chain::seal(&mut p.record, &self.head)
             .map_err(|e| format!("sealing a {} record: {e}", p.record.kind))?;
         let mut bytes = Vec::with_capacity(sealed.line.len() + 1);
         if self.needs_newline {

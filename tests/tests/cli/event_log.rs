@@ -640,7 +640,7 @@ fn sealed_log(path: &Path, records: &[kmod_monitor::forensic::Record]) {
     let mut head = Head::genesis();
     let mut text = String::new();
     for r in records {
-        let sealed = seal(r, &head).unwrap_or_else(|e| panic!("{e}"));
+        let sealed = seal(&mut r.clone(), &head).unwrap_or_else(|e| panic!("{e}"));
         text.push_str(&sealed.line);
         head = sealed.head;
     }
