@@ -46,6 +46,12 @@ const STAGES_FILE: &str = "/tmp/kmod-monitor-stages.json";
 /// driver polling /status every few ms would compete with the daemon for
 /// the guest's one vCPU (and its one event thread) and measure itself.
 const SETTLE: Duration = Duration::from_millis(20);
+/// How long the driver lets the consumer rest before each load or unload,
+/// the same for the floor and every daemon run: the result was just read
+/// from it (/status over HTTP from the daemon, a line from the floor), and
+/// an event landing on the tail of serving that read would time the
+/// driver's own request, not the consumer waking for the kernel.
+const QUIET: Duration = Duration::from_millis(5);
 
 /// How much to measure: `kmod_monitor.bench_reps=N` on the kernel command
 /// line repeats everything N times (at least 1).
@@ -220,6 +226,7 @@ fn cycle_samples(
                 // almost the whole interval.
                 thread::sleep(random_below(POLL_INTERVAL));
             }
+            thread::sleep(QUIET);
             let before = boottime_ns();
             if load {
                 finit_module(module)?;
@@ -656,6 +663,7 @@ fn floor(cycles: usize) -> Result<Value, String> {
     let mut samples = Vec::with_capacity(cycles * 2);
     for _ in 0..cycles {
         for (kind, load) in [(KIND_LOAD_RESULT, true), (KIND_FREE, false)] {
+            thread::sleep(QUIET);
             let before = boottime_ns();
             if load {
                 finit_module(&module)?;
@@ -800,6 +808,7 @@ fn stages(api: &Api, cycles: usize) -> Result<Value, String> {
     )?;
     for _ in 0..cycles {
         for (state, load) in [("loaded", true), ("available", false)] {
+            thread::sleep(QUIET);
             let before = boottime_ns();
             if load {
                 finit_module(&module)?;
