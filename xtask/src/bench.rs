@@ -492,6 +492,8 @@ fn summarize(k: &Value) -> Value {
         "footprint": {
             "runs": fp.len(),
             "rss_start_kib": over(fp, &["rss_start_kib"]),
+            "rss_start_anon_kib": over(fp, &["rss_start_anon_kib"]),
+            "rss_start_binary_kib": over(fp, &["rss_start_binary_kib"]),
             "rss_after_events_kib": over(fp, &["rss_after_events_kib"]),
             "rss_growth_kib": spread(&growth),
             "idle_window_s": over(fp, &["idle_window_s"]),
@@ -1046,18 +1048,20 @@ pub fn readme_section(c: &Value) -> String {
     }
     let _ = writeln!(
         s,
-        "\n| guest | storm events | handled/s | lost | RSS after start, KiB | after 10,000 events, KiB | idle CPU, % | idle wakeups/s | BPF ns per run |\n|---|---|---|---|---|---|---|---|---|"
+        "\n| guest | storm events | handled/s | lost | RSS after start, KiB | of it anonymous / the binary's pages, KiB | after 10,000 events, KiB | idle CPU, % | idle wakeups/s | BPF ns per run |\n|---|---|---|---|---|---|---|---|---|---|"
     );
     for (name, k) in kernels {
         let st = &k["summary"]["storm"];
         let fp = &k["summary"]["footprint"];
         let _ = writeln!(
             s,
-            "| {name} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {name} | {} | {} | {} | {} | {} / {} | {} | {} | {} | {} |",
             cell(&st["events_received"], 0),
             cell(&st["handled_events_per_s"], 0),
             cell(&st["events_lost"], 0),
             cell(&fp["rss_start_kib"], 0),
+            cell(&fp["rss_start_anon_kib"], 0),
+            cell(&fp["rss_start_binary_kib"], 0),
             cell(&fp["rss_after_events_kib"], 0),
             cell(&fp["idle_cpu_percent"], 3),
             cell(&fp["idle_wakeups_per_s"], 3),

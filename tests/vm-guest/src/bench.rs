@@ -454,6 +454,10 @@ fn storm_and_footprint(api: &Api, idle: Duration) -> Result<Value, String> {
     let pid = daemon.pid();
     thread::sleep(Duration::from_secs(1));
     let rss_start = rss_kib(pid)?;
+    // What it is made of: the daemon's own memory, and the binary's pages
+    // it maps (shmem here: the initramfs is tmpfs; file on a disk).
+    let rss_start_anon = proc_status_kib(pid, "RssAnon")?;
+    let rss_start_binary = proc_status_kib(pid, "RssFile")? + proc_status_kib(pid, "RssShmem")?;
 
     // The storm: back-to-back finit_module/delete_module.
     let before = api.status()?;
@@ -492,6 +496,8 @@ fn storm_and_footprint(api: &Api, idle: Duration) -> Result<Value, String> {
         },
         "footprint": {
             "rss_start_kib": rss_start,
+            "rss_start_anon_kib": rss_start_anon,
+            "rss_start_binary_kib": rss_start_binary,
             "rss_after_events_kib": rss_after,
             "events_at_rss_after": footprint.events.received,
             "idle_window_s": idle_s,
