@@ -10,6 +10,8 @@
 use std::fmt;
 use std::str::FromStr;
 
+use compact_str::CompactString;
+
 /// The longest module name in bytes: the kernel's `MODULE_NAME_LEN` is 56
 /// including the terminating NUL (`include/linux/module.h`, unchanged since
 /// 2.6).
@@ -24,7 +26,7 @@ const MODULE_FILE_SUFFIXES: [&str; 4] = [".ko.xz", ".ko.zst", ".ko.gz", ".ko"];
 ///
 /// Serialises as a plain string. Deserialising runs [`ModuleName::parse`].
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ModuleName(String);
+pub struct ModuleName(CompactString);
 
 /// What is wrong with a module name, without the name itself (so callers can
 /// place it in their own message, e.g. "module name "x" in group "y" ...").
@@ -86,7 +88,7 @@ impl ModuleName {
     /// `_` and `-`.
     pub fn parse(input: &str) -> Result<Self, NameError> {
         match check(input) {
-            Ok(()) => Ok(Self(input.replace('-', "_"))),
+            Ok(()) => Ok(Self::normalised(input)),
             Err(problem) => Err(NameError {
                 input: input.to_owned(),
                 problem,
@@ -102,7 +104,17 @@ impl ModuleName {
     /// callers that decode C strings strip it first.
     #[must_use]
     pub fn from_kernel(raw: &str) -> Option<Self> {
-        check(raw).ok().map(|()| Self(raw.replace('-', "_")))
+        check(raw).ok().map(|()| Self::normalised(raw))
+    }
+
+    /// `s` (already checked) with every `-` written `_`; no heap block for
+    /// a name of at most 24 bytes.
+    fn normalised(s: &str) -> Self {
+        if s.contains('-') {
+            Self(s.chars().map(|c| if c == '-' { '_' } else { c }).collect())
+        } else {
+            Self(CompactString::new(s))
+        }
     }
 
     /// The module name of a module file path as written in modules.dep or

@@ -22,10 +22,10 @@ use crate::names::ModuleName;
 pub struct ModuleFile {
     /// Path as written in modules.dep, relative to the module directory (or
     /// absolute, for modules depmod found outside it).
-    pub path: String,
+    pub path: Box<str>,
     /// Modules this one needs loaded first, as listed by depmod (the whole
     /// closure, nearest first).
-    pub deps: Vec<ModuleName>,
+    pub deps: Box<[ModuleName]>,
 }
 
 /// Parses modules.builtin read from `path` (used only to label skipped
@@ -93,9 +93,11 @@ pub fn parse_modules_dep(text: &str, path: &Path) -> Parsed<BTreeMap<ModuleName,
         }
         modules.insert(
             name,
+            // Exactly sized: a snapshot holds one per module of the kernel
+            // (about 4,000) for the daemon's life.
             ModuleFile {
-                path: module_path.to_owned(),
-                deps,
+                path: module_path.into(),
+                deps: deps.into_boxed_slice(),
             },
         );
     }
@@ -140,13 +142,13 @@ mod tests {
         assert_eq!(
             m[&name("nvme_tcp")],
             ModuleFile {
-                path: "kernel/drivers/nvme/host/nvme-tcp.ko.xz".to_owned(),
-                deps: vec![name("nvme_fabrics"), name("nvme_core")],
+                path: "kernel/drivers/nvme/host/nvme-tcp.ko.xz".into(),
+                deps: vec![name("nvme_fabrics"), name("nvme_core")].into(),
             }
         );
-        assert_eq!(m[&name("dm_mod")].deps, []);
-        assert_eq!(m[&name("dm_crypt")].deps, [name("dm_mod")]);
-        assert_eq!(m[&name("uio_pci_generic")].deps, [name("uio")]);
+        assert_eq!(m[&name("dm_mod")].deps[..], []);
+        assert_eq!(m[&name("dm_crypt")].deps[..], [name("dm_mod")]);
+        assert_eq!(m[&name("uio_pci_generic")].deps[..], [name("uio")]);
     }
 
     /// Modules Longhorn needs; Debian builds every one as a loadable module.
@@ -191,7 +193,7 @@ mod tests {
             assert!(m[&name(module)].path.ends_with(".ko"), "{module}");
         }
         assert_eq!(
-            m[&name("nvme_tcp")].deps,
+            m[&name("nvme_tcp")].deps[..],
             [
                 "nvme_fabrics",
                 "nvme_core",
@@ -203,10 +205,13 @@ mod tests {
             ]
             .map(name)
         );
-        assert_eq!(m[&name("dm_crypt")].path, "kernel/drivers/md/dm-crypt.ko");
-        assert_eq!(m[&name("dm_crypt")].deps, [name("dm_mod")]);
         assert_eq!(
-            m[&name("vfio_pci")].deps,
+            m[&name("dm_crypt")].path.as_ref(),
+            "kernel/drivers/md/dm-crypt.ko"
+        );
+        assert_eq!(m[&name("dm_crypt")].deps[..], [name("dm_mod")]);
+        assert_eq!(
+            m[&name("vfio_pci")].deps[..],
             ["vfio_pci_core", "vfio_virqfd", "vfio", "irqbypass"].map(name)
         );
     }
@@ -225,10 +230,10 @@ mod tests {
             assert!(m.contains_key(&name(module)), "{module}");
         }
         assert_eq!(
-            m[&name("nvme_tcp")].deps,
+            m[&name("nvme_tcp")].deps[..],
             ["nvme_fabrics", "nvme_keyring", "nvme_core", "nvme_auth"].map(name)
         );
-        assert_eq!(m[&name("uio_pci_generic")].deps, [name("uio")]);
+        assert_eq!(m[&name("uio_pci_generic")].deps[..], [name("uio")]);
     }
 
     #[test]
@@ -262,8 +267,8 @@ mod tests {
             ]
         );
         // d is kept with the dependency that made sense.
-        assert_eq!(parsed.value[&name("d")].deps, [name("b")]);
-        assert_eq!(parsed.value[&name("a")].path, "kernel/a.ko");
+        assert_eq!(parsed.value[&name("d")].deps[..], [name("b")]);
+        assert_eq!(parsed.value[&name("a")].path.as_ref(), "kernel/a.ko");
         assert_eq!(parsed.value.len(), 2);
     }
 }

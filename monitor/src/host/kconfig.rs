@@ -9,6 +9,8 @@ use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use compact_str::CompactString;
+
 use super::{HostError, HostRoot, LineIssues, Parsed, read_limited, read_optional_bytes};
 use crate::names::ModuleName;
 
@@ -29,7 +31,10 @@ pub enum ConfigValue {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KernelConfig {
     source: PathBuf,
-    values: BTreeMap<String, ConfigValue>,
+    /// By symbol without its `CONFIG_` prefix: almost every one then fits
+    /// inline, and a config has about 8,000 of them, kept for the daemon's
+    /// life.
+    values: BTreeMap<CompactString, ConfigValue>,
 }
 
 impl KernelConfig {
@@ -38,11 +43,8 @@ impl KernelConfig {
     /// are off, or it does not exist in this kernel).
     #[must_use]
     pub fn get(&self, symbol: &str) -> Option<ConfigValue> {
-        if symbol.starts_with("CONFIG_") {
-            self.values.get(symbol).cloned()
-        } else {
-            self.values.get(&format!("CONFIG_{symbol}")).cloned()
-        }
+        let bare = symbol.strip_prefix("CONFIG_").unwrap_or(symbol);
+        self.values.get(bare).cloned()
     }
 
     /// Whether the kernel can load modules at all (`CONFIG_MODULES=y`).
@@ -55,11 +57,6 @@ impl KernelConfig {
     #[must_use]
     pub fn source(&self) -> &Path {
         &self.source
-    }
-
-    /// Every symbol the config mentions, in name order.
-    pub fn iter(&self) -> impl Iterator<Item = (&str, &ConfigValue)> {
-        self.values.iter().map(|(k, v)| (k.as_str(), v))
     }
 
     /// How many symbols the config mentions.
@@ -92,13 +89,13 @@ pub fn parse_kernel_config(text: &str, path: &Path) -> Parsed<KernelConfig> {
                 .strip_suffix(" is not set")
                 .filter(|s| is_symbol(s))
             {
-                values.insert(symbol.to_owned(), ConfigValue::NotSet);
+                values.insert(bare(symbol), ConfigValue::NotSet);
             }
             continue;
         }
         match parse_assignment(line) {
             Ok((symbol, value)) => {
-                values.insert(symbol.to_owned(), value);
+                values.insert(bare(symbol), value);
             }
             Err(problem) => issues.skip(index, problem),
         }
@@ -107,6 +104,11 @@ pub fn parse_kernel_config(text: &str, path: &Path) -> Parsed<KernelConfig> {
         source: path.to_path_buf(),
         values,
     })
+}
+
+/// A checked symbol's key: the name after `CONFIG_`.
+fn bare(symbol: &str) -> CompactString {
+    CompactString::new(symbol.strip_prefix("CONFIG_").unwrap_or(symbol))
 }
 
 /// `CONFIG_` followed by at least one of `[A-Za-z0-9_]`.
