@@ -1,5 +1,6 @@
 //! The module event every source produces, decoded from the kernel's
 //! `ModuleEvent` (eBPF) or synthesised from uevents and /proc/modules polls.
+use compact_str::CompactString;
 use monitor_common::{COMM_LEN, EventKind, ModuleEvent, NAME_LEN};
 use serde::Serialize;
 
@@ -72,7 +73,8 @@ pub struct Actor {
     pub tgid: u32,
     pub uid: u32,
     pub gid: u32,
-    pub comm: String,
+    /// At most 15 bytes: always inline.
+    pub comm: CompactString,
     pub cgroup_id: u64,
 }
 
@@ -169,9 +171,12 @@ impl DecodeError {
 }
 
 /// Bytes up to the first NUL, as lossy UTF-8.
-fn c_str(bytes: &[u8]) -> String {
+/// The text up to the first NUL; borrowed unless it needs repair (invalid
+/// UTF-8), so decoding a record copies its names only into their own
+/// inline storage.
+fn c_str(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
     let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
-    String::from_utf8_lossy(&bytes[..end]).into_owned()
+    String::from_utf8_lossy(&bytes[..end])
 }
 
 impl SourceEvent {
@@ -231,20 +236,20 @@ impl SourceEvent {
             tgid,
             uid,
             gid,
-            comm: c_str(&comm[..COMM_LEN]),
+            comm: CompactString::new(c_str(&comm[..COMM_LEN])),
             cgroup_id,
         };
         let Some(module) = ModuleName::from_kernel(&name_str) else {
             if raw == Some(Raw::Request) && !name_str.is_empty() {
                 return Ok(Decoded::AliasRequest {
-                    alias: name_str,
+                    alias: name_str.into_owned(),
                     actor,
                     boot_ns,
                 });
             }
             return Err(DecodeError::BadName {
                 kind,
-                name: name_str,
+                name: name_str.into_owned(),
             });
         };
         let Some(raw) = raw else {

@@ -634,7 +634,7 @@ mod tests {
                 ..ActorInfo::default()
             }
         });
-        assert_eq!(enriched, [(9, "rmmod".to_owned())]);
+        assert_eq!(enriched, [(9, compact_str::CompactString::from("rmmod"))]);
         let kinds: Vec<RecordKind> = records.iter().map(|r| r.kind).collect();
         assert_eq!(
             kinds,

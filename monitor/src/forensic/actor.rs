@@ -32,7 +32,7 @@ pub fn enrich(host: &HostRoot, actor: &Actor) -> ActorInfo {
         tgid: *tgid,
         uid: *uid,
         gid: *gid,
-        comm: comm.clone(),
+        comm: comm.to_string(),
         cgroup_id: *cgroup_id,
         read_late: true,
         ..ActorInfo::default()

@@ -411,7 +411,7 @@ mod tests {
                     tgid: 105,
                     uid: 0,
                     gid: 0,
-                    comm: "rmmod".to_owned(),
+                    comm: "rmmod".into(),
                     cgroup_id: 1,
                 }),
             }),
