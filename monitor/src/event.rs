@@ -73,7 +73,8 @@ pub struct Actor {
     pub tgid: u32,
     pub uid: u32,
     pub gid: u32,
-    /// At most 15 bytes: always inline.
+    /// At most 15 bytes from the kernel, so inline (a comm that needs UTF-8
+    /// repair can grow past the 24 inline bytes and take a heap block).
     pub comm: CompactString,
     pub cgroup_id: u64,
 }

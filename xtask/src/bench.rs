@@ -1048,7 +1048,7 @@ pub fn readme_section(c: &Value) -> String {
     }
     let _ = writeln!(
         s,
-        "\n| guest | storm events | handled/s | lost | RSS after start, KiB | of it anonymous / the binary's pages, KiB | after 10,000 events, KiB | idle CPU, % | idle wakeups/s | BPF ns per run |\n|---|---|---|---|---|---|---|---|---|---|"
+        "\n| guest | storm events | handled/s | lost | RSS after start, KiB | of it anonymous / mapped (the binary, BPF maps), KiB | after 10,000 events, KiB | idle CPU, % | idle wakeups/s | BPF ns per run |\n|---|---|---|---|---|---|---|---|---|---|"
     );
     for (name, k) in kernels {
         let st = &k["summary"]["storm"];

@@ -454,8 +454,11 @@ fn storm_and_footprint(api: &Api, idle: Duration) -> Result<Value, String> {
     let pid = daemon.pid();
     thread::sleep(Duration::from_secs(1));
     let rss_start = rss_kib(pid)?;
-    // What it is made of: the daemon's own memory, and the binary's pages
-    // it maps (shmem here: the initramfs is tmpfs; file on a disk).
+    // What it is made of: the daemon's own memory, and what it maps: the
+    // binary's pages (shmem here, the initramfs being tmpfs; file pages on
+    // a disk) and the BPF maps it mmaps (the ring buffer, its data pages
+    // mapped twice, and the mmapable arrays), which the kernel counts as
+    // file pages. Named `binary` after the bigger part.
     let rss_start_anon = proc_status_kib(pid, "RssAnon")?;
     let rss_start_binary = proc_status_kib(pid, "RssFile")? + proc_status_kib(pid, "RssShmem")?;
 
