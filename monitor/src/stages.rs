@@ -1,7 +1,7 @@
 //! Where one event's time goes, for `cargo xtask bench`: with the `bench`
 //! feature, the source and the daemon stamp each module event with
 //! CLOCK_BOOTTIME as it passes each stage (taken from the ring, decoded,
-//! taken by the daemon's loop, applied by the tracker, counted in the
+//! taken by the tracker, applied by it, counted in the
 //! metrics, published, its actor enriched, its record handed to the
 //! forensic log), and on a clean stop the daemon writes a summary to the
 //! file named by `KMOD_MONITOR_BENCH_STAGES`. Without the feature every
@@ -20,9 +20,9 @@ pub enum Stage {
     Drained,
     /// Decoded into an event.
     Decoded,
-    /// Taken by the daemon's loop (after the records drained before it in
-    /// the same batch; for the uevent and poll sources, after the queue
-    /// from their reader task).
+    /// Taken by the tracker (after the records drained before it in the
+    /// same batch; for the uevent and poll sources, after the queue from
+    /// their reader task and a turn of the daemon's loop).
     Received,
     /// Applied by the tracker (`applied_ns`).
     Tracked,
@@ -65,7 +65,7 @@ impl Stage {
         match self {
             Self::Drained => "ring wake-up and drain",
             Self::Decoded => "decode",
-            Self::Received => "hand-over to the daemon loop",
+            Self::Received => "hand-over to the tracker",
             Self::Tracked => "tracker (applied_ns)",
             Self::Metrics => "metrics",
             Self::StatusBuilt => "publish: /status document built",
@@ -125,7 +125,8 @@ pub fn mark_received(stage: Stage) {
     let _ = stage;
 }
 
-/// Ends the daemon's loop turn: every received event is done.
+/// Ends the daemon's loop turn: every received event is done (called only
+/// when nothing applied waits for the loop).
 #[inline]
 pub fn close() {
     #[cfg(feature = "bench")]

@@ -6,7 +6,10 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{Daemon, is_event, records};
+use super::{
+    Daemon, is_event, records,
+    shared::{Applied, Taken},
+};
 use crate::{
     event::{Kind, Raw, SourceEvent, boot_ns_now},
     forensic::actor,
@@ -52,7 +55,7 @@ impl Daemon {
             let Some(msg) = running.try_recv() else { break };
             if let Some(ev) = is_event(&msg) {
                 if ev.boot_ns < snap_start {
-                    let kind = self.tracker.record_historical(ev);
+                    let kind = self.shared.lock().tracker.record_historical(ev);
                     self.count(kind);
                     if let Some(kind) = kind {
                         self.record_historical(ev, kind);
@@ -77,26 +80,29 @@ impl Daemon {
         }
     }
 
-    /// Applies a turn's messages: the module events first to the tracker,
-    /// each run of them at once, and only then their metrics, log lines
-    /// and records, so nothing but the tracker stands between an event and
-    /// the state change of the events behind it in the batch. Any other
-    /// message ends a run, so the order of everything is kept.
+    /// Applies a turn's messages from a reader task's queue (uevent,
+    /// poll): the module events first to the tracker, all of them under
+    /// one lock, and only then their metrics, log lines and records, so
+    /// nothing but the tracker stands between an event and the state
+    /// change of the events behind it in the batch. Each message is then
+    /// finished in the order it came.
     pub(super) fn handle_batch(&mut self, batch: &mut Vec<SourceMsg>, running: &RunningSource) {
-        let mut run: Vec<Applied> = Vec::new();
-        for msg in batch.drain(..) {
-            match msg {
-                SourceMsg::Event(ev) => run.push(self.apply_event(ev)),
-                other => {
-                    for a in run.drain(..) {
-                        self.finish_event(a);
-                    }
-                    self.handle(other, running);
-                }
-            }
+        let taken: Vec<Taken> = {
+            let mut core = self.shared.lock();
+            let mut taken: Vec<Taken> = batch.drain(..).map(|m| core.take(m)).collect();
+            core.take_views(taken.iter_mut().filter_map(Taken::applied));
+            taken
+        };
+        for t in taken {
+            self.finish(t, running);
         }
-        for a in run {
-            self.finish_event(a);
+    }
+
+    /// The rest of a message's handling once the tracker has taken it.
+    pub(super) fn finish(&mut self, taken: Taken, running: &RunningSource) {
+        match taken {
+            Taken::Applied(a) => self.finish_event(a),
+            Taken::Other(msg) => self.handle(msg, running),
         }
     }
 
@@ -104,7 +110,12 @@ impl Daemon {
     pub(super) fn handle(&mut self, msg: SourceMsg, running: &RunningSource) {
         match msg {
             SourceMsg::Event(ev) => {
-                let applied = self.apply_event(ev);
+                let applied = {
+                    let mut core = self.shared.lock();
+                    let mut applied = core.apply_event(ev);
+                    core.take_views(std::iter::once(&mut applied));
+                    applied
+                };
                 self.finish_event(applied);
             }
             SourceMsg::AliasRequest { alias } => {
@@ -114,7 +125,7 @@ impl Daemon {
             }
             SourceMsg::Lost { total } => {
                 self.append(records::events_lost(
-                    self.active.as_str(),
+                    self.active().as_str(),
                     Some(total),
                     None,
                     boot_ns_now(),
@@ -128,7 +139,7 @@ impl Daemon {
             }
             SourceMsg::Undecodable { reason } => {
                 self.append(records::events_lost(
-                    self.active.as_str(),
+                    self.active().as_str(),
                     None,
                     Some(format!("undecodable event: {reason}")),
                     boot_ns_now(),
@@ -153,44 +164,6 @@ impl Daemon {
         }
     }
 
-    /// The state change of one module event, and what its record needs
-    /// from the state right after it.
-    fn apply_event(&mut self, mut ev: SourceEvent) -> Applied {
-        stages::mark(ev.boot_ns, Stage::Received);
-        // A request by alias (`fs-nfs4`) is about its module (`nfs`).
-        if ev.raw == Raw::Request
-            && !self.tracker.is_required(&ev.module)
-            && let Some(module) = self.aliases.get(&ev.module)
-        {
-            ev.module = module.clone();
-        }
-        let outcome = self.tracker.apply(&ev);
-        let applied_ns = boot_ns_now();
-        stages::mark_at(ev.boot_ns, Stage::Tracked, applied_ns);
-        self.turn_decided |= !outcome.group_changes.is_empty();
-        if outcome.required && outcome.from.satisfies() != outcome.to.satisfies() {
-            stages::mark_decisive(ev.boot_ns);
-        }
-        // The record's view of the groups is taken now, before the next
-        // event moves the state on.
-        let pending = match (&self.log, outcome.kind) {
-            (Some(_), Some(kind)) => Some(records::PendingEvent::new(
-                &self.tracker,
-                &ev,
-                kind,
-                Some(&outcome),
-                self.active.as_str(),
-            )),
-            _ => None,
-        };
-        Applied {
-            latency_ns: applied_ns.saturating_sub(ev.boot_ns),
-            ev,
-            outcome,
-            pending,
-        }
-    }
-
     /// Everything else an applied event leads to: metrics, counts, the log
     /// line, the record.
     fn finish_event(&mut self, a: Applied) {
@@ -205,6 +178,7 @@ impl Daemon {
             reason = "a latency in seconds for a histogram"
         )]
         let latency = latency_ns as f64 / 1e9;
+        self.turn_decided |= !outcome.group_changes.is_empty();
         self.metrics.on_event(&outcome, Some(latency));
         stages::mark(ev.boot_ns, Stage::Metrics);
         self.count(outcome.kind);
@@ -281,26 +255,15 @@ impl Daemon {
         }
     }
 
-    /// The record of one applied event (when it meant something), then one
-    /// `requirement_change` per group it flipped: taken now, built after
-    /// the publish ([`Daemon::flush_records`]).
-    /// Holds the records of `ev`, applied with `o`, for the flush.
-    fn record_outcome(&mut self, ev: &SourceEvent, o: &Outcome, source: &str) {
-        if self.log.is_none() {
-            return;
-        }
-        let Some(kind) = o.kind else { return };
-        let pending = records::PendingEvent::new(&self.tracker, ev, kind, Some(o), source);
-        self.deferred.event(pending);
-    }
-
     /// An event from before the snapshot: history only, no state change.
     fn record_historical(&mut self, ev: &SourceEvent, kind: Kind) {
         if self.log.is_none() {
             return;
         }
+        let core = self.shared.lock();
         let pending =
-            records::PendingEvent::new(&self.tracker, ev, kind, None, self.active.as_str());
+            records::PendingEvent::new(&core.tracker, ev, kind, None, core.source.as_str());
+        drop(core);
         self.deferred.event(pending);
     }
 
@@ -355,7 +318,7 @@ impl Daemon {
     pub(super) fn settling(&mut self, may_hold: bool) -> bool {
         self.held_until = None;
         let decided = std::mem::take(&mut self.turn_decided);
-        if !self.tracker.in_transition() {
+        if !self.shared.lock().tracker.in_transition() {
             self.settle_since = None;
             return false;
         }
@@ -389,7 +352,7 @@ impl Daemon {
 
     /// Arms the initstate check while some module is `loading`.
     pub(super) fn schedule_confirm(&mut self) {
-        if self.tracker.loading().next().is_none() {
+        if self.shared.lock().tracker.loading().next().is_none() {
             self.confirm = None;
         } else if self.confirm.is_none() {
             self.confirm = Some((Instant::now() + CONFIRM_AFTER, CONFIRM_AFTER));
@@ -401,9 +364,15 @@ impl Daemon {
     /// loop), so a module still `loading` here has had no news for
     /// [`CONFIRM_AFTER`].
     pub(super) fn confirm_loading(&mut self) {
-        let loading: Vec<_> = self.tracker.loading().cloned().collect();
+        let loading: Vec<_> = self.shared.lock().tracker.loading().cloned().collect();
         let mut still = false;
         for name in loading {
+            // Read and applied under the lock, so the ring thread cannot
+            // apply a newer event of this module between the two.
+            let mut core = self.shared.lock();
+            if !core.tracker.loading().any(|m| *m == name) {
+                continue;
+            }
             let raw = match host::read_initstate(&self.settings.common.host, &name) {
                 Ok(Some(InitState::Live)) => Raw::Present,
                 Ok(Some(InitState::Coming)) => {
@@ -418,11 +387,24 @@ impl Daemon {
                 }
             };
             let ev = SourceEvent::observed(raw, name, boot_ns_now());
-            let outcome = self.tracker.apply(&ev);
+            let outcome = core.tracker.apply(&ev);
+            let pending = match (&self.log, outcome.kind) {
+                (Some(_), Some(kind)) => Some(records::PendingEvent::new(
+                    &core.tracker,
+                    &ev,
+                    kind,
+                    Some(&outcome),
+                    "initstate",
+                )),
+                _ => None,
+            };
+            drop(core);
             self.metrics.on_event(&outcome, None);
             self.count(outcome.kind);
             trace_outcome(&outcome, &ev);
-            self.record_outcome(&ev, &outcome, "initstate");
+            if let Some(pending) = pending {
+                self.deferred.event(pending);
+            }
         }
         self.confirm = still.then(|| {
             let back_off = self
@@ -435,17 +417,6 @@ impl Daemon {
 
 /// The daemon's log line for a required module's event, and for each group
 /// it flipped.
-/// A module event the tracker has applied, waiting for the rest of its
-/// handling ([`Daemon::finish_event`]).
-struct Applied {
-    ev: SourceEvent,
-    outcome: Outcome,
-    /// From the event to its state change.
-    latency_ns: u64,
-    /// Its record, when there is a log and the event meant something.
-    pending: Option<records::PendingEvent>,
-}
-
 fn trace_outcome(o: &Outcome, ev: &SourceEvent) {
     if let Some(kind) = o.kind
         && o.required

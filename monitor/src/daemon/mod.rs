@@ -8,8 +8,11 @@
 //!    reconcile.
 //!
 //! Then the loop takes events, timers, signals and cluster changes, and
-//! after each publishes the new state. The other concerns have their own
-//! files: `events.rs` applies source messages, `reconcile.rs` compares
+//! after each publishes the new state. The eBPF ring has a thread of its
+//! own (`ring.rs`), which applies each event to the tracker as it takes
+//! it; the tracker is shared with it under one lock (`shared.rs`). The
+//! other concerns have their own files: `events.rs` handles what the
+//! source sends once it is applied, `reconcile.rs` compares
 //! with /proc/modules, `reload.rs` handles SIGHUP and cluster changes,
 //! `publish.rs` fans the state out to /status, metrics and alerts, and
 //! [`records`] builds the forensic records.
@@ -19,6 +22,8 @@ mod publish;
 mod reconcile;
 pub mod records;
 mod reload;
+mod ring;
+mod shared;
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
@@ -52,7 +57,10 @@ use crate::{
 /// The daemon's state between events.
 struct Daemon {
     settings: RunSettings,
-    tracker: Tracker,
+    /// The tracker, shared with the ring thread (see [`shared`]).
+    shared: Arc<shared::Shared>,
+    /// The thread reading the eBPF ring, while that is the source.
+    ring: Option<ring::RingThread>,
     /// The start-up snapshot: kernel config and module files for remedies.
     snapshot: Snapshot,
     counts: EventCounts,
@@ -73,8 +81,6 @@ struct Daemon {
     boot_epoch: std::time::SystemTime,
     /// The forensic event log, if any.
     log: Option<EventLog>,
-    /// The source in use (named in event records).
-    active: ActiveKind,
     /// uid, gid and capabilities after the drop.
     privileges: Privileges,
     /// V2 enablement, the cluster view, hugepages.
@@ -83,9 +89,6 @@ struct Daemon {
     denied: denied::Denied,
     /// What the kernel had suppressed when the current window opened.
     denied_suppressed_before: u64,
-    /// Exact aliases of the tracked modules (`fs_nfs4` → `nfs`): a request
-    /// by alias is about its module.
-    aliases: BTreeMap<ModuleName, ModuleName>,
     /// Reconciles triggered by losses, spaced [`LOSS_RECONCILE_SPACING`].
     loss_reconcile: reconcile::Spaced,
     /// The checks of the host and the cluster, as last judged.
@@ -110,7 +113,8 @@ struct Daemon {
 /// burst must not turn into a read per report.
 pub const LOSS_RECONCILE_SPACING: Duration = Duration::from_secs(1);
 
-/// Most source messages applied in one turn of the loop before the state
+/// Most source messages handled in one turn of the loop (applied, for a
+/// reader task's queue; finished, for the ring thread's) before the state
 /// is published and the other tasks get the thread.
 const TURN_MAX: usize = source::ebpf::DRAIN_BATCH;
 
@@ -232,12 +236,18 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
     for w in &boot.warnings {
         tracing::warn!(warning = %w, "boot-time module configuration");
     }
+    let shared = Arc::new(shared::Shared::new(shared::Core::new(
+        tracker,
+        aliases,
+        running.kind,
+    )));
     let mut d = Daemon {
+        shared: Arc::clone(&shared),
+        ring: None,
         counts: EventCounts::default(),
         reconciler: reconcile::Reconciler::default(),
         warnings: snapshot.warnings.clone(),
         snapshot,
-        tracker,
         settings,
         confirm: None,
         metrics: Arc::clone(&metrics),
@@ -246,13 +256,11 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
         trigger_boot_ns: None,
         boot_epoch: std::time::SystemTime::now() - Duration::from_nanos(boot_ns_now()),
         log: None,
-        active: running.kind,
         boot,
         privileges,
         v2,
         denied: denied::Denied::default(),
         denied_suppressed_before: 0,
-        aliases,
         loss_reconcile: reconcile::Spaced::default(),
         checks: Vec::new(),
         k8s: reporter,
@@ -273,8 +281,11 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
     // such.
     running.sync().await;
     d.drain_startup(&mut running, snap_start, snap_end);
-    for g in d.tracker.report() {
-        log_group(&g);
+    // From here the ring (if that is the source) is read by its own thread.
+    d.start_ring_thread(&mut running)?;
+    let report = d.shared.lock().tracker.report();
+    for g in &report {
+        log_group(g);
     }
     let (status_tx, status_rx) = watch::channel(Arc::new(d.status(&running)));
     d.publish(&running, &status_tx);
@@ -301,6 +312,8 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
     let mut log_status = d.log.as_ref().map(EventLog::subscribe);
     // One turn's messages from the source (reused).
     let mut batch = Vec::with_capacity(TURN_MAX);
+    // One turn's messages from the ring thread (reused).
+    let mut taken = Vec::with_capacity(TURN_MAX);
     let stop_reason = loop {
         d.schedule_confirm();
         let confirm_at = d.confirm.map(|(at, _)| at);
@@ -320,6 +333,7 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
             _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break "SIGTERM"; }
             _ = sigint.recv() => { tracing::info!("SIGINT: stopping"); break "SIGINT"; }
             _ = sighup.recv() => {
+                d.finish_queued(&running);
                 let before = d.settings.reconcile_interval;
                 d.reload();
                 if d.settings.reconcile_interval != before {
@@ -327,8 +341,14 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
                 }
                 opts.tracked = d.retrack(&running);
             }
-            () = sleep_until(denied_at) => d.flush_denied(&running),
-            () = sleep_until(loss_at) => d.reconcile_after_loss(),
+            () = sleep_until(denied_at) => {
+                d.finish_queued(&running);
+                d.flush_denied(&running);
+            }
+            () = sleep_until(loss_at) => {
+                d.finish_queued(&running);
+                d.reconcile_after_loss();
+            }
             // The writer's state changed (degraded, written): republish.
             () = status_changed(&mut log_status) => {}
             () = sleep_until(confirm_at) => {
@@ -337,21 +357,38 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
                 // events are merely queued behind a busy daemon would be
                 // judged from a later state (and its queued events then
                 // misread).
-                running.sync().await;
-                for _ in 0..source::SYNC_MAX {
-                    let Some(msg) = running.try_recv() else { break };
-                    d.handle(msg, &running);
-                }
+                d.catch_up(&mut running).await;
                 d.confirm_loading();
             }
-            _ = reconcile.tick() => d.reconcile_first_look(),
-            () = sleep_until(drift_at) => d.reconcile_second_look(),
-            Some(view) = cluster_changed(&mut cluster_rx) => d.on_view(view),
+            _ = reconcile.tick() => {
+                d.finish_queued(&running);
+                d.reconcile_first_look();
+            }
+            () = sleep_until(drift_at) => {
+                d.finish_queued(&running);
+                d.reconcile_second_look();
+            }
+            Some(view) = cluster_changed(&mut cluster_rx) => {
+                d.finish_queued(&running);
+                d.on_view(view);
+            }
             // The unreadable-cluster alert is due: republish.
             () = sleep_until(grace_at) => {}
             // A hold's next step: read the actors, or publish the
             // in-between state of a load or unload that is taking long.
             () = sleep_until(settle_at) => may_hold = true,
+            // What the ring thread applied (see shared.rs).
+            () = shared.ready() => {
+                may_hold = true;
+                busy = shared.take_queued(&mut taken, TURN_MAX);
+                for t in taken.drain(..) {
+                    d.finish(t, &running);
+                }
+                if let Some(reason) = shared.take_ring_failure() {
+                    tracing::error!(%reason, "eBPF source stopped");
+                    running = d.fall_back(&running, &opts).await?;
+                }
+            }
             msg = running.recv() => match msg {
                 Some(msg) => {
                     may_hold = true;
@@ -368,11 +405,7 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
                     }
                     d.handle_batch(&mut batch, &running);
                 }
-                None => {
-                    running = fall_back(&running, &opts).await?;
-                    d.active = running.kind;
-                    d.reconcile_now(true);
-                }
+                None => running = d.fall_back(&running, &opts).await?,
             },
         }
         // A load or unload under way: its result follows within
@@ -394,15 +427,16 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
         stages::mark_received(Stage::Published);
         // Only now the forensic records of what was applied (actor
         // enrichment, building, the hand-off), and only if no event is
-        // waiting: the yield lets the reader take what the ring holds, and
-        // an event it found is applied and published first.
+        // waiting: the yield lets a reader task queue what it holds (the
+        // ring thread queues on its own), and an event waiting is handled
+        // and published first.
         if d.deferred_waiting() {
             tokio::task::yield_now().await;
-            if running.is_empty() || d.deferred_full() {
+            if (running.is_empty() && shared.nothing_queued()) || d.deferred_full() {
                 d.flush_records();
             }
         }
-        if !d.deferred_waiting() {
+        if !d.deferred_waiting() && shared.nothing_queued() {
             stages::close();
         }
         // Let the HTTP server, the pushers and the signals run between
@@ -411,6 +445,12 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
             tokio::task::yield_now().await;
         }
     };
+    // Stops the ring thread (see ring.rs).
+    drop(d.ring.take());
+    // What the ring thread applied before it stopped is still recorded.
+    for t in shared.catch_up(0) {
+        d.finish(t, &running);
+    }
     stages::dump();
     d.flush_denied(&running);
     d.close_event_log(stop_reason);
@@ -506,13 +546,15 @@ impl Daemon {
         )?;
         tracing::info!(path = %path.display(), "forensic event log open");
         self.log = Some(log);
+        self.shared.lock().records = true;
         let config_path = self.settings.common.config_path.clone();
         let config_bytes = config_path.as_ref().and_then(|p| std::fs::read(p).ok());
+        let core = self.shared.lock();
         let start = records::start(
-            &self.tracker,
+            &core.tracker,
             &self.snapshot,
             &records::StartInfo {
-                source: self.active.as_str(),
+                source: core.source.as_str(),
                 pid: std::process::id(),
                 config_file: config_path.map(|p| p.display().to_string()),
                 config_bytes: config_bytes.as_deref(),
@@ -520,6 +562,7 @@ impl Daemon {
                 snapshot_ns,
             },
         );
+        drop(core);
         for r in start {
             self.append(r);
         }
@@ -531,6 +574,7 @@ impl Daemon {
     fn close_event_log(&mut self, reason: &str) {
         self.flush_records();
         if let Some(mut log) = self.log.take() {
+            self.shared.lock().records = false;
             let mut r = Record::new(RecordKind::MonitorStop, boot_ns_now());
             r.reason = Some(reason.to_owned());
             log.append(r);
@@ -559,8 +603,64 @@ impl Daemon {
     }
 }
 
-/// The source stopped: start the next one that works and say so.
-async fn fall_back(dead: &RunningSource, opts: &SourceOptions) -> anyhow::Result<RunningSource> {
+impl Daemon {
+    /// The source stopped: start the next one that works, say so, and
+    /// correct the tracker from /proc/modules (what happened meanwhile
+    /// went unseen).
+    async fn fall_back(
+        &mut self,
+        dead: &RunningSource,
+        opts: &SourceOptions,
+    ) -> anyhow::Result<RunningSource> {
+        drop(self.ring.take());
+        let mut next = next_source(dead, opts).await?;
+        self.shared.lock().source = next.kind;
+        self.start_ring_thread(&mut next)?;
+        self.reconcile_now(true);
+        Ok(next)
+    }
+
+    /// Starts the ring thread if `running` reads the eBPF ring.
+    fn start_ring_thread(&mut self, running: &mut RunningSource) -> anyhow::Result<()> {
+        if let Some(feed) = running.take_ring() {
+            self.ring = Some(ring::spawn(&self.shared, feed)?);
+        }
+        Ok(())
+    }
+
+    /// Applies what the source had buffered when called, everything the
+    /// ring thread queued before it, and what the ring holds: every event
+    /// from before this moment is in the tracker when this returns.
+    async fn catch_up(&mut self, running: &mut RunningSource) {
+        running.sync().await;
+        for _ in 0..source::SYNC_MAX {
+            let Some(msg) = running.try_recv() else { break };
+            self.handle(msg, running);
+        }
+        for t in self.shared.catch_up(source::SYNC_MAX) {
+            self.finish(t, running);
+        }
+    }
+
+    /// Finishes what the ring thread has applied so far: done before
+    /// anything else that writes records, so the log keeps the order in
+    /// which the tracker took things.
+    fn finish_queued(&mut self, running: &RunningSource) {
+        let mut taken = Vec::new();
+        self.shared.take_queued(&mut taken, usize::MAX);
+        for t in taken {
+            self.finish(t, running);
+        }
+    }
+
+    /// The source in use, named in records.
+    fn active(&self) -> ActiveKind {
+        self.shared.lock().source
+    }
+}
+
+/// The source to start after `dead` stopped: the next one that works.
+async fn next_source(dead: &RunningSource, opts: &SourceOptions) -> anyhow::Result<RunningSource> {
     let reason = format!("{} source stopped unexpectedly", dead.kind);
     tracing::error!(%reason, "falling back to a slower source");
     let order = match dead.kind {
@@ -655,7 +755,7 @@ impl Daemon {
             .map(host::read_modules_alias)
             .unwrap_or_default();
         let (tracked, aliases) = tracked_names(&self.settings.common.groups, &all);
-        self.aliases = aliases;
+        self.shared.lock().aliases = aliases;
         if let Some(outcome) = running.set_tracked(&tracked) {
             tracing::info!("{}", outcome.describe());
         }

@@ -109,9 +109,11 @@ impl Daemon {
             layout_unset: l.layout_unset(),
         });
         // Module groups, then the checks that have a verdict.
-        let groups: Vec<_> = self
-            .tracker
-            .report()
+        let (modules, modules_supported) = {
+            let core = self.shared.lock();
+            (core.tracker.report(), core.tracker.modules_supported())
+        };
+        let groups: Vec<_> = modules
             .into_iter()
             .chain(self.checks.iter().filter_map(|c| c.report()))
             .collect();
@@ -124,7 +126,7 @@ impl Daemon {
         Status {
             version: env!("CARGO_PKG_VERSION"),
             kernel_release: self.snapshot.kernel_release.clone(),
-            modules_supported: self.tracker.modules_supported(),
+            modules_supported,
             host_root: self.settings.common.host.root().to_path_buf(),
             source: SourceStatus {
                 active: running.kind,

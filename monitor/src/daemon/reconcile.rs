@@ -168,22 +168,27 @@ impl Daemon {
         if self.reconciler.pending() {
             return;
         }
+        // Locked across the read, so the ring thread applies nothing
+        // between it and the comparison: the tracker is never ahead of it.
+        let core = self.shared.lock();
         let started = boot_ns_now();
         let Some(loaded) = self.read_loaded() else {
             return;
         };
         self.reconciler
-            .first_look(&self.tracker, &loaded, started, Instant::now());
+            .first_look(&core.tracker, &loaded, started, Instant::now());
     }
 
     /// The periodic reconcile, second look.
     pub(super) fn reconcile_second_look(&mut self) {
+        let mut core = self.shared.lock();
         let Some(loaded) = self.read_loaded() else {
             return;
         };
         let outcomes = self
             .reconciler
-            .second_look(&mut self.tracker, &loaded, boot_ns_now());
+            .second_look(&mut core.tracker, &loaded, boot_ns_now());
+        drop(core);
         self.record_corrections(outcomes, true);
     }
 
@@ -191,17 +196,19 @@ impl Daemon {
     /// loss, a source failure, or to settle the start-up snapshot).
     pub(super) fn reconcile_now(&mut self, count_as_drift: bool) {
         self.refresh_boot_facts();
+        let mut core = self.shared.lock();
         let started = boot_ns_now();
         let Some(loaded) = self.read_loaded() else {
             return;
         };
         let outcomes = self.reconciler.now(
-            &mut self.tracker,
+            &mut core.tracker,
             &loaded,
             started,
             boot_ns_now(),
             count_as_drift,
         );
+        drop(core);
         self.record_corrections(outcomes, count_as_drift);
     }
 
@@ -209,12 +216,12 @@ impl Daemon {
     /// module newly blacklisted (or no longer) can flip an `available`
     /// group, which is recorded.
     pub(super) fn refresh_boot_facts(&mut self) {
-        self.boot = crate::remedy::boot_facts(
-            &self.settings.common.host,
-            &self.snapshot,
-            self.tracker.groups(),
-        );
-        for c in self.tracker.set_blocked(self.boot.blocked()) {
+        // The groups copied out, so the ring thread does not wait for the
+        // files read here.
+        let groups = self.shared.lock().tracker.groups().to_vec();
+        self.boot = crate::remedy::boot_facts(&self.settings.common.host, &self.snapshot, &groups);
+        let changes = self.shared.lock().tracker.set_blocked(self.boot.blocked());
+        for c in changes {
             if c.met {
                 tracing::info!(group = %c.group, "requirement met again: nothing blocks its modules from loading any more");
             } else {
@@ -236,7 +243,7 @@ impl Daemon {
             if count_as_drift {
                 self.metrics.inc_drift();
                 tracing::warn!(module = %o.module, tracked = %o.from, actual = %o.to, "drift: tracked state corrected from /proc/modules");
-                let r = records::drift(&self.tracker, &o, boot_ns_now());
+                let r = records::drift(&self.shared.lock().tracker, &o, boot_ns_now());
                 self.append(r);
             }
             trace_group_changes(&o);

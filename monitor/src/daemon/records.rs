@@ -49,12 +49,27 @@ pub fn effects(
     module: &ModuleName,
     changes: &[GroupChange],
 ) -> Vec<RequirementEffect> {
+    effects_before(tracker, module, changes, &[])
+}
+
+/// [`effects`] as they were before `later` happened: a group `later`
+/// flipped (its earliest flip, one per group) is given the verdict it had
+/// before that flip.
+fn effects_before(
+    tracker: &Tracker,
+    module: &ModuleName,
+    changes: &[GroupChange],
+    later: &[GroupChange],
+) -> Vec<RequirementEffect> {
     tracker
         .verdicts_holding(module)
         .map(|(name, met)| RequirementEffect {
             changed: changes.iter().any(|c| c.group == name),
             name: name.to_owned(),
-            met,
+            met: later
+                .iter()
+                .find(|c| c.group == name)
+                .map_or(met, |c| !c.met),
         })
         .collect()
 }
@@ -123,6 +138,21 @@ impl PendingEvent {
         outcome: Option<&Outcome>,
         source: &str,
     ) -> Self {
+        Self::before(tracker, ev, kind, outcome, source, &[])
+    }
+
+    /// [`new`](Self::new), taken after `later` (the earliest flip of each
+    /// group by events applied after `ev`) has moved the state on: the
+    /// view is still the one right after `ev`.
+    #[must_use]
+    pub fn before(
+        tracker: &Tracker,
+        ev: &SourceEvent,
+        kind: Kind,
+        outcome: Option<&Outcome>,
+        source: &str,
+        later: &[GroupChange],
+    ) -> Self {
         Self {
             ev: ev.clone(),
             kind,
@@ -132,7 +162,7 @@ impl PendingEvent {
                         from: o.from.to_string(),
                         to: o.to.to_string(),
                     },
-                    effects(tracker, &o.module, &o.group_changes),
+                    effects_before(tracker, &o.module, &o.group_changes, later),
                     o.module.clone(),
                     o.group_changes.clone(),
                 )

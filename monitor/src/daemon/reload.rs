@@ -34,7 +34,7 @@ impl Daemon {
             Err(error) => {
                 tracing::error!(%error, "SIGHUP: new config rejected; keeping the current one");
                 let r = records::config_reload(
-                    &self.tracker,
+                    &self.shared.lock().tracker,
                     records::ReloadInfo {
                         file,
                         digest,
@@ -53,12 +53,13 @@ impl Daemon {
         self.record_flips(&flips);
         let changes = self.track_groups();
         self.refresh_checks();
+        let groups = records::group_names(&self.shared.lock().tracker);
         tracing::info!(
             path = %path.display(),
             applied = ?reload.applied,
             restart_required = ?reload.restart,
             overridden_by_flag = ?reload.overridden,
-            groups = ?records::group_names(&self.tracker),
+            groups = ?groups,
             "SIGHUP: config reloaded"
         );
         if !reload.restart.is_empty() {
@@ -68,7 +69,7 @@ impl Daemon {
             tracing::info!(group = %c.group, met = c.met, "requirement after reload");
         }
         let r = records::config_reload(
-            &self.tracker,
+            &self.shared.lock().tracker,
             records::ReloadInfo {
                 file,
                 digest,
@@ -83,8 +84,9 @@ impl Daemon {
         );
         self.append(r);
         self.record_group_changes(&changes, RecordKind::ConfigReload);
-        for g in self.tracker.report() {
-            log_group(&g);
+        let report = self.shared.lock().tracker.report();
+        for g in &report {
+            log_group(g);
         }
     }
 
@@ -96,8 +98,9 @@ impl Daemon {
         if flips.iter().any(|f| f.requirement == V2_GROUP) {
             let changes = self.track_groups();
             self.record_group_changes(&changes, RecordKind::RequirementEnablement);
-            for g in self.tracker.report() {
-                log_group(&g);
+            let report = self.shared.lock().tracker.report();
+            for g in &report {
+                log_group(g);
             }
         }
         // The version in force, the memory size and the kubelet's capacity
@@ -112,7 +115,7 @@ impl Daemon {
             &self.settings.common.groups,
             self.v2.v2.enabled == Some(true),
         );
-        let changes = self.tracker.set_groups(groups);
+        let changes = self.shared.lock().tracker.set_groups(groups);
         self.refresh_boot_facts();
         changes
     }
@@ -151,7 +154,8 @@ impl Daemon {
     /// Re-judges the checks from the facts already read (after a cluster
     /// change or a reload); records and logs what changed.
     pub(super) fn rejudge_checks(&mut self) {
-        let severity = crate::requirements::v2_severity(self.tracker.groups()).to_owned();
+        let severity =
+            crate::requirements::v2_severity(self.shared.lock().tracker.groups()).to_owned();
         let now = self.v2.checks(&self.settings.common.groups, &severity);
         for v in &now {
             let was = self

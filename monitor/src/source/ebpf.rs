@@ -28,7 +28,6 @@ use monitor_common::{
     LOG_RING_BYTES, LOST_SLOTS, NAME_LEN, NOISE_CPU_SLOTS, NOISE_DENIED_SUPPRESSED,
     NOISE_REQUEST_UNTRACKED, NOISE_SLOTS, TRACKED_SLOTS, TracepointLayout, TrackedNames,
 };
-use tokio::io::unix::AsyncFd;
 use tokio_util::sync::CancellationToken;
 
 use super::{KernelLoss, Noise, SourceMsg, SourceOptions, StartError, Started, Tracking, tracefs};
@@ -38,9 +37,9 @@ use crate::{
     stages::{self, Stage},
 };
 
-/// Most ring-buffer records taken in one go: the daemon applies at most
-/// this many per turn, publishes, and yields, so a flood cannot starve the
-/// one thread that also serves HTTP and signals.
+/// Most ring-buffer records taken in one go: the ring thread applies at
+/// most this many per hold of the tracker's lock, so the daemon's task
+/// never waits long for it.
 pub const DRAIN_BATCH: usize = 256;
 
 /// The eBPF object built by build.rs, embedded so the binary stands alone.
@@ -429,7 +428,8 @@ impl Attached {
     }
 }
 
-/// Loads and attaches; the daemon reads the ring itself ([`RingFeed`]).
+/// Loads and attaches; the daemon reads the ring itself ([`RingFeed`]): its
+/// task during start-up, then its ring thread.
 pub(crate) fn start(
     opts: &SourceOptions,
     lost: Arc<AtomicU64>,
@@ -443,11 +443,6 @@ pub(crate) fn start(
         tracked,
         details,
     } = attach_all(opts, Some(cancel))?;
-    // SAFETY: the RingBuf owns its map fd for as long as it lives, and
-    // the AsyncFd owns the RingBuf, so the fd stays open and unchanged for
-    // the AsyncFd's whole lifetime.
-    let fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
-        .map_err(|e| StartError::new(format!("polling the ring buffer: {e}")))?;
     Ok(Started {
         details,
         guard: Some(Box::new(Loaded {
@@ -460,11 +455,10 @@ pub(crate) fn start(
         }),
         sync: None,
         ring: Some(RingFeed {
-            fd,
+            ring,
             losses,
             lost,
-            pending: VecDeque::with_capacity(DRAIN_BATCH),
-            failed: false,
+            pending: VecDeque::new(),
         }),
     })
 }
@@ -728,97 +722,86 @@ fn message(item: &[u8]) -> SourceMsg {
 }
 
 /// Takes at most `limit` records; returns how many.
-fn drain(ring: &mut RingBuf<MapData>, into: &mut VecDeque<SourceMsg>, limit: usize) -> usize {
+fn drain(ring: &mut RingBuf<MapData>, limit: usize, mut take: impl FnMut(SourceMsg)) -> usize {
     let mut taken = 0;
     while taken < limit {
         let Some(item) = ring.next() else { break };
-        into.push_back(message(&item));
+        take(message(&item));
         taken += 1;
     }
     taken
 }
 
-/// The ring buffer as the daemon reads it: from its own task, with no
-/// reader task, queue or wake-up between a record and the tracker. A
-/// record leaves the ring only into `pending`, in the same poll that
-/// returns the first of them, so [`recv`](Self::recv) is cancel-safe.
+/// The ring buffer as the daemon reads it: by the daemon's task during
+/// start-up ([`try_recv`](Self::try_recv)), then by the daemon's ring
+/// thread, which waits on [`fd`](Self::fd) with poll(2) and takes records
+/// with [`drain`](Self::drain). A record leaves the ring only into the
+/// caller's hands (or `pending`, for the next `try_recv`).
 pub(crate) struct RingFeed {
-    fd: AsyncFd<RingBuf<MapData>>,
+    ring: RingBuf<MapData>,
     losses: Arc<Losses>,
     /// The source's loss total, as last reported.
     lost: Arc<AtomicU64>,
     pending: VecDeque<SourceMsg>,
-    /// Polling the ring failed: the source is dead (the daemon falls back).
-    failed: bool,
 }
 
 impl RingFeed {
-    /// The next message, waiting for the ring when none is taken yet;
-    /// `None` once the ring cannot be polled.
-    pub(crate) async fn recv(&mut self) -> Option<SourceMsg> {
-        loop {
-            if let Some(msg) = self.pending.pop_front() {
-                return Some(msg);
-            }
-            if self.failed {
-                return None;
-            }
-            let mut guard = match self.fd.readable_mut().await {
-                Ok(g) => g,
-                Err(e) => {
-                    tracing::error!(error = %e, "ring buffer poll failed; eBPF source stopped");
-                    self.failed = true;
-                    continue;
-                }
-            };
-            let taken = drain(guard.get_inner_mut(), &mut self.pending, DRAIN_BATCH);
-            if taken < DRAIN_BATCH {
-                // Caught up: clear readiness, then look once more, since a
-                // record committed between the last read and the clear
-                // would otherwise wait for the next wake-up (the kernel
-                // only notifies a consumer that has caught up).
-                guard.clear_ready();
-                drain(
-                    guard.get_inner_mut(),
-                    &mut self.pending,
-                    DRAIN_BATCH - taken,
-                );
-            }
-            drop(guard);
-            self.note_losses();
-        }
-    }
-
     /// A message the ring already holds, without waiting: everything
     /// committed before the call is reachable this way (the start-up drain
-    /// and the initstate check rely on it).
+    /// relies on it).
     pub(crate) fn try_recv(&mut self) -> Option<SourceMsg> {
-        if self.pending.is_empty() && !self.failed {
-            drain(self.fd.get_mut(), &mut self.pending, DRAIN_BATCH);
-            self.note_losses();
+        if self.pending.is_empty() {
+            let Self {
+                ring,
+                losses,
+                lost,
+                pending,
+            } = self;
+            drain(ring, DRAIN_BATCH, |m| pending.push_back(m));
+            if let Some(m) = note_losses(losses, lost) {
+                pending.push_back(m);
+            }
         }
         self.pending.pop_front()
     }
 
-    /// Whether a message is waiting (taking what the ring holds to know).
-    pub(crate) fn is_empty(&mut self) -> bool {
-        if self.pending.is_empty() && !self.failed {
-            drain(self.fd.get_mut(), &mut self.pending, DRAIN_BATCH);
-            self.note_losses();
+    /// Hands at most `limit` messages to `take`, in order: any left from
+    /// [`try_recv`](Self::try_recv), then the ring's, then a
+    /// [`SourceMsg::Lost`] if the in-kernel loss count grew (one past
+    /// `limit`, so a loss is reported as soon as the reader catches up).
+    /// Returns how many records were taken; fewer than `limit` means the
+    /// ring was empty.
+    pub(crate) fn drain(&mut self, limit: usize, mut take: impl FnMut(SourceMsg)) -> usize {
+        let mut taken = 0;
+        while taken < limit {
+            let Some(m) = self.pending.pop_front() else {
+                break;
+            };
+            take(m);
+            taken += 1;
         }
-        self.pending.is_empty()
+        taken += drain(&mut self.ring, limit - taken, &mut take);
+        if let Some(m) = note_losses(&self.losses, &self.lost) {
+            take(m);
+        }
+        taken
     }
 
-    /// After a drain: a grown in-kernel loss count becomes a message behind
-    /// the records taken, so a loss is reported as soon as userspace
-    /// catches up (no timer needed).
-    fn note_losses(&mut self) {
-        let total = self.losses.total();
-        if total > self.lost.load(Ordering::Relaxed) {
-            self.lost.store(total, Ordering::Relaxed);
-            self.pending.push_back(SourceMsg::Lost { total });
-        }
+    /// The ring's file descriptor, readable while it holds a record.
+    pub(crate) fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd as _;
+        self.ring.as_fd()
     }
+}
+
+/// After a drain: a grown in-kernel loss count becomes a message behind the
+/// records taken (no timer needed).
+fn note_losses(losses: &Losses, lost: &AtomicU64) -> Option<SourceMsg> {
+    let total = losses.total();
+    (total > lost.load(Ordering::Relaxed)).then(|| {
+        lost.store(total, Ordering::Relaxed);
+        SourceMsg::Lost { total }
+    })
 }
 
 #[cfg(test)]

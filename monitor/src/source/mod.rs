@@ -66,8 +66,9 @@ impl std::fmt::Display for SourceKind {
 }
 
 /// Capacity of the queue between a reader task (uevent, poll) and the
-/// daemon. The eBPF ring needs none: the daemon reads it itself, and a
-/// ring it has not read yet absorbs a burst (losses counted in-kernel).
+/// daemon. The eBPF ring needs none: the daemon's ring thread reads it,
+/// and a ring it has not read yet absorbs a burst (losses counted
+/// in-kernel).
 pub const QUEUE_CAPACITY: usize = 8192;
 
 /// Most messages the daemon takes in one go when it wants everything
@@ -219,13 +220,18 @@ pub struct SourceOptions {
 enum Feed {
     /// A reader task's queue (uevent, poll).
     Queue(mpsc::Receiver<SourceMsg>),
-    /// The eBPF ring, read by the daemon's own task.
+    /// The eBPF ring, read by the daemon's own task until its ring thread
+    /// takes it ([`RunningSource::take_ring`]).
     Ring(Box<ebpf::RingFeed>),
+    /// The ring, taken over by the daemon's ring thread.
+    Taken,
 }
 
 /// A running source: the daemon takes its messages with
-/// [`recv`](Self::recv) and [`try_recv`](Self::try_recv); dropping the
-/// handle (or cancelling its token) stops it.
+/// [`recv`](Self::recv) and [`try_recv`](Self::try_recv), or, for the eBPF
+/// ring after start-up, gives the ring to its ring thread
+/// ([`take_ring`](Self::take_ring)); dropping the handle (or cancelling
+/// its token) stops it.
 pub struct RunningSource {
     pub kind: ActiveKind,
     pub unavailable: Vec<Unavailable>,
@@ -245,12 +251,15 @@ pub struct RunningSource {
 }
 
 impl RunningSource {
-    /// The next message, waiting for one; `None` once the source has
-    /// stopped (the daemon falls back). Cancel-safe.
+    /// The next message of a reader task's queue (uevent, poll), waiting
+    /// for one; `None` once the source has stopped (the daemon falls
+    /// back). Never resolves for the eBPF ring, which the daemon reads
+    /// itself ([`try_recv`](Self::try_recv), then its ring thread).
+    /// Cancel-safe.
     pub async fn recv(&mut self) -> Option<SourceMsg> {
         match &mut self.feed {
             Feed::Queue(rx) => rx.recv().await,
-            Feed::Ring(ring) => ring.recv().await,
+            Feed::Ring(_) | Feed::Taken => std::future::pending().await,
         }
     }
 
@@ -259,14 +268,28 @@ impl RunningSource {
         match &mut self.feed {
             Feed::Queue(rx) => rx.try_recv().ok(),
             Feed::Ring(ring) => ring.try_recv(),
+            Feed::Taken => None,
         }
     }
 
-    /// Whether no message is waiting.
-    pub fn is_empty(&mut self) -> bool {
-        match &mut self.feed {
+    /// Whether no message of a reader task's queue is waiting (the ring's
+    /// reader knows its own).
+    pub fn is_empty(&self) -> bool {
+        match &self.feed {
             Feed::Queue(rx) => rx.is_empty(),
-            Feed::Ring(ring) => ring.is_empty(),
+            Feed::Ring(_) | Feed::Taken => true,
+        }
+    }
+
+    /// The eBPF ring, for the daemon's ring thread; `None` for the other
+    /// sources (and once taken).
+    pub(crate) fn take_ring(&mut self) -> Option<ebpf::RingFeed> {
+        match std::mem::replace(&mut self.feed, Feed::Taken) {
+            Feed::Ring(ring) => Some(*ring),
+            other => {
+                self.feed = other;
+                None
+            }
         }
     }
 
@@ -296,8 +319,9 @@ impl RunningSource {
 
     /// Waits until every event the source had buffered when called can be
     /// taken with [`try_recv`](Self::try_recv): the uevent reader drains
-    /// its socket and answers (or is gone). The eBPF ring is read by
-    /// `try_recv` itself, and polling has no buffer ahead of its reader.
+    /// its socket and answers (or is gone). The eBPF ring needs none (it is
+    /// read directly: by `try_recv`, then by the ring thread), and polling
+    /// has no buffer ahead of its reader.
     pub async fn sync(&self) {
         let Some(sync) = &self.sync else {
             return;

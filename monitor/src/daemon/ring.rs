@@ -1,0 +1,129 @@
+//! The ring thread: the eBPF ring read the way the bench's floor reads it,
+//! by a thread blocked in poll(2) on the ring's descriptor, which applies
+//! each module event to the tracker as it takes it ([`Shared`]).
+//!
+//! Between a record and its state change there is then only the wake-up,
+//! the decode and the tracker: no turn of the daemon's event loop, no
+//! other task's work, and no scheduling behind the thread that serves
+//! HTTP. What an event leads to besides the state change (metrics, the log
+//! line, the record, the publish) is queued for the daemon's task, at most
+//! [`OUT_MAX`](super::shared::OUT_MAX) messages ahead of it.
+use std::{
+    os::fd::OwnedFd,
+    panic::{AssertUnwindSafe, catch_unwind},
+    sync::Arc,
+    thread::JoinHandle,
+};
+
+use anyhow::Context as _;
+use rustix::event::{EventfdFlags, PollFd, PollFlags, eventfd, poll};
+
+use super::shared::Shared;
+use crate::source::ebpf::{DRAIN_BATCH, RingFeed};
+
+/// The running ring thread; dropping it stops the thread and waits for it
+/// (it holds the lock for one batch at most).
+pub(super) struct RingThread {
+    shared: Arc<Shared>,
+    /// Written to end the thread's poll(2).
+    stop: OwnedFd,
+    handle: Option<JoinHandle<()>>,
+}
+
+/// Gives `ring` to `shared` and starts the thread that reads it.
+///
+/// # Errors
+/// When the stop descriptor or the thread cannot be made.
+pub(super) fn spawn(shared: &Arc<Shared>, ring: RingFeed) -> anyhow::Result<RingThread> {
+    let wake = ring
+        .fd()
+        .try_clone_to_owned()
+        .context("duplicating the ring buffer's descriptor")?;
+    let stop = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
+        .context("creating the ring thread's stop descriptor")?;
+    let stop_rx = stop
+        .try_clone()
+        .context("duplicating the ring thread's stop descriptor")?;
+    shared.lock().set_ring(ring);
+    let for_thread = Arc::clone(shared);
+    let handle = std::thread::Builder::new()
+        .name("kmod-ring".to_owned())
+        .spawn(move || {
+            // A panic here would otherwise leave the daemon reporting a
+            // source nobody reads: it falls back instead.
+            if catch_unwind(AssertUnwindSafe(|| read(&for_thread, &wake, &stop_rx))).is_err() {
+                for_thread.ring_failed("the ring thread panicked".to_owned());
+            }
+        })
+        .context("starting the ring thread")?;
+    Ok(RingThread {
+        shared: Arc::clone(shared),
+        stop,
+        handle: Some(handle),
+    })
+}
+
+impl Drop for RingThread {
+    fn drop(&mut self) {
+        self.shared.stop();
+        if let Err(e) = rustix::io::write(&self.stop, &1u64.to_ne_bytes()) {
+            tracing::warn!(error = %e, "signalling the ring thread to stop");
+        }
+        if let Some(h) = self.handle.take()
+            && h.join().is_err()
+        {
+            tracing::error!("the ring thread ended in a panic");
+        }
+    }
+}
+
+/// The thread: takes and applies what the ring holds, a batch per lock,
+/// until a batch comes back short; then waits in poll(2) until the ring
+/// holds a record again. (It starts by taking, since the start-up drain
+/// may have left records in the feed's hands that the ring no longer
+/// signals.)
+fn read(shared: &Shared, ring: &OwnedFd, stop: &OwnedFd) {
+    let mut woken = false;
+    loop {
+        let mut taken = 0;
+        loop {
+            match shared.take_from_ring(DRAIN_BATCH) {
+                None => return,
+                Some(n) => {
+                    taken += n;
+                    if n < DRAIN_BATCH {
+                        break;
+                    }
+                }
+            }
+        }
+        if woken && taken == 0 {
+            // Readable yet nothing to take: a record reserved and not yet
+            // committed. Let its producer finish rather than spin.
+            std::thread::yield_now();
+        }
+        let mut fds = [
+            PollFd::new(ring, PollFlags::IN),
+            PollFd::new(stop, PollFlags::IN),
+        ];
+        match poll(&mut fds, None) {
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => {
+                tracing::error!(error = %e, "ring buffer poll failed; eBPF source stopped");
+                shared.ring_failed(format!("polling the ring buffer: {e}"));
+                return;
+            }
+        }
+        if !fds[1].revents().is_empty() {
+            return;
+        }
+        let ready = fds[0].revents();
+        if ready.intersects(PollFlags::ERR | PollFlags::HUP | PollFlags::NVAL) {
+            tracing::error!(events = ?ready, "ring buffer poll reported an error; eBPF source stopped");
+            shared.ring_failed(format!("the ring buffer's descriptor reported {ready:?}"));
+            return;
+        }
+        woken = true;
+    }
+}

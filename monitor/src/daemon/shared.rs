@@ -1,0 +1,403 @@
+//! What the daemon's task and its ring thread share: the tracker, and the
+//! one function that applies a source's message to it.
+//!
+//! The eBPF ring is read by a thread of its own ([`super::ring`]), which
+//! applies each module event to the tracker the moment it takes it, and
+//! queues what it applied for the daemon's task (metrics, counts, log
+//! lines, records, the publish). The uevent and poll sources' messages
+//! are applied by the daemon's task itself, through the same function.
+//! Everything else that reads or changes the tracker (the reconcile, the
+//! initstate check, a reload, the /status document) takes the same lock,
+//! so the tracker is never ahead of a /proc read made under it.
+use std::{
+    collections::{BTreeMap, VecDeque},
+    sync::{Condvar, Mutex, MutexGuard, PoisonError},
+};
+
+use tokio::sync::Notify;
+
+use super::records;
+use crate::{
+    event::{Raw, SourceEvent, boot_ns_now},
+    names::ModuleName,
+    source::{ActiveKind, SourceMsg, ebpf::RingFeed},
+    stages::{self, Stage},
+    tracker::{GroupChange, Outcome, Tracker},
+};
+
+/// Most messages the ring thread queues for the daemon's task; past it the
+/// thread stops taking from the ring (which then fills, and the kernel
+/// counts what it cannot deliver) until the task catches up.
+pub(super) const OUT_MAX: usize = crate::source::ebpf::DRAIN_BATCH;
+
+/// The shared state and how its two users wake each other.
+pub(super) struct Shared {
+    core: Mutex<Core>,
+    /// The ring thread queued something (or stopped): wakes the task.
+    pub(super) queued: Notify,
+    /// The task took from the queue (or stops the thread): wakes the
+    /// thread waiting for room.
+    room: Condvar,
+}
+
+/// The tracker and what applying an event needs besides it.
+pub(super) struct Core {
+    pub(super) tracker: Tracker,
+    /// Exact aliases of the tracked modules (`fs_nfs4` → `nfs`): a request
+    /// by alias is about its module.
+    pub(super) aliases: BTreeMap<ModuleName, ModuleName>,
+    /// Whether events' records are kept (there is an event log).
+    pub(super) records: bool,
+    /// The source in use, named in records.
+    pub(super) source: ActiveKind,
+    /// The eBPF ring, while the ring thread reads it.
+    ring: Option<RingFeed>,
+    /// What the ring thread took, in order, for the daemon's task.
+    queue: VecDeque<Taken>,
+    /// Why the ring thread stopped on its own (the source is dead).
+    ring_failed: Option<String>,
+    /// The daemon is stopping: the ring thread ends.
+    stopping: bool,
+}
+
+/// A source's message as the tracker took it.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "nearly every message is an applied event: boxing it would allocate once per event on the ring thread"
+)]
+pub(super) enum Taken {
+    /// A module event, applied.
+    Applied(Applied),
+    /// Anything else, for the daemon's task.
+    Other(SourceMsg),
+}
+
+/// A module event the tracker has applied, waiting for the rest of its
+/// handling (metrics, counts, the log line and the record).
+pub(super) struct Applied {
+    pub(super) ev: SourceEvent,
+    pub(super) outcome: Outcome,
+    /// From the event to its state change.
+    pub(super) latency_ns: u64,
+    /// Its record, when there is a log and the event meant something.
+    pub(super) pending: Option<records::PendingEvent>,
+}
+
+impl Taken {
+    /// The applied event, if this is one.
+    pub(super) const fn applied(&mut self) -> Option<&mut Applied> {
+        match self {
+            Self::Applied(a) => Some(a),
+            Self::Other(_) => None,
+        }
+    }
+}
+
+impl Shared {
+    pub(super) fn new(core: Core) -> Self {
+        Self {
+            core: Mutex::new(core),
+            queued: Notify::new(),
+            room: Condvar::new(),
+        }
+    }
+
+    /// The shared state, locked. Never call a method that locks again
+    /// while holding it.
+    pub(super) fn lock(&self) -> MutexGuard<'_, Core> {
+        // A panic while holding the lock leaves the tracker as consistent
+        // as any single step does (each step is one map update).
+        self.core.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Resolves once the ring thread has queued something, or has
+    /// stopped on its own; never without a ring thread.
+    pub(super) async fn ready(&self) {
+        loop {
+            // Made before the look, so a notification between the look and
+            // the wait is kept (Notify stores one permit).
+            let queued = self.queued.notified();
+            {
+                let core = self.lock();
+                if !core.queue.is_empty() || core.ring_failed.is_some() {
+                    return;
+                }
+            }
+            queued.await;
+        }
+    }
+
+    /// Takes at most `max` of what the ring thread queued, into `into`;
+    /// returns whether more is waiting.
+    pub(super) fn take_queued(&self, into: &mut Vec<Taken>, max: usize) -> bool {
+        let mut core = self.lock();
+        let n = core.queue.len().min(max);
+        into.extend(core.queue.drain(..n));
+        let more = !core.queue.is_empty();
+        drop(core);
+        if n > 0 {
+            self.room.notify_one();
+        }
+        more
+    }
+
+    /// Everything the ring holds now (at most `max` records) and everything
+    /// queued before it, applied, in order: what happened before this
+    /// moment is in the tracker when this returns.
+    pub(super) fn catch_up(&self, max: usize) -> Vec<Taken> {
+        let mut core = self.lock();
+        core.drain_ring(max);
+        let taken = core.queue.drain(..).collect();
+        drop(core);
+        self.room.notify_one();
+        taken
+    }
+
+    /// Whether the ring thread has queued nothing.
+    pub(super) fn nothing_queued(&self) -> bool {
+        self.lock().queue.is_empty()
+    }
+
+    /// Why the ring thread stopped on its own, once (the daemon falls back
+    /// to another source).
+    pub(super) fn take_ring_failure(&self) -> Option<String> {
+        let mut core = self.lock();
+        if !core.queue.is_empty() {
+            return None;
+        }
+        let reason = core.ring_failed.take()?;
+        core.ring = None;
+        Some(reason)
+    }
+
+    /// Tells the ring thread to end (it also watches its stop descriptor).
+    pub(super) fn stop(&self) {
+        self.lock().stopping = true;
+        self.room.notify_all();
+    }
+
+    /// For the ring thread: waits for room in the queue, then takes at
+    /// most `max` records from the ring and applies them. Returns how many
+    /// were taken, or `None` when the daemon is stopping.
+    pub(super) fn take_from_ring(&self, max: usize) -> Option<usize> {
+        let mut core = self.lock();
+        while core.queue.len() >= OUT_MAX && !core.stopping {
+            core = self.room.wait(core).unwrap_or_else(PoisonError::into_inner);
+        }
+        if core.stopping {
+            return None;
+        }
+        let room = OUT_MAX - core.queue.len();
+        let before = core.queue.len();
+        let taken = core.drain_ring(max.min(room));
+        let queued = core.queue.len() > before;
+        drop(core);
+        if queued {
+            self.queued.notify_one();
+        }
+        Some(taken)
+    }
+
+    /// For the ring thread: the ring cannot be read any more.
+    pub(super) fn ring_failed(&self, reason: String) {
+        self.lock().ring_failed = Some(reason);
+        self.queued.notify_one();
+    }
+}
+
+impl Core {
+    pub(super) const fn new(
+        tracker: Tracker,
+        aliases: BTreeMap<ModuleName, ModuleName>,
+        source: ActiveKind,
+    ) -> Self {
+        Self {
+            tracker,
+            aliases,
+            records: false,
+            source,
+            ring: None,
+            queue: VecDeque::new(),
+            ring_failed: None,
+            stopping: false,
+        }
+    }
+
+    /// Hands the ring to the ring thread's reads (see [`super::ring`]).
+    pub(super) fn set_ring(&mut self, ring: RingFeed) {
+        self.ring = Some(ring);
+        self.ring_failed = None;
+        self.stopping = false;
+    }
+
+    /// Takes at most `max` records from the ring, applies each and queues
+    /// it; returns how many were taken.
+    fn drain_ring(&mut self, max: usize) -> usize {
+        let Some(mut ring) = self.ring.take() else {
+            return 0;
+        };
+        let start = self.queue.len();
+        let n = ring.drain(max, |msg| {
+            let taken = self.take(msg);
+            self.queue.push_back(taken);
+        });
+        self.ring = Some(ring);
+        let mut queue = std::mem::take(&mut self.queue);
+        self.take_views(queue.range_mut(start..).filter_map(Taken::applied));
+        self.queue = queue;
+        n
+    }
+
+    /// Applies `msg` if it is a module event; its record's view is taken
+    /// by [`take_views`](Self::take_views), once the batch is applied.
+    pub(super) fn take(&mut self, msg: SourceMsg) -> Taken {
+        match msg {
+            SourceMsg::Event(ev) => Taken::Applied(self.apply_event(ev)),
+            other => Taken::Other(other),
+        }
+    }
+
+    /// The records' views of a batch the tracker has just taken, in order:
+    /// built after the whole batch, so none of them stands between an
+    /// event and the state change of the next. Each is still the view
+    /// right after its own event: a group a later event of the batch
+    /// flipped is shown as it was before that flip.
+    pub(super) fn take_views<'a>(&self, batch: impl DoubleEndedIterator<Item = &'a mut Applied>) {
+        if !self.records {
+            return;
+        }
+        // The earliest flip of each group by the events after the one at
+        // hand (walking back, each flip seen replaces a later one).
+        let mut later: Vec<GroupChange> = Vec::new();
+        for a in batch.rev() {
+            if let Some(kind) = a.outcome.kind {
+                a.pending = Some(records::PendingEvent::before(
+                    &self.tracker,
+                    &a.ev,
+                    kind,
+                    Some(&a.outcome),
+                    self.source.as_str(),
+                    &later,
+                ));
+            }
+            for c in &a.outcome.group_changes {
+                match later.iter_mut().find(|l| l.group == c.group) {
+                    Some(l) => l.met = c.met,
+                    None => later.push(c.clone()),
+                }
+            }
+        }
+    }
+
+    /// The state change of one module event; its record's view is left to
+    /// [`take_views`](Self::take_views).
+    pub(super) fn apply_event(&mut self, mut ev: SourceEvent) -> Applied {
+        stages::mark(ev.boot_ns, Stage::Received);
+        // A request by alias (`fs-nfs4`) is about its module (`nfs`).
+        if ev.raw == Raw::Request
+            && !self.tracker.is_required(&ev.module)
+            && let Some(module) = self.aliases.get(&ev.module)
+        {
+            ev.module = module.clone();
+        }
+        let outcome = self.tracker.apply(&ev);
+        let applied_ns = boot_ns_now();
+        stages::mark_at(ev.boot_ns, Stage::Tracked, applied_ns);
+        if outcome.required && outcome.from.satisfies() != outcome.to.satisfies() {
+            stages::mark_decisive(ev.boot_ns);
+        }
+        Applied {
+            latency_ns: applied_ns.saturating_sub(ev.boot_ns),
+            ev,
+            outcome,
+            pending: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        event::Raw,
+        forensic::Record,
+        testing::{event, longhorn_groups, snapshot_debian_6_1},
+    };
+
+    fn core() -> Core {
+        let mut core = Core::new(
+            Tracker::new(&snapshot_debian_6_1(), longhorn_groups()),
+            BTreeMap::new(),
+            ActiveKind::Ebpf,
+        );
+        core.records = true;
+        core
+    }
+
+    fn records_of(applied: Vec<Applied>) -> Vec<Record> {
+        applied
+            .into_iter()
+            .filter_map(|a| a.pending)
+            .flat_map(|p| p.into_records(None))
+            .collect()
+    }
+
+    /// A batch that breaks and restores base twice, with a V2 module's
+    /// unload in between.
+    fn batch() -> Vec<SourceEvent> {
+        vec![
+            event(Raw::UnloadBegin, "dm_crypt", 1),
+            event(Raw::Free, "dm_crypt", 2),
+            event(Raw::UnloadResult { ret: 0 }, "dm_crypt", 3),
+            event(Raw::Load, "dm_crypt", 4),
+            event(Raw::LoadResult { ret: 0 }, "dm_crypt", 5),
+            event(Raw::Free, "nvme_tcp", 6),
+            event(Raw::Free, "dm_crypt", 7),
+            event(Raw::Load, "dm_crypt", 8),
+            event(Raw::LoadResult { ret: 0 }, "dm_crypt", 9),
+        ]
+    }
+
+    #[test]
+    fn views_taken_after_the_batch_are_those_right_after_each_event() {
+        // One by one: each view taken at once, as the initstate check does.
+        let mut one = core();
+        let mut expected = Vec::new();
+        for ev in batch() {
+            let mut a = one.apply_event(ev);
+            one.take_views(std::iter::once(&mut a));
+            expected.push(a);
+        }
+        // The batch applied first, every view taken after it.
+        let mut all = core();
+        let mut applied: Vec<Applied> = batch().into_iter().map(|ev| all.apply_event(ev)).collect();
+        all.take_views(applied.iter_mut());
+        let (expected, got) = (records_of(expected), records_of(applied));
+        // Not a vacuous comparison: base was shown unmet and met again,
+        // and some views differ from the state after the batch.
+        let base_met: Vec<bool> = got
+            .iter()
+            .flat_map(|r| &r.requirements)
+            .filter(|e| e.name == "base")
+            .map(|e| e.met)
+            .collect();
+        assert!(
+            base_met.contains(&false) && base_met.contains(&true),
+            "{base_met:?}"
+        );
+        assert_eq!(got.len(), expected.len());
+        for (g, e) in got.iter().zip(&expected) {
+            assert_eq!(g.requirements, e.requirements, "{g:?}");
+        }
+        assert_eq!(got, expected);
+    }
+
+    #[test]
+    fn without_a_log_no_view_is_taken() {
+        let mut c = core();
+        c.records = false;
+        let mut applied: Vec<Applied> = batch().into_iter().map(|ev| c.apply_event(ev)).collect();
+        c.take_views(applied.iter_mut());
+        assert!(applied.iter().all(|a| a.pending.is_none()));
+    }
+}
