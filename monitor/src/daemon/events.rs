@@ -71,6 +71,9 @@ impl Daemon {
             // An event raced the snapshot read: settle against a fresh read.
             self.reconcile_now(false);
         }
+        if std::mem::take(&mut self.loss_due) {
+            self.reconcile_after_loss();
+        }
     }
 
     fn count(&mut self, kind: Option<Kind>) {
@@ -135,7 +138,7 @@ impl Daemon {
                 self.metrics.set_lost_total(total);
                 self.lost_at = Some(Instant::now());
                 tracing::error!(lost_total = total, "module events were lost; reconciling");
-                self.reconcile_after_loss();
+                self.loss_due = true;
             }
             SourceMsg::Undecodable { reason } => {
                 self.append(records::events_lost(
@@ -149,7 +152,7 @@ impl Daemon {
                 self.metrics.add_lost(1);
                 self.lost_at = Some(Instant::now());
                 tracing::error!(%reason, "undecodable event from the kernel; reconciling");
-                self.reconcile_after_loss();
+                self.loss_due = true;
             }
             SourceMsg::Ignored { reason } => {
                 self.counts.ignored += 1;

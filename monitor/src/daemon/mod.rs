@@ -106,6 +106,10 @@ struct Daemon {
     /// This turn changed a verdict or reported a loss: it is published at
     /// once, whatever else is under way.
     turn_decided: bool,
+    /// A loss was reported: the reconcile it calls for runs once the
+    /// turn's messages are all handled, so the log shows the events the
+    /// tracker took before the correction ahead of it.
+    loss_due: bool,
 }
 
 /// Least time between two reconciles triggered by lost or undecodable
@@ -268,6 +272,7 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
         settle_since: None,
         held_until: None,
         turn_decided: false,
+        loss_due: false,
     };
     // Judge the checks once; later judgements record what changes.
     d.refresh_boot_facts();
@@ -282,7 +287,7 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
     running.sync().await;
     d.drain_startup(&mut running, snap_start, snap_end);
     // From here the ring (if that is the source) is read by its own thread.
-    d.start_ring_thread(&mut running)?;
+    d.start_ring_thread(&mut running);
     let report = d.shared.lock().tracker.report();
     for g in &report {
         log_group(g);
@@ -407,6 +412,10 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
                 }
                 None => running = d.fall_back(&running, &opts).await?,
             },
+        }
+        if std::mem::take(&mut d.loss_due) {
+            d.finish_queued(&running);
+            d.reconcile_after_loss();
         }
         // A load or unload under way: its result follows within
         // microseconds, so publish (and build records) once it is in, and
@@ -615,17 +624,25 @@ impl Daemon {
         drop(self.ring.take());
         let mut next = next_source(dead, opts).await?;
         self.shared.lock().source = next.kind;
-        self.start_ring_thread(&mut next)?;
+        self.start_ring_thread(&mut next);
         self.reconcile_now(true);
+        // The new source and the corrected state are news: never held.
+        self.turn_decided = true;
         Ok(next)
     }
 
-    /// Starts the ring thread if `running` reads the eBPF ring.
-    fn start_ring_thread(&mut self, running: &mut RunningSource) -> anyhow::Result<()> {
+    /// Starts the ring thread if `running` reads the eBPF ring; a thread
+    /// that cannot start is a dead source (the loop falls back).
+    fn start_ring_thread(&mut self, running: &mut RunningSource) {
         if let Some(feed) = running.take_ring() {
-            self.ring = Some(ring::spawn(&self.shared, feed)?);
+            match ring::spawn(&self.shared, feed) {
+                Ok(thread) => self.ring = Some(thread),
+                Err(e) => {
+                    tracing::error!(error = format!("{e:#}"), "the ring thread could not start");
+                    self.shared.ring_failed(format!("{e:#}"));
+                }
+            }
         }
-        Ok(())
     }
 
     /// Applies what the source had buffered when called, everything the
@@ -647,9 +664,16 @@ impl Daemon {
     /// which the tracker took things.
     fn finish_queued(&mut self, running: &RunningSource) {
         let mut taken = Vec::new();
-        self.shared.take_queued(&mut taken, usize::MAX);
-        for t in taken {
-            self.finish(t, running);
+        // Until nothing is queued, a few rounds at most: a flood that
+        // refills the queue as fast is not waited out.
+        for _ in 0..4 {
+            self.shared.take_queued(&mut taken, usize::MAX);
+            if taken.is_empty() {
+                break;
+            }
+            for t in taken.drain(..) {
+                self.finish(t, running);
+            }
         }
     }
 

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use super::{Daemon, records};
 use crate::{
     event::boot_ns_now,
-    forensic::RecordKind,
+    forensic::{Record, RecordKind},
     host::{self, LoadedModule},
     names::ModuleName,
     tracker::{Outcome, Tracker},
@@ -188,8 +188,9 @@ impl Daemon {
         let outcomes = self
             .reconciler
             .second_look(&mut core.tracker, &loaded, boot_ns_now());
+        let corrections = corrections(&core.tracker, outcomes, true);
         drop(core);
-        self.record_corrections(outcomes, true);
+        self.record_corrections(corrections, true);
     }
 
     /// Re-reads /proc/modules and corrects the tracker at once (after a
@@ -208,8 +209,9 @@ impl Daemon {
             boot_ns_now(),
             count_as_drift,
         );
+        let corrections = corrections(&core.tracker, outcomes, count_as_drift);
         drop(core);
-        self.record_corrections(outcomes, count_as_drift);
+        self.record_corrections(corrections, count_as_drift);
     }
 
     /// Re-reads the boot-time configuration for the tracked groups; a
@@ -238,12 +240,15 @@ impl Daemon {
     }
 
     /// Counts, logs and records the corrections a reconcile made.
-    fn record_corrections(&mut self, outcomes: Vec<Outcome>, count_as_drift: bool) {
-        for o in outcomes {
-            if count_as_drift {
+    fn record_corrections(
+        &mut self,
+        corrections: Vec<(Outcome, Option<Record>)>,
+        count_as_drift: bool,
+    ) {
+        for (o, drift) in corrections {
+            if let Some(r) = drift {
                 self.metrics.inc_drift();
                 tracing::warn!(module = %o.module, tracked = %o.from, actual = %o.to, "drift: tracked state corrected from /proc/modules");
-                let r = records::drift(&self.shared.lock().tracker, &o, boot_ns_now());
                 self.append(r);
             }
             trace_group_changes(&o);
@@ -259,6 +264,23 @@ impl Daemon {
             }
         }
     }
+}
+
+/// A reconcile's corrections with their drift records (when counted as
+/// drift), built under the same lock as the corrections: the records' views
+/// include nothing the ring thread applied after them.
+fn corrections(
+    tracker: &Tracker,
+    outcomes: Vec<Outcome>,
+    count_as_drift: bool,
+) -> Vec<(Outcome, Option<Record>)> {
+    outcomes
+        .into_iter()
+        .map(|o| {
+            let drift = count_as_drift.then(|| records::drift(tracker, &o, boot_ns_now()));
+            (o, drift)
+        })
+        .collect()
 }
 
 /// The daemon's log line for each group an outcome flipped.

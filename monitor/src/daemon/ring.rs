@@ -38,13 +38,16 @@ pub(super) fn spawn(shared: &Arc<Shared>, ring: RingFeed) -> anyhow::Result<Ring
     let wake = ring
         .fd()
         .try_clone_to_owned()
-        .context("duplicating the ring buffer's descriptor")?;
+        .context("duplicating the ring buffer's descriptor");
+    // The ring is the shared state's even if the thread cannot start, so
+    // what it holds is not lost with it.
+    shared.lock().set_ring(ring);
+    let wake = wake?;
     let stop = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
         .context("creating the ring thread's stop descriptor")?;
     let stop_rx = stop
         .try_clone()
         .context("duplicating the ring thread's stop descriptor")?;
-    shared.lock().set_ring(ring);
     let for_thread = Arc::clone(shared);
     let handle = std::thread::Builder::new()
         .name("kmod-ring".to_owned())
@@ -67,7 +70,10 @@ impl Drop for RingThread {
     fn drop(&mut self) {
         self.shared.stop();
         if let Err(e) = rustix::io::write(&self.stop, &1u64.to_ne_bytes()) {
-            tracing::warn!(error = %e, "signalling the ring thread to stop");
+            // It may be blocked in poll(2) for good: leave it (it holds no
+            // lock there, and ends with the process).
+            tracing::warn!(error = %e, "signalling the ring thread to stop; leaving it");
+            return;
         }
         if let Some(h) = self.handle.take()
             && h.join().is_err()
@@ -83,7 +89,10 @@ impl Drop for RingThread {
 /// may have left records in the feed's hands that the ring no longer
 /// signals.)
 fn read(shared: &Shared, ring: &OwnedFd, stop: &OwnedFd) {
+    // Whether poll(2) said readable, and how many such wake-ups in a row
+    // found nothing to take.
     let mut woken = false;
+    let mut idle_wakes: u32 = 0;
     loop {
         let mut taken = 0;
         loop {
@@ -99,8 +108,18 @@ fn read(shared: &Shared, ring: &OwnedFd, stop: &OwnedFd) {
         }
         if woken && taken == 0 {
             // Readable yet nothing to take: a record reserved and not yet
-            // committed. Let its producer finish rather than spin.
-            std::thread::yield_now();
+            // committed (poll(2) reports the producer's position). Let its
+            // producer finish rather than spin: yield once, then back off
+            // from 16 µs up to 1 ms while it lasts.
+            if idle_wakes == 0 {
+                std::thread::yield_now();
+            } else {
+                let micros = (8u64 << idle_wakes.min(7)).min(1000);
+                std::thread::sleep(std::time::Duration::from_micros(micros));
+            }
+            idle_wakes = idle_wakes.saturating_add(1);
+        } else {
+            idle_wakes = 0;
         }
         let mut fds = [
             PollFd::new(ring, PollFlags::IN),

@@ -114,8 +114,8 @@ impl Shared {
     /// stopped on its own; never without a ring thread.
     pub(super) async fn ready(&self) {
         loop {
-            // Made before the look, so a notification between the look and
-            // the wait is kept (Notify stores one permit).
+            // A notification between the look and the wait is kept:
+            // notify_one stores a permit when nobody waits.
             let queued = self.queued.notified();
             {
                 let core = self.lock();
@@ -242,9 +242,12 @@ impl Core {
             self.queue.push_back(taken);
         });
         self.ring = Some(ring);
-        let mut queue = std::mem::take(&mut self.queue);
-        self.take_views(queue.range_mut(start..).filter_map(Taken::applied));
-        self.queue = queue;
+        views(
+            &self.tracker,
+            self.records,
+            self.source,
+            self.queue.range_mut(start..).filter_map(Taken::applied),
+        );
         n
     }
 
@@ -263,30 +266,7 @@ impl Core {
     /// right after its own event: a group a later event of the batch
     /// flipped is shown as it was before that flip.
     pub(super) fn take_views<'a>(&self, batch: impl DoubleEndedIterator<Item = &'a mut Applied>) {
-        if !self.records {
-            return;
-        }
-        // The earliest flip of each group by the events after the one at
-        // hand (walking back, each flip seen replaces a later one).
-        let mut later: Vec<GroupChange> = Vec::new();
-        for a in batch.rev() {
-            if let Some(kind) = a.outcome.kind {
-                a.pending = Some(records::PendingEvent::before(
-                    &self.tracker,
-                    &a.ev,
-                    kind,
-                    Some(&a.outcome),
-                    self.source.as_str(),
-                    &later,
-                ));
-            }
-            for c in &a.outcome.group_changes {
-                match later.iter_mut().find(|l| l.group == c.group) {
-                    Some(l) => l.met = c.met,
-                    None => later.push(c.clone()),
-                }
-            }
-        }
+        views(&self.tracker, self.records, self.source, batch);
     }
 
     /// The state change of one module event; its record's view is left to
@@ -311,6 +291,40 @@ impl Core {
             ev,
             outcome,
             pending: None,
+        }
+    }
+}
+
+/// [`Core::take_views`], over the fields it needs (so the ring's batch can
+/// be viewed in place in the queue).
+fn views<'a>(
+    tracker: &Tracker,
+    records: bool,
+    source: ActiveKind,
+    batch: impl DoubleEndedIterator<Item = &'a mut Applied>,
+) {
+    if !records {
+        return;
+    }
+    // The earliest flip of each group by the events after the one at hand
+    // (walking back, each flip seen replaces a later one).
+    let mut later: Vec<GroupChange> = Vec::new();
+    for a in batch.rev() {
+        if let Some(kind) = a.outcome.kind {
+            a.pending = Some(records::PendingEvent::before(
+                tracker,
+                &a.ev,
+                kind,
+                Some(&a.outcome),
+                source.as_str(),
+                &later,
+            ));
+        }
+        for c in &a.outcome.group_changes {
+            match later.iter_mut().find(|l| l.group == c.group) {
+                Some(l) => l.met = c.met,
+                None => later.push(c.clone()),
+            }
         }
     }
 }

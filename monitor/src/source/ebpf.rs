@@ -39,7 +39,9 @@ use crate::{
 
 /// Most ring-buffer records taken in one go: the ring thread applies at
 /// most this many per hold of the tracker's lock, so the daemon's task
-/// never waits long for it.
+/// never waits long for it (its own catch-up before an initstate check
+/// takes up to `SYNC_MAX`). Also the daemon's messages per loop turn and
+/// the ring thread's queue bound.
 pub const DRAIN_BATCH: usize = 256;
 
 /// The eBPF object built by build.rs, embedded so the binary stands alone.
