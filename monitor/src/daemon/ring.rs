@@ -16,7 +16,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use rustix::event::{EventfdFlags, PollFd, PollFlags, eventfd, poll};
+use rustix::event::{EventfdFlags, PollFd, PollFlags, Timespec, eventfd, poll};
 
 use super::shared::Shared;
 use crate::source::ebpf::{DRAIN_BATCH, RingFeed};
@@ -85,7 +85,8 @@ impl Drop for RingThread {
 
 /// The thread: takes and applies what the ring holds, a batch per lock,
 /// until a batch comes back short; then waits in poll(2) until the ring
-/// holds a record again. (It starts by taking, since the start-up drain
+/// holds a record again, or until the quiet time of a kept batch ends
+/// ([`QUIET_MAX`](super::shared::QUIET_MAX)). (It starts by taking, since the start-up drain
 /// may have left records in the feed's hands that the ring no longer
 /// signals.)
 fn read(shared: &Shared, ring: &OwnedFd, stop: &OwnedFd) {
@@ -94,18 +95,11 @@ fn read(shared: &Shared, ring: &OwnedFd, stop: &OwnedFd) {
     let mut woken = false;
     let mut idle_wakes: u32 = 0;
     loop {
-        let mut taken = 0;
-        loop {
-            match shared.take_from_ring(DRAIN_BATCH) {
-                None => return,
-                Some(n) => {
-                    taken += n;
-                    if n < DRAIN_BATCH {
-                        break;
-                    }
-                }
-            }
-        }
+        // How many records it took, and until when what it queued is kept
+        // from the loop.
+        let Some((taken, quiet_until)) = take_all(shared) else {
+            return;
+        };
         if woken && taken == 0 {
             // Readable yet nothing to take: a record reserved and not yet
             // committed (poll(2) reports the producer's position). Let its
@@ -125,7 +119,19 @@ fn read(shared: &Shared, ring: &OwnedFd, stop: &OwnedFd) {
             PollFd::new(ring, PollFlags::IN),
             PollFd::new(stop, PollFlags::IN),
         ];
-        match poll(&mut fds, None) {
+        let timeout = quiet_until.map(|until: std::time::Instant| {
+            Timespec::try_from(until.saturating_duration_since(std::time::Instant::now()))
+                .unwrap_or(Timespec {
+                    tv_sec: 0,
+                    tv_nsec: 0,
+                })
+        });
+        match poll(&mut fds, timeout.as_ref()) {
+            Ok(0) if quiet_until.is_some() => {
+                shared.end_quiet();
+                woken = false;
+                continue;
+            }
             Ok(_) => {}
             Err(rustix::io::Errno::INTR) => continue,
             Err(e) => {
@@ -144,5 +150,19 @@ fn read(shared: &Shared, ring: &OwnedFd, stop: &OwnedFd) {
             return;
         }
         woken = true;
+    }
+}
+
+/// Takes what the ring holds, a batch per lock, until a batch comes back
+/// short; returns how many records and until when the queue is kept from
+/// the loop, or `None` when the daemon is stopping.
+fn take_all(shared: &Shared) -> Option<(usize, Option<std::time::Instant>)> {
+    let mut taken = 0;
+    loop {
+        let (n, quiet_until) = shared.take_from_ring(DRAIN_BATCH)?;
+        taken += n;
+        if n < DRAIN_BATCH {
+            return Some((taken, quiet_until));
+        }
     }
 }

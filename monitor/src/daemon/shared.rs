@@ -30,6 +30,14 @@ use crate::{
 /// counts what it cannot deliver) until the task catches up.
 pub(super) const OUT_MAX: usize = crate::source::ebpf::DRAIN_BATCH;
 
+/// How long the ring thread may keep a batch that decides nothing from
+/// the daemon's loop while a required module is loading or unloading: the
+/// loop would only hold that turn's publish until the result (see
+/// `Daemon::settling`), and waking it would put its work on the CPU the
+/// loading or unloading process needs to send the result. As long as the
+/// loop's own wait before it reads the actors of a slow load.
+pub(super) const QUIET_MAX: std::time::Duration = std::time::Duration::from_millis(5);
+
 /// The shared state and how its two users wake each other.
 pub(super) struct Shared {
     core: Mutex<Core>,
@@ -58,6 +66,9 @@ pub(super) struct Core {
     ring_failed: Option<String>,
     /// The daemon is stopping: the ring thread ends.
     stopping: bool,
+    /// Since when the queue holds batches kept from the loop (see
+    /// [`QUIET_MAX`]).
+    quiet_since: Option<std::time::Instant>,
 }
 
 /// A source's message as the tracker took it.
@@ -178,8 +189,9 @@ impl Shared {
 
     /// For the ring thread: waits for room in the queue, then takes at
     /// most `max` records from the ring and applies them. Returns how many
-    /// were taken, or `None` when the daemon is stopping.
-    pub(super) fn take_from_ring(&self, max: usize) -> Option<usize> {
+    /// were taken and, while what it queued is kept from the loop (see
+    /// [`QUIET_MAX`]), until when; `None` when the daemon is stopping.
+    pub(super) fn take_from_ring(&self, max: usize) -> Option<(usize, Option<std::time::Instant>)> {
         let mut core = self.lock();
         while core.queue.len() >= OUT_MAX && !core.stopping {
             core = self.room.wait(core).unwrap_or_else(PoisonError::into_inner);
@@ -191,11 +203,24 @@ impl Shared {
         let before = core.queue.len();
         let taken = core.drain_ring(max.min(room));
         let queued = core.queue.len() > before;
+        let quiet_until = core.keep_quiet(before, std::time::Instant::now());
         drop(core);
-        if queued {
+        if queued && quiet_until.is_none() {
             self.queued.notify_one();
         }
-        Some(taken)
+        Some((taken, quiet_until))
+    }
+
+    /// For the ring thread: the quiet time is over; what it kept is the
+    /// loop's now.
+    pub(super) fn end_quiet(&self) {
+        let mut core = self.lock();
+        core.quiet_since = None;
+        let waiting = !core.queue.is_empty();
+        drop(core);
+        if waiting {
+            self.queued.notify_one();
+        }
     }
 
     /// For the ring thread: the ring cannot be read any more.
@@ -220,6 +245,29 @@ impl Core {
             queue: VecDeque::new(),
             ring_failed: None,
             stopping: false,
+            quiet_since: None,
+        }
+    }
+
+    /// Whether what the ring thread queued from `before` on is kept from
+    /// the loop, and until when: while nothing queued since the quiet time
+    /// began decides anything (a module event that flipped no group), a
+    /// required module is loading or unloading, and [`QUIET_MAX`] has not
+    /// passed.
+    fn keep_quiet(&mut self, before: usize, now: std::time::Instant) -> Option<std::time::Instant> {
+        if self.queue.len() == before {
+            return self.quiet_since.map(|since| since + QUIET_MAX);
+        }
+        let decides_nothing = self
+            .queue
+            .range(before..)
+            .all(|t| matches!(t, Taken::Applied(a) if a.outcome.group_changes.is_empty()));
+        let until = *self.quiet_since.get_or_insert(now) + QUIET_MAX;
+        if decides_nothing && self.tracker.in_transition() && now < until {
+            Some(until)
+        } else {
+            self.quiet_since = None;
+            None
         }
     }
 
@@ -404,6 +452,52 @@ mod tests {
             assert_eq!(g.requirements, e.requirements, "{g:?}");
         }
         assert_eq!(got, expected);
+    }
+
+    #[test]
+    fn a_batch_that_decides_nothing_mid_unload_is_kept_quiet_until_the_result() {
+        let mut c = core();
+        let t0 = std::time::Instant::now();
+        let push = |c: &mut Core, ev: SourceEvent, at| {
+            let before = c.queue.len();
+            let applied = c.apply_event(ev);
+            c.queue.push_back(Taken::Applied(applied));
+            c.keep_quiet(before, at)
+        };
+        // The unload's start: dm_crypt is unloading, base still met.
+        let quiet = push(&mut c, event(Raw::UnloadBegin, "dm_crypt", 1), t0);
+        assert_eq!(quiet, Some(t0 + QUIET_MAX));
+        // Nothing new: still kept, to the same deadline.
+        assert_eq!(c.keep_quiet(c.queue.len(), t0), Some(t0 + QUIET_MAX));
+        // The free breaks base: the loop is woken for everything.
+        let at = t0 + std::time::Duration::from_millis(1);
+        assert_eq!(push(&mut c, event(Raw::Free, "dm_crypt", 2), at), None);
+        assert_eq!(
+            c.keep_quiet(c.queue.len(), at),
+            None,
+            "the quiet time ended"
+        );
+
+        // A load's start kept, then more news past the quiet time: woken.
+        let mut c = core();
+        assert!(push(&mut c, event(Raw::UnloadBegin, "nvme_tcp", 3), t0).is_some());
+        let late = t0 + QUIET_MAX;
+        assert_eq!(
+            push(&mut c, event(Raw::UnloadBegin, "vfio_pci", 4), late),
+            None
+        );
+
+        // Anything but a module event is news at once.
+        let mut c = core();
+        assert!(push(&mut c, event(Raw::UnloadBegin, "dm_crypt", 5), t0).is_some());
+        let before = c.queue.len();
+        c.queue
+            .push_back(Taken::Other(SourceMsg::Lost { total: 1 }));
+        assert_eq!(c.keep_quiet(before, t0), None);
+
+        // With no load or unload under way nothing is kept.
+        let mut c = core();
+        assert_eq!(push(&mut c, event(Raw::Request, "dm_crypt", 6), t0), None);
     }
 
     #[test]
