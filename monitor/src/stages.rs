@@ -16,7 +16,11 @@
 /// A point an event passes on its way from the ring to the log.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stage {
-    /// Taken from the ring buffer by the reader.
+    /// The ring thread's poll(2) returned (for a record committed after
+    /// that, its commit: the thread was awake already).
+    Woke,
+    /// Taken from the ring buffer by the reader (after the records taken
+    /// before it in the same batch).
     Drained,
     /// Decoded into an event.
     Decoded,
@@ -45,7 +49,8 @@ pub enum Stage {
 
 impl Stage {
     /// Every stage, in index order.
-    pub const ALL: [Self; 11] = [
+    pub const ALL: [Self; 12] = [
+        Self::Woke,
         Self::Drained,
         Self::Decoded,
         Self::Received,
@@ -63,7 +68,8 @@ impl Stage {
     #[must_use]
     pub const fn describe(self) -> &'static str {
         match self {
-            Self::Drained => "ring wake-up and drain",
+            Self::Woke => "ring wake-up (poll(2) returned)",
+            Self::Drained => "ring drain (the batch's records before it)",
             Self::Decoded => "decode",
             Self::Received => "hand-over to the tracker",
             Self::Tracked => "tracker (applied_ns)",
@@ -87,6 +93,24 @@ pub fn now() -> u64 {
     } else {
         0
     }
+}
+
+/// The ring thread's poll(2) returned: the records it takes next were
+/// woken for at this moment (or were committed after it).
+#[inline]
+pub fn woke() {
+    #[cfg(feature = "bench")]
+    imp::set_woke(now());
+}
+
+/// Stamps [`Stage::Woke`] of the event `boot_ns` taken by this thread
+/// after its last [`woke`] (nothing for a reader that never called it).
+#[inline]
+pub fn mark_woke(boot_ns: u64) {
+    #[cfg(feature = "bench")]
+    imp::mark_woke(boot_ns);
+    #[cfg(not(feature = "bench"))]
+    let _ = boot_ns;
 }
 
 /// Stamps `stage` of the event `boot_ns` now.
@@ -168,6 +192,22 @@ mod imp {
         open: Vec::new(),
         done: Vec::new(),
     });
+
+    std::thread_local! {
+        /// When this thread's poll(2) last returned (0: never).
+        static WOKE: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    }
+
+    pub fn set_woke(at_ns: u64) {
+        WOKE.with(|w| w.set(at_ns));
+    }
+
+    pub fn mark_woke(boot_ns: u64) {
+        let woke = WOKE.with(std::cell::Cell::get);
+        if woke != 0 {
+            mark_at(boot_ns, Stage::Woke, woke.max(boot_ns));
+        }
+    }
 
     fn index(stage: Stage) -> usize {
         Stage::ALL.iter().position(|s| *s == stage).unwrap_or(0)
@@ -329,7 +369,7 @@ mod imp {
             assert_eq!(
                 names,
                 [
-                    "ring wake-up and drain",
+                    "ring drain (the batch's records before it)",
                     "tracker (applied_ns)",
                     "publish: Kubernetes hand-off, /status swap",
                     "actor enrichment (/proc)"

@@ -150,6 +150,7 @@ fn read(shared: &Shared, ring: &OwnedFd, stop: &OwnedFd) {
             return;
         }
         woken = true;
+        crate::stages::woke();
     }
 }
 

@@ -700,6 +700,7 @@ fn message(item: &[u8]) -> SourceMsg {
     let drained = stages::now();
     match SourceEvent::decode(item) {
         Ok(Decoded::Module(ev)) => {
+            stages::mark_woke(ev.boot_ns);
             stages::mark_at(ev.boot_ns, Stage::Drained, drained);
             stages::mark(ev.boot_ns, Stage::Decoded);
             SourceMsg::Event(ev)

@@ -10,6 +10,7 @@
 //! `VMBENCH {json}` line. It reports figures only; the targets are checked
 //! on the host.
 use std::{
+    collections::BTreeMap,
     ffi::CString,
     fs,
     io::{BufRead as _, BufReader},
@@ -381,29 +382,57 @@ fn cpu_ticks(pid: u32) -> Result<u64, String> {
     Ok(get(11)? + get(12)?)
 }
 
-/// Context switches summed over every thread of `pid`: (voluntary,
-/// involuntary).
-fn ctxt_switches(pid: u32) -> Result<(u64, u64), String> {
+/// Context switches summed over every thread: (voluntary, involuntary),
+/// and the voluntary ones per thread (`TID name`).
+type Switches = ((u64, u64), BTreeMap<String, u64>);
+
+/// [`Switches`] of every thread of `pid`, so the report can say which
+/// thread woke.
+fn ctxt_switches(pid: u32) -> Result<Switches, String> {
     let dir = format!("/proc/{pid}/task");
     let mut sum = (0, 0);
+    let mut per_thread = BTreeMap::new();
     for entry in fs::read_dir(&dir).map_err(|e| format!("listing {dir}: {e}"))? {
         let entry = entry.map_err(|e| format!("listing {dir}: {e}"))?;
         let Ok(text) = fs::read_to_string(entry.path().join("status")) else {
             continue;
         };
+        let mut name = String::new();
         for line in text.lines() {
             let value = |p: &str| {
                 line.strip_prefix(p)
                     .and_then(|v| v.trim().parse::<u64>().ok())
             };
-            if let Some(v) = value("voluntary_ctxt_switches:") {
+            if let Some(n) = line.strip_prefix("Name:") {
+                name = n.trim().to_owned();
+            } else if let Some(v) = value("voluntary_ctxt_switches:") {
                 sum.0 += v;
+                per_thread.insert(format!("{} {name}", entry.file_name().to_string_lossy()), v);
             } else if let Some(v) = value("nonvoluntary_ctxt_switches:") {
                 sum.1 += v;
             }
         }
     }
-    Ok(sum)
+    Ok((sum, per_thread))
+}
+
+/// The voluntary switches each thread made between two looks (threads
+/// that made none left out; a thread gone by the second look is not
+/// counted, one new by then counts all of its own).
+fn switches_between(
+    before: &BTreeMap<String, u64>,
+    after: &BTreeMap<String, u64>,
+) -> BTreeMap<String, u64> {
+    after
+        .iter()
+        .map(|(t, n)| {
+            (
+                t.clone(),
+                n.saturating_sub(before.get(t).copied().unwrap_or(0)),
+            )
+        })
+        .filter(|(_, n)| *n > 0)
+        .collect()
 }
 
 /// run_time_ns and run_cnt of every BPF program fd the daemon holds.
@@ -444,7 +473,13 @@ fn bpf_stats(pid: u32) -> Result<Value, String> {
 }
 
 /// Storm throughput and loss at the default ring size, then the footprint.
-fn storm_and_footprint(api: &Api, idle: Duration) -> Result<Value, String> {
+/// Its requests go through a client of its own, closed before the idle
+/// window: a keep-alive connection left open would have the daemon wake
+/// to close it (its idle timeout, 10 s) inside the window, the driver's
+/// doing rather than the daemon's.
+fn storm_and_footprint(idle: Duration) -> Result<Value, String> {
+    let client = Api::new();
+    let api = &client;
     // Stats accumulate only while enabled.
     fs::write("/proc/sys/kernel/bpf_stats_enabled", "1")
         .map_err(|e| format!("enabling kernel.bpf_stats_enabled: {e}"))?;
@@ -481,10 +516,13 @@ fn storm_and_footprint(api: &Api, idle: Duration) -> Result<Value, String> {
     let rss_after = rss_kib(pid)?;
     let stats = bpf_stats(pid)?;
 
-    // Idle: nobody scrapes.
-    let (cpu0, sw0) = (cpu_ticks(pid)?, ctxt_switches(pid)?);
+    // Idle: nobody scrapes, and no connection is left open (the daemon
+    // sees this one close before the window starts).
+    drop(client);
+    thread::sleep(Duration::from_millis(200));
+    let (cpu0, (sw0, threads0)) = (cpu_ticks(pid)?, ctxt_switches(pid)?);
     thread::sleep(idle);
-    let (cpu1, sw1) = (cpu_ticks(pid)?, ctxt_switches(pid)?);
+    let (cpu1, (sw1, threads1)) = (cpu_ticks(pid)?, ctxt_switches(pid)?);
     let idle_s = idle.as_secs_f64();
     #[expect(clippy::cast_precision_loss, reason = "rates for a report")]
     let figures = json!({
@@ -508,6 +546,7 @@ fn storm_and_footprint(api: &Api, idle: Duration) -> Result<Value, String> {
             "idle_cpu_percent": (cpu1 - cpu0) as f64 / 100.0 / idle_s * 100.0,
             "idle_voluntary_switches": sw1.0 - sw0.0,
             "idle_involuntary_switches": sw1.1 - sw0.1,
+            "idle_voluntary_switches_by_thread": switches_between(&threads0, &threads1),
             "idle_wakeups_per_s": (sw1.0 - sw0.0) as f64 / idle_s,
             "bpf": stats,
         },
@@ -870,7 +909,7 @@ fn measure() -> Result<Value, String> {
     let mut storms = Vec::new();
     let mut footprints = Vec::new();
     for run in 0..plan.reps {
-        let rest = storm_and_footprint(&api, plan.idle)?;
+        let rest = storm_and_footprint(plan.idle)?;
         Report::note(&format!("bench: storm and footprint run {run}: {rest}"));
         storms.push(rest["storm"].clone());
         footprints.push(rest["footprint"].clone());
