@@ -1,12 +1,12 @@
 //! Where one event's time goes, for `cargo xtask bench`: with the `bench`
 //! feature, the source and the daemon stamp each module event with
-//! CLOCK_BOOTTIME as it passes each stage (taken from the ring, decoded,
-//! taken by the tracker, applied by it, counted in the
-//! metrics, published, its actor enriched, its record handed to the
-//! forensic log), and on a clean stop the daemon writes a summary to the
-//! file named by `KMOD_MONITOR_BENCH_STAGES`. Without the feature every
-//! function here is empty and compiles away: release builds carry no
-//! stamps.
+//! CLOCK_BOOTTIME as it passes each stage (the ring thread woken for it,
+//! taken from the ring, decoded, taken by the tracker, applied by it,
+//! counted in the metrics, published, its actor enriched, its record
+//! handed to the forensic log), and on a clean stop the daemon writes a
+//! summary to the file named by `KMOD_MONITOR_BENCH_STAGES`. Without the
+//! feature every function here is empty and compiles away: release builds
+//! carry no stamps.
 //!
 //! Events are keyed by their in-kernel timestamp (`boot_ns`), so no type
 //! on the event path changes. A stage that did not happen for an event (no
@@ -16,11 +16,15 @@
 /// A point an event passes on its way from the ring to the log.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stage {
-    /// The ring thread's poll(2) returned (for a record committed after
-    /// that, its commit: the thread was awake already).
+    /// The ring thread's poll(2) last returned before the record was
+    /// taken. A record whose in-kernel time is later (it came while the
+    /// thread was awake, or after a quiet-hold timeout or an interrupted
+    /// poll, which reuse the last wake) is stamped at its own time, so it
+    /// counts 0 here.
     Woke,
-    /// Taken from the ring buffer by the reader (after the records taken
-    /// before it in the same batch).
+    /// Taken from the ring buffer by the reader: after the records taken
+    /// before it in the same batch, and any wait for the shared lock or
+    /// for room in the loop's queue.
     Drained,
     /// Decoded into an event.
     Decoded,

@@ -367,7 +367,10 @@ impl Daemon {
     /// loop), so a module still `loading` here has had no news for
     /// [`CONFIRM_AFTER`].
     pub(super) fn confirm_loading(&mut self) {
-        let loading: Vec<_> = self.shared.lock().tracker.loading().cloned().collect();
+        // In name order, so the records and log lines of one pass come
+        // in the same order every time.
+        let mut loading: Vec<_> = self.shared.lock().tracker.loading().cloned().collect();
+        loading.sort_unstable();
         let mut still = false;
         for name in loading {
             // Read and applied under the lock, so the ring thread cannot

@@ -544,10 +544,10 @@ fn storm_and_footprint(idle: Duration) -> Result<Value, String> {
             "idle_window_s": idle_s,
             "idle_cpu_ticks": cpu1 - cpu0,
             "idle_cpu_percent": (cpu1 - cpu0) as f64 / 100.0 / idle_s * 100.0,
-            "idle_voluntary_switches": sw1.0 - sw0.0,
-            "idle_involuntary_switches": sw1.1 - sw0.1,
+            "idle_voluntary_switches": sw1.0.saturating_sub(sw0.0),
+            "idle_involuntary_switches": sw1.1.saturating_sub(sw0.1),
             "idle_voluntary_switches_by_thread": switches_between(&threads0, &threads1),
-            "idle_wakeups_per_s": (sw1.0 - sw0.0) as f64 / idle_s,
+            "idle_wakeups_per_s": sw1.0.saturating_sub(sw0.0) as f64 / idle_s,
             "bpf": stats,
         },
     });
