@@ -162,7 +162,7 @@ fn pipeline(c: &mut Criterion) {
                         .group_changes
                         .iter()
                         .map(|c| RequirementEffect {
-                            name: c.group.clone(),
+                            name: c.group.to_string(),
                             met: c.met,
                             changed: true,
                         })

@@ -18,9 +18,13 @@
 //! an order that differs from the syscalls' (an `rmmod` on one CPU can free
 //! a module before the loader's syscall exit is recorded on another), so
 //! each rule below looks at the module's current state, not only the event.
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use serde::Serialize;
+use smallvec::SmallVec;
 
 use crate::{
     event::{Actor, Kind, Raw, SourceEvent},
@@ -90,13 +94,19 @@ pub struct Outcome {
     /// Whether the module belongs to an enabled group.
     pub required: bool,
     /// Groups whose `met` flipped, with the new value.
-    pub group_changes: Vec<GroupChange>,
+    pub group_changes: GroupChanges,
 }
+
+/// The groups one event flipped: rarely more than one, so kept inline, and
+/// the event that decides a group takes no allocation before its state
+/// change is stamped.
+pub type GroupChanges = SmallVec<[GroupChange; 2]>;
 
 /// A requirement group went from met to unmet or back.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct GroupChange {
-    pub group: String,
+    /// Shared with the tracker's own copy, so a flip copies no string.
+    pub group: Arc<str>,
     pub met: bool,
 }
 
@@ -126,6 +136,9 @@ pub struct GroupReport {
 #[derive(Debug)]
 pub struct Tracker {
     groups: Vec<GroupSpec>,
+    /// Each group's name (same order as `groups`), for the changes that
+    /// report it.
+    names: Vec<Arc<str>>,
     /// Last verdict per group (same order as `groups`).
     met: Vec<bool>,
     /// Every module the kernel has loaded (all of /proc/modules), so a
@@ -160,6 +173,7 @@ impl Tracker {
             .collect();
         let mut tracker = Self {
             met: Vec::new(),
+            names: Vec::new(),
             groups,
             present,
             required: FastMap::default(),
@@ -169,13 +183,19 @@ impl Tracker {
             modules_supported: snapshot.modules_supported,
             blocked: BTreeSet::new(),
         };
-        tracker.index_required();
+        tracker.index_groups();
         tracker.met = tracker.evaluate_all();
         tracker
     }
 
-    /// Rebuilds [`required`](Self::required) from the groups.
-    fn index_required(&mut self) {
+    /// Rebuilds [`required`](Self::required) and [`names`](Self::names)
+    /// from the groups.
+    fn index_groups(&mut self) {
+        self.names = self
+            .groups
+            .iter()
+            .map(|g| Arc::from(g.name.as_str()))
+            .collect();
         let required = self
             .groups
             .iter()
@@ -260,16 +280,17 @@ impl Tracker {
             .map(|(g, &m)| (g.name.clone(), m))
             .collect();
         self.groups = groups;
-        self.index_required();
+        self.index_groups();
         self.met = self.evaluate_all();
         self.last_events
             .retain(|name, _| self.required.contains_key(name));
         self.groups
             .iter()
+            .zip(&self.names)
             .zip(&self.met)
-            .filter(|(g, m)| before.get(&g.name).map_or(!**m, |b| b != *m))
-            .map(|(g, &met)| GroupChange {
-                group: g.name.clone(),
+            .filter(|((g, _), m)| before.get(&g.name).map_or(!**m, |b| b != *m))
+            .map(|((_, name), &met)| GroupChange {
+                group: Arc::clone(name),
                 met,
             })
             .collect()
@@ -435,12 +456,12 @@ impl Tracker {
         self.blocked = blocked;
         let now = self.evaluate_all();
         let changes = self
-            .groups
+            .names
             .iter()
             .zip(self.met.iter().zip(&now))
             .filter(|(_, (was, is))| was != is)
-            .map(|(g, (_, &met))| GroupChange {
-                group: g.name.clone(),
+            .map(|(name, (_, &met))| GroupChange {
+                group: Arc::clone(name),
                 met,
             })
             .collect();
@@ -529,7 +550,7 @@ impl Tracker {
             );
         }
         let to = self.state(name);
-        let mut group_changes = Vec::new();
+        let mut group_changes = GroupChanges::new();
         if from != to {
             for i in 0..self.groups.len() {
                 if !self.groups[i].modules.contains(name) {
@@ -539,7 +560,7 @@ impl Tracker {
                 if met != self.met[i] {
                     self.met[i] = met;
                     group_changes.push(GroupChange {
-                        group: self.groups[i].name.clone(),
+                        group: Arc::clone(&self.names[i]),
                         met,
                     });
                 }
@@ -649,8 +670,8 @@ mod tests {
             (Some(Kind::Loaded), ModuleState::Loaded)
         );
         assert_eq!(
-            done.group_changes,
-            vec![GroupChange {
+            done.group_changes[..],
+            [GroupChange {
                 group: "v2-data-engine".into(),
                 met: true
             }]
@@ -773,8 +794,8 @@ mod tests {
         );
         let free = t.apply(&ev(Raw::Free, "dm_crypt", 2));
         assert_eq!(
-            free.group_changes,
-            vec![GroupChange {
+            free.group_changes[..],
+            [GroupChange {
                 group: "base".into(),
                 met: false
             }]
@@ -992,8 +1013,8 @@ mod tests {
         assert!(met(&t, "spdk-driver"));
         let o = t.apply(&SourceEvent::observed(Raw::Absent, n("vfio_pci"), 1));
         assert_eq!(
-            o.group_changes,
-            vec![GroupChange {
+            o.group_changes[..],
+            [GroupChange {
                 group: "spdk-driver".into(),
                 met: false
             }]
@@ -1004,8 +1025,8 @@ mod tests {
             2,
         ));
         assert_eq!(
-            o.group_changes,
-            vec![GroupChange {
+            o.group_changes[..],
+            [GroupChange {
                 group: "spdk-driver".into(),
                 met: true
             }]
@@ -1023,7 +1044,7 @@ mod tests {
             1,
         ));
         let o = t.apply(&SourceEvent::observed(Raw::Absent, n("nvme_tcp"), 2));
-        let changed: Vec<&str> = o.group_changes.iter().map(|c| c.group.as_str()).collect();
+        let changed: Vec<&str> = o.group_changes.iter().map(|c| &*c.group).collect();
         assert_eq!(changed, vec!["v2-data-engine", "nvmf"]);
         assert!(met(&t, "base"));
     }

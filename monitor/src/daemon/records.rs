@@ -23,7 +23,7 @@ use crate::{
     longhorn::v2::Flip,
     names::ModuleName,
     requirements::GroupSpec,
-    tracker::{GroupChange, Outcome, Tracker},
+    tracker::{GroupChange, GroupChanges, Outcome, Tracker},
 };
 
 /// `{name, taints}` of a record about a module.
@@ -64,11 +64,11 @@ fn effects_before(
     tracker
         .verdicts_holding(module)
         .map(|(name, met)| RequirementEffect {
-            changed: changes.iter().any(|c| c.group == name),
+            changed: changes.iter().any(|c| &*c.group == name),
             name: name.to_owned(),
             met: later
                 .iter()
-                .find(|c| c.group == name)
+                .find(|c| &*c.group == name)
                 .map_or(met, |c| !c.met),
         })
         .collect()
@@ -81,7 +81,7 @@ pub fn all_effects(tracker: &Tracker, changes: &[GroupChange]) -> Vec<Requiremen
         .report()
         .into_iter()
         .map(|g| RequirementEffect {
-            changed: changes.iter().any(|c| c.group == g.name),
+            changed: changes.iter().any(|c| *c.group == *g.name),
             name: g.name,
             met: g.met,
         })
@@ -120,7 +120,7 @@ pub struct PendingEvent {
         StateChange,
         Vec<RequirementEffect>,
         ModuleName,
-        Vec<GroupChange>,
+        GroupChanges,
     )>,
     source: String,
     /// The actor as /proc showed it, once read ([`Deferred::enrich_waiting`]).
@@ -321,7 +321,7 @@ pub fn group_changes(
             let mut r = Record::new(RecordKind::RequirementChange, boot_ns);
             r.module = module.map(|m| module_info(m, None));
             r.requirement = Some(RequirementFlip {
-                name: c.group.clone(),
+                name: c.group.to_string(),
                 was: !c.met,
                 met: c.met,
             });
