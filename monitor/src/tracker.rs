@@ -97,9 +97,11 @@ pub struct Outcome {
     pub group_changes: GroupChanges,
 }
 
-/// The groups one event flipped: rarely more than one, so kept inline, and
-/// the event that decides a group takes no allocation before its state
-/// change is stamped.
+/// The groups one event flipped: rarely more than one, so kept inline. The
+/// event that decides a group then allocates nothing on the ring thread
+/// before the thread marks it applied (`daemon/shared.rs`); the
+/// `applied_ns` of its [`LastEvent`] is read earlier still, before the
+/// groups are evaluated.
 pub type GroupChanges = SmallVec<[GroupChange; 2]>;
 
 /// A requirement group went from met to unmet or back.

@@ -1117,7 +1117,8 @@ pub fn readme_section(c: &Value) -> String {
     if !staged.is_empty() {
         let _ = writeln!(
             s,
-            "\nWhere the time goes for an event that changes whether a required module meets its requirement (the load's result and the free, which the latency rows time), µs, p50 (p90) per stage, from the previous stage to the end of this one (the `bench` build of the daemon, one run of the same cycles; stages that did not happen for an event are left out of its chain; the events in between, a load's start and an unload's, are left out):\n"
+            "\nWhere the time goes for an event that changes whether a required module meets its requirement (the load's result and the free, which the latency rows time), µs, p50 (p90) per stage, from the previous stage to the end of this one (the `bench` build of the daemon, one run of {} such events, paced as the latency rows; stages that did not happen for an event are left out of its chain; the events in between, a load's start and an unload's, are left out):\n",
+            t(&staged[0].1["stages"]["events"])
         );
         let mut header = "| stage |".to_owned();
         let mut rule = "|---|".to_owned();

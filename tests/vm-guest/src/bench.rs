@@ -60,9 +60,10 @@ const QUIET: Duration = Duration::from_millis(5);
 struct Plan {
     reps: usize,
     /// Load/unload cycles per run of the floor and the eBPF daemon (two
-    /// samples each): the runs the `--check` ratios judge. A p99 of 200
-    /// samples is their third-worst, and moved by a third between runs of
-    /// the same build; of 600 it is the sixth-worst.
+    /// samples each): the runs `--check` judges the daemon against the
+    /// floor by. [`percentiles`] takes the sample at round((n - 1) * q): a
+    /// p99 of 200 samples is their third-worst, and moved by a third
+    /// between runs of the same build; of 600 it is the seventh-worst.
     judged_cycles: usize,
     /// Load/unload cycles per run of uevent, under the flood and of the
     /// stage breakdown; two samples each.
