@@ -156,6 +156,60 @@ fn percentiles(samples: &mut [f64]) -> Value {
     })
 }
 
+/// One load or unload timed: its latency, whether it was a load, and how
+/// long its syscall took (a load's includes the module's init).
+struct Sample {
+    load: bool,
+    syscall_ms: f64,
+    latency_ms: f64,
+}
+
+/// How many of the worst samples a run lists, with their kind and syscall
+/// time: where a tail comes from (a slow init, or loads or unloads only).
+const WORST_LISTED: usize = 8;
+
+/// [`percentiles`] of all `samples`, then of the loads and the unloads
+/// alone, and the [`WORST_LISTED`] worst with their kind and syscall time.
+fn summarise(samples: &[Sample]) -> Value {
+    let of = |keep: &dyn Fn(&Sample) -> bool| {
+        let mut v: Vec<f64> = samples
+            .iter()
+            .filter(|s| keep(s))
+            .map(|s| s.latency_ms)
+            .collect();
+        percentiles(&mut v)
+    };
+    let mut out = of(&|_| true);
+    out["loads"] = of(&|s| s.load);
+    out["unloads"] = of(&|s| !s.load);
+    let mut worst: Vec<&Sample> = samples.iter().collect();
+    worst.sort_by(|a, b| b.latency_ms.total_cmp(&a.latency_ms));
+    out["worst"] = worst
+        .iter()
+        .take(WORST_LISTED)
+        .map(|s| {
+            json!({
+                "kind": if s.load { "load" } else { "unload" },
+                "latency_ms": s.latency_ms,
+                "syscall_ms": s.syscall_ms,
+            })
+        })
+        .collect();
+    let mut syscalls: Vec<f64> = samples
+        .iter()
+        .filter(|s| s.load)
+        .map(|s| s.syscall_ms)
+        .collect();
+    out["load_syscall"] = percentiles(&mut syscalls);
+    out
+}
+
+/// Nanoseconds as milliseconds, for a report.
+#[expect(clippy::cast_precision_loss, reason = "milliseconds for a report")]
+fn ms(ns: u64) -> f64 {
+    ns as f64 / 1e6
+}
+
 /// The poll source's default interval.
 const POLL_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -204,9 +258,9 @@ fn latency(api: &Api, source: &str, cycles: usize) -> Result<Value, String> {
     kmod::ensure_unloaded(MODULE)?;
     let module = module_file()?;
     let daemon = start_daemon(api, source, 0)?;
-    let mut samples = cycle_samples(api, source, &module, cycles)?;
+    let samples = cycle_samples(api, source, &module, cycles)?;
     drop(daemon);
-    let mut out = percentiles(&mut samples);
+    let mut out = summarise(&samples);
     out["source"] = json!(source);
     out["cycles"] = json!(cycles);
     out["event_time"] = json!(match source {
@@ -224,7 +278,7 @@ fn cycle_samples(
     source: &str,
     module: &(PathBuf, u32),
     cycles: usize,
-) -> Result<Vec<f64>, String> {
+) -> Result<Vec<Sample>, String> {
     let mut samples = Vec::with_capacity(cycles * 2);
     for _ in 0..cycles {
         for (state, load) in [("loaded", true), ("available", false)] {
@@ -249,8 +303,11 @@ fn cycle_samples(
                 "uevent" => before,
                 _ => returned,
             };
-            #[expect(clippy::cast_precision_loss, reason = "milliseconds for a report")]
-            samples.push(applied_ns.saturating_sub(from) as f64 / 1e6);
+            samples.push(Sample {
+                load,
+                syscall_ms: ms(returned.saturating_sub(before)),
+                latency_ms: ms(applied_ns.saturating_sub(from)),
+            });
         }
     }
     Ok(samples)
@@ -618,7 +675,7 @@ fn under_flood(api: &Api, cycles: usize) -> Result<Value, String> {
     let (start, cpu_start) = (Instant::now(), cpu_ticks(pid)?);
     thread::sleep(FLOOD_ALONE);
     let (alone, cpu_alone) = (start.elapsed(), cpu_ticks(pid)?);
-    let mut samples = cycle_samples(api, "ebpf", &module, cycles)?;
+    let samples = cycle_samples(api, "ebpf", &module, cycles)?;
     let rss_end = rss_kib(pid)?;
     let done = flood.stop()?;
     let wall = start.elapsed();
@@ -669,7 +726,7 @@ fn under_flood(api: &Api, cycles: usize) -> Result<Value, String> {
         let t = ticks as f64;
         t / 100.0 / over.as_secs_f64() * 100.0
     };
-    let mut latency = percentiles(&mut samples);
+    let mut latency = summarise(&samples);
     latency["cycles"] = json!(cycles);
     #[expect(clippy::cast_precision_loss, reason = "rates for a report")]
     Ok(json!({
@@ -725,14 +782,18 @@ fn floor(cycles: usize) -> Result<Value, String> {
             } else {
                 delete_module()?;
             }
+            let returned = boottime_ns();
             thread::sleep(SETTLE);
             let (boot_ns, taken_ns) = floor.wait_for(kind, before)?;
-            #[expect(clippy::cast_precision_loss, reason = "milliseconds for a report")]
-            samples.push(taken_ns.saturating_sub(boot_ns) as f64 / 1e6);
+            samples.push(Sample {
+                load,
+                syscall_ms: ms(returned.saturating_sub(before)),
+                latency_ms: ms(taken_ns.saturating_sub(boot_ns)),
+            });
         }
     }
     let lost = floor.stop()?;
-    let mut out = percentiles(&mut samples);
+    let mut out = summarise(&samples);
     out["source"] = json!("floor");
     out["cycles"] = json!(cycles);
     out["events_lost"] = json!(lost);
