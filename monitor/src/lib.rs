@@ -37,6 +37,14 @@
 //!    - [`daemon`]: `run`: attach, snapshot, apply, reconcile, reload, publish.
 //!    - [`check`]: the one-shot preflight.
 //!    - [`fix`]: `check --fix`.
+
+/// The static build's allocator (see monitor/Cargo.toml): musl's own
+/// serialises every thread's allocations on one lock. In the library, so
+/// that the binaries and the benches measure the same one.
+#[cfg(target_env = "musl")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 pub mod alerting;
 pub mod check;
 pub mod config;
