@@ -67,7 +67,7 @@ impl Arch {
     /// aarch64 Debian has no musl cross compiler; its glibc cross gcc
     /// compiles ring (whose C code needs only `<stdint.h>`-level headers,
     /// which the glibc cross headers provide) and mimalloc (whose libc
-    /// calls take kernel-defined types, see the README), and drives the
+    /// calls agree between the two libcs, see the README), and drives the
     /// link against the self-contained musl CRT objects and libc that
     /// rustup ships with the target.
     pub const fn cargo_env(self) -> &'static [(&'static str, &'static str)] {

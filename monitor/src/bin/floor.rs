@@ -37,6 +37,7 @@ struct Taken {
 }
 
 fn main() -> ExitCode {
+    kmod_monitor::allocator_setup();
     match run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
