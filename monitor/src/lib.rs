@@ -37,39 +37,6 @@
 //!    - [`daemon`]: `run`: attach, snapshot, apply, reconcile, reload, publish.
 //!    - [`check`]: the one-shot preflight.
 //!    - [`fix`]: `check --fix`.
-
-/// The static builds' allocator (see monitor/Cargo.toml): musl's own
-/// serialises every thread's allocations on one lock. In the library, so
-/// that the daemon, the bench's floor and the benches built for a musl
-/// target (as `cargo xtask bench` builds them) all use it.
-#[cfg(target_env = "musl")]
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// Sets the static builds' allocator up; the first thing `main` does.
-///
-/// mimalloc returns a freed page to the kernel only after a delay (10 ms),
-/// and only when it is next called: a daemon that goes idle after a burst
-/// (or after start-up, when aya's parse of the kernel's BTF has come and
-/// gone) kept it all. RSS after start was 24 MiB in the 6.1 guest with
-/// the delay and 10.4 MiB without, where musl's own allocator gave 10.6.
-/// A page is purged when all of it is free, so this costs a `madvise`
-/// per freed page, not per free.
-#[cfg(target_env = "musl")]
-pub fn allocator_setup() {
-    /// `mi_option_purge_delay` in mimalloc v2's include/mimalloc.h (the
-    /// bindings skip it; `mi_option_eager_commit_delay` is 14 and
-    /// `mi_option_use_numa_nodes` 16 there).
-    const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-    // SAFETY: sets one of mimalloc's option values; no pointer is passed,
-    // and mimalloc reads options with atomic loads.
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
-}
-
-/// Nothing to set up with the system allocator (non-musl builds).
-#[cfg(not(target_env = "musl"))]
-pub const fn allocator_setup() {}
-
 pub mod alerting;
 pub mod check;
 pub mod config;

@@ -77,7 +77,6 @@ struct ShowArgs {
 }
 
 fn main() -> ExitCode {
-    kmod_monitor::allocator_setup();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(flags) => run(*flags),

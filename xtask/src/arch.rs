@@ -60,16 +60,14 @@ impl Arch {
     }
 
     /// Environment for `cargo build --target` [`Self::musl_target`] on an
-    /// x86-64 Debian host: the C compiler cc-rs uses for ring's and
-    /// mimalloc's C code, and for aarch64 the linker driver (rustc's default
-    /// `cc` is the host's). Debian's musl-tools calls its x86-64 wrapper
-    /// `musl-gcc`, where cc-rs looks for `x86_64-linux-musl-gcc`. For
-    /// aarch64 Debian has no musl cross compiler; its glibc cross gcc
-    /// compiles ring (whose C code needs only `<stdint.h>`-level headers,
-    /// which the glibc cross headers provide) and mimalloc (whose libc
-    /// calls agree between the two libcs, see the README), and drives the
-    /// link against the self-contained musl CRT objects and libc that
-    /// rustup ships with the target.
+    /// x86-64 Debian host: the C compiler cc-rs uses for ring's C code, and
+    /// for aarch64 the linker driver (rustc's default `cc` is the host's).
+    /// Debian's musl-tools calls its x86-64 wrapper `musl-gcc`, where cc-rs
+    /// looks for `x86_64-linux-musl-gcc`. For aarch64 Debian has no musl
+    /// cross compiler; its glibc cross gcc compiles ring (whose C code
+    /// needs only `<stdint.h>`-level headers, which the glibc cross headers
+    /// provide) and drives the link, against the self-contained musl CRT
+    /// objects and libc that rustup ships with the target.
     pub const fn cargo_env(self) -> &'static [(&'static str, &'static str)] {
         match self {
             Self::X86_64 => &[("CC_x86_64_unknown_linux_musl", "musl-gcc")],

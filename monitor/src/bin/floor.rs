@@ -37,7 +37,6 @@ struct Taken {
 }
 
 fn main() -> ExitCode {
-    kmod_monitor::allocator_setup();
     match run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -413,20 +413,6 @@ const fn is_false(b: &bool) -> bool {
 /// up (glibc's is 8 bytes and rounds to 16; musl's mallocng 4 to 16).
 const ALLOC_OVERHEAD: usize = 16;
 
-/// What a heap block of `n` bytes takes: [`ALLOC_OVERHEAD`] more, or for
-/// a larger block a quarter more. mimalloc (the static builds' allocator)
-/// has no header but rounds a block up to its size class: exact to 64
-/// bytes, then four classes per doubling, so a block just past a power
-/// of two takes a quarter more (`mi_bin`, src/page-queue.c).
-const fn block(n: usize) -> usize {
-    let rounding = n / 4;
-    n + if rounding > ALLOC_OVERHEAD {
-        rounding
-    } else {
-        ALLOC_OVERHEAD
-    }
-}
-
 /// What a value owns on the heap, in bytes, allocator overhead included:
 /// what the event log's byte bound counts ([`Record::footprint`]).
 trait Heap {
@@ -437,7 +423,7 @@ impl Heap for String {
     fn heap_bytes(&self) -> usize {
         match self.capacity() {
             0 => 0,
-            n => block(n),
+            n => n + ALLOC_OVERHEAD,
         }
     }
 }
@@ -452,7 +438,7 @@ impl<T: Heap> Heap for Vec<T> {
     fn heap_bytes(&self) -> usize {
         let block = match self.capacity() {
             0 => 0,
-            n => block(n * std::mem::size_of::<T>()),
+            n => n * std::mem::size_of::<T>() + ALLOC_OVERHEAD,
         };
         block + self.iter().map(Heap::heap_bytes).sum::<usize>()
     }
@@ -727,8 +713,7 @@ mod tests {
         );
         let mut r = bare.clone();
         r.reason = Some(String::with_capacity(100));
-        // Past 64 bytes a block may take a quarter more (mimalloc's classes).
-        assert_eq!(r.footprint(), base + 100 + 25);
+        assert_eq!(r.footprint(), base + 100 + ALLOC_OVERHEAD);
         r.actor = Some(ActorInfo {
             comm: "rmmod".into(),
             cmdline: Some(vec!["rmmod".into(), "dm_crypt".into()]),
@@ -737,10 +722,10 @@ mod tests {
         let actor = 5 + ALLOC_OVERHEAD // comm
             + 2 * std::mem::size_of::<String>() + ALLOC_OVERHEAD // the list
             + (5 + ALLOC_OVERHEAD) + (8 + ALLOC_OVERHEAD); // its strings
-        assert_eq!(r.footprint(), base + 100 + 25 + actor);
-        // An actor's 4 KiB cmdline is counted in full, with its rounding.
+        assert_eq!(r.footprint(), base + 100 + ALLOC_OVERHEAD + actor);
+        // An actor's 4 KiB cmdline is counted in full.
         r.actor.as_mut().unwrap().cmdline = Some(vec!["x".repeat(4096)]);
-        assert!(r.footprint() >= base + 4096 + 1024);
+        assert!(r.footprint() > base + 4096);
     }
 
     #[test]
