@@ -12,8 +12,10 @@
 //! the symbol tables the tests never need, and the version variables
 //! upstream's build sets are set from the pin, so `/version` and
 //! `kubectl version` report the real release. The Go module and build
-//! caches live beside the binaries, so a version bump rebuilds only what
-//! changed.
+//! caches (about 4 GiB) live beside the binaries only while they build and
+//! are removed once both binaries are in place: a shared CI disk ran out
+//! of space in a later step with them kept, and a pin bump, the only thing
+//! that rebuilds, is rare enough to download again.
 use std::{
     fs,
     path::{Path, PathBuf},
@@ -112,7 +114,8 @@ pub fn servers() -> Result<()> {
             "setup: kube-apiserver {kubernetes} and etcd {etcd} present in {}",
             bin.display()
         );
-        return Ok(());
+        // A cache an earlier version of this step kept.
+        return remove_go_caches(&root);
     }
 
     println!(
@@ -146,6 +149,20 @@ pub fn servers() -> Result<()> {
         start.elapsed().as_secs_f64(),
         bin.display()
     );
+    remove_go_caches(&root)
+}
+
+/// Removes the Go module and build caches under `root`, if any.
+fn remove_go_caches(root: &Path) -> Result<()> {
+    for name in ["gocache", "gomod"] {
+        let dir = cache(root, name);
+        if dir.exists() {
+            fs::remove_dir_all(&dir).with_context(|| {
+                format!("removing the Go cache {} the build left", dir.display())
+            })?;
+            println!("setup: removed the Go cache {}", dir.display());
+        }
+    }
     Ok(())
 }
 

@@ -122,10 +122,16 @@ fn timed<T>(
     }
 }
 
+/// A cargo command for the suite's steps. The suite builds once and runs,
+/// so incremental compilation's caches (gigabytes for the workspace's test
+/// binaries) only cost disk; off unless the caller set it.
 fn cargo() -> Command {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(dirs::workspace_root());
+    if std::env::var_os("CARGO_INCREMENTAL").is_none() {
+        cmd.env("CARGO_INCREMENTAL", "0");
+    }
     cmd
 }
 
