@@ -2,7 +2,8 @@
 //! decoded, applied to the tracker, counted in the metrics and appended to
 //! the forensic log (enriched from /proc, sealed into the hash chain and
 //! written by the log's thread), as the daemon's event loop does for each
-//! record. Run with `cargo bench -p kmod-monitor --bench pipeline`.
+//! record, with the daemon's own record builders and its per-turn hand-off
+//! to the log. Run with `cargo bench -p kmod-monitor --bench pipeline`.
 use std::{
     hint::black_box,
     time::{Duration, Instant},
@@ -10,11 +11,9 @@ use std::{
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use kmod_monitor::{
+    daemon::records::{Deferred, PendingEvent},
     event::{Decoded, SourceEvent},
-    forensic::{
-        self, EventLog, EventLogSettings, FsyncPolicy, Record, RecordKind,
-        record::{ModuleInfo, RequirementEffect, StateChange},
-    },
+    forensic::{self, EventLog, EventLogSettings, FsyncPolicy},
     host::{HostRoot, Snapshot, parse_modules_builtin, parse_modules_dep, parse_proc_modules},
     metrics::Metrics,
     requirements::{self, GroupSettings},
@@ -143,32 +142,29 @@ fn pipeline(c: &mut Criterion) {
                 "bench-host".into(),
             )
             .unwrap_or_else(|e| panic!("opening the bench log: {e}"));
+            let mut deferred = Deferred::default();
             let start = Instant::now();
             for _ in 0..iters {
+                // One loop turn's events (a load and an unload of
+                // nvme_tcp): each applied, then their records built and
+                // handed to the log together once the state is published,
+                // as the daemon's event loop does.
                 for rec in &records {
                     let (ev, outcome) = track(rec, &mut tracker, &metrics);
                     let Some(kind) = outcome.kind else { continue };
-                    let mut r = Record::new(RecordKind::of_event(kind), ev.boot_ns);
-                    r.module = Some(ModuleInfo {
-                        name: ev.module.to_string(),
-                        taints: None,
-                    });
-                    r.actor = ev.actor.as_ref().map(|a| forensic::actor::enrich(&host, a));
-                    r.state = Some(StateChange {
-                        from: outcome.from.to_string(),
-                        to: outcome.to.to_string(),
-                    });
-                    r.requirements = outcome
-                        .group_changes
-                        .iter()
-                        .map(|c| RequirementEffect {
-                            name: c.group.to_string(),
-                            met: c.met,
-                            changed: true,
-                        })
-                        .collect();
-                    log.append(r);
+                    deferred.event(PendingEvent::new(
+                        &tracker,
+                        &ev,
+                        kind,
+                        Some(&outcome),
+                        "ebpf",
+                    ));
                 }
+                let built = deferred.drain(
+                    |_, a| forensic::actor::enrich(&host, a),
+                    |kind, boot_ns| log.record(kind, boot_ns),
+                );
+                log.append_all(built);
             }
             let status = log.close(Duration::from_secs(60));
             let took = start.elapsed();

@@ -287,9 +287,9 @@ impl SourceEvent {
 }
 
 /// Kernel taint flags in `module_load` (`TAINT_*` bit numbers) as the
-/// letters /proc/modules prints, e.g. "OE".
+/// letters /proc/modules prints, e.g. "OE" (at most 19, held inline).
 #[must_use]
-pub fn taint_letters(taints: u32) -> String {
+pub fn taint_letters(taints: u32) -> compact_str::CompactString {
     // Bit -> letter, from kernel/panic.c taint_flags (stable since 4.x).
     const LETTERS: [(u32, char); 19] = [
         (0, 'P'),

@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use prometheus_client::{
-    encoding::{EncodeLabelSet, text::encode},
+    encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder, text::encode},
     metrics::{
         counter::Counter,
         family::Family,
@@ -16,10 +16,18 @@ use prometheus_client::{
 
 use crate::{
     event::Kind,
+    names::ModuleName,
     source::ActiveKind,
     state::ModuleState,
     tracker::{GroupReport, Outcome},
 };
+
+/// A module name as a label value, as it reads.
+impl EncodeLabelValue for ModuleName {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(encoder, self.as_str())
+    }
+}
 
 /// Content type of `GET /metrics`.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -57,13 +65,16 @@ struct ModuleStateLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ModuleEventLabels {
-    module: String,
-    event: String,
+    // Neither allocates: an event's count is looked up on the event loop
+    // for every event (a module name of up to 24 bytes, as Longhorn's all
+    // are, is held inline).
+    module: ModuleName,
+    event: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct EventLabels {
-    event: String,
+    event: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -192,7 +203,7 @@ struct Known {
     requirements: Vec<RequirementLabels>,
     infos: Vec<RequirementInfoLabels>,
     module_requirements: Vec<ModuleRequirementLabels>,
-    modules: std::collections::BTreeSet<String>,
+    modules: std::collections::BTreeSet<ModuleName>,
     version: Option<VersionLabels>,
 }
 
@@ -441,7 +452,7 @@ impl Metrics {
         }
         for kind in EVENT_LABELS {
             let _ = m.events.get_or_create(&EventLabels {
-                event: kind.as_str().into(),
+                event: kind.as_str(),
             });
         }
         m.build_info
@@ -507,7 +518,7 @@ impl Metrics {
                     .get_or_create(&labels)
                     .set(i64::from(m.state.satisfies()));
                 keep_mod_req.push(labels);
-                if keep_mod.insert(m.name.to_string()) {
+                if keep_mod.insert(m.name.clone()) {
                     for state in ModuleState::ALL {
                         self.module_state
                             .get_or_create(&ModuleStateLabels {
@@ -518,8 +529,8 @@ impl Metrics {
                     }
                     for kind in EVENT_LABELS {
                         let _ = self.module_events.get_or_create(&ModuleEventLabels {
-                            module: m.name.to_string(),
-                            event: kind.as_str().into(),
+                            module: m.name.clone(),
+                            event: kind.as_str(),
                         });
                     }
                     let _ = self.unload_denied.get_or_create(&ModuleLabels {
@@ -551,21 +562,21 @@ impl Metrics {
         for module in known.modules.iter().filter(|m| !keep_mod.contains(*m)) {
             for state in ModuleState::ALL {
                 self.module_state.remove(&ModuleStateLabels {
-                    module: module.clone(),
+                    module: module.to_string(),
                     state: state.as_str().into(),
                 });
             }
             for kind in EVENT_LABELS {
                 self.module_events.remove(&ModuleEventLabels {
                     module: module.clone(),
-                    event: kind.as_str().into(),
+                    event: kind.as_str(),
                 });
             }
             self.module_persistent.remove(&ModuleLabels {
-                module: module.clone(),
+                module: module.to_string(),
             });
             self.unload_denied.remove(&ModuleLabels {
-                module: module.clone(),
+                module: module.to_string(),
             });
         }
         known.requirements = keep_req;
@@ -596,14 +607,14 @@ impl Metrics {
         }
         self.events
             .get_or_create(&EventLabels {
-                event: kind.as_str().into(),
+                event: kind.as_str(),
             })
             .inc();
         if outcome.required {
             self.module_events
                 .get_or_create(&ModuleEventLabels {
-                    module: outcome.module.to_string(),
-                    event: kind.as_str().into(),
+                    module: outcome.module.clone(),
+                    event: kind.as_str(),
                 })
                 .inc();
         }
@@ -613,7 +624,7 @@ impl Metrics {
     pub fn on_alias_request(&self) {
         self.events
             .get_or_create(&EventLabels {
-                event: Kind::Request.as_str().into(),
+                event: Kind::Request.as_str(),
             })
             .inc();
     }

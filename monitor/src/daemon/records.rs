@@ -9,6 +9,8 @@
 //! order with every other record made meanwhile, until the daemon has
 //! published the new state; only then are actors enriched from /proc and
 //! records built and handed to the log.
+use compact_str::CompactString;
+
 use crate::{
     event::{Actor, Kind, SourceEvent, taint_letters},
     forensic::{
@@ -28,9 +30,9 @@ use crate::{
 
 /// `{name, taints}` of a record about a module.
 #[must_use]
-pub fn module_info(name: &ModuleName, taints: Option<String>) -> ModuleInfo {
+pub fn module_info(name: &ModuleName, taints: Option<CompactString>) -> ModuleInfo {
     ModuleInfo {
-        name: name.to_string(),
+        name: name.as_str().into(),
         taints,
     }
 }
@@ -65,7 +67,7 @@ fn effects_before(
         .verdicts_holding(module)
         .map(|(name, met)| RequirementEffect {
             changed: changes.iter().any(|c| &*c.group == name),
-            name: name.to_owned(),
+            name: name.into(),
             met: later
                 .iter()
                 .find(|c| &*c.group == name)
@@ -82,7 +84,7 @@ pub fn all_effects(tracker: &Tracker, changes: &[GroupChange]) -> Vec<Requiremen
         .into_iter()
         .map(|g| RequirementEffect {
             changed: changes.iter().any(|c| *c.group == *g.name),
-            name: g.name,
+            name: g.name.into(),
             met: g.met,
         })
         .collect()
@@ -122,7 +124,7 @@ pub struct PendingEvent {
         ModuleName,
         GroupChanges,
     )>,
-    source: String,
+    source: CompactString,
     /// The actor as /proc showed it, once read ([`Deferred::enrich_waiting`]).
     enriched: Option<ActorInfo>,
 }
@@ -159,15 +161,15 @@ impl PendingEvent {
             applied: outcome.map(|o| {
                 (
                     StateChange {
-                        from: o.from.to_string(),
-                        to: o.to.to_string(),
+                        from: o.from.as_str().into(),
+                        to: o.to.as_str().into(),
                     },
                     effects_before(tracker, &o.module, &o.group_changes, later),
                     o.module.clone(),
                     o.group_changes.clone(),
                 )
             }),
-            source: source.to_owned(),
+            source: source.into(),
             enriched: None,
         }
     }
@@ -188,6 +190,23 @@ impl PendingEvent {
     /// `requirement_change` per group it flipped.
     #[must_use]
     pub fn into_records(self, actor: Option<ActorInfo>) -> Vec<Record> {
+        let mut out = Vec::new();
+        self.append_records(actor, &mut out, &mut |kind, boot_ns| {
+            Box::new(Record::new(kind, boot_ns))
+        });
+        out.into_iter().map(|r| *r).collect()
+    }
+
+    /// [`into_records`](Self::into_records) onto the end of `out`, which
+    /// the caller reuses (no list of its own per event), each record built
+    /// in a box `new_record` gives (see
+    /// [`EventLog::record`](crate::forensic::EventLog::record)).
+    pub fn append_records(
+        self,
+        actor: Option<ActorInfo>,
+        out: &mut Vec<Box<Record>>,
+        new_record: &mut impl FnMut(RecordKind, u64) -> Box<Record>,
+    ) {
         let Self {
             ev,
             kind,
@@ -195,7 +214,7 @@ impl PendingEvent {
             source,
             enriched: _,
         } = self;
-        let mut r = Record::new(RecordKind::of_event(kind), ev.boot_ns);
+        let mut r = new_record(RecordKind::of_event(kind), ev.boot_ns);
         // Only eBPF's module_load carries taints.
         let taints = (kind == Kind::Load && ev.actor.is_some()).then(|| taint_letters(ev.taints));
         r.module = Some(module_info(&ev.module, taints));
@@ -203,18 +222,17 @@ impl PendingEvent {
         r.source = Some(source);
         let Some((state, requirements, module, changes)) = applied else {
             r.historical = true;
-            return vec![r];
+            out.push(r);
+            return;
         };
         r.state = Some(state);
         r.requirements = requirements;
-        let mut out = vec![r];
-        out.extend(group_changes(
-            Some(&module),
-            &changes,
-            RecordKind::of_event(kind),
-            ev.boot_ns,
-        ));
-        out
+        out.push(r);
+        for c in &changes {
+            let mut r = new_record(RecordKind::RequirementChange, ev.boot_ns);
+            group_change(&mut r, Some(&module), c, RecordKind::of_event(kind));
+            out.push(r);
+        }
     }
 }
 
@@ -288,17 +306,22 @@ impl Deferred {
 
     /// Builds every waiting record, in order, calling `enrich` with each
     /// event's time and actor (the /proc reads) for those not read yet.
-    pub fn drain(&mut self, mut enrich: impl FnMut(u64, &Actor) -> ActorInfo) -> Vec<Record> {
+    /// Each event's records are built in a box `new_record` gives.
+    pub fn drain(
+        &mut self,
+        mut enrich: impl FnMut(u64, &Actor) -> ActorInfo,
+        mut new_record: impl FnMut(RecordKind, u64) -> Box<Record>,
+    ) -> Vec<Box<Record>> {
         let mut out = Vec::with_capacity(self.items.len());
         for item in self.items.drain(..) {
             match item {
-                DeferredItem::Ready(r) => out.push(r),
+                DeferredItem::Ready(r) => out.push(Box::new(r)),
                 DeferredItem::Event(mut p) => {
                     let actor = match p.enriched.take() {
                         Some(info) => Some(info),
                         None => p.actor().map(|a| enrich(p.boot_ns(), a)),
                     };
-                    out.extend(p.into_records(actor));
+                    p.append_records(actor, &mut out, &mut new_record);
                 }
             }
         }
@@ -319,16 +342,21 @@ pub fn group_changes(
         .iter()
         .map(|c| {
             let mut r = Record::new(RecordKind::RequirementChange, boot_ns);
-            r.module = module.map(|m| module_info(m, None));
-            r.requirement = Some(RequirementFlip {
-                name: c.group.to_string(),
-                was: !c.met,
-                met: c.met,
-            });
-            r.cause = Some(cause);
+            group_change(&mut r, module, c, cause);
             r
         })
         .collect()
+}
+
+/// Fills in a new `requirement_change` record for `c`.
+fn group_change(r: &mut Record, module: Option<&ModuleName>, c: &GroupChange, cause: RecordKind) {
+    r.module = module.map(|m| module_info(m, None));
+    r.requirement = Some(RequirementFlip {
+        name: (*c.group).into(),
+        was: !c.met,
+        met: c.met,
+    });
+    r.cause = Some(cause);
 }
 
 /// A `drift` record: the reconcile found `o.module` in another state than
@@ -337,10 +365,10 @@ pub fn group_changes(
 pub fn drift(tracker: &Tracker, o: &Outcome, boot_ns: u64) -> Record {
     let mut r = Record::new(RecordKind::Drift, boot_ns);
     r.module = Some(module_info(&o.module, None));
-    r.source = Some("reconcile".to_owned());
+    r.source = Some("reconcile".into());
     r.state = Some(StateChange {
-        from: o.from.to_string(),
-        to: o.to.to_string(),
+        from: o.from.as_str().into(),
+        to: o.to.as_str().into(),
     });
     r.requirements = effects(tracker, &o.module, &o.group_changes);
     r
@@ -358,7 +386,7 @@ pub fn events_lost(
     let mut r = Record::new(RecordKind::EventsLost, boot_ns);
     r.lost_total = lost_total;
     r.reason = reason;
-    r.source = Some(source.to_owned());
+    r.source = Some(source.into());
     r
 }
 
@@ -431,7 +459,7 @@ pub fn enablement(flip: &Flip, boot_ns: u64) -> Record {
 pub fn requirement_flip(name: &str, was: bool, met: bool, reason: String, boot_ns: u64) -> Record {
     let mut r = Record::new(RecordKind::RequirementChange, boot_ns);
     r.requirement = Some(RequirementFlip {
-        name: name.to_owned(),
+        name: name.into(),
         was,
         met,
     });
@@ -657,13 +685,16 @@ mod tests {
                 .is_none()
         );
         let mut enriched = Vec::new();
-        let records = deferred.drain(|boot_ns, actor| {
-            enriched.push((boot_ns, actor.comm.clone()));
-            ActorInfo {
-                comm: "enriched".into(),
-                ..ActorInfo::default()
-            }
-        });
+        let records = deferred.drain(
+            |boot_ns, actor| {
+                enriched.push((boot_ns, actor.comm.clone()));
+                ActorInfo {
+                    comm: "enriched".into(),
+                    ..ActorInfo::default()
+                }
+            },
+            |kind, boot_ns| Box::new(Record::new(kind, boot_ns)),
+        );
         assert_eq!(enriched, [(9, compact_str::CompactString::from("rmmod"))]);
         let kinds: Vec<RecordKind> = records.iter().map(|r| r.kind).collect();
         assert_eq!(
@@ -674,7 +705,7 @@ mod tests {
                 RecordKind::EventsLost
             ]
         );
-        assert_eq!(records[0], expected);
+        assert_eq!(*records[0], expected);
         assert_eq!(
             records[0].requirements,
             [RequirementEffect {
@@ -703,7 +734,7 @@ mod tests {
         let read = |comm: &str| {
             let comm = comm.to_owned();
             move |_: u64, _: &crate::event::Actor| ActorInfo {
-                comm: comm.clone(),
+                comm: comm.as_str().into(),
                 ..ActorInfo::default()
             }
         };
@@ -711,7 +742,10 @@ mod tests {
         deferred.enrich_waiting(read("while held"));
         // A second look reads nothing more.
         deferred.enrich_waiting(|_, _| panic!("read twice"));
-        let records = deferred.drain(|_, _| panic!("read again at the flush"));
+        let records = deferred.drain(
+            |_, _| panic!("read again at the flush"),
+            |kind, boot_ns| Box::new(Record::new(kind, boot_ns)),
+        );
         assert_eq!(
             records[0].actor.as_ref().map(|a| a.comm.as_str()),
             Some("while held")

@@ -32,7 +32,7 @@ pub fn enrich(host: &HostRoot, actor: &Actor) -> ActorInfo {
         tgid: *tgid,
         uid: *uid,
         gid: *gid,
-        comm: comm.to_string(),
+        comm: comm.as_str().into(),
         cgroup_id: *cgroup_id,
         read_late: true,
         ..ActorInfo::default()
@@ -71,7 +71,10 @@ fn read_small_bytes(path: &Path) -> Option<Vec<u8>> {
 }
 
 fn read_small(path: &Path) -> Option<String> {
-    read_small_bytes(path).map(|b| String::from_utf8_lossy(&b).into_owned())
+    // Valid UTF-8 (the usual case) keeps the buffer read: no second copy.
+    read_small_bytes(path).map(|b| {
+        String::from_utf8(b).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+    })
 }
 
 /// `comm` and `ppid` from `/proc/<pid>/stat` (`pid (comm) state ppid ...`;

@@ -21,6 +21,8 @@
 //! the record with its `hash` member removed (`prev_hash` stays, so each
 //! hash covers the previous one). The line written is the canonical form of
 //! the whole record, `hash` included, followed by `\n`.
+use std::fmt::Write as _;
+
 use serde_json::{Map, Value};
 use sha2::{Digest as _, Sha256};
 
@@ -169,27 +171,14 @@ pub enum SealError {
 /// Gives `record` the next seq after `head`, links it to `head`, hashes it
 /// and sets its `hash`; returns the line to write.
 ///
-/// The record's derived serialisation is its canonical form (see
-/// [`Record`]), so the hashed text and the line are each one serde_json
-/// pass over the record: no JSON tree, no sort.
-///
 /// # Errors
 /// When the record cannot be turned into JSON, or `head` is at `u64::MAX`.
 pub fn seal(record: &mut Record, head: &Head) -> Result<Sealed, SealError> {
-    let seq = head
-        .seq
-        .checked_add(1)
-        .ok_or(SealError::SeqExhausted { seq: head.seq })?;
-    record.seq = seq;
-    record.prev_hash.clone_from(&head.hash);
-    // An empty `hash` is left out: this is the text the hash covers.
-    record.hash.clear();
-    let body = serde_json::to_vec(&*record)?;
-    record.hash = hex::encode(Sha256::digest(&body));
-    let mut line = serde_json::to_string(&*record)?;
-    #[cfg(debug_assertions)]
-    check_canonical(&line, &body);
-    line.push('\n');
+    let mut line = Vec::new();
+    let seq = seal_into(record, head, &mut line)?;
+    // serde_json writes UTF-8 only (its `to_string` relies on the same).
+    let line = String::from_utf8(line)
+        .map_err(|e| SealError::Encode(serde::ser::Error::custom(format!("not UTF-8: {e}"))))?;
     Ok(Sealed {
         line,
         head: Head {
@@ -199,17 +188,104 @@ pub fn seal(record: &mut Record, head: &Head) -> Result<Sealed, SealError> {
     })
 }
 
+/// [`seal`] for the log's writer thread: appends the line and its `\n`
+/// to `out` and returns the new head's seq (its hash is the record's
+/// `hash` now). The caller keeps `out` between records, so that sealing a
+/// record allocates at most its strings the writer fills in (`time` and
+/// the two hashes), and none when it has given the record reused ones:
+/// with musl's allocator, which takes one lock for every thread, each
+/// allocation here also stalls the daemon's other threads.
+///
+/// The record's derived serialisation is its canonical form (see
+/// [`Record`]), and it is written once: with a placeholder `hash`, which
+/// the hash of the line without its `hash` member then replaces. Nothing
+/// but the record's own `hash` member can be the first `"hash":"` of the
+/// line: no struct in a record has another member of that name before it,
+/// and a quote inside a string is escaped.
+///
+/// On an error nothing is appended to `out`.
+///
+/// # Errors
+/// When the record cannot be turned into JSON, or `head` is at `u64::MAX`.
+pub fn seal_into(record: &mut Record, head: &Head, out: &mut Vec<u8>) -> Result<u64, SealError> {
+    /// The `hash` member's key and the value's opening quote.
+    const KEY: &[u8] = b"\"hash\":\"";
+    let seq = head
+        .seq
+        .checked_add(1)
+        .ok_or(SealError::SeqExhausted { seq: head.seq })?;
+    record.seq = seq;
+    if record.time.is_empty()
+        && let Some(made) = record.made
+    {
+        // Into the record's own buffer, which the writer may have given it.
+        write!(record.time, "{}", humantime::format_rfc3339_nanos(made))
+            .map_err(|e| SealError::Encode(serde::ser::Error::custom(e)))?;
+    }
+    record.prev_hash.clone_from(&head.hash);
+    record.hash.clear();
+    record.hash.push_str(GENESIS);
+    let start = out.len();
+    let placed = serde_json::to_writer(&mut *out, &*record)
+        .map_err(SealError::from)
+        .and_then(|()| {
+            let line = &out[start..];
+            let at = line
+                .windows(KEY.len())
+                .position(|w| w == KEY)
+                .ok_or_else(|| SealError::Encode(serde::ser::Error::custom("no hash member")))?;
+            let value = at + KEY.len();
+            // The closing quote and the comma: `host` always follows.
+            let after = value + GENESIS.len() + 2;
+            if line.get(value + GENESIS.len()..after) != Some(b"\",".as_slice()) {
+                return Err(SealError::Encode(serde::ser::Error::custom(
+                    "the hash member is not followed by another",
+                )));
+            }
+            let mut sha = Sha256::new();
+            sha.update(&line[..at]);
+            sha.update(&line[after..]);
+            Ok((at, value, after, sha.finalize()))
+        });
+    let (at, value, after, digest) = match placed {
+        Ok(placed) => placed,
+        Err(e) => {
+            out.truncate(start);
+            return Err(e);
+        }
+    };
+    let hex = &mut out[start + value..start + value + GENESIS.len()];
+    if let Err(e) = hex::encode_to_slice(digest, hex) {
+        out.truncate(start);
+        return Err(SealError::Encode(serde::ser::Error::custom(format!(
+            "hex of a digest: {e}"
+        ))));
+    }
+    record.hash.clear();
+    record.hash.extend(hex.iter().map(|&b| char::from(b)));
+    #[cfg(debug_assertions)]
+    {
+        let line = &out[start..];
+        let body = [&line[..at], &line[after..]].concat();
+        check_canonical(line, &body);
+    }
+    #[cfg(not(debug_assertions))]
+    let _ = (at, after);
+    out.push(b'\n');
+    Ok(seq)
+}
+
 /// Debug builds: `line` (and `body`, the same without `hash`) are the
 /// canonical form of what they encode, i.e. every struct in [`Record`]
 /// still declares its members in the byte order of their names.
 #[cfg(debug_assertions)]
-fn check_canonical(line: &str, body: &[u8]) {
+fn check_canonical(line: &[u8], body: &[u8]) {
     let parsed = |text: &[u8]| match serde_json::from_slice::<Value>(text) {
         Ok(v) => v,
         Err(e) => panic!("a sealed record does not parse back: {e}"),
     };
     assert_eq!(
-        canonical(&parsed(line.as_bytes())),
+        canonical(&parsed(line)).as_bytes(),
         line,
         "a record's members are not in canonical order (see Record)"
     );
@@ -265,6 +341,23 @@ mod tests {
     }
 
     #[test]
+    fn a_string_that_reads_like_the_hash_member_is_not_taken_for_it() {
+        // boot_id sorts before hash: its text comes first in the line.
+        let lookalike = format!("\"hash\":\"{GENESIS}\",");
+        let mut r = Record::new(RecordKind::ModuleLoad, 1);
+        r.boot_id = lookalike.as_str().into();
+        r.host = "h".into();
+        let sealed = seal(&mut r, &Head::genesis()).unwrap();
+        let Value::Object(map) = serde_json::from_str::<Value>(&sealed.line).unwrap() else {
+            panic!("not an object: {}", sealed.line)
+        };
+        assert_eq!(map["boot_id"], json!(lookalike));
+        assert_eq!(map["hash"], json!(record_hash(&map)));
+        assert_eq!(sealed.head.hash, record_hash(&map));
+        assert_eq!(sealed.line, format!("{}\n", canonical(&Value::Object(map))));
+    }
+
+    #[test]
     fn known_answer() {
         // A fixed record and its hash, so a change of the canonical form
         // (which would orphan every existing log) cannot go unnoticed.
@@ -312,7 +405,7 @@ mod tests {
         r.host = "h\u{1}\"é".into();
         r.module = Some(ModuleInfo {
             name: "nvme_tcp".into(),
-            taints: some("OE"),
+            taints: Some("OE".into()),
         });
         r.actor = Some(ActorInfo {
             cgroup: some("/kubepods"),
@@ -329,7 +422,7 @@ mod tests {
             tgid: 1,
             uid: 0,
         });
-        r.source = some("ebpf");
+        r.source = Some("ebpf".into());
         r.historical = true;
         r.state = Some(StateChange {
             from: "available".into(),

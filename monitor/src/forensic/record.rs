@@ -4,8 +4,9 @@
 //! Every record has `v`, `seq`, `time`, `boot_id`, `boot_ns`, `host`,
 //! `kind`, `prev_hash` and `hash`; the other members appear only on the
 //! kinds they belong to (see the README, "Forensic event log").
-use std::fmt;
+use std::{borrow::Cow, fmt, sync::Arc, time::SystemTime};
 
+use compact_str::CompactString;
 use serde::{Deserialize, Serialize};
 
 use crate::event::Kind;
@@ -141,11 +142,11 @@ impl fmt::Display for RecordKind {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModuleInfo {
     /// Normalised name (`nvme_tcp`).
-    pub name: String,
+    pub name: CompactString,
     /// Taint letters as /proc/modules prints them (`"OE"`, `""` for none);
     /// null where the source does not know (everything but eBPF's
     /// `module_load`).
-    pub taints: Option<String>,
+    pub taints: Option<CompactString>,
 }
 
 /// The task that caused an event.
@@ -166,7 +167,7 @@ pub struct ActorInfo {
     /// [`CMDLINE_MAX`](super::actor::CMDLINE_MAX) bytes in all (read late).
     pub cmdline: Option<Vec<String>>,
     /// The thread's name, at most 15 bytes.
-    pub comm: String,
+    pub comm: CompactString,
     /// 64-hex container id found in the cgroup path (read late).
     pub container_id: Option<String>,
     /// `/proc/<tgid>/exe` (read late).
@@ -189,8 +190,10 @@ pub struct ActorInfo {
 /// A module's state before and after a record's event.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StateChange {
-    pub from: String,
-    pub to: String,
+    /// The state before, e.g. `available` (the daemon's names are static).
+    pub from: Cow<'static, str>,
+    /// The state after.
+    pub to: Cow<'static, str>,
 }
 
 /// One requirement group an event touches, after the event.
@@ -201,7 +204,7 @@ pub struct RequirementEffect {
     /// Whether it is met after the event.
     pub met: bool,
     /// The group.
-    pub name: String,
+    pub name: CompactString,
 }
 
 /// A group that went from met to unmet or back.
@@ -209,7 +212,7 @@ pub struct RequirementEffect {
 pub struct RequirementFlip {
     /// After.
     pub met: bool,
-    pub name: String,
+    pub name: CompactString,
     /// Before.
     pub was: bool,
 }
@@ -320,7 +323,8 @@ pub struct TornLine {
 /// The members of this struct and of every struct in it are declared in the
 /// byte order of their names, and every map in it is sorted: serde_json's
 /// compact output of a record is then its canonical form (chain.rs), which
-/// [`seal`](super::chain::seal) writes directly (debug builds check it).
+/// [`seal_into`](super::chain::seal_into) writes directly (debug builds
+/// check it).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -329,7 +333,8 @@ pub struct Record {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub after_seq: Option<u64>,
     /// `/proc/sys/kernel/random/boot_id` of the host (`""` if unreadable).
-    pub boot_id: String,
+    /// Shared: every record of a log carries the same one.
+    pub boot_id: Arc<str>,
     /// CLOCK_BOOTTIME ns of the event (in-kernel for eBPF, receipt for
     /// uevent/poll), or of the record for records that are not events.
     pub boot_ns: u64,
@@ -357,12 +362,17 @@ pub struct Record {
     /// changed no state.
     #[serde(default, skip_serializing_if = "is_false")]
     pub historical: bool,
-    /// The node name.
-    pub host: String,
+    /// The node name. Shared, as `boot_id` is.
+    pub host: Arc<str>,
     pub kind: RecordKind,
     /// `events_lost`: the source's running total of lost events.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lost_total: Option<u64>,
+    /// When the daemon made the record, until the log's writer thread
+    /// writes it into `time` as it seals the record: formatting there
+    /// keeps that allocation off the event loop. Never serialised.
+    #[serde(skip)]
+    pub made: Option<SystemTime>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub module: Option<ModuleInfo>,
     /// `snapshot`: every required module's state.
@@ -388,7 +398,7 @@ pub struct Record {
     /// The event source that saw it (`ebpf`, `uevent`, `poll`,
     /// `initstate`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub source: Option<String>,
+    pub source: Option<CompactString>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<StateChange>,
     /// RFC 3339 UTC with nanoseconds: the wall clock when the daemon made the
@@ -417,6 +427,34 @@ const ALLOC_OVERHEAD: usize = 16;
 /// what the event log's byte bound counts ([`Record::footprint`]).
 trait Heap {
     fn heap_bytes(&self) -> usize;
+}
+
+/// Short strings (names) are held inline, without a heap block.
+impl Heap for CompactString {
+    fn heap_bytes(&self) -> usize {
+        if self.is_heap_allocated() {
+            self.capacity() + ALLOC_OVERHEAD
+        } else {
+            0
+        }
+    }
+}
+
+impl Heap for Cow<'static, str> {
+    fn heap_bytes(&self) -> usize {
+        match self {
+            Cow::Borrowed(_) => 0,
+            Cow::Owned(s) => s.heap_bytes(),
+        }
+    }
+}
+
+/// Shared with the log itself (`boot_id`, `host`): a record adds a
+/// reference, not a copy.
+impl Heap for Arc<str> {
+    fn heap_bytes(&self) -> usize {
+        0
+    }
 }
 
 impl Heap for String {
@@ -598,10 +636,14 @@ impl Heap for TornLine {
     }
 }
 
-/// A chain member (`prev_hash`, `hash`) as the record holds it once sealed
-/// (64 hex digits): records are charged when queued, before the writer
-/// seals them, and a sealed record held behind a failing disk keeps them.
-fn chain_member_bytes(s: &String) -> usize {
+/// A string the writer fills in as it seals the record, as the record
+/// holds it once sealed: a chain member (`prev_hash`, `hash`: 64 hex
+/// digits) or `time` (30 bytes, formatted from `made`), in a string the
+/// writer may reuse from a written record (at most 64 bytes, see
+/// writer.rs `SPARE_STRING_BYTES`). Records are charged when queued,
+/// before the writer seals them, and a sealed record held behind a failing
+/// disk keeps them.
+fn sealed_member_bytes(s: &String) -> usize {
     s.heap_bytes().max(64 + ALLOC_OVERHEAD)
 }
 
@@ -619,6 +661,7 @@ impl Record {
             boot_ns: _,
             host,
             kind: _,
+            made: _,
             module,
             actor,
             source,
@@ -642,7 +685,7 @@ impl Record {
         } = self;
         std::mem::size_of::<Self>()
             + ALLOC_OVERHEAD
-            + time.heap_bytes()
+            + sealed_member_bytes(time)
             + boot_id.heap_bytes()
             + host.heap_bytes()
             + module.heap_bytes()
@@ -658,8 +701,8 @@ impl Record {
             + reason.heap_bytes()
             + torn.heap_bytes()
             + denied.heap_bytes()
-            + chain_member_bytes(prev_hash)
-            + chain_member_bytes(hash)
+            + sealed_member_bytes(prev_hash)
+            + sealed_member_bytes(hash)
     }
 
     /// A record of `kind` about something at `boot_ns`; the log fills in
@@ -706,10 +749,10 @@ mod tests {
     fn footprint_counts_the_struct_and_every_heap_block() {
         let bare = Record::new(RecordKind::MonitorStop, 5);
         let base = bare.footprint();
-        // The chain members count as sealed from the start.
+        // The chain members and the time count as sealed from the start.
         assert_eq!(
             base,
-            std::mem::size_of::<Record>() + ALLOC_OVERHEAD + 2 * (64 + ALLOC_OVERHEAD)
+            std::mem::size_of::<Record>() + ALLOC_OVERHEAD + 3 * (64 + ALLOC_OVERHEAD)
         );
         let mut r = bare.clone();
         r.reason = Some(String::with_capacity(100));
@@ -719,10 +762,19 @@ mod tests {
             cmdline: Some(vec!["rmmod".into(), "dm_crypt".into()]),
             ..ActorInfo::default()
         });
-        let actor = 5 + ALLOC_OVERHEAD // comm
-            + 2 * std::mem::size_of::<String>() + ALLOC_OVERHEAD // the list
+        // comm is held inline: no heap block.
+        let actor = 2 * std::mem::size_of::<String>() + ALLOC_OVERHEAD // the list
             + (5 + ALLOC_OVERHEAD) + (8 + ALLOC_OVERHEAD); // its strings
         assert_eq!(r.footprint(), base + 100 + ALLOC_OVERHEAD + actor);
+        // A name too long to be held inline is counted.
+        let long = "x".repeat(40);
+        r.source = Some(long.as_str().into());
+        let source = r.source.as_ref().map_or(0, CompactString::capacity);
+        assert!(source >= 40);
+        assert_eq!(
+            r.footprint(),
+            base + 100 + ALLOC_OVERHEAD + actor + source + ALLOC_OVERHEAD
+        );
         // An actor's 4 KiB cmdline is counted in full.
         r.actor.as_mut().unwrap().cmdline = Some(vec!["x".repeat(4096)]);
         assert!(r.footprint() > base + 4096);

@@ -461,7 +461,7 @@ mod tests {
 
     fn unload(module: &str, time: &str) -> Record {
         let mut r = Record::new(RecordKind::ModuleUnload, 77);
-        stamp(&mut r, "boot", "node-a");
+        stamp(&mut r, &"boot".into(), &"node-a".into());
         r.time = time.into();
         r.module = Some(ModuleInfo {
             name: module.into(),
@@ -486,7 +486,7 @@ mod tests {
 
     fn change(time: &str) -> Record {
         let mut r = Record::new(RecordKind::RequirementChange, 77);
-        stamp(&mut r, "boot", "node-a");
+        stamp(&mut r, &"boot".into(), &"node-a".into());
         r.time = time.into();
         r.module = Some(ModuleInfo {
             name: "nvme_tcp".into(),

@@ -620,7 +620,7 @@ mod tests {
                     },
                     1000 + i,
                 );
-                stamp(&mut r, "boot", "node-a");
+                stamp(&mut r, &"boot".into(), &"node-a".into());
                 r.module = Some(ModuleInfo {
                     name: "dm_crypt".into(),
                     taints: None,
@@ -872,7 +872,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let lines = chain(3);
         let mut recovery = Record::new(RecordKind::LogRecovered, 5);
-        stamp(&mut recovery, "boot", "node-a");
+        stamp(&mut recovery, &"boot".into(), &"node-a".into());
         recovery.torn = vec![TornLine {
             line: 3,
             bytes: 10,

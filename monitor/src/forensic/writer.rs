@@ -167,8 +167,8 @@ pub struct Writer {
     settings: EventLogSettings,
     /// The lock file, `flock`ed for as long as the writer lives.
     _lock: File,
-    boot_id: String,
-    host: String,
+    boot_id: Arc<str>,
+    host: Arc<str>,
     file: Option<File>,
     /// Bytes in the current file (what this process knows of).
     size: u64,
@@ -188,7 +188,23 @@ pub struct Writer {
     /// While degraded: when to try again, and the back-off that led there.
     retry: Option<(Instant, Duration)>,
     status: watch::Sender<EventLogStatus>,
+    /// The batch buffer, kept between batches.
+    batch: Vec<u8>,
+    /// Emptied `time`, `prev_hash` and `hash` strings of written records,
+    /// for the next records' seals (at most [`SPARE_STRINGS`]).
+    spare: Vec<String>,
+    /// Where written records' boxes go back for reuse, if anywhere.
+    recycle: Option<std::sync::mpsc::SyncSender<Box<Record>>>,
 }
+
+/// The most the batch buffer keeps between batches: what a burst of small
+/// records needs; larger batches allocate theirs.
+const KEEP_BUFFER_BYTES: usize = 64 * 1024;
+/// How many emptied strings the writer keeps for reuse: three per record
+/// of a batch of this many records' worth, about 7 KiB in all.
+const SPARE_STRINGS: usize = 3 * 32;
+/// Longest string kept for reuse (a hash is 64 bytes, a time 30).
+const SPARE_STRING_BYTES: usize = 64;
 
 /// Most bytes one batched `write(2)` carries.
 const BATCH_BYTES: usize = 256 * 1024;
@@ -215,6 +231,8 @@ pub struct Charged {
 pub enum Msg {
     /// Append this record.
     Record(Charged),
+    /// Append these records, in order.
+    Records(Vec<Charged>),
     /// Write what is pending (one try), fsync, acknowledge and stop.
     Close(Sender<()>),
 }
@@ -228,8 +246,8 @@ impl Writer {
     /// When the directory or file cannot be created, opened, locked or read.
     pub fn open(
         settings: EventLogSettings,
-        boot_id: String,
-        host: String,
+        boot_id: Arc<str>,
+        host: Arc<str>,
         status: watch::Sender<EventLogStatus>,
     ) -> Result<Self, OpenError> {
         let path = settings.path.clone();
@@ -273,6 +291,9 @@ impl Writer {
             retry: None,
             status,
             settings,
+            batch: Vec::new(),
+            spare: Vec::new(),
+            recycle: None,
         };
         writer.queue_recovery(&scan);
         let head = writer.head.clone();
@@ -282,6 +303,12 @@ impl Writer {
         });
         writer.publish();
         Ok(writer)
+    }
+
+    /// Gives the boxes of written records back through `tx` (a bounded
+    /// channel: what does not fit is freed here).
+    pub fn recycle_into(&mut self, tx: std::sync::mpsc::SyncSender<Box<Record>>) {
+        self.recycle = Some(tx);
     }
 
     /// The chain head the log continues from.
@@ -342,6 +369,7 @@ impl Writer {
             let mut close = None;
             match msg {
                 Ok(Msg::Record(r)) => self.accept(r),
+                Ok(Msg::Records(rs)) => rs.into_iter().for_each(|r| self.accept(r)),
                 Ok(Msg::Close(ack)) => close = Some(ack),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
@@ -355,6 +383,7 @@ impl Writer {
             {
                 match msg {
                     Msg::Record(r) => self.accept(r),
+                    Msg::Records(rs) => rs.into_iter().for_each(|r| self.accept(r)),
                     Msg::Close(ack) => close = Some(ack),
                 }
             }
@@ -480,32 +509,58 @@ impl Writer {
     /// [`write_one`](Self::write_one) (it is pinned, or the file must rotate
     /// first).
     fn write_batch(&mut self) -> Result<usize, String> {
-        let path = self.settings.path.clone();
-        let mut buf = Vec::new();
+        // Reused from batch to batch (see `chain::seal_into`), up to
+        // KEEP_BUFFER_BYTES.
+        let mut buf = std::mem::take(&mut self.batch);
+        buf.clear();
         let mut head = self.head.clone();
         let mut n = 0;
         for p in &mut self.pending {
             if p.pinned {
                 break;
             }
-            let sealed = chain::seal(&mut p.record, &head)
-                .map_err(|e| format!("sealing a {} record: {e}", p.record.kind))?;
-            let newline = n == 0 && self.needs_newline;
-            let len = sealed.line.len() + usize::from(newline);
-            let would_be = self.size + (buf.len() + len) as u64;
-            if (self.size > 0 || n > 0) && would_be > self.settings.max_bytes {
-                break;
+            // Strings of records already written for the ones this seal
+            // fills in: no allocation, and none freed later.
+            for s in [
+                &mut p.record.time,
+                &mut p.record.prev_hash,
+                &mut p.record.hash,
+            ] {
+                if s.capacity() == 0
+                    && let Some(spare) = self.spare.pop()
+                {
+                    *s = spare;
+                }
             }
-            if n > 0 && buf.len() + len > BATCH_BYTES {
-                break;
-            }
-            if newline {
+            let start = buf.len();
+            if n == 0 && self.needs_newline {
                 buf.push(b'\n');
             }
-            buf.extend_from_slice(sealed.line.as_bytes());
-            head = sealed.head;
+            let seq = match chain::seal_into(&mut p.record, &head, &mut buf) {
+                Ok(seq) => seq,
+                Err(e) => return Err(format!("sealing a {} record: {e}", p.record.kind)),
+            };
+            let would_be = self.size + buf.len() as u64;
+            let too_big = (self.size > 0 || n > 0) && would_be > self.settings.max_bytes;
+            if too_big || (n > 0 && buf.len() > BATCH_BYTES) {
+                buf.truncate(start);
+                break;
+            }
+            head.seq = seq;
+            head.hash.clone_from(&p.record.hash);
             n += 1;
         }
+        let result = self.write_buf(&buf, n, head);
+        if buf.capacity() <= KEEP_BUFFER_BYTES {
+            // A flood's large batches do not keep theirs either.
+            self.batch = buf;
+        }
+        result
+    }
+
+    /// Writes the `n` sealed records in `buf` and moves the chain to `head`
+    /// (see [`write_batch`](Self::write_batch)).
+    fn write_buf(&mut self, buf: &[u8], n: usize, head: Head) -> Result<usize, String> {
         if n == 0 {
             return Ok(0);
         }
@@ -513,17 +568,33 @@ impl Writer {
             self.open_current().map_err(|e| e.to_string())?;
         }
         let Some(file) = self.file.as_mut() else {
-            return Err(format!("{} is not open", path.display()));
+            return Err(format!("{} is not open", self.settings.path.display()));
         };
         let before = self.size;
-        match file.write(&buf) {
+        match file.write(buf) {
             Ok(written) if written == buf.len() => {
                 self.size += written as u64;
                 self.needs_newline = false;
                 self.head = head;
                 self.dirty = true;
                 self.release(self.pending.range(..n));
-                self.pending.drain(..n);
+                for mut p in self.pending.drain(..n) {
+                    let r = &mut *p.record;
+                    let taken = [&mut r.time, &mut r.prev_hash, &mut r.hash].map(std::mem::take);
+                    for mut s in taken {
+                        if self.spare.len() < SPARE_STRINGS && s.capacity() <= SPARE_STRING_BYTES {
+                            s.clear();
+                            self.spare.push(s);
+                        }
+                    }
+                    // Its box back to the daemon, emptied here, for a next
+                    // record (see `EventLog::record`); freed here when
+                    // enough wait.
+                    if let Some(recycle) = &self.recycle {
+                        *p.record = Record::default();
+                        let _ = recycle.try_send(p.record);
+                    }
+                }
                 self.count_written(n as u64);
                 if self.settings.fsync == FsyncPolicy::Always {
                     self.sync();
@@ -538,11 +609,11 @@ impl Writer {
                 }
                 Err(format!(
                     "writing {}: only {written} of {} bytes written (disk full?)",
-                    path.display(),
+                    self.settings.path.display(),
                     buf.len()
                 ))
             }
-            Err(e) => Err(format!("writing {}: {e}", path.display())),
+            Err(e) => Err(format!("writing {}: {e}", self.settings.path.display())),
         }
     }
 
@@ -858,7 +929,7 @@ mod tests {
 
     fn record(kind: RecordKind) -> Record {
         let mut r = Record::new(kind, 1);
-        super::super::stamp(&mut r, "boot", "node");
+        super::super::stamp(&mut r, &"boot".into(), &"node".into());
         r
     }
 
@@ -920,7 +991,7 @@ mod tests {
         let s = settings(dir.path(), 1 << 20, 2);
         let _first = writer(&s);
         let (tx, _rx) = watch::channel(EventLogStatus::default());
-        let err = Writer::open(s.clone(), String::new(), String::new(), tx)
+        let err = Writer::open(s.clone(), "".into(), "".into(), tx)
             .err()
             .unwrap();
         assert!(matches!(err, OpenError::Locked { .. }), "{err}");
@@ -981,7 +1052,7 @@ mod tests {
                 let mut got_in = 0_u64;
                 while !done.load(Ordering::Relaxed) {
                     let (tx, _rx) = watch::channel(EventLogStatus::default());
-                    match Writer::open(s.clone(), String::new(), String::new(), tx) {
+                    match Writer::open(s.clone(), "".into(), "".into(), tx) {
                         Err(OpenError::Locked { .. }) => {}
                         Ok(_) => got_in += 1,
                         Err(e) => panic!("{e}"),

@@ -158,10 +158,21 @@ impl HostRoot {
         self.join(&format!("proc/{pid}"))
     }
 
-    /// `/proc/<pid>/<file>`, e.g. `proc_pid_file(42, "comm")`.
+    /// `/proc/<pid>/<file>`, e.g. `proc_pid_file(42, "comm")`. One
+    /// allocation: the daemon builds several of these for every event's
+    /// actor.
     #[must_use]
     pub fn proc_pid_file(&self, pid: u32, file: &str) -> PathBuf {
-        self.proc_pid(pid).join(file)
+        let mut digits = itoa::Buffer::new();
+        let pid = digits.format(pid);
+        let root = self.root.as_os_str();
+        let mut path =
+            PathBuf::with_capacity(root.len() + "/proc//".len() + pid.len() + file.len());
+        path.push(root);
+        path.push("proc");
+        path.push(pid);
+        path.push(file);
+        path
     }
 
     /// `/sys/kernel/iommu_groups`: one directory per IOMMU group.

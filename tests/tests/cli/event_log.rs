@@ -650,7 +650,7 @@ fn sealed_log(path: &Path, records: &[kmod_monitor::forensic::Record]) {
 /// A record of `kind`, stamped as the daemon would.
 fn stamped(kind: kmod_monitor::forensic::RecordKind) -> kmod_monitor::forensic::Record {
     let mut r = kmod_monitor::forensic::Record::new(kind, 1);
-    kmod_monitor::forensic::stamp(&mut r, "boot", "node-a");
+    kmod_monitor::forensic::stamp(&mut r, &"boot".into(), &"node-a".into());
     r
 }
 
