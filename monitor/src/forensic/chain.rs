@@ -235,7 +235,8 @@ pub fn seal_into(record: &mut Record, head: &Head, out: &mut Vec<u8>) -> Result<
                 .position(|w| w == KEY)
                 .ok_or_else(|| SealError::Encode(serde::ser::Error::custom("no hash member")))?;
             let value = at + KEY.len();
-            // The closing quote and the comma: `host` always follows.
+            // The closing quote and the comma: `host` (always written) or
+            // `historical` follows.
             let after = value + GENESIS.len() + 2;
             if line.get(value + GENESIS.len()..after) != Some(b"\",".as_slice()) {
                 return Err(SealError::Encode(serde::ser::Error::custom(

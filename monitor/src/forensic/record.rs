@@ -353,9 +353,8 @@ pub struct Record {
     /// `requirement_enablement`: what switched, and why.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enablement: Option<EnablementInfo>,
-    /// Hex SHA-256 of this record's canonical form without `hash` (left
-    /// out while empty, which is how [`seal`](super::chain::seal) hashes
-    /// the record).
+    /// Hex SHA-256 of this record's canonical form without `hash` (see
+    /// [`seal_into`](super::chain::seal_into)); left out while empty.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub hash: String,
     /// The event happened before the start-up snapshot: history only, it
@@ -783,7 +782,7 @@ mod tests {
     #[test]
     fn optional_members_are_left_out() {
         let mut r = Record::new(RecordKind::MonitorStop, 5);
-        // Sealed: `hash` is left out only while empty (what is hashed).
+        // `hash` is left out only while empty (an unsealed record).
         r.hash = "h".into();
         let json = serde_json::to_value(&r).unwrap();
         let mut keys: Vec<&str> = json

@@ -203,7 +203,8 @@ const KEEP_BUFFER_BYTES: usize = 64 * 1024;
 /// How many emptied strings the writer keeps for reuse: three per record
 /// of a batch of this many records' worth, about 7 KiB in all.
 const SPARE_STRINGS: usize = 3 * 32;
-/// Longest string kept for reuse (a hash is 64 bytes, a time 30).
+/// The size of the strings a seal fills in (a hash is 64 bytes, a time
+/// 30), and of those kept for reuse.
 const SPARE_STRING_BYTES: usize = 64;
 
 /// Most bytes one batched `write(2)` carries.
@@ -519,17 +520,19 @@ impl Writer {
             if p.pinned {
                 break;
             }
-            // Strings of records already written for the ones this seal
-            // fills in: no allocation, and none freed later.
+            // The strings this seal fills in, each of SPARE_STRING_BYTES:
+            // written records' when there are any (no allocation, and none
+            // freed later). Record::footprint counts each as that size.
             for s in [
                 &mut p.record.time,
                 &mut p.record.prev_hash,
                 &mut p.record.hash,
             ] {
-                if s.capacity() == 0
-                    && let Some(spare) = self.spare.pop()
-                {
-                    *s = spare;
+                if s.capacity() == 0 {
+                    *s = self
+                        .spare
+                        .pop()
+                        .unwrap_or_else(|| String::with_capacity(SPARE_STRING_BYTES));
                 }
             }
             let start = buf.len();
@@ -582,7 +585,9 @@ impl Writer {
                     let r = &mut *p.record;
                     let taken = [&mut r.time, &mut r.prev_hash, &mut r.hash].map(std::mem::take);
                     for mut s in taken {
-                        if self.spare.len() < SPARE_STRINGS && s.capacity() <= SPARE_STRING_BYTES {
+                        // Only the writer's own (a caller's time of another
+                        // size would not fit what footprint counts).
+                        if self.spare.len() < SPARE_STRINGS && s.capacity() == SPARE_STRING_BYTES {
                             s.clear();
                             self.spare.push(s);
                         }
