@@ -300,7 +300,7 @@ impl Daemon {
             },
             |kind, boot_ns| match log {
                 Some(log) => log.record(kind, boot_ns),
-                None => Box::new(crate::forensic::Record::new(kind, boot_ns)),
+                None => crate::forensic::Record::boxed(kind, boot_ns),
             },
         );
         if let Some(log) = &mut self.log {

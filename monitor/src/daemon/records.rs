@@ -191,9 +191,7 @@ impl PendingEvent {
     #[must_use]
     pub fn into_records(self, actor: Option<ActorInfo>) -> Vec<Record> {
         let mut out = Vec::new();
-        self.append_records(actor, &mut out, &mut |kind, boot_ns| {
-            Box::new(Record::new(kind, boot_ns))
-        });
+        self.append_records(actor, &mut out, &mut Record::boxed);
         out.into_iter().map(|r| *r).collect()
     }
 
@@ -693,7 +691,7 @@ mod tests {
                     ..ActorInfo::default()
                 }
             },
-            |kind, boot_ns| Box::new(Record::new(kind, boot_ns)),
+            Record::boxed,
         );
         assert_eq!(enriched, [(9, compact_str::CompactString::from("rmmod"))]);
         let kinds: Vec<RecordKind> = records.iter().map(|r| r.kind).collect();
@@ -742,10 +740,7 @@ mod tests {
         deferred.enrich_waiting(read("while held"));
         // A second look reads nothing more.
         deferred.enrich_waiting(|_, _| panic!("read twice"));
-        let records = deferred.drain(
-            |_, _| panic!("read again at the flush"),
-            |kind, boot_ns| Box::new(Record::new(kind, boot_ns)),
-        );
+        let records = deferred.drain(|_, _| panic!("read again at the flush"), Record::boxed);
         assert_eq!(
             records[0].actor.as_ref().map(|a| a.comm.as_str()),
             Some("while held")

@@ -263,7 +263,7 @@ impl EventLog {
                 *spare = Record::new(kind, boot_ns);
                 spare
             }
-            Err(_) => Box::new(Record::new(kind, boot_ns)),
+            Err(_) => Record::boxed(kind, boot_ns),
         }
     }
 

@@ -716,6 +716,12 @@ impl Record {
         }
     }
 
+    /// [`new`](Self::new), in a box of its own.
+    #[must_use]
+    pub fn boxed(kind: RecordKind, boot_ns: u64) -> Box<Self> {
+        Box::new(Self::new(kind, boot_ns))
+    }
+
     /// The module this record is about, if any.
     #[must_use]
     pub fn module_name(&self) -> Option<&str> {

@@ -369,9 +369,7 @@ impl Writer {
             };
             let mut close = None;
             match msg {
-                Ok(Msg::Record(r)) => self.accept(r),
-                Ok(Msg::Records(rs)) => rs.into_iter().for_each(|r| self.accept(r)),
-                Ok(Msg::Close(ack)) => close = Some(ack),
+                Ok(msg) => close = self.receive(msg),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
                     self.close();
@@ -382,11 +380,7 @@ impl Writer {
             while close.is_none()
                 && let Ok(msg) = rx.try_recv()
             {
-                match msg {
-                    Msg::Record(r) => self.accept(r),
-                    Msg::Records(rs) => rs.into_iter().for_each(|r| self.accept(r)),
-                    Msg::Close(ack) => close = Some(ack),
-                }
+                close = self.receive(msg);
             }
             if let Some(ack) = close {
                 self.close();
@@ -402,6 +396,17 @@ impl Writer {
             }
             self.publish();
         }
+    }
+
+    /// Takes a message in: records are queued; a close request is handed
+    /// back.
+    fn receive(&mut self, msg: Msg) -> Option<Sender<()>> {
+        match msg {
+            Msg::Record(r) => self.accept(r),
+            Msg::Records(rs) => rs.into_iter().for_each(|r| self.accept(r)),
+            Msg::Close(ack) => return Some(ack),
+        }
+        None
     }
 
     /// The next time the thread must wake without a message: a retry while
