@@ -15,7 +15,8 @@ pub const NAME_LEN: usize = 64;
 pub const COMM_LEN: usize = 16;
 
 /// Default ring buffer size in bytes (must be a power of two and a multiple
-/// of the page size). 256 KiB holds about 1,900 events.
+/// of the page size). 256 KiB holds about 1,700 events (144 bytes each
+/// and the ring's 8-byte header).
 pub const DEFAULT_RING_BYTES: u32 = 256 * 1024;
 
 /// Kind of a [`ModuleEvent`]. Fixed numeric ids: the decoder relies on them,
@@ -27,7 +28,9 @@ pub enum EventKind {
     /// run. It does not mean the load succeeded.
     Load = 1,
     /// `module:module_free`: the module's memory is freed, after an unload
-    /// or after a failed init.
+    /// or after a failed init. Inside the `delete_module` of a tracked
+    /// module that asked for it, the record also stands for that unload's
+    /// begin ([`ModuleEvent::begun_ns`]).
     Free = 2,
     /// `module:module_request`: the kernel asked modprobe for a module.
     Request = 3,
@@ -35,7 +38,10 @@ pub enum EventKind {
     /// `module_load`; `ret` is the syscall result (0 = init succeeded).
     LoadResult = 4,
     /// Entry of `delete_module`: an unload was asked for; the name is the
-    /// user's argument.
+    /// user's argument. Sent at the syscall's exit, and only when the
+    /// module was not freed in it (a refused or failed unload, or a
+    /// `module_free` that could not be sent): a completed unload's begin
+    /// travels in its `Free` record.
     UnloadBegin = 5,
     /// Exit of `delete_module`; `ret` is the syscall result.
     UnloadResult = 6,
@@ -92,6 +98,11 @@ pub struct ModuleEvent {
     pub comm: [u8; COMM_LEN],
     /// NUL-terminated module name.
     pub name: [u8; NAME_LEN],
+    /// For a `Free` inside the `delete_module` that asked for it: when that
+    /// unload began (`bpf_ktime_get_boot_ns` at the syscall's entry), so
+    /// the one record carries both events and nothing stands in the ring
+    /// between them. 0 for every other record.
+    pub begun_ns: u64,
 }
 
 impl ModuleEvent {
@@ -110,15 +121,16 @@ impl ModuleEvent {
         ret: 0,
         comm: [0; COMM_LEN],
         name: [0; NAME_LEN],
+        begun_ns: 0,
     };
 }
 
-// The layout both sides rely on, checked where both compile it: 136 bytes,
+// The layout both sides rely on, checked where both compile it: 144 bytes,
 // 8-aligned, no padding, and the offsets the decoder reads. A field added or
 // moved without updating the decoder fails the build, not a guest.
 const _: () = {
     use core::mem::{align_of, offset_of, size_of};
-    assert!(size_of::<ModuleEvent>() == 136);
+    assert!(size_of::<ModuleEvent>() == 144);
     assert!(align_of::<ModuleEvent>() == 8);
     assert!(offset_of!(ModuleEvent, kind) == 0);
     assert!(offset_of!(ModuleEvent, cpu) == 4);
@@ -133,6 +145,7 @@ const _: () = {
     assert!(offset_of!(ModuleEvent, ret) == 48);
     assert!(offset_of!(ModuleEvent, comm) == 56);
     assert!(offset_of!(ModuleEvent, name) == 56 + COMM_LEN);
+    assert!(offset_of!(ModuleEvent, begun_ns) == 56 + COMM_LEN + NAME_LEN);
     assert!(size_of::<FieldOffset>() == 8);
     assert!(size_of::<TrackedNames>() == 8 + TRACKED_SLOTS * NAME_LEN);
     assert!(size_of::<TrackedNames>() <= 4096);

@@ -14,7 +14,8 @@
 //! - both are filtered against `TRACKED`, the names userspace follows;
 //!   other requests are only counted in `NOISE`, other deletes ignored;
 //! - a `delete_module` is held in `PENDING` until it is known to matter:
-//!   `UnloadBegin` is sent when the module is freed or the syscall
+//!   a completed unload's begin travels in its `module_free` record
+//!   (`begun_ns`), any other's `UnloadBegin` is sent when the syscall
 //!   returns, and an unload refused with EPERM becomes one rate-limited
 //!   `UnloadDenied` (the rest counted in `NOISE`) instead of a begin/fail
 //!   pair.
@@ -122,7 +123,7 @@ struct Pending {
     boot_ns: u64,
     /// [`PENDING_LOAD_ENTERED`], [`PENDING_LOAD`] or [`PENDING_DELETE`].
     kind: u32,
-    /// 1 once `UnloadBegin` was sent (at `module_free`).
+    /// 1 once the unload's begin was sent, in `module_free`'s record.
     begun: u32,
     name: [u8; NAME_LEN],
 }
@@ -375,13 +376,14 @@ fn denied_allowed(now: u64) -> bool {
     true
 }
 
-/// Reserves an event, fills the task fields and lets `fill` add the rest.
-/// A failed reserve is counted, never silent, and said (rate-limited).
+/// Reserves an event, fills the task fields and lets `fill` add the rest;
+/// returns whether it was sent. A failed reserve is counted, never silent,
+/// and said (rate-limited).
 /// The log line is expanded into every instantiation on purpose: as a
 /// BPF-to-BPF subprogram it made the object smaller but doubled the
 /// verifier's work on the programs that call it (see README, Event
 /// sources).
-fn emit(ctx: &TracePointContext, kind: EventKind, fill: impl FnOnce(&mut ModuleEvent)) {
+fn emit(ctx: &TracePointContext, kind: EventKind, fill: impl FnOnce(&mut ModuleEvent)) -> bool {
     let Some(mut entry) = EVENTS.reserve::<ModuleEvent>(0) else {
         let n = count_lost();
         if log_allowed(LOG_RESERVE_FAILED) {
@@ -392,7 +394,7 @@ fn emit(ctx: &TracePointContext, kind: EventKind, fill: impl FnOnce(&mut ModuleE
                 n
             );
         }
-        return;
+        return false;
     };
     let ev = entry.write(ModuleEvent::ZERO);
     let pid_tgid = bpf_get_current_pid_tgid();
@@ -411,6 +413,7 @@ fn emit(ctx: &TracePointContext, kind: EventKind, fill: impl FnOnce(&mut ModuleE
     ev.comm = bpf_get_current_comm().unwrap_or([0; 16]);
     fill(ev);
     entry.submit(0);
+    true
 }
 
 /// `syscalls:sys_enter_finit_module` and `sys_enter_init_module`: a load
@@ -478,26 +481,36 @@ pub fn module_load(ctx: TracePointContext) -> u32 {
 
 /// `module:module_free`: `__data_loc char[] name;`. Fires when the module's
 /// memory is freed: after a completed unload, or after a failed init. In an
-/// unload it runs inside the rmmod's `delete_module`, so the held
-/// `UnloadBegin` goes first.
+/// unload it runs inside the rmmod's `delete_module`, whose held begin it
+/// carries (`begun_ns`): one record, so the daemon takes nothing else
+/// between the two. Only a record that was sent marks the begin as sent;
+/// otherwise the syscall's exit still sends it.
 #[tracepoint]
 pub fn module_free(ctx: TracePointContext) -> u32 {
     let layout = LAYOUT.load();
     let name = name_or_drop!(&ctx, layout.free_name, "free_name", "module_free");
     let tid = bpf_get_current_pid_tgid() as u32;
-    if let Some(pending) = PENDING.get_ptr_mut(tid) {
+    let pending = PENDING.get_ptr_mut(tid);
+    let mut begun_ns = 0;
+    if let Some(p) = pending {
         // SAFETY: this thread's own entry; only it inserts or removes it.
-        let pending = unsafe { &mut *pending };
-        if pending.kind == PENDING_DELETE && pending.begun == 0 {
-            pending.begun = 1;
-            let (at, held) = (pending.boot_ns, pending.name);
-            emit(&ctx, EventKind::UnloadBegin, |ev| {
-                ev.boot_ns = at;
-                ev.name = held;
-            });
+        let p = unsafe { &*p };
+        if p.kind == PENDING_DELETE && p.begun == 0 {
+            begun_ns = p.boot_ns;
         }
     }
-    emit(&ctx, EventKind::Free, |ev| ev.name = name);
+    let sent = emit(&ctx, EventKind::Free, |ev| {
+        ev.name = name;
+        ev.begun_ns = begun_ns;
+    });
+    if sent
+        && begun_ns != 0
+        && let Some(p) = pending
+    {
+        // SAFETY: as above; the entry was not removed in between (only this
+        // thread's syscall exit removes it).
+        unsafe { (*p).begun = 1 };
+    }
     0
 }
 

@@ -125,6 +125,14 @@ pub struct SourceEvent {
 pub enum Decoded {
     /// An event about a module.
     Module(SourceEvent),
+    /// A completed unload: the `module_free` inside the `delete_module`
+    /// that asked for it, which carries that unload's begin. `begin` is
+    /// its `UnloadBegin` (at the syscall's entry, by the same task) and
+    /// `free` its `Free`; the tracker takes them in that order.
+    Unloaded {
+        begin: SourceEvent,
+        free: SourceEvent,
+    },
     /// `module_request` for an alias that is not a module name
     /// (`crypto-xts(aes)`, `char-major-10-229`, `devname:...`). Counted, but
     /// it cannot match a required module until modprobe resolves it, and
@@ -220,6 +228,7 @@ impl SourceEvent {
             ret,
             comm,
             name,
+            begun_ns,
         } = *ev;
         let raw = match EventKind::from_raw(kind) {
             Some(EventKind::UnloadDenied) => None,
@@ -260,7 +269,7 @@ impl SourceEvent {
                 boot_ns,
             });
         };
-        Ok(Decoded::Module(Self {
+        let event = Self {
             raw,
             module,
             boot_ns,
@@ -268,7 +277,18 @@ impl SourceEvent {
             taints,
             wait: wait != 0,
             cpu: Some(cpu),
-        }))
+        };
+        if raw == Raw::Free && begun_ns != 0 {
+            // The begin is named by the kernel's name of the module freed,
+            // which the user's argument to delete_module resolved to.
+            let begin = Self {
+                raw: Raw::UnloadBegin,
+                boot_ns: begun_ns,
+                ..event.clone()
+            };
+            return Ok(Decoded::Unloaded { begin, free: event });
+        }
+        Ok(Decoded::Module(event))
     }
 
     /// An event synthesised by a source that has no actor (uevent, poll).
@@ -364,7 +384,7 @@ mod tests {
     fn layout_has_no_padding() {
         // Sum of the field sizes; any padding would make the kernel and
         // userspace disagree the moment one side changes.
-        let fields = 4 * 2 + 8 * 2 + 4 * 6 + 8 + 16 + 64;
+        let fields = 4 * 2 + 8 * 2 + 4 * 6 + 8 + 16 + 64 + 8;
         assert_eq!(size_of::<ModuleEvent>(), fields);
         assert_eq!(size_of::<ModuleEvent>() % 8, 0);
     }
@@ -381,6 +401,33 @@ mod tests {
         let actor = ev.actor.unwrap();
         assert_eq!((actor.pid, actor.comm.as_str()), (4242, "rmmod"));
         assert_eq!(ev.boot_ns, 77);
+    }
+
+    #[test]
+    fn a_free_that_carries_its_unload_begin_decodes_as_both_in_order() {
+        let mut rec = kernel_event(EventKind::Free, "nvme_tcp");
+        rec.begun_ns = 70;
+        let Ok(Decoded::Unloaded { begin, free }) = SourceEvent::decode(&bytes_of(&rec)) else {
+            panic!("a module_free with begun_ns must decode as an unload's begin and free");
+        };
+        assert_eq!((begin.raw, begin.boot_ns), (Raw::UnloadBegin, 70));
+        assert_eq!((free.raw, free.boot_ns), (Raw::Free, 77));
+        assert_eq!(begin.module.as_str(), "nvme_tcp");
+        assert_eq!(begin.actor, free.actor, "one task asked for and freed it");
+        assert_eq!(begin.actor.as_ref().map(|a| a.pid), Some(4242));
+        // Without a begin it is a plain free (a failed init, a compat task).
+        rec.begun_ns = 0;
+        assert!(matches!(
+            SourceEvent::decode(&bytes_of(&rec)),
+            Ok(Decoded::Module(ev)) if ev.raw == Raw::Free
+        ));
+        // No other kind carries one.
+        rec.kind = EventKind::UnloadResult as u32;
+        rec.begun_ns = 70;
+        assert!(matches!(
+            SourceEvent::decode(&bytes_of(&rec)),
+            Ok(Decoded::Module(ev)) if ev.raw == Raw::UnloadResult { ret: 0 }
+        ));
     }
 
     #[test]
@@ -476,7 +523,7 @@ mod tests {
         assert!(
             DecodeError::Size {
                 len: 3,
-                expected: 136
+                expected: 144
             }
             .is_corrupt()
         );

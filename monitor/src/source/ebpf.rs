@@ -695,15 +695,21 @@ fn name_words(name: &str) -> [u64; NAME_LEN / 8] {
     words
 }
 
-/// One record as the daemon takes it.
-fn message(item: &[u8]) -> SourceMsg {
+/// One record as the daemon takes it: one message, or two for an unload
+/// whose `module_free` carries its begin (the begin first).
+fn messages(item: &[u8]) -> (SourceMsg, Option<SourceMsg>) {
     let drained = stages::now();
-    match SourceEvent::decode(item) {
-        Ok(Decoded::Module(ev)) => {
-            stages::mark_woke(ev.boot_ns);
-            stages::mark_at(ev.boot_ns, Stage::Drained, drained);
-            stages::mark(ev.boot_ns, Stage::Decoded);
-            SourceMsg::Event(ev)
+    let taken = |ev: SourceEvent| {
+        stages::mark_woke(ev.boot_ns);
+        stages::mark_at(ev.boot_ns, Stage::Drained, drained);
+        stages::mark(ev.boot_ns, Stage::Decoded);
+        SourceMsg::Event(ev)
+    };
+    let msg = match SourceEvent::decode(item) {
+        Ok(Decoded::Module(ev)) => taken(ev),
+        Ok(Decoded::Unloaded { begin, free }) => {
+            let begin = taken(begin);
+            return (begin, Some(taken(free)));
         }
         Ok(Decoded::AliasRequest { alias, .. }) => SourceMsg::AliasRequest { alias },
         Ok(Decoded::UnloadDenied {
@@ -721,18 +727,39 @@ fn message(item: &[u8]) -> SourceMsg {
         Err(e) => SourceMsg::Ignored {
             reason: e.to_string(),
         },
-    }
+    };
+    (msg, None)
 }
 
-/// Takes at most `limit` records; returns how many.
-fn drain(ring: &mut RingBuf<MapData>, limit: usize, mut take: impl FnMut(SourceMsg)) -> usize {
+/// Hands at most `limit` messages to `take`, in order: first those in
+/// `held`, then those of the records `next` takes. A record's second
+/// message that does not fit is held for the next call. Returns how many
+/// were handed; fewer than `limit` means `held` and the records ran out.
+fn drain(
+    held: &mut VecDeque<SourceMsg>,
+    limit: usize,
+    mut next: impl FnMut() -> Option<(SourceMsg, Option<SourceMsg>)>,
+    mut take: impl FnMut(SourceMsg),
+) -> usize {
     let mut taken = 0;
     while taken < limit {
-        let Some(item) = ring.next() else { break };
-        take(message(&item));
+        let msg = match held.pop_front() {
+            Some(m) => m,
+            None => {
+                let Some((first, second)) = next() else { break };
+                held.extend(second);
+                first
+            }
+        };
+        take(msg);
         taken += 1;
     }
     taken
+}
+
+/// The next record of `ring` as messages (see [`messages`]).
+fn next_record(ring: &mut RingBuf<MapData>) -> Option<(SourceMsg, Option<SourceMsg>)> {
+    ring.next().map(|item| messages(&item))
 }
 
 /// The ring buffer as the daemon reads it: by the daemon's task during
@@ -745,6 +772,9 @@ pub(crate) struct RingFeed {
     losses: Arc<Losses>,
     /// The source's loss total, as last reported.
     lost: Arc<AtomicU64>,
+    /// Messages taken from the ring and not yet handed over: by
+    /// [`try_recv`](Self::try_recv), and a record's second message that a
+    /// drain's limit left out.
     pending: VecDeque<SourceMsg>,
 }
 
@@ -760,7 +790,13 @@ impl RingFeed {
                 lost,
                 pending,
             } = self;
-            drain(ring, DRAIN_BATCH, |m| pending.push_back(m));
+            for _ in 0..DRAIN_BATCH {
+                let Some((first, second)) = next_record(ring) else {
+                    break;
+                };
+                pending.push_back(first);
+                pending.extend(second);
+            }
             if let Some(m) = note_losses(losses, lost) {
                 pending.push_back(m);
             }
@@ -772,18 +808,11 @@ impl RingFeed {
     /// [`try_recv`](Self::try_recv), then the ring's, then a
     /// [`SourceMsg::Lost`] if the in-kernel loss count grew (one past
     /// `limit`, so a loss is reported as soon as the reader catches up).
-    /// Returns how many records were taken; fewer than `limit` means the
-    /// ring was empty.
+    /// Returns how many messages it handed over, the loss aside; fewer
+    /// than `limit` means the ring was empty.
     pub(crate) fn drain(&mut self, limit: usize, mut take: impl FnMut(SourceMsg)) -> usize {
-        let mut taken = 0;
-        while taken < limit {
-            let Some(m) = self.pending.pop_front() else {
-                break;
-            };
-            take(m);
-            taken += 1;
-        }
-        taken += drain(&mut self.ring, limit - taken, &mut take);
+        let ring = &mut self.ring;
+        let taken = drain(&mut self.pending, limit, || next_record(ring), &mut take);
         if let Some(m) = note_losses(&self.losses, &self.lost) {
             take(m);
         }
@@ -810,6 +839,8 @@ fn note_losses(losses: &Losses, lost: &AtomicU64) -> Option<SourceMsg> {
 #[cfg(test)]
 mod tests {
     use std::fs;
+
+    use monitor_common::{EventKind, ModuleEvent};
 
     use super::*;
 
@@ -857,6 +888,63 @@ mod tests {
                 && err.contains("delete_exit_ret"),
             "{err}"
         );
+    }
+
+    /// A kernel record's bytes, as the ring holds them.
+    fn record(kind: EventKind, name: &str, boot_ns: u64, begun_ns: u64) -> Vec<u8> {
+        let mut ev = ModuleEvent::ZERO;
+        ev.kind = kind as u32;
+        ev.boot_ns = boot_ns;
+        ev.begun_ns = begun_ns;
+        ev.name[..name.len()].copy_from_slice(name.as_bytes());
+        // SAFETY: ModuleEvent is repr(C) plain data without padding (the
+        // layout asserts in monitor-common), so its bytes are initialised.
+        unsafe {
+            std::slice::from_raw_parts(
+                std::ptr::from_ref(&ev).cast::<u8>(),
+                size_of::<ModuleEvent>(),
+            )
+        }
+        .to_vec()
+    }
+
+    /// What a drain hands over, as (kind, boot_ns) of each event.
+    fn events(msgs: &[SourceMsg]) -> Vec<(crate::event::Raw, u64)> {
+        msgs.iter()
+            .map(|m| match m {
+                SourceMsg::Event(ev) => (ev.raw, ev.boot_ns),
+                other => panic!("not a module event: {other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_unload_record_is_handed_over_as_begin_then_free_across_drains() {
+        use crate::event::Raw;
+        let ring = [
+            record(EventKind::Load, "dm_crypt", 1, 0),
+            record(EventKind::Free, "nvme_tcp", 3, 2),
+            record(EventKind::Free, "dm_crypt", 4, 0),
+        ];
+        let mut records = ring.iter();
+        let mut next = || records.next().map(|r| messages(r));
+        let mut held = VecDeque::new();
+        let mut out = Vec::new();
+        // The limit falls between the unload's two events: the free waits
+        // for the next drain, ahead of any later record.
+        assert_eq!(drain(&mut held, 2, &mut next, |m| out.push(m)), 2);
+        assert_eq!(
+            events(&out),
+            [(Raw::Load, 1), (Raw::UnloadBegin, 2)],
+            "the begin first, at its own time"
+        );
+        assert_eq!(held.len(), 1);
+        out.clear();
+        assert_eq!(drain(&mut held, 8, &mut next, |m| out.push(m)), 2);
+        assert_eq!(events(&out), [(Raw::Free, 3), (Raw::Free, 4)]);
+        assert!(held.is_empty());
+        // Fewer than the limit: the records ran out.
+        assert_eq!(drain(&mut held, 8, &mut next, |m| out.push(m)), 0);
     }
 
     #[test]
