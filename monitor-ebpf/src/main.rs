@@ -114,12 +114,12 @@ static LOST: Array<u64> = Array::with_max_entries(LOST_SLOTS, LOST_MAP_FLAGS);
 /// What a thread is in the middle of: a load syscall, from its entry (no
 /// name yet) and once `module_load` named the module, until its
 /// `finit_module`/`init_module` returns (so the exit can say which load it
-/// finished), or a `delete_module` of a tracked module, until the module is
-/// freed or the syscall returns.
+/// finished), or a `delete_module` of a tracked module, until the syscall
+/// returns.
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct Pending {
-    /// `bpf_ktime_get_boot_ns` at the start (the `UnloadBegin` time).
+    /// `bpf_ktime_get_boot_ns` at the start (an unload's begin time).
     boot_ns: u64,
     /// [`PENDING_LOAD_ENTERED`], [`PENDING_LOAD`] or [`PENDING_DELETE`].
     kind: u32,
@@ -490,26 +490,29 @@ pub fn module_free(ctx: TracePointContext) -> u32 {
     let layout = LAYOUT.load();
     let name = name_or_drop!(&ctx, layout.free_name, "free_name", "module_free");
     let tid = bpf_get_current_pid_tgid() as u32;
-    let pending = PENDING.get_ptr_mut(tid);
-    let mut begun_ns = 0;
-    if let Some(p) = pending {
-        // SAFETY: this thread's own entry; only it inserts or removes it.
-        let p = unsafe { &*p };
-        if p.kind == PENDING_DELETE && p.begun == 0 {
-            begun_ns = p.boot_ns;
-        }
-    }
+    // SAFETY: the value is copied out at once, and only this thread inserts
+    // or removes its own key.
+    let begun_ns = match unsafe { PENDING.get(tid) } {
+        Some(p) if p.kind == PENDING_DELETE && p.begun == 0 => p.boot_ns,
+        _ => 0,
+    };
     let sent = emit(&ctx, EventKind::Free, |ev| {
         ev.name = name;
         ev.begun_ns = begun_ns;
     });
+    // Looked up again rather than held across `emit`: the map is an LRU,
+    // so another CPU's insert may have evicted (and reused) the entry, and
+    // a pointer held over the reserve doubles the verifier's work on it.
     if sent
         && begun_ns != 0
-        && let Some(p) = pending
+        && let Some(p) = PENDING.get_ptr_mut(tid)
     {
-        // SAFETY: as above; the entry was not removed in between (only this
-        // thread's syscall exit removes it).
-        unsafe { (*p).begun = 1 };
+        // SAFETY: this thread's own entry (looked up by its id just now);
+        // only this thread inserts or removes its key.
+        let p = unsafe { &mut *p };
+        if p.kind == PENDING_DELETE {
+            p.begun = 1;
+        }
     }
     0
 }

@@ -279,8 +279,9 @@ impl SourceEvent {
             cpu: Some(cpu),
         };
         if raw == Raw::Free && begun_ns != 0 {
-            // The begin is named by the kernel's name of the module freed,
-            // which the user's argument to delete_module resolved to.
+            // The begin is named as the kernel names the module freed: the
+            // user's argument to delete_module, which must equal it (the
+            // kernel looks the name up as given, without aliases).
             let begin = Self {
                 raw: Raw::UnloadBegin,
                 boot_ns: begun_ns,

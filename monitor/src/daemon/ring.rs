@@ -87,7 +87,7 @@ impl Drop for RingThread {
 /// until a batch comes back short; then waits in poll(2) until the ring
 /// holds a record again, or until the quiet time of a kept batch ends
 /// ([`QUIET_MAX`](super::shared::QUIET_MAX)). (It starts by taking, since the start-up drain
-/// may have left records in the feed's hands that the ring no longer
+/// may have left messages in the feed's hands that the ring no longer
 /// signals.)
 fn read(shared: &Shared, ring: &OwnedFd, stop: &OwnedFd) {
     // Whether poll(2) said readable, and how many such wake-ups in a row
@@ -95,7 +95,7 @@ fn read(shared: &Shared, ring: &OwnedFd, stop: &OwnedFd) {
     let mut woken = false;
     let mut idle_wakes: u32 = 0;
     loop {
-        // How many records it took, and until when what it queued is kept
+        // How many messages it took, and until when what it queued is kept
         // from the loop.
         let Some((taken, quiet_until)) = take_all(shared) else {
             return;
@@ -155,15 +155,17 @@ fn read(shared: &Shared, ring: &OwnedFd, stop: &OwnedFd) {
 }
 
 /// Takes what the ring holds, a batch per lock, until a batch comes back
-/// short; returns how many records and until when the queue is kept from
-/// the loop, or `None` when the daemon is stopping.
+/// short of its limit (a full queue limits it further: the next take then
+/// waits for room, never in poll(2), which would not signal a message the
+/// feed already holds); returns how many messages and until when the
+/// queue is kept from the loop, or `None` when the daemon is stopping.
 fn take_all(shared: &Shared) -> Option<(usize, Option<std::time::Instant>)> {
     let mut taken = 0;
     loop {
-        let (n, quiet_until) = shared.take_from_ring(DRAIN_BATCH)?;
-        taken += n;
-        if n < DRAIN_BATCH {
-            return Some((taken, quiet_until));
+        let t = shared.take_from_ring(DRAIN_BATCH)?;
+        taken += t.taken;
+        if !t.more {
+            return Some((taken, t.quiet_until));
         }
     }
 }

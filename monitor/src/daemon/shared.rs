@@ -38,6 +38,19 @@ pub(super) const OUT_MAX: usize = crate::source::ebpf::DRAIN_BATCH;
 /// loop's own wait before it reads the actors of a slow load.
 pub(super) const QUIET_MAX: std::time::Duration = std::time::Duration::from_millis(5);
 
+/// What one [`Shared::take_from_ring`] did.
+pub(super) struct RingTake {
+    /// Messages taken.
+    pub taken: usize,
+    /// Whether it stopped at its limit, so the feed may still hold
+    /// messages: the ring, or the second half of an unload's record, which
+    /// no poll(2) would signal.
+    pub more: bool,
+    /// While what it queued is kept from the loop (see [`QUIET_MAX`]),
+    /// until when.
+    pub quiet_until: Option<std::time::Instant>,
+}
+
 /// The shared state and how its two users wake each other.
 pub(super) struct Shared {
     core: Mutex<Core>,
@@ -152,7 +165,7 @@ impl Shared {
         more
     }
 
-    /// Everything the ring holds now (at most `max` records) and everything
+    /// Everything the ring holds now (at most `max` messages) and everything
     /// queued before it, applied, in order: what happened before this
     /// moment is in the tracker when this returns.
     pub(super) fn catch_up(&self, max: usize) -> Vec<Taken> {
@@ -188,10 +201,9 @@ impl Shared {
     }
 
     /// For the ring thread: waits for room in the queue, then takes at
-    /// most `max` records from the ring and applies them. Returns how many
-    /// were taken and, while what it queued is kept from the loop (see
-    /// [`QUIET_MAX`]), until when; `None` when the daemon is stopping.
-    pub(super) fn take_from_ring(&self, max: usize) -> Option<(usize, Option<std::time::Instant>)> {
+    /// most `max` messages from the ring and applies them (fewer if the
+    /// queue has less room). `None` when the daemon is stopping.
+    pub(super) fn take_from_ring(&self, max: usize) -> Option<RingTake> {
         let mut core = self.lock();
         while core.queue.len() >= OUT_MAX && !core.stopping {
             core = self.room.wait(core).unwrap_or_else(PoisonError::into_inner);
@@ -199,16 +211,20 @@ impl Shared {
         if core.stopping {
             return None;
         }
-        let room = OUT_MAX - core.queue.len();
+        let limit = max.min(OUT_MAX - core.queue.len());
         let before = core.queue.len();
-        let taken = core.drain_ring(max.min(room));
+        let taken = core.drain_ring(limit);
         let queued = core.queue.len() > before;
         let quiet_until = core.keep_quiet(before, std::time::Instant::now());
         drop(core);
         if queued && quiet_until.is_none() {
             self.queued.notify_one();
         }
-        Some((taken, quiet_until))
+        Some(RingTake {
+            taken,
+            more: taken == limit,
+            quiet_until,
+        })
     }
 
     /// For the ring thread: the quiet time is over; what it kept is the
@@ -278,7 +294,7 @@ impl Core {
         self.stopping = false;
     }
 
-    /// Takes at most `max` records from the ring, applies each and queues
+    /// Takes at most `max` messages from the ring, applies each and queues
     /// it; returns how many were taken.
     fn drain_ring(&mut self, max: usize) -> usize {
         let Some(mut ring) = self.ring.take() else {

@@ -37,8 +37,9 @@ use crate::{
     stages::{self, Stage},
 };
 
-/// Most ring-buffer records taken in one go: the ring thread applies at
-/// most this many per hold of the tracker's lock, so the daemon's task
+/// Most ring-buffer messages taken in one go (a completed unload's record
+/// is two): the ring thread applies at most this many per hold of the
+/// tracker's lock, so the daemon's task
 /// never waits long for it (its own catch-up before an initstate check
 /// takes up to `SYNC_MAX`). Also the daemon's messages per loop turn and
 /// the ring thread's queue bound.
@@ -807,13 +808,17 @@ impl RingFeed {
     /// Hands at most `limit` messages to `take`, in order: any left from
     /// [`try_recv`](Self::try_recv), then the ring's, then a
     /// [`SourceMsg::Lost`] if the in-kernel loss count grew (one past
-    /// `limit`, so a loss is reported as soon as the reader catches up).
+    /// `limit`, so a loss is reported as soon as the reader catches up;
+    /// never while it holds the second half of a record).
     /// Returns how many messages it handed over, the loss aside; fewer
     /// than `limit` means the ring was empty.
     pub(crate) fn drain(&mut self, limit: usize, mut take: impl FnMut(SourceMsg)) -> usize {
         let ring = &mut self.ring;
         let taken = drain(&mut self.pending, limit, || next_record(ring), &mut take);
-        if let Some(m) = note_losses(&self.losses, &self.lost) {
+        // Not between the two halves of an unload's record.
+        if self.pending.is_empty()
+            && let Some(m) = note_losses(&self.losses, &self.lost)
+        {
             take(m);
         }
         taken

@@ -1,5 +1,5 @@
 //! Loss must never be silent: with the smallest ring buffer (one page,
-//! about 28 records) a load/unload storm overflows it, and the daemon must
+//! about 26 records) a load/unload storm overflows it, and the daemon must
 //! count the loss in /metrics, reconcile at once (not at the reconcile
 //! interval), end with the kernel's real state, write an `events_lost`
 //! record and raise the `KernelModuleMonitorEventsLost` alert.
