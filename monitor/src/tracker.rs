@@ -95,13 +95,16 @@ pub struct Outcome {
     pub required: bool,
     /// Groups whose `met` flipped, with the new value.
     pub group_changes: GroupChanges,
+    /// CLOCK_BOOTTIME once the module's state had changed, before the
+    /// groups were judged: the `applied_ns` of its [`LastEvent`], when it
+    /// has one.
+    pub applied_ns: u64,
 }
 
-/// The groups one event flipped: rarely more than one, so kept inline. The
-/// event that decides a group then allocates nothing on the ring thread
-/// before the thread marks it applied (`daemon/shared.rs`); the
-/// `applied_ns` of its [`LastEvent`] is read earlier still, before the
-/// groups are evaluated.
+/// The groups one event flipped: rarely more than one, so kept inline, and
+/// the event that decides a group allocates nothing on the ring thread
+/// (`daemon/shared.rs`). Its `applied_ns` is read before the groups are
+/// judged (see [`Outcome::applied_ns`]).
 pub type GroupChanges = SmallVec<[GroupChange; 2]>;
 
 /// A requirement group went from met to unmet or back.
@@ -540,13 +543,16 @@ impl Tracker {
         actor: Option<Actor>,
     ) -> Outcome {
         let required = self.is_required(name);
+        // Read once, for the event's latency and its last-event entry: the
+        // state has changed, the groups are judged after it.
+        let applied_ns = crate::event::boot_ns_now();
         if required && let Some(kind) = kind {
             self.last_events.insert(
                 name.clone(),
                 LastEvent {
                     kind,
                     boot_ns,
-                    applied_ns: crate::event::boot_ns_now(),
+                    applied_ns,
                     actor,
                 },
             );
@@ -575,6 +581,7 @@ impl Tracker {
             to,
             required,
             group_changes,
+            applied_ns,
         }
     }
 
@@ -679,6 +686,28 @@ mod tests {
             }]
         );
         assert_eq!(t.loading().count(), 0);
+    }
+
+    #[test]
+    fn an_outcome_carries_the_stamp_its_last_event_shows() {
+        // One clock read per event: the latency the metrics get is the one
+        // /status shows, taken after the state change.
+        let mut t = Tracker::new(&snapshot_6_1(), longhorn_groups());
+        let before = crate::event::boot_ns_now();
+        let o = t.apply(&ev(Raw::UnloadBegin, "dm_crypt", 1));
+        let free = t.apply(&ev(Raw::Free, "dm_crypt", 2));
+        let after = crate::event::boot_ns_now();
+        assert!((before..=after).contains(&o.applied_ns), "{o:?}");
+        assert!(o.applied_ns <= free.applied_ns);
+        let last = t.last_events.get(&n("dm_crypt")).cloned();
+        assert_eq!(
+            last.map(|e| (e.kind, e.boot_ns, e.applied_ns)),
+            Some((Kind::Unload, 2, free.applied_ns))
+        );
+        // Not required: stamped all the same, no last event kept.
+        let other = t.apply(&ev(Raw::Load, "snd_dummy", 3));
+        assert!(other.applied_ns >= free.applied_ns);
+        assert!(!t.last_events.contains_key(&n("snd_dummy")));
     }
 
     #[test]

@@ -18,7 +18,7 @@ use tokio::sync::Notify;
 
 use super::records;
 use crate::{
-    event::{Raw, SourceEvent, boot_ns_now},
+    event::{Raw, SourceEvent},
     names::ModuleName,
     source::{ActiveKind, SourceMsg, ebpf::RingFeed},
     stages::{self, Stage},
@@ -345,7 +345,7 @@ impl Core {
             ev.module = module.clone();
         }
         let outcome = self.tracker.apply(&ev);
-        let applied_ns = boot_ns_now();
+        let applied_ns = outcome.applied_ns;
         stages::mark_at(ev.boot_ns, Stage::Tracked, applied_ns);
         if outcome.required && outcome.from.satisfies() != outcome.to.satisfies() {
             stages::mark_decisive(ev.boot_ns);
