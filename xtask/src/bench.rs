@@ -216,6 +216,7 @@ fn measure(guests: &[(Arch, Series)], timeout: Duration, reps: usize) -> Result<
     }
     let host = json!({
         "target": PIPELINE_ARCH.musl_target(),
+        "rustflags": PIPELINE_ARCH.last_crate_rustflags().join(" "),
         "runs": runs,
         "summary": pipeline_summary(&runs),
         "host_load_before": load_before,
@@ -303,16 +304,20 @@ fn guest(
 }
 
 /// Runs the criterion bench (shortened) and reads its estimates. It is
-/// built for the static musl target, as the daemon that ships is: musl's
-/// libc and its allocator are part of what is measured (the glibc build
-/// measured 2.6 times the musl build's figure with the log).
+/// built for the static musl target as the daemon that ships is (with
+/// [`Arch::last_crate_rustflags`], through `cargo rustc`): musl's libc and
+/// its allocator are part of what is measured (the glibc build measured
+/// 2.6 times the musl build's figure with the log, before those flags).
 fn host_pipeline() -> Result<Value> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut c = std::process::Command::new(cargo);
-    c.current_dir(dirs::workspace_root())
+    let mut build = std::process::Command::new(cargo);
+    build
+        .current_dir(dirs::workspace_root())
         .env("AYA_BUILD_SKIP", "1")
         .envs(PIPELINE_ARCH.cargo_env().iter().copied())
         .args([
+            "rustc",
+            "--profile",
             "bench",
             "--package",
             "kmod-monitor",
@@ -320,14 +325,21 @@ fn host_pipeline() -> Result<Value> {
             "pipeline",
             "--target",
             PIPELINE_ARCH.musl_target(),
+            "--message-format",
+            "json-render-diagnostics",
             "--",
-            "--warm-up-time",
-            "2",
-            "--measurement-time",
-            "5",
-        ]);
-    cmd::run(&mut c)?;
-    let group = dirs::target_dir().join("criterion").join("pipeline");
+        ])
+        .args(PIPELINE_ARCH.last_crate_rustflags());
+    let messages = cmd::stdout(&mut build)?;
+    let bench = bench_executable(&messages)?;
+    let criterion = dirs::target_dir().join("criterion");
+    cmd::run(
+        std::process::Command::new(&bench)
+            .current_dir(dirs::workspace_root())
+            .env("CRITERION_HOME", &criterion)
+            .args(["--bench", "--warm-up-time", "2", "--measurement-time", "5"]),
+    )?;
+    let group = criterion.join("pipeline");
     let mut out = serde_json::Map::new();
     for entry in fs::read_dir(&group).with_context(|| format!("listing {}", group.display()))? {
         let dir = entry?.path();
@@ -351,6 +363,18 @@ fn host_pipeline() -> Result<Value> {
         );
     }
     Ok(Value::Object(out))
+}
+
+/// The bench executable cargo reports in its JSON `messages` (the last
+/// `compiler-artifact` with one).
+fn bench_executable(messages: &str) -> Result<PathBuf> {
+    messages
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|m| m["reason"] == "compiler-artifact")
+        .filter_map(|m| m["executable"].as_str().map(PathBuf::from))
+        .next_back()
+        .ok_or_else(|| anyhow!("cargo reported no executable for the pipeline bench"))
 }
 
 /// Longhorn setting flip → /status latency and the watch's memory, on the
@@ -720,7 +744,10 @@ fn f(v: &Value) -> f64 {
 fn pipeline_build(host_pipeline: &Value) -> String {
     host_pipeline["target"].as_str().map_or_else(
         || "the host's glibc build".to_owned(),
-        |t| format!("static `{t}` build, as shipped"),
+        |t| match host_pipeline["rustflags"].as_str() {
+            Some(f) if !f.is_empty() => format!("static `{t}` build with `{f}`, as shipped"),
+            _ => format!("static `{t}` build, as shipped"),
+        },
     )
 }
 
@@ -1252,6 +1279,23 @@ fn write_readme(c: &Value) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_bench_executable_is_read_from_cargos_messages() {
+        let messages = [
+            r#"{"reason":"compiler-artifact","target":{"name":"kmod_monitor"},"executable":null}"#,
+            "not json",
+            r#"{"reason":"compiler-artifact","target":{"name":"pipeline"},"executable":"/t/deps/pipeline-1"}"#,
+            r#"{"reason":"build-finished","success":true}"#,
+        ]
+        .join("\n");
+        assert_eq!(
+            bench_executable(&messages).ok(),
+            Some(PathBuf::from("/t/deps/pipeline-1"))
+        );
+        let none = r#"{"reason":"compiler-artifact","executable":null}"#;
+        assert!(bench_executable(none).is_err());
+    }
 
     #[test]
     fn spread_is_median_min_max() {

@@ -47,11 +47,12 @@ pub fn build_host_daemon() -> Result<PathBuf> {
     Ok(host)
 }
 
-/// Builds `bin` of `package` as a static musl binary for `arch` and checks
-/// it (see the module docs).
-fn build_static(arch: Arch, package: &str, bin: &str, want_bpf: bool) -> Result<PathBuf> {
-    cmd::run(cargo(Some(arch)).args([
-        "build",
+/// `cargo rustc` of `bin` of `package` as a static release binary for
+/// `arch`, with `features`, and [`Arch::last_crate_rustflags`].
+fn static_build(arch: Arch, package: &str, bin: &str, features: &[&str]) -> Command {
+    let mut cmd = cargo(Some(arch));
+    cmd.args([
+        "rustc",
         "--release",
         "--target",
         arch.musl_target(),
@@ -59,8 +60,19 @@ fn build_static(arch: Arch, package: &str, bin: &str, want_bpf: bool) -> Result<
         package,
         "--bin",
         bin,
-    ]))
-    .with_context(|| format!("building {bin} for {}", arch.musl_target()))?;
+    ]);
+    for f in features {
+        cmd.args(["--features", f]);
+    }
+    cmd.arg("--").args(arch.last_crate_rustflags());
+    cmd
+}
+
+/// Builds `bin` of `package` as a static musl binary for `arch` and checks
+/// it (see the module docs).
+fn build_static(arch: Arch, package: &str, bin: &str, want_bpf: bool) -> Result<PathBuf> {
+    cmd::run(&mut static_build(arch, package, bin, &[]))
+        .with_context(|| format!("building {bin} for {}", arch.musl_target()))?;
     let path = dirs::musl_release_bin(arch, bin);
     println!("build: {}", elf::check_static(&path, arch, want_bpf)?);
     Ok(path)
@@ -81,21 +93,11 @@ pub const FLOOR: &str = "kmod-monitor-floor";
 /// feature build lands where the product daemon does, so neither may be
 /// read from cargo's path afterwards. Returns (daemon, floor).
 pub fn build_bench_binaries(arch: Arch, into: &std::path::Path) -> Result<(PathBuf, PathBuf)> {
-    cmd::run(cargo(Some(arch)).args([
-        "build",
-        "--release",
-        "--target",
-        arch.musl_target(),
-        "--package",
-        DAEMON,
-        "--features",
-        "bench",
-        "--bin",
-        DAEMON,
-        "--bin",
-        FLOOR,
-    ]))
-    .with_context(|| format!("building the bench binaries for {}", arch.musl_target()))?;
+    for bin in [DAEMON, FLOOR] {
+        cmd::run(&mut static_build(arch, DAEMON, bin, &["bench"])).with_context(|| {
+            format!("building the bench binary {bin} for {}", arch.musl_target())
+        })?;
+    }
     std::fs::create_dir_all(into).with_context(|| format!("creating {}", into.display()))?;
     let mut out = Vec::new();
     for (bin, name) in [(DAEMON, "kmod-monitor-bench"), (FLOOR, FLOOR)] {
