@@ -365,15 +365,15 @@ fn host_pipeline() -> Result<Value> {
     Ok(Value::Object(out))
 }
 
-/// The bench executable cargo reports in its JSON `messages` (the last
-/// `compiler-artifact` with one).
+/// The executable of the `pipeline` bench in cargo's JSON `messages`
+/// (cargo also builds the package's binaries for a bench, and may report
+/// them after it).
 fn bench_executable(messages: &str) -> Result<PathBuf> {
     messages
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|m| m["reason"] == "compiler-artifact")
-        .filter_map(|m| m["executable"].as_str().map(PathBuf::from))
-        .next_back()
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "pipeline")
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
         .ok_or_else(|| anyhow!("cargo reported no executable for the pipeline bench"))
 }
 
@@ -1286,6 +1286,8 @@ mod tests {
             r#"{"reason":"compiler-artifact","target":{"name":"kmod_monitor"},"executable":null}"#,
             "not json",
             r#"{"reason":"compiler-artifact","target":{"name":"pipeline"},"executable":"/t/deps/pipeline-1"}"#,
+            // The package's binary, built for the bench, reported after it.
+            r#"{"reason":"compiler-artifact","target":{"name":"kmod-monitor"},"executable":"/t/kmod-monitor"}"#,
             r#"{"reason":"build-finished","success":true}"#,
         ]
         .join("\n");
@@ -1293,7 +1295,7 @@ mod tests {
             bench_executable(&messages).ok(),
             Some(PathBuf::from("/t/deps/pipeline-1"))
         );
-        let none = r#"{"reason":"compiler-artifact","executable":null}"#;
+        let none = r#"{"reason":"compiler-artifact","target":{"name":"kmod-monitor"},"executable":"/t/kmod-monitor"}"#;
         assert!(bench_executable(none).is_err());
     }
 
