@@ -188,7 +188,7 @@ impl Daemon {
         self.trigger_boot_ns = Some(ev.boot_ns);
         trace_outcome(&outcome, &ev);
         if let Some(pending) = pending {
-            self.deferred.event(pending);
+            self.deferred.event(*pending);
         }
     }
 

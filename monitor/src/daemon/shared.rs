@@ -85,10 +85,6 @@ pub(super) struct Core {
 }
 
 /// A source's message as the tracker took it.
-#[expect(
-    clippy::large_enum_variant,
-    reason = "nearly every message is an applied event: boxing it would allocate once per event on the ring thread"
-)]
 pub(super) enum Taken {
     /// A module event, applied.
     Applied(Applied),
@@ -104,7 +100,10 @@ pub(super) struct Applied {
     /// From the event to its state change.
     pub(super) latency_ns: u64,
     /// Its record, when there is a log and the event meant something.
-    pub(super) pending: Option<records::PendingEvent>,
+    /// Boxed, and filled only once the batch is applied: a queued event
+    /// is 232 bytes instead of 712, and each is moved into the queue
+    /// before the next event of its batch is applied.
+    pub(super) pending: Option<Box<records::PendingEvent>>,
 }
 
 impl Taken {
@@ -375,14 +374,14 @@ fn views<'a>(
     let mut later: Vec<GroupChange> = Vec::new();
     for a in batch.rev() {
         if let Some(kind) = a.outcome.kind {
-            a.pending = Some(records::PendingEvent::before(
+            a.pending = Some(Box::new(records::PendingEvent::before(
                 tracker,
                 &a.ev,
                 kind,
                 Some(&a.outcome),
                 source.as_str(),
                 &later,
-            ));
+            )));
         }
         for c in &a.outcome.group_changes {
             match later.iter_mut().find(|l| l.group == c.group) {
