@@ -3,7 +3,10 @@
 //! the forensic log (enriched from /proc, sealed into the hash chain and
 //! written by the log's thread), as the daemon's event loop does for each
 //! record, with the daemon's own record builders and its per-turn hand-off
-//! to the log. Run with `cargo bench -p kmod-monitor --bench pipeline`.
+//! to the log. `cargo xtask bench` runs it as the daemon ships (the static
+//! musl build, with the static build's flags: `Arch::last_crate_rustflags`
+//! in xtask); `cargo bench -p kmod-monitor --bench pipeline` runs the host's
+//! glibc build, which is faster and not what a node runs.
 use std::{
     hint::black_box,
     time::{Duration, Instant},

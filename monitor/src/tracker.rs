@@ -83,7 +83,7 @@ pub struct LastEvent {
 }
 
 /// What one applied event did.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct Outcome {
     pub module: ModuleName,
     /// The event's meaning after interpretation; `None` when the event
@@ -103,8 +103,9 @@ pub struct Outcome {
 
 /// The groups one event flipped: rarely more than one, so kept inline, and
 /// the event that decides a group allocates nothing on the ring thread
-/// (`daemon/shared.rs`). Its `applied_ns` is read before the groups are
-/// judged (see [`Outcome::applied_ns`]).
+/// before the thread has applied it (`daemon/shared.rs`; its record's view
+/// is built after the batch). Its `applied_ns` is read before the groups
+/// are judged (see [`Outcome::applied_ns`]).
 pub type GroupChanges = SmallVec<[GroupChange; 2]>;
 
 /// A requirement group went from met to unmet or back.

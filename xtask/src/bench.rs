@@ -330,6 +330,9 @@ fn host_pipeline() -> Result<Value> {
             "--",
         ])
         .args(PIPELINE_ARCH.last_crate_rustflags());
+    // Its progress and warnings to the terminal, its messages to us.
+    build.stderr(std::process::Stdio::inherit());
+    println!("+ {}", cmd::describe(&build));
     let messages = cmd::stdout(&mut build)?;
     let bench = bench_executable(&messages)?;
     let criterion = dirs::target_dir().join("criterion");
@@ -372,7 +375,13 @@ fn bench_executable(messages: &str) -> Result<PathBuf> {
     messages
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "pipeline")
+        .filter(|m| {
+            m["reason"] == "compiler-artifact"
+                && m["target"]["name"] == "pipeline"
+                && m["target"]["kind"]
+                    .as_array()
+                    .is_some_and(|k| k.iter().any(|k| k == "bench"))
+        })
         .find_map(|m| m["executable"].as_str().map(PathBuf::from))
         .ok_or_else(|| anyhow!("cargo reported no executable for the pipeline bench"))
 }
@@ -1285,9 +1294,9 @@ mod tests {
         let messages = [
             r#"{"reason":"compiler-artifact","target":{"name":"kmod_monitor"},"executable":null}"#,
             "not json",
-            r#"{"reason":"compiler-artifact","target":{"name":"pipeline"},"executable":"/t/deps/pipeline-1"}"#,
+            r#"{"reason":"compiler-artifact","target":{"name":"pipeline","kind":["bench"]},"executable":"/t/deps/pipeline-1"}"#,
             // The package's binary, built for the bench, reported after it.
-            r#"{"reason":"compiler-artifact","target":{"name":"kmod-monitor"},"executable":"/t/kmod-monitor"}"#,
+            r#"{"reason":"compiler-artifact","target":{"name":"kmod-monitor","kind":["bin"]},"executable":"/t/kmod-monitor"}"#,
             r#"{"reason":"build-finished","success":true}"#,
         ]
         .join("\n");

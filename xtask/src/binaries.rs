@@ -17,7 +17,7 @@ const GUEST_PACKAGE: &str = "kmod-monitor-vm-guest";
 /// The in-guest test driver's binary name.
 pub const GUEST_DRIVER: &str = "vm-guest";
 
-/// `cargo build` as the cargo that runs us (`cargo xtask`), so toolchain
+/// The cargo that runs us (`cargo xtask`), so toolchain
 /// overrides carry through, with `arch`'s C compiler and linker for a
 /// static build.
 fn cargo(arch: Option<Arch>) -> Command {
@@ -93,6 +93,8 @@ pub const FLOOR: &str = "kmod-monitor-floor";
 /// feature build lands where the product daemon does, so neither may be
 /// read from cargo's path afterwards. Returns (daemon, floor).
 pub fn build_bench_binaries(arch: Arch, into: &std::path::Path) -> Result<(PathBuf, PathBuf)> {
+    // One `cargo rustc` per binary (its flags go to one target), so the
+    // two whole-program links run one after the other.
     for bin in [DAEMON, FLOOR] {
         cmd::run(&mut static_build(arch, DAEMON, bin, &["bench"])).with_context(|| {
             format!("building the bench binary {bin} for {}", arch.musl_target())
